@@ -1,0 +1,347 @@
+"""The public functions: ``fit``, ``predict``, ``evaluate`` and ``load_model``.
+
+Each builds source -> cache -> loader -> pipeline -> model -> learner and attaches the
+callbacks that write the run directory.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+from torch import nn
+
+from . import __version__, runs
+from .augment.pipeline import BatchPipeline
+from .augment.presets import preset_transforms
+from .config import EvaluateOptions, FitConfig, PredictOptions, SourceOptions, make_options
+from .data.cache import CacheSettings, build_cache, warn_unreadable
+from .data.loader import Loader
+from .data.prepare import channel_stats, prepare_images, resolve_settings
+from .data.sources import IMAGE_EXTENSIONS, Table, read_source
+from .data.splits import assign_validation
+from .errors import FitInterrupted, ImagefitError, ImagefitWarning
+from .metrics import compute_metrics
+from .models import create_model, default_model_name
+from .tasks import Task
+from .train.callbacks import Callback, ProgressCallback, RunWriter
+from .train.learner import Learner
+
+MIN_STEPS_PER_EPOCH = 16
+MIN_BATCH_SIZE = 16
+
+
+@dataclass
+class FitResult:
+    """What ``fit`` returns: the run directory, final metrics, per-epoch history, model."""
+
+    run_dir: Path
+    metrics: dict[str, Any]
+    history: list[dict]
+    model: nn.Module
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ImagefitError(f"option --device: unknown device '{name}'; use auto, cpu or cuda")\
+            from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ImagefitError("option --device: CUDA is not available here; use --device cpu")
+    return device
+
+
+def training_batch_size(requested: int, n_train: int) -> int:
+    """The requested batch size, lowered (to a power of two, at least 16) when the training
+    set is too small for 16 steps per epoch."""
+    if n_train >= requested * MIN_STEPS_PER_EPOCH:
+        return requested
+    fitting = 2 ** int(np.log2(max(n_train // MIN_STEPS_PER_EPOCH, 1)))
+    return max(min(requested, fitting, n_train), min(MIN_BATCH_SIZE, n_train))
+
+
+def _run_name(data: str | Path | Table) -> str:
+    if isinstance(data, Table):
+        return data.description or "arrays"
+    text = str(data)
+    return text.removeprefix("builtin:") if text.startswith("builtin:") else Path(text).stem
+
+
+def fit(data: str | Path | Table, config: FitConfig | None = None, *,
+        callbacks: list[Callback] | tuple = (), **options: Any) -> FitResult:
+    """Train a model on ``data`` (``builtin:NAME``, a folder, a CSV or a ``Table`` from
+    ``from_arrays``) and write a run directory; ``options`` override ``config``'s fields and
+    ``callbacks`` join the learner's own."""
+    values = {**(config.model_dump() if config else {}), **options}
+    cfg: FitConfig = make_options(FitConfig, values)
+    started = time.perf_counter()
+    device = resolve_device(cfg.device)
+
+    table = data if isinstance(data, Table) else read_source(data, cfg)
+    table = assign_validation(table, cfg.valid_pct, cfg.seed, cfg.stratify)
+    settings = resolve_settings(table, cfg.image_size, cfg.channels, cfg.resize, cfg.seed)
+    cache_started = time.perf_counter()
+    prepared = prepare_images(table, settings, cache_dir=cfg.cache_dir, strict=cfg.strict,
+                              progress=cfg.progress)
+    cache_seconds = time.perf_counter() - cache_started
+    train_rows, valid_rows, test_rows = (prepared.rows(table, s)
+                                         for s in ("train", "valid", "test"))
+    if len(train_rows) == 0:
+        raise ImagefitError(f"{table.description} has no readable training images")
+
+    cfg.image_size, cfg.channels = settings.size, settings.channels
+    if cfg.model == "auto":
+        cfg.model = default_model_name(settings.size)
+    task = Task(table.task.kind, list(table.task.names), regression_loss=cfg.loss)
+    task.fit_target_scaling(table.targets[train_rows])
+    targets = task.encode_targets(table.targets)
+    mean, std = channel_stats(prepared.cache.images, train_rows, cfg.seed)
+
+    torch.manual_seed(cfg.seed)
+    model = create_model(cfg.model, settings.channels, task.n_out, pretrained=cfg.pretrained)
+    model = model.to(device, memory_format=torch.channels_last)
+    batch_size = training_batch_size(cfg.bs, len(train_rows))
+    images = prepared.cache.tensor()
+
+    def loader(rows: np.ndarray, train: bool = False) -> Loader | None:
+        if len(rows) == 0:
+            return None
+        return Loader(images, targets, rows, batch_size if train else batch_size * 2,
+                      shuffle=train, drop_last=train, seed=cfg.seed, device=device)
+
+    run_dir = runs.new_run_dir(cfg.runs_dir, cfg.name or _run_name(data))
+    runs.save_yaml(run_dir / "config.yaml", {"data": _run_source(data), **cfg.model_dump(),
+                                             "batch_size_used": batch_size})
+    model_info = {
+        "imagefit_version": __version__,
+        "architecture": cfg.model,
+        "task": task.to_dict(),
+        "image_size": settings.size,
+        "channels": settings.channels,
+        "resize": settings.resize,
+        "normalization": {"mean": mean, "std": std},
+    }
+    extra = {"test": loader(test_rows)} if cfg.test_every_epoch and len(test_rows) else {}
+    learner = Learner(
+        model, task, loader(train_rows, train=True), loader(valid_rows),
+        BatchPipeline(mean, std, preset_transforms(cfg.augment)),
+        weight_decay=cfg.wd, seed=cfg.seed, extra_loaders=extra,
+        callbacks=[ProgressCallback(cfg.progress, run_dir / "log.txt"),
+                   RunWriter(run_dir, model_info), *callbacks],
+    )
+    summary = {
+        "data": _run_source(data),
+        "task": task.kind,
+        "n_train": len(train_rows), "n_valid": len(valid_rows), "n_test": len(test_rows),
+        "skipped_files": len(prepared.cache.errors),
+        "skipped": [table.paths[r] for r in prepared.cache.failed] if table.paths else [],
+        "cache_seconds": round(cache_seconds, 3),
+    }
+    try:
+        learner.fit_one_cycle(cfg.epochs, cfg.lr)
+    except KeyboardInterrupt:
+        _write_final_metrics(run_dir, learner, summary, started, interrupted=True)
+        raise FitInterrupted(run_dir, len(learner.history)) from None
+    if len(test_rows):
+        summary.update(learner.evaluate(loader(test_rows), prefix="test_"))
+    metrics = _write_final_metrics(run_dir, learner, summary, started, interrupted=False)
+    return FitResult(run_dir=run_dir, metrics=metrics, history=learner.history, model=model)
+
+
+def _run_source(data: str | Path | Table) -> str:
+    return data.description if isinstance(data, Table) else str(data)
+
+
+def _write_final_metrics(run_dir: Path, learner: Learner, summary: dict, started: float,
+                         interrupted: bool) -> dict:
+    last = learner.history[-1] if learner.history else {}
+    metrics = {
+        **{k: v for k, v in last.items() if k.startswith("valid_")},
+        **summary,
+        "epochs": len(learner.history),
+        "interrupted": interrupted,
+        "seconds": round(time.perf_counter() - started, 3),
+        "train_seconds": round(learner.train_seconds, 3),
+        "images_per_second": round(learner.train_images / max(learner.train_seconds, 1e-9), 1),
+    }
+    runs.save_json(run_dir / "metrics.json", metrics)
+    return metrics
+
+
+# -- using a trained model ----------------------------------------------------------------
+
+
+@dataclass
+class LoadedModel:
+    """A trained model with what it needs to see images as it saw them in training."""
+
+    model: nn.Module
+    task: Task
+    settings: CacheSettings
+    pipeline: BatchPipeline
+    info: dict
+
+
+def load_model(run: str | Path, device: str = "auto") -> LoadedModel:
+    """The model of a run directory, from safetensors + JSON (no code is unpickled)."""
+    info = runs.read_model_info(run)
+    task = Task.from_dict(info["task"])
+    model = create_model(info["architecture"], info["channels"], task.n_out)
+    runs.load_weights(model, run)
+    model = model.to(resolve_device(device), memory_format=torch.channels_last).eval()
+    settings = CacheSettings(info["image_size"], info["channels"], info["resize"])
+    norm = info["normalization"]
+    return LoadedModel(model, task, settings, BatchPipeline(norm["mean"], norm["std"]), info)
+
+
+@torch.no_grad()
+def _outputs(loaded: LoadedModel, images: torch.Tensor, rows: np.ndarray,
+             batch_size: int) -> torch.Tensor:
+    device = next(loaded.model.parameters()).device
+    dummy = torch.zeros(len(images))
+    loader = Loader(images, dummy, rows, batch_size, device=device)
+    if len(rows) == 0:
+        return torch.zeros(0, loaded.task.n_out)
+    return torch.cat([loaded.model(loaded.pipeline(x)).float().cpu() for x, _ in loader])
+
+
+def _expand_inputs(inputs: list[str | Path], options: PredictOptions) -> list[str]:
+    """Image files from files, folders (searched recursively) and CSV files of paths."""
+    paths: list[str] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            found = sorted(str(p) for p in item.rglob("*")
+                           if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            if not found:
+                raise ImagefitError(f"folder {item} holds no image files")
+            paths += found
+        elif item.suffix.lower() == ".csv" and item.is_file():
+            options_for_csv = SourceOptions(path_col=options.path_col, folder=options.folder,
+                                            suffix=options.suffix)
+            paths += _csv_paths(item, options_for_csv)
+        elif item.is_file():
+            paths.append(str(item))
+        else:
+            raise ImagefitError(f"input {item} not found: give image files, folders or a CSV")
+    return paths
+
+
+def _csv_paths(path: Path, options: SourceOptions) -> list[str]:
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    column = options.path_col or frame.columns[0]
+    if column not in frame.columns:
+        raise ImagefitError(
+            f"{path.name} has no column '{column}' (its columns: {', '.join(frame.columns)}); "
+            "choose one with --path-col"
+        )
+    folder = Path(options.folder) if options.folder else path.parent
+    paths = [str(folder / (cell.strip() + options.suffix)) for cell in frame[column]]
+    missing = [p for p in paths if not Path(p).is_file()]
+    if missing:
+        raise ImagefitError(
+            f"{path.name}: {len(missing)} of {len(paths)} image paths do not exist (first: "
+            f"{', '.join(missing[:3])}); check --folder and --suffix"
+        )
+    return paths
+
+
+def predict(run: str | Path, inputs: list[str | Path], out: str | Path | None = None,
+            options: PredictOptions | None = None, **overrides: Any) -> pd.DataFrame:
+    """Predictions for image files, folders or CSVs of paths: a row per readable image with
+    the path, the predicted label(s) or value(s) and the class probabilities."""
+    options = make_options(PredictOptions, {**(options.model_dump() if options else {}),
+                                            **overrides})
+    loaded = load_model(run, options.device)
+    paths = _expand_inputs(list(inputs), options)
+    cache = build_cache(paths, loaded.settings, options.cache_dir, progress=options.progress)
+    warn_unreadable(cache, paths)
+    rows = np.setdiff1d(np.arange(len(paths)), cache.failed)
+    activated = loaded.task.activate(_outputs(loaded, cache.tensor(), rows, options.bs))
+    frame = pd.DataFrame({"path": [paths[r] for r in rows]})
+    task = loaded.task
+    if task.kind == "regression":
+        for i, name in enumerate(task.names):
+            frame[name] = activated[:, i].numpy()
+    else:
+        frame["labels" if task.kind == "multilabel" else "label"] = task.decode(activated)
+        for i, name in enumerate(task.names):
+            frame[f"prob_{name}"] = activated[:, i].numpy()
+    if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        runs.write_atomic(Path(out), frame.to_csv(index=False))
+    return frame
+
+
+def _align_targets(table: Table, task: Task) -> np.ndarray:
+    """The table's targets in the order of the model's classes or targets."""
+    names = table.task.names
+    if table.task.kind != task.kind:
+        raise ImagefitError(
+            f"the data's targets are {table.task.kind} but the model was trained for "
+            f"{task.kind}: pass --task {task.kind} or give matching data"
+        )
+    unknown = [n for n in names if n not in task.names]
+    if task.kind == "regression":
+        if len(names) != len(task.names):
+            raise ImagefitError(
+                f"the data has {len(names)} target(s), the model {len(task.names)} "
+                f"({', '.join(task.names)}): choose them with --label-col"
+            )
+        return table.targets
+    if unknown:
+        raise ImagefitError(
+            f"the data has classes the model was not trained on: {', '.join(unknown[:5])}"
+        )
+    position = np.array([task.names.index(n) for n in names])
+    if task.kind == "classification":
+        return position[table.targets]
+    aligned = np.zeros((len(table), task.n_out), dtype=np.float32)
+    aligned[:, position] = table.targets
+    return aligned
+
+
+def evaluate(run: str | Path, data: str | Path | Table, out: str | Path | None = None,
+             options: EvaluateOptions | None = None, **overrides: Any) -> dict[str, Any]:
+    """Loss and metrics of a run's model on a split of ``data``: the test split when there is
+    one, else the validation split carved as the run carved it."""
+    options = make_options(EvaluateOptions, {**(options.model_dump() if options else {}),
+                                             **overrides})
+    loaded = load_model(run, options.device)
+    run_config = _read_run_config(Path(run))
+    table = data if isinstance(data, Table) else read_source(data, options)
+    split = options.split or ("test" if table.has_split("test") else "valid")
+    if split == "valid":
+        table = assign_validation(table, run_config.get("valid_pct", 0.2),
+                                  run_config.get("seed", 0), run_config.get("stratify", True))
+    prepared = prepare_images(table, loaded.settings, cache_dir=options.cache_dir,
+                              strict=options.strict, progress=options.progress)
+    rows = prepared.rows(table, split)
+    if len(rows) == 0:
+        raise ImagefitError(f"{table.description} has no {split} images: choose --split")
+    targets = loaded.task.encode_targets(_align_targets(table, loaded.task))
+    outputs = _outputs(loaded, prepared.cache.tensor(), rows, options.bs)
+    results: dict[str, Any] = {"split": split, "n_images": len(rows),
+                               "loss": loaded.task.loss(outputs, targets[rows]).item()}
+    results.update(compute_metrics(loaded.task, outputs, targets[rows]))
+    if out is not None:
+        runs.save_json(Path(out), results)
+    return results
+
+
+def _read_run_config(run: Path) -> dict:
+    path = run / "config.yaml"
+    if not path.is_file():
+        warnings.warn(f"{path} is missing: the validation split uses the default fraction "
+                      "and seed", ImagefitWarning, stacklevel=3)
+        return {}
+    return yaml.safe_load(path.read_text()) or {}

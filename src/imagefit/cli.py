@@ -1,0 +1,189 @@
+"""The command line: parses arguments and dispatches to ``api``; no logic of its own.
+
+Options are generated from the pydantic models in ``config.py``: every field is a flag
+(``valid_pct`` -> ``--valid-pct``), ``--config FILE.yaml`` supplies values and flags
+override the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import types
+import typing
+import warnings
+from typing import Any
+
+import yaml
+
+from . import __version__, api
+from .config import (
+    EvaluateOptions,
+    FitConfig,
+    Options,
+    PredictOptions,
+    make_options,
+    read_yaml_options,
+)
+from .errors import FitInterrupted, ImagefitError, ImagefitWarning
+
+
+def _type_args(annotation: Any) -> tuple:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return tuple(a for a in typing.get_args(annotation) if a is not type(None))
+    return (annotation,)
+
+
+def _is_text(annotation: Any) -> bool:
+    return all(a is str for a in _type_args(annotation))
+
+
+def _is_list(annotation: Any) -> bool:
+    return any(typing.get_origin(a) is list for a in _type_args(annotation))
+
+
+def _choices(annotation: Any) -> list | None:
+    for arg in _type_args(annotation):
+        if typing.get_origin(arg) is typing.Literal:
+            return list(typing.get_args(arg))
+    return None
+
+
+def add_options(parser: argparse.ArgumentParser, model: type[Options]) -> None:
+    """One flag per field of ``model``; unset flags stay absent so the file's values hold."""
+    group = parser.add_argument_group("options (also accepted as keys of --config FILE)")
+    for name, field in model.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        default = field.default
+        help_text = f"{field.description} (default: {'auto' if default is None else default})"
+        choices = _choices(field.annotation)
+        if choices:
+            help_text += f"; one of: {', '.join(map(str, choices))}"
+        if field.annotation is bool:
+            group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
+                               default=argparse.SUPPRESS, help=help_text)
+        else:
+            group.add_argument(flag, dest=name, default=argparse.SUPPRESS,
+                               metavar=name.upper(), help=help_text.replace("%", "%%"))
+
+
+def _cli_value(model: type[Options], name: str, text: Any) -> Any:
+    """A flag's text as the field's type expects it: lists split on commas, numbers and
+    null read as YAML scalars, text fields kept as typed."""
+    annotation = model.model_fields[name].annotation
+    if not isinstance(text, str):
+        return text
+    if _is_list(annotation):
+        return [part.strip() for part in text.split(",") if part.strip()]
+    if _is_text(annotation):
+        return text
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def resolve_options(model: type[Options], args: argparse.Namespace,
+                    positional: tuple[str, ...]) -> Options:
+    """Defaults, then the --config file, then the flags."""
+    values = read_yaml_options(args.config) if args.config else {}
+    for key in positional:
+        values.pop(key, None)
+    for name in model.model_fields:
+        if hasattr(args, name):
+            values[name] = _cli_value(model, name, getattr(args, name))
+    return make_options(model, values)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="imagefit",
+        description="Train image models from a folder, a CSV file or a built-in dataset.",
+    )
+    parser.add_argument("--version", action="version", version=f"imagefit {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    fit = commands.add_parser(
+        "fit", help="train a model and write a run directory",
+        description="Train a model on DATA. The last line printed is the run directory.",
+    )
+    fit.add_argument("data", metavar="DATA", help="a folder of class folders (optionally in "
+                     "train/ valid/ test/), a CSV file, or builtin:digits / builtin:fashion-mnist")
+    fit.add_argument("--config", metavar="FILE", help="YAML file of options; flags override it")
+    add_options(fit, FitConfig)
+
+    predict = commands.add_parser(
+        "predict", help="predict images with a trained model",
+        description="Predict INPUTs (image files, folders, or CSV files of paths) with the "
+        "model of RUN.",
+    )
+    predict.add_argument("run", metavar="RUN", help="run directory written by imagefit fit")
+    predict.add_argument("inputs", metavar="INPUT", nargs="+",
+                         help="image file, folder of images, or CSV file of paths")
+    predict.add_argument("--out", metavar="CSV", help="write the predictions to this CSV file "
+                         "(default: print them)")
+    predict.add_argument("--config", metavar="FILE", help="YAML file of options")
+    add_options(predict, PredictOptions)
+
+    evaluate = commands.add_parser(
+        "evaluate", help="measure a trained model on a dataset",
+        description="Evaluate the model of RUN on DATA: its test split when it has one, "
+        "else its validation split.",
+    )
+    evaluate.add_argument("run", metavar="RUN", help="run directory written by imagefit fit")
+    evaluate.add_argument("data", metavar="DATA", help="folder, CSV file or builtin:NAME")
+    evaluate.add_argument("--out", metavar="JSON", help="also write the metrics to this file")
+    evaluate.add_argument("--config", metavar="FILE", help="YAML file of options")
+    add_options(evaluate, EvaluateOptions)
+    return parser
+
+
+def _format_metrics(metrics: dict) -> str:
+    return "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()
+                     if isinstance(v, float) and (k.startswith(("valid_", "test_"))))
+
+
+def run_command(args: argparse.Namespace) -> int:
+    if args.command == "fit":
+        config = resolve_options(FitConfig, args, ("data",))
+        result = api.fit(args.data, config)
+        print(_format_metrics(result.metrics))
+        print(result.run_dir)
+    elif args.command == "predict":
+        options = resolve_options(PredictOptions, args, ("run", "inputs", "out"))
+        frame = api.predict(args.run, args.inputs, args.out, options)
+        if args.out:
+            print(f"wrote {len(frame)} predictions to {args.out}")
+        else:
+            print(frame.to_csv(index=False), end="")
+    elif args.command == "evaluate":
+        options = resolve_options(EvaluateOptions, args, ("run", "data", "out"))
+        results = api.evaluate(args.run, args.data, args.out, options)
+        for name, value in results.items():
+            print(f"{name}: {value:.4f}" if isinstance(value, float) else f"{name}: {value}")
+    return 0
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    if issubclass(category, ImagefitWarning):
+        print(f"imagefit: warning: {message}", file=sys.stderr)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    warnings.showwarning = _show_warning
+    try:
+        return run_command(args)
+    except ImagefitError as error:
+        print(f"imagefit: error: {error}", file=sys.stderr)
+        return 2
+    except FitInterrupted as interrupted:
+        print(f"imagefit: {interrupted}; the run directory keeps its model and metrics",
+              file=sys.stderr)
+        print(interrupted.run_dir)
+        return 130
+    except KeyboardInterrupt:
+        print("imagefit: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,168 @@
+"""Every option of imagefit, typed and validated, with its default in one place.
+
+The command line and YAML files are generated from and checked against these models
+(see ``cli.py``); ``config.yaml`` in a run directory is ``FitConfig`` fully resolved.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import ImagefitError
+
+
+class Options(BaseModel):
+    """Base of the option groups: unknown keys are errors, values are checked on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SourceOptions(Options):
+    """How to read a folder or CSV into items and targets."""
+
+    task: Literal["classification", "multilabel", "regression"] | None = Field(
+        None, description="force the task instead of inferring it from the targets"
+    )
+    path_col: str | None = Field(
+        None, description="CSV column with the image paths (default: the first column)"
+    )
+    label_col: list[str] | None = Field(
+        None,
+        description="CSV label column(s), comma-separated (default: every column but the "
+        "path and split columns)",
+    )
+    label_delim: str | None = Field(
+        None,
+        description="separator of several labels in one CSV cell, for multi-label "
+        "(default: ';' or '|' when a cell holds one)",
+    )
+    folder: str | None = Field(
+        None, description="folder the CSV paths are relative to (default: the CSV's folder)"
+    )
+    suffix: str = Field("", description="appended to every CSV path, e.g. '.jpg'")
+    split_col: str | None = Field(
+        None,
+        description="CSV column holding train/valid/test per row (default: a column named "
+        "'split' when there is one)",
+    )
+    strict: bool = Field(
+        False, description="stop with an error on an unreadable image instead of skipping it"
+    )
+    cache_dir: str | None = Field(
+        None,
+        description="folder of the decoded-image cache (default: $IMAGEFIT_CACHE or "
+        "~/.cache/imagefit)",
+    )
+    progress: bool = Field(True, description="show progress bars")
+
+
+class FitConfig(SourceOptions):
+    """Options of ``fit``."""
+
+    epochs: int = Field(5, ge=1, description="number of epochs")
+    lr: float = Field(3e-3, gt=0, description="peak learning rate of the one-cycle schedule")
+    bs: int = Field(128, ge=1, description="batch size (lowered for small training sets)")
+    wd: float = Field(0.05, ge=0, description="decoupled weight decay (not on norms and biases)")
+    model: str = Field(
+        "auto",
+        description="timm model name or 'small_cnn'; 'auto' picks small_cnn for images of "
+        "32 px or less and resnet18 above",
+    )
+    pretrained: bool = Field(False, description="start from the model's pretrained weights")
+    image_size: int | None = Field(
+        None,
+        ge=4,
+        description="side of the square images the model sees (default: the images' typical "
+        "short side, at most 224)",
+    )
+    channels: Literal[1, 3] | None = Field(
+        None, description="1 for grey, 3 for RGB (default: 1 when every image is grey)"
+    )
+    resize: Literal["crop", "squish", "pad"] = Field(
+        "crop",
+        description="how images reach the square size: short side + centre crop, squish, "
+        "or pad",
+    )
+    augment: Literal["none", "flip", "shift", "flip_shift"] = Field(
+        "none", description="batch augmentation of training images"
+    )
+    valid_pct: float = Field(
+        0.2, ge=0, lt=1, description="fraction of the training images held out for validation"
+    )
+    stratify: bool = Field(
+        True, description="keep class proportions in the validation split (classification)"
+    )
+    loss: Literal["mse", "l1"] = Field("mse", description="regression loss")
+    seed: int = Field(0, description="seed of everything random")
+    device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'")
+    runs_dir: str = Field("runs", description="folder that receives the run directories")
+    name: str | None = Field(None, description="name of the run (default: from the data)")
+    test_every_epoch: bool = Field(
+        False,
+        description="also evaluate the test split after every epoch, for curves only "
+        "(nothing is chosen from it)",
+    )
+
+
+class EvaluateOptions(SourceOptions):
+    """Options of ``evaluate``."""
+
+    split: Literal["valid", "test", "train"] | None = Field(
+        None, description="which split to evaluate (default: test when the data has one)"
+    )
+    bs: int = Field(256, ge=1, description="batch size")
+    device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'")
+
+
+class PredictOptions(Options):
+    """Options of ``predict``."""
+
+    path_col: str | None = Field(
+        None, description="CSV input: column with the image paths (default: the first)"
+    )
+    folder: str | None = Field(None, description="CSV input: folder the paths are relative to")
+    suffix: str = Field("", description="CSV input: appended to every path")
+    bs: int = Field(256, ge=1, description="batch size")
+    device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'")
+    cache_dir: str | None = Field(None, description="folder of the decoded-image cache")
+    progress: bool = Field(True, description="show progress bars")
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """One line naming each bad option and what was wrong with it."""
+    parts = []
+    for item in error.errors():
+        name = ".".join(str(p) for p in item["loc"] if not isinstance(p, int)) or "options"
+        flag = "--" + name.replace("_", "-")
+        value = item.get("input")
+        shown = f" (got {value!r})" if not isinstance(value, dict) else ""
+        parts.append(f"option {flag}: {item['msg'].lower()}{shown}")
+    return "; ".join(parts)
+
+
+def make_options(model: type[Options], values: dict[str, Any]) -> Options:
+    """Validate ``values`` into ``model``, turning pydantic's errors into one user line."""
+    try:
+        return model(**values)
+    except ValidationError as error:
+        raise ImagefitError(describe_validation_error(error)) from None
+
+
+def read_yaml_options(path: str | Path) -> dict[str, Any]:
+    """The mapping in a YAML options file; hyphenated keys are accepted like the flags."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImagefitError(f"config file {path} not found: give the path of a YAML file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        line = getattr(getattr(error, "problem_mark", None), "line", None)
+        where = f" line {line + 1}" if line is not None else ""
+        raise ImagefitError(f"config file {path}{where} is not valid YAML: fix it") from None
+    if not isinstance(data, dict):
+        raise ImagefitError(f"config file {path} must hold a mapping of option: value")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}

@@ -1,0 +1,1 @@
+"""Reading images and targets, the decode-once cache, splits and the batch loader."""

@@ -1,0 +1,103 @@
+"""Batches gathered from the image cache, moved to the device as uint8, prepared ahead of time
+by a background thread (no worker processes)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from queue import Empty, Queue
+
+import numpy as np
+import torch
+
+_END = object()
+
+
+class Loader:
+    """Index batches over ``rows`` of ``images`` (uint8 N,H,W,C) and ``targets``.
+
+    Yields ``(x, y)``: x a uint8 (B, C, H, W) tensor on ``device`` (channels-last in memory,
+    as the cache stores it), y the targets of the same rows. Shuffling is seeded per epoch
+    (``set_epoch``), so a run and its resumption see the same order.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        targets: torch.Tensor,
+        rows: np.ndarray,
+        batch_size: int,
+        *,
+        shuffle: bool = False,
+        drop_last: bool = False,
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+        prefetch: bool = True,
+    ) -> None:
+        self.images = images
+        self.targets = targets
+        self.rows = torch.as_tensor(np.asarray(rows), dtype=torch.int64)
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.drop_last = drop_last and len(self.rows) > batch_size
+        self.seed = seed
+        self.epoch = 0
+        self.device = torch.device(device)
+        self.prefetch = prefetch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        n = len(self.rows)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def _index_batches(self) -> list[torch.Tensor]:
+        rows = self.rows
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            rows = rows[torch.randperm(len(rows), generator=generator)]
+        return [rows[i * self.batch_size:(i + 1) * self.batch_size] for i in range(len(self))]
+
+    def _load(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        index = index.sort().values  # neighbouring rows read faster from the memmap
+        x = self.images.index_select(0, index).permute(0, 3, 1, 2)
+        y = self.targets.index_select(0, index)
+        if self.device.type == "cuda":
+            x, y = x.pin_memory(), y.pin_memory()
+        return (x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        batches = self._index_batches()
+        if not self.prefetch:
+            for index in batches:
+                yield self._load(index)
+            return
+        queue: Queue = Queue(maxsize=2)
+        stop = threading.Event()
+
+        def produce() -> None:
+            try:
+                for index in batches:
+                    if stop.is_set():
+                        return
+                    queue.put(self._load(index))
+            except BaseException as error:  # handed to the consumer, raised there
+                queue.put(error)
+                return
+            queue.put(_END)
+
+        thread = threading.Thread(target=produce, daemon=True, name="imagefit-loader")
+        thread.start()
+        try:
+            while (item := queue.get()) is not _END:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            while thread.is_alive():
+                try:
+                    queue.get_nowait()
+                except Empty:
+                    thread.join(0.01)

@@ -1,0 +1,94 @@
+"""From a table to images ready for loading: cache settings, the cache itself, usable rows and
+normalization statistics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ImagefitError
+from .cache import (
+    CacheSettings,
+    ImageCache,
+    auto_size,
+    build_cache,
+    cache_arrays,
+    probe_images,
+    warn_unreadable,
+)
+from .sources import Table
+
+STATS_MAX_IMAGES = 10_000
+STATS_CHUNK = 1_000
+
+
+def resolve_settings(
+    table: Table, image_size: int | None, channels: int | None, resize: str, seed: int = 0
+) -> CacheSettings:
+    """Fill in the size and channels a user left to imagefit, from the images themselves."""
+    if table.arrays is not None:
+        typical = min(table.arrays.shape[1:3])
+        grey = table.arrays.shape[3] == 1
+    else:
+        typical, grey = probe_images(table.paths, seed)
+        if typical is None and image_size is None:
+            raise ImagefitError(
+                f"none of the sampled files of {table.description} is a readable image: "
+                "check the data"
+            )
+    return CacheSettings(
+        size=image_size or auto_size(typical),
+        channels=channels or (1 if grey else 3),
+        resize=resize,
+    )
+
+
+@dataclass
+class PreparedImages:
+    """The cache of a table's images and which of its rows can be used."""
+
+    cache: ImageCache
+    usable: np.ndarray
+
+    def rows(self, table: Table, split: str) -> np.ndarray:
+        return np.flatnonzero((table.split == split) & self.usable)
+
+
+def prepare_images(
+    table: Table,
+    settings: CacheSettings,
+    *,
+    cache_dir: str | Path | None = None,
+    strict: bool = False,
+    progress: bool = True,
+) -> PreparedImages:
+    """Decode (once) and cache the table's images; warn about and set aside unreadable ones."""
+    if table.arrays is not None:
+        cache = cache_arrays(table.arrays, settings)
+    else:
+        cache = build_cache(table.paths, settings, cache_dir, strict=strict, progress=progress)
+        warn_unreadable(cache, table.paths)
+    usable = np.ones(len(table), dtype=bool)
+    usable[cache.failed] = False
+    return PreparedImages(cache=cache, usable=usable)
+
+
+def channel_stats(images: np.ndarray, rows: np.ndarray, seed: int = 0) -> tuple[list, list]:
+    """Per-channel mean and std on the 0..1 scale, from up to 10,000 of ``rows``."""
+    if len(rows) > STATS_MAX_IMAGES:
+        rows = np.sort(np.random.default_rng(seed).choice(rows, STATS_MAX_IMAGES, replace=False))
+    channels = images.shape[-1]
+    total = np.zeros(channels)
+    squares = np.zeros(channels)
+    count = 0
+    for begin in range(0, len(rows), STATS_CHUNK):
+        chunk = images[rows[begin:begin + STATS_CHUNK]].reshape(-1, channels).astype(np.float64)
+        total += chunk.sum(axis=0)
+        squares += np.square(chunk).sum(axis=0)
+        count += len(chunk)
+    mean = total / max(count, 1)
+    std = np.sqrt(np.maximum(squares / max(count, 1) - mean**2, 0.0))
+    std = np.where(std > 0, std, 255.0)
+    return (mean / 255.0).tolist(), (std / 255.0).tolist()

@@ -1,0 +1,435 @@
+"""Readers that turn a folder, a CSV file or arrays into a ``Table`` of items and targets."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..config import SourceOptions
+from ..errors import ImagefitError, ImagefitWarning
+from ..tasks import Task
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
+                    ".pgm", ".pbm", ".jfif"}
+SPLITS = ("train", "valid", "test")
+SPLIT_ALIASES = {"train": "train", "training": "train", "valid": "valid", "val": "valid",
+                 "validation": "valid", "test": "test"}
+VALID_FOLDER_NAMES = ("valid", "val", "validation")
+LABEL_DELIMITERS = (";", "|")
+MANY_INTEGER_CLASSES = 50
+
+
+@dataclass
+class Table:
+    """Items (image paths or rows of an in-memory uint8 array), their targets and splits.
+
+    ``split`` holds 'train', 'valid' or 'test' per row; a source without a validation split
+    leaves every labelled training row 'train' and ``splits.assign_validation`` carves one.
+    """
+
+    task: Task
+    targets: np.ndarray
+    split: np.ndarray
+    paths: list[str] | None = None
+    arrays: np.ndarray | None = None
+    description: str = ""
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def subset(self, rows: np.ndarray) -> Table:
+        """The table restricted to ``rows`` (a boolean mask or indices)."""
+        index = np.flatnonzero(rows) if np.asarray(rows).dtype == bool else np.asarray(rows)
+        return replace(
+            self,
+            targets=self.targets[index],
+            split=self.split[index],
+            paths=None if self.paths is None else [self.paths[i] for i in index],
+            arrays=None if self.arrays is None else self.arrays[index],
+        )
+
+    def rows(self, split: str) -> np.ndarray:
+        return np.flatnonzero(self.split == split)
+
+    def has_split(self, split: str) -> bool:
+        return bool((self.split == split).any())
+
+
+def read_source(spec: str | Path, options: SourceOptions | None = None) -> Table:
+    """A table from ``builtin:NAME``, a folder of class folders or a CSV file."""
+    from .builtin import read_builtin
+
+    options = options or SourceOptions()
+    text = str(spec)
+    if text.startswith("builtin:"):
+        table = read_builtin(text.removeprefix("builtin:"))
+        return _force_task(table, options.task, text)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return _force_task(read_folder(path), options.task, text)
+    if path.is_file():
+        return read_csv(path, options)
+    raise ImagefitError(
+        f"data {text} not found: give a folder of class folders, a CSV file, "
+        "or builtin:digits / builtin:fashion-mnist"
+    )
+
+
+def _force_task(table: Table, task: str | None, spec: str) -> Table:
+    if task is None or task == table.task.kind:
+        return table
+    raise ImagefitError(
+        f"--task {task} does not fit {spec}: its labels are single class names; "
+        "for multi-label or regression targets use a CSV file"
+    )
+
+
+# -- folders ------------------------------------------------------------------------------
+
+
+def _visible(path: Path) -> bool:
+    return not path.name.startswith(".")
+
+
+def _class_folders(folder: Path) -> dict[str, list[str]]:
+    """Class name -> sorted file paths, for a folder holding one subfolder per class."""
+    classes = {}
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir() and _visible(p)):
+        files = sorted(
+            str(f) for f in sub.rglob("*")
+            if f.is_file() and all(_visible(p) for p in f.relative_to(sub).parts)
+        )
+        if not files:
+            raise ImagefitError(
+                f"class folder {sub} holds no images: add images or remove the folder"
+            )
+        classes[sub.name] = files
+    return classes
+
+
+def read_folder(root: Path) -> Table:
+    """ImageNet-style folders: ``root/<class>/*`` or ``root/{train,valid,test}/<class>/*``."""
+    parts = {"train": root / "train"}
+    parts["valid"] = next((root / n for n in VALID_FOLDER_NAMES if (root / n).is_dir()), None)
+    parts["test"] = root / "test"
+    if not parts["train"].is_dir():
+        parts = {"train": root}
+
+    per_split: dict[str, dict[str, list[str]]] = {}
+    for split, folder in parts.items():
+        if folder is None or not folder.is_dir():
+            continue
+        classes = _class_folders(folder)
+        if not classes:
+            if split == "train":
+                has_files = any(f.is_file() and _visible(f) for f in folder.iterdir())
+                hint = " but no class folders" if has_files else ""
+                raise ImagefitError(
+                    f"folder {folder} holds images{hint}: put each class's images in a "
+                    "subfolder named after the class, or describe them in a CSV file"
+                    if has_files else
+                    f"folder {folder} is empty: put each class's images in a subfolder "
+                    "named after the class"
+                )
+            warnings.warn(
+                f"{folder} has no class folders, so it is not used for evaluation "
+                "(predict its images with `imagefit predict`)", ImagefitWarning, stacklevel=2
+            )
+            continue
+        per_split[split] = classes
+
+    names = sorted(per_split["train"])
+    for split, classes in per_split.items():
+        unknown = sorted(set(classes) - set(names))
+        if unknown:
+            raise ImagefitError(
+                f"{parts[split]} has classes that train/ lacks ({', '.join(unknown[:5])}): "
+                "give every class training images"
+            )
+    index = {name: i for i, name in enumerate(names)}
+    paths, targets, split_of = [], [], []
+    for split, classes in per_split.items():
+        for name, files in classes.items():
+            paths += files
+            targets += [index[name]] * len(files)
+            split_of += [split] * len(files)
+    return Table(
+        task=Task("classification", names),
+        targets=np.asarray(targets, dtype=np.int64),
+        split=np.asarray(split_of, dtype=object),
+        paths=paths,
+        description=str(root),
+    )
+
+
+# -- CSV files ----------------------------------------------------------------------------
+
+
+def _line(row: int) -> str:
+    return f"line {row + 2}"  # the header is line 1
+
+
+def _as_numbers(frame: pd.DataFrame) -> np.ndarray | None:
+    """The frame's cells as floats, or None when one is not a number."""
+    try:
+        return frame.apply(lambda col: pd.to_numeric(col.str.strip())).to_numpy(np.float64)
+    except (ValueError, TypeError):
+        return None
+
+
+def _class_sort_key(name: str) -> tuple:
+    try:
+        return (0, float(name), name)
+    except ValueError:
+        return (1, 0.0, name)
+
+
+def read_csv(path: Path, options: SourceOptions) -> Table:
+    """A CSV of image paths and labels: one label column, one-hot columns, delimited labels
+    or numeric targets; the task is inferred unless ``options.task`` is given."""
+    name = path.name
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else "unreadable"
+        raise ImagefitError(f"{path} is not a readable CSV file ({reason}): fix it") from None
+    if frame.empty:
+        raise ImagefitError(f"{path} has no rows: add one row per image")
+    columns = list(frame.columns)
+
+    def require(column: str, option: str) -> str:
+        if column not in columns:
+            raise ImagefitError(
+                f"{name} has no column '{column}' (its columns: {', '.join(columns)}); "
+                f"choose one with {option}"
+            )
+        return column
+
+    path_col = require(options.path_col, "--path-col") if options.path_col else columns[0]
+    split_col = require(options.split_col, "--split-col") if options.split_col else (
+        "split" if "split" in columns and path_col != "split" else None
+    )
+    if options.label_col:
+        label_cols = [require(c, "--label-col") for c in options.label_col]
+    else:
+        label_cols = [c for c in columns if c not in (path_col, split_col)]
+    if not label_cols:
+        raise ImagefitError(
+            f"{name} has no label column besides the paths in '{path_col}': add one"
+        )
+
+    task, targets = _read_targets(frame[label_cols], name, options)
+    split = _read_split(frame, split_col, name)
+    paths = _resolve_paths(frame[path_col].str.strip().tolist(), path, options)
+    return Table(
+        task=task,
+        targets=targets,
+        split=split,
+        paths=paths,
+        description=str(path),
+    )
+
+
+def _read_split(frame: pd.DataFrame, split_col: str | None, name: str) -> np.ndarray:
+    if split_col is None:
+        return np.full(len(frame), "train", dtype=object)
+    values = frame[split_col].str.strip().str.lower()
+    bad = ~values.isin(list(SPLIT_ALIASES))
+    if bad.any():
+        row = int(np.flatnonzero(bad.to_numpy())[0])
+        raise ImagefitError(
+            f"{name} {_line(row)}: split '{frame[split_col].iloc[row]}' in column "
+            f"'{split_col}' should be train, valid or test"
+        )
+    return values.map(SPLIT_ALIASES).to_numpy(dtype=object)
+
+
+def _resolve_paths(cells: list[str], csv_path: Path, options: SourceOptions) -> list[str]:
+    if options.folder:
+        folder = Path(options.folder).expanduser()
+        if not folder.is_absolute() and not folder.is_dir():
+            folder = csv_path.parent / folder
+    else:
+        folder = csv_path.parent
+    paths = [str(folder / (cell + options.suffix)) for cell in cells]
+    missing = [(i, p) for i, p in enumerate(paths) if not Path(p).is_file()]
+    if missing:
+        shown = ", ".join(f"{Path(p).name} ({_line(i)})" for i, p in missing[:3])
+        raise ImagefitError(
+            f"{csv_path.name}: {len(missing)} of {len(paths)} image paths do not exist under "
+            f"{folder} (first: {shown}); check --folder and --suffix"
+        )
+    return paths
+
+
+def _read_targets(labels: pd.DataFrame, name: str, options: SourceOptions):
+    """Infer (or apply the forced) task and encode the targets."""
+    forced = options.task
+    numbers = _as_numbers(labels)
+    binary = numbers is not None and np.isin(numbers, (0.0, 1.0)).all()
+    several = labels.shape[1] > 1
+
+    if forced == "regression" or (forced is None and numbers is not None and not binary
+                                  and (several or (numbers % 1 != 0).any())):
+        return _regression_targets(labels, numbers, name)
+    if several:
+        if not binary:
+            raise ImagefitError(
+                f"{name}: label columns {', '.join(labels.columns)} must be 0/1 (one-hot) or "
+                "numbers (regression); pick one label column with --label-col"
+            )
+        names = list(labels.columns)
+        counts = numbers.sum(axis=1)
+        if forced == "multilabel" or (forced is None and (counts != 1).any()):
+            return Task("multilabel", names), numbers.astype(np.float32)
+        if (counts != 1).any():
+            row = int(np.flatnonzero(counts != 1)[0])
+            raise ImagefitError(
+                f"{name} {_line(row)}: a single-label row needs exactly one 1 among "
+                f"{', '.join(names)} (found {int(counts[row])}); fix it or use --task multilabel"
+            )
+        return Task("classification", names), numbers.argmax(axis=1).astype(np.int64)
+
+    column = labels.columns[0]
+    cells = labels[column].str.strip()
+    empty = np.flatnonzero((cells == "").to_numpy())
+    delim = options.label_delim
+    if delim is None and forced != "classification":
+        delim = next((d for d in LABEL_DELIMITERS if cells.str.contains(d, regex=False).any()),
+                     None)
+    if forced == "multilabel" or (forced is None and delim is not None):
+        split_cells = [
+            [part.strip() for part in cell.split(delim) if part.strip()] if delim else
+            ([cell] if cell else [])
+            for cell in cells
+        ]
+        names = sorted({n for row in split_cells for n in row}, key=_class_sort_key)
+        index = {n: i for i, n in enumerate(names)}
+        targets = np.zeros((len(cells), len(names)), dtype=np.float32)
+        for row, parts in enumerate(split_cells):
+            targets[row, [index[n] for n in parts]] = 1.0
+        return Task("multilabel", names), targets
+    if len(empty):
+        raise ImagefitError(
+            f"{name} {_line(int(empty[0]))}: the label in column '{column}' is empty "
+            f"({len(empty)} such rows); fill them or remove the rows"
+        )
+    names = sorted(cells.unique(), key=_class_sort_key)
+    if numbers is not None and len(names) > MANY_INTEGER_CLASSES:
+        warnings.warn(
+            f"{name}: the {len(names)} whole numbers in '{column}' are taken as classes; "
+            "pass --task regression if they are quantities", ImagefitWarning, stacklevel=2
+        )
+    index = {n: i for i, n in enumerate(names)}
+    return Task("classification", names), cells.map(index).to_numpy(np.int64)
+
+
+def _regression_targets(labels: pd.DataFrame, numbers: np.ndarray | None, name: str):
+    if numbers is None:
+        for column in labels.columns:
+            cells = labels[column].str.strip()
+            for row, cell in enumerate(cells):
+                if cell == "":
+                    raise ImagefitError(
+                        f"{name} {_line(row)}: regression target '{column}' is empty; fill it "
+                        "or remove the row"
+                    )
+                try:
+                    float(cell)
+                except ValueError:
+                    raise ImagefitError(
+                        f"{name} {_line(row)}: regression target '{column}' is '{cell}', not a "
+                        "number; fix it or remove the row"
+                    ) from None
+    bad = ~np.isfinite(numbers)
+    if bad.any():
+        row, col = (int(v[0]) for v in np.nonzero(bad))
+        raise ImagefitError(
+            f"{name} {_line(row)}: regression target '{labels.columns[col]}' is not a finite "
+            "number; fix it or remove the row"
+        )
+    return Task("regression", list(labels.columns)), numbers.astype(np.float32)
+
+
+# -- arrays -------------------------------------------------------------------------------
+
+
+def to_uint8_images(images: np.ndarray | torch.Tensor) -> np.ndarray:
+    """Images as uint8 (N, H, W, C): accepts (N,H,W), (N,H,W,C) or (N,C,H,W) with C in 1, 3,
+    4; uint8 values, or floats in [0, 1]."""
+    array = images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(
+        images
+    )
+    if array.ndim == 3:
+        array = array[..., None]
+    if array.ndim != 4:
+        raise ImagefitError(
+            f"images have shape {array.shape}: give (N, H, W), (N, H, W, C) or (N, C, H, W)"
+        )
+    if array.shape[-1] not in (1, 3, 4) and array.shape[1] in (1, 3, 4):
+        array = array.transpose(0, 2, 3, 1)
+    if array.shape[-1] == 4:
+        array = array[..., :3]
+    if array.shape[-1] not in (1, 3):
+        raise ImagefitError(f"images have {array.shape[-1]} channels: give 1 (grey) or 3 (RGB)")
+    if array.dtype != np.uint8:
+        array = array.astype(np.float32)
+        if array.min() < 0 or array.max() > 1:
+            raise ImagefitError(
+                "float images must hold values in [0, 1]; give uint8 images for 0..255"
+            )
+        array = np.round(array * 255).astype(np.uint8)
+    return np.ascontiguousarray(array)
+
+
+def from_arrays(
+    images: np.ndarray | torch.Tensor,
+    targets: np.ndarray | torch.Tensor | Sequence,
+    *,
+    task: str | None = None,
+    names: Sequence[str] | None = None,
+    split: Sequence[str] | None = None,
+    description: str = "arrays",
+) -> Table:
+    """A table from in-memory images and targets.
+
+    Integer targets (N,) are class indices; float targets are regression values, or a
+    multi-label 0/1 matrix when ``task='multilabel'``. ``names`` names the classes or targets.
+    """
+    array = to_uint8_images(images)
+    values = np.asarray(targets.cpu() if isinstance(targets, torch.Tensor) else targets)
+    if len(values) != len(array):
+        raise ImagefitError(f"{len(array)} images but {len(values)} targets: give one per image")
+    if task is None:
+        task = "classification" if np.issubdtype(values.dtype, np.integer) else "regression"
+    if task == "classification":
+        values = values.astype(np.int64)
+        count = int(values.max()) + 1 if len(values) else 0
+        names = list(names) if names is not None else [str(i) for i in range(count)]
+        if len(names) < count:
+            raise ImagefitError(f"targets reach class {count - 1} but only {len(names)} names")
+    else:
+        values = values.astype(np.float32).reshape(len(values), -1)
+        names = list(names) if names is not None else [
+            (f"label_{i}" if task == "multilabel" else f"target_{i}")
+            for i in range(values.shape[1])
+        ]
+    split_array = np.full(len(array), "train", dtype=object) if split is None else np.asarray(
+        [SPLIT_ALIASES.get(str(s).lower(), str(s)) for s in split], dtype=object
+    )
+    unknown = sorted(set(split_array) - set(SPLITS))
+    if unknown:
+        raise ImagefitError(f"split values {unknown} unknown: use train, valid or test")
+    return Table(
+        task=Task(task, names),
+        targets=values,
+        split=split_array,
+        arrays=array,
+        description=description,
+    )

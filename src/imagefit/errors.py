@@ -1,0 +1,21 @@
+"""The one exception type users see, and the warning category for skipped input."""
+
+
+class ImagefitError(Exception):
+    """Bad input or a bad option: the message says what is wrong and what to do.
+
+    The command line prints it on one line and exits with status 2.
+    """
+
+
+class ImagefitWarning(UserWarning):
+    """Something was skipped or adjusted; the work goes on."""
+
+
+class FitInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a fit: the run directory keeps the last finished epoch."""
+
+    def __init__(self, run_dir, epochs_done: int) -> None:
+        super().__init__(f"interrupted after {epochs_done} finished epoch(s)")
+        self.run_dir = run_dir
+        self.epochs_done = epochs_done

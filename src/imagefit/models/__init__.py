@@ -1,0 +1,46 @@
+"""``create_model(name, in_chans, n_out)``: imagefit's small nets by name, any timm model."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+
+import timm
+from torch import nn
+
+from ..errors import ImagefitError
+from .small import SmallCNN
+
+SMALL_IMAGE_MAX = 32
+MODELS: dict[str, Callable[..., nn.Module]] = {"small_cnn": SmallCNN}
+
+
+def default_model_name(image_size: int) -> str:
+    """small_cnn for tiny images, resnet18 above."""
+    return "small_cnn" if image_size <= SMALL_IMAGE_MAX else "resnet18"
+
+
+def create_model(name: str, in_chans: int, n_out: int, *, pretrained: bool = False) -> nn.Module:
+    """A model taking ``in_chans`` channels and giving ``n_out`` raw outputs."""
+    if name in MODELS:
+        if pretrained:
+            raise ImagefitError(f"model {name} has no pretrained weights: leave out --pretrained")
+        return MODELS[name](in_chans, n_out)
+    if not timm.is_model(name):
+        known = list(MODELS) + timm.list_models()
+        close = difflib.get_close_matches(name, known, n=4, cutoff=0.6)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise ImagefitError(
+            f"unknown model '{name}': {hint}give small_cnn or a timm model name "
+            "(`python -c 'import timm; print(timm.list_models())'` lists them)"
+        )
+    try:
+        return timm.create_model(name, pretrained=pretrained, in_chans=in_chans,
+                                 num_classes=n_out)
+    except (OSError, RuntimeError) as error:
+        if not pretrained:
+            raise
+        raise ImagefitError(
+            f"could not fetch pretrained weights of {name} ({str(error).splitlines()[0]}): "
+            "connect to the internet once, or leave out --pretrained"
+        ) from None

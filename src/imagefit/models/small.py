@@ -1,0 +1,45 @@
+"""A small from-scratch CNN for tiny images (32 px or less), in the spirit of airbench."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import nn
+
+
+def conv_bn(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.GELU()
+    )
+
+
+class Stage(nn.Sequential):
+    """conv -> 2x max-pool -> BN -> GELU -> conv -> BN -> GELU: pooling early halves the
+    cost of the second convolution."""
+
+    def __init__(self, c_in: int, c_out: int) -> None:
+        super().__init__(
+            nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+            nn.MaxPool2d(2, ceil_mode=True),
+            nn.BatchNorm2d(c_out),
+            nn.GELU(),
+            conv_bn(c_out, c_out),
+        )
+
+
+class SmallCNN(nn.Module):
+    """Stem, three pooling stages and a global-max-pool linear head."""
+
+    def __init__(self, in_chans: int, num_classes: int,
+                 widths: Sequence[int] = (16, 32, 64, 128)) -> None:
+        super().__init__()
+        self.stem = conv_bn(in_chans, widths[0])
+        self.stages = nn.Sequential(
+            *(Stage(c_in, c_out) for c_in, c_out in zip(widths[:-1], widths[1:]))
+        )
+        self.pool = nn.AdaptiveMaxPool2d(1)
+        self.head = nn.Linear(widths[-1], num_classes)
+
+    def forward(self, x):
+        x = self.pool(self.stages(self.stem(x))).flatten(1)
+        return self.head(x)

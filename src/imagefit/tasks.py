@@ -1,0 +1,124 @@
+"""What is being learned: the head size, loss, output activation and decoding of each task kind.
+
+Targets arrive as numpy arrays in the shape their kind expects:
+classification: int64 class indices (N,); multilabel: float32 0/1 (N, C);
+regression: float32 values in their own units (N, T).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+TaskKind = Literal["classification", "multilabel", "regression"]
+TASK_KINDS: tuple[str, ...] = ("classification", "multilabel", "regression")
+
+DEFAULT_METRICS: dict[str, tuple[str, ...]] = {
+    "classification": ("accuracy", "error_rate"),
+    "multilabel": ("accuracy", "f1"),
+    "regression": ("mae", "rmse"),
+}
+# The metric that tells a better model, and whether higher is better.
+MAIN_METRIC: dict[str, tuple[str, bool]] = {
+    "classification": ("accuracy", True),
+    "multilabel": ("f1", True),
+    "regression": ("mae", False),
+}
+
+
+@dataclass
+class Task:
+    """A task kind with its class or target names.
+
+    Regression targets are standardized inside (``target_mean``/``target_std``, computed from
+    the training split) so that one learning rate suits targets of any scale; outputs and
+    metrics are reported in the targets' own units.
+    """
+
+    kind: TaskKind
+    names: list[str]
+    regression_loss: Literal["mse", "l1"] = "mse"
+    threshold: float = 0.5
+    target_mean: list[float] = field(default_factory=list)
+    target_std: list[float] = field(default_factory=list)
+
+    @property
+    def n_out(self) -> int:
+        return len(self.names)
+
+    @property
+    def main_metric(self) -> tuple[str, bool]:
+        return MAIN_METRIC[self.kind]
+
+    def fit_target_scaling(self, train_targets: np.ndarray) -> None:
+        """Record the training targets' mean and std (regression only)."""
+        if self.kind != "regression":
+            return
+        values = np.asarray(train_targets, dtype=np.float64).reshape(len(train_targets), -1)
+        std = values.std(axis=0)
+        self.target_mean = values.mean(axis=0).tolist()
+        self.target_std = np.where(std > 0, std, 1.0).tolist()
+
+    def encode_targets(self, targets: np.ndarray) -> torch.Tensor:
+        """Targets as the tensor the loss expects."""
+        if self.kind == "classification":
+            return torch.as_tensor(np.asarray(targets), dtype=torch.int64)
+        values = torch.as_tensor(np.asarray(targets, dtype=np.float32)).reshape(len(targets), -1)
+        if self.kind == "regression" and self.target_mean:
+            mean = torch.tensor(self.target_mean, dtype=torch.float32)
+            std = torch.tensor(self.target_std, dtype=torch.float32)
+            values = (values - mean) / std
+        return values
+
+    def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean loss of a batch; classification targets may be indices or soft probabilities."""
+        if self.kind == "classification":
+            return F.cross_entropy(outputs, targets)
+        if self.kind == "multilabel":
+            return F.binary_cross_entropy_with_logits(outputs, targets)
+        if self.regression_loss == "l1":
+            return F.l1_loss(outputs, targets)
+        return F.mse_loss(outputs, targets)
+
+    def activate(self, outputs: torch.Tensor) -> torch.Tensor:
+        """Raw model outputs to probabilities (classification) or values in own units."""
+        if self.kind == "classification":
+            return outputs.float().softmax(dim=1)
+        if self.kind == "multilabel":
+            return outputs.float().sigmoid()
+        return self.unscale(outputs.float())
+
+    def unscale(self, values: torch.Tensor) -> torch.Tensor:
+        """Standardized regression values back to the targets' units."""
+        if not self.target_mean:
+            return values
+        mean = torch.tensor(self.target_mean, dtype=values.dtype, device=values.device)
+        std = torch.tensor(self.target_std, dtype=values.dtype, device=values.device)
+        return values * std + mean
+
+    def decode(self, activated: torch.Tensor) -> list[str] | np.ndarray:
+        """Activated outputs to labels: a class name, ';'-joined names, or the values."""
+        if self.kind == "classification":
+            return [self.names[i] for i in activated.argmax(dim=1).tolist()]
+        if self.kind == "multilabel":
+            chosen = (activated >= self.threshold).tolist()
+            return [";".join(n for n, c in zip(self.names, row) if c) for row in chosen]
+        return activated.cpu().numpy()
+
+    def to_dict(self) -> dict:
+        return {
+            "kind": self.kind,
+            "names": list(self.names),
+            "regression_loss": self.regression_loss,
+            "threshold": self.threshold,
+            "target_mean": list(self.target_mean),
+            "target_std": list(self.target_std),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Task:
+        return cls(**data)

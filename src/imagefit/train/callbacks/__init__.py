@@ -1,0 +1,11 @@
+"""Callbacks: objects with methods named after the learner's events.
+
+Events, in order: before_fit, before_epoch, before_batch, after_loss, after_step,
+after_batch, after_epoch, after_fit. A callback may read and change the learner's state.
+"""
+
+from .base import Callback
+from .progress import ProgressCallback
+from .run_writer import RunWriter
+
+__all__ = ["Callback", "ProgressCallback", "RunWriter"]

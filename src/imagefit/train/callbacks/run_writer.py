@@ -1,0 +1,24 @@
+"""Keeps the run directory current after every epoch, so an interrupted fit keeps the last
+finished epoch's model and metrics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ... import runs
+from .base import Callback
+
+
+class RunWriter(Callback):
+    """Appends the epoch's row to metrics.csv and saves the model with its description."""
+
+    order = 20
+
+    def __init__(self, run_dir: Path, model_info: dict) -> None:
+        self.run_dir = Path(run_dir)
+        self.model_info = model_info
+
+    def after_epoch(self, learner) -> None:
+        runs.append_metrics_row(self.run_dir, learner.history[-1])
+        runs.save_model(self.run_dir, learner.model, {**self.model_info,
+                                                      "epochs_trained": learner.epoch + 1})

@@ -1,0 +1,165 @@
+"""``Learner``: the training loop and its events."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+from ..augment.pipeline import BatchPipeline
+from ..data.loader import Loader
+from ..metrics import compute_metrics
+from ..tasks import Task
+from .callbacks.base import EVENTS, Callback
+from .schedules import Schedule, one_cycle, one_cycle_momentum
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on weights only: norm layers' parameters and biases (1-d) are exempt."""
+    decay, exempt = [], []
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            (exempt if parameter.ndim <= 1 else decay).append(parameter)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": exempt, "weight_decay": 0.0}]
+
+
+def adamw(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(parameter_groups(model, weight_decay), lr=lr,
+                             betas=(0.9, 0.99), eps=1e-6)
+
+
+class Learner:
+    """Trains ``model`` on batches from ``train_loader`` through ``pipeline`` and validates
+    on ``valid_loader`` after each epoch.
+
+    State that callbacks may read: ``epoch``, ``step`` (batches done in this fit),
+    ``n_steps``, ``progress`` (0..1), ``x``, ``y``, ``outputs``, ``loss``, ``history`` (one
+    dict per finished epoch) and ``stop`` (set it to end after the current epoch).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        task: Task,
+        train_loader: Loader,
+        valid_loader: Loader | None,
+        pipeline: BatchPipeline,
+        *,
+        make_optimizer: Callable[[nn.Module, float, float], torch.optim.Optimizer] = adamw,
+        weight_decay: float = 0.05,
+        callbacks: Iterable[Callback] = (),
+        extra_loaders: dict[str, Loader] | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.model = model
+        self.task = task
+        self.train_loader = train_loader
+        self.valid_loader = valid_loader
+        self.extra_loaders = extra_loaders or {}
+        self.pipeline = pipeline
+        self.make_optimizer = make_optimizer
+        self.weight_decay = weight_decay
+        self.callbacks = sorted(callbacks, key=lambda cb: cb.order)
+        self.seed = seed
+        self.device = next(model.parameters()).device
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.history: list[dict] = []
+        self.train_seconds = 0.0
+        self.train_images = 0
+        self.epoch = self.step = self.n_steps = 0
+        self.progress = 0.0
+        self.stop = False
+
+    def emit(self, event: str) -> None:
+        assert event in EVENTS, event
+        for callback in self.callbacks:
+            handler = getattr(callback, event, None)
+            if handler is not None:
+                handler(self)
+
+    def _set_hyper(self, lr: float, momentum: float | None) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+            if momentum is None:
+                continue
+            if "betas" in group:
+                group["betas"] = (momentum, *group["betas"][1:])
+            elif "momentum" in group:
+                group["momentum"] = momentum
+
+    def fit(self, epochs: int, lr: Schedule, momentum: Schedule | None = None) -> list[dict]:
+        """Train for ``epochs`` with the learning rate (and momentum) given per step as
+        functions of progress; returns the per-epoch history."""
+        self.optimizer = self.make_optimizer(self.model, lr(0.0), self.weight_decay)
+        self.n_steps = epochs * len(self.train_loader)
+        self.step, self.stop = 0, False
+        self.emit("before_fit")
+        for self.epoch in range(epochs):
+            started = time.perf_counter()
+            train_loss = self._train_epoch(lr, momentum)
+            row = {"epoch": self.epoch + 1, "train_loss": train_loss}
+            if self.valid_loader is not None:
+                row.update(self.evaluate(self.valid_loader, prefix="valid_"))
+            for name, loader in self.extra_loaders.items():
+                row.update(self.evaluate(loader, prefix=f"{name}_"))
+            row["time"] = time.perf_counter() - started
+            self.history.append(row)
+            self.emit("after_epoch")
+            if self.stop:
+                break
+        self.emit("after_fit")
+        return self.history
+
+    def fit_one_cycle(self, epochs: int, lr_max: float, pct_start: float = 0.25,
+                      moms: tuple[float, float] = (0.95, 0.85)) -> list[dict]:
+        """One-cycle: warm up to ``lr_max`` and anneal, momentum moving the other way."""
+        return self.fit(epochs, one_cycle(lr_max, pct_start),
+                        one_cycle_momentum(moms[0], moms[1], pct_start))
+
+    def _train_epoch(self, lr: Schedule, momentum: Schedule | None) -> float:
+        self.model.train()
+        self.train_loader.set_epoch(self.epoch)
+        generator = torch.Generator(self.device).manual_seed(self.seed * 1009 + self.epoch)
+        self.emit("before_epoch")
+        loss_sum = torch.zeros((), device=self.device)
+        seen = 0
+        started = time.perf_counter()
+        for x, y in self.train_loader:
+            self.progress = self.step / max(self.n_steps, 1)
+            self._set_hyper(lr(self.progress), momentum(self.progress) if momentum else None)
+            self.x, self.y = self.pipeline(x, train=True, generator=generator), y
+            self.emit("before_batch")
+            self.outputs = self.model(self.x)
+            self.loss = self.task.loss(self.outputs, self.y)
+            self.emit("after_loss")
+            self.optimizer.zero_grad(set_to_none=True)
+            self.loss.backward()
+            self.optimizer.step()
+            self.emit("after_step")
+            loss_sum += self.loss.detach() * len(y)
+            seen += len(y)
+            self.step += 1
+            self.emit("after_batch")
+        self.train_seconds += time.perf_counter() - started
+        self.train_images += seen
+        return (loss_sum / max(seen, 1)).item()
+
+    @torch.no_grad()
+    def predict(self, loader: Loader) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw outputs and targets of every batch of ``loader``, on the CPU, in its order."""
+        self.model.eval()
+        outputs, targets = [], []
+        for x, y in loader:
+            outputs.append(self.model(self.pipeline(x)).float().cpu())
+            targets.append(y.cpu())
+        return torch.cat(outputs), torch.cat(targets)
+
+    def evaluate(self, loader: Loader, prefix: str = "") -> dict[str, float]:
+        """Loss and the task's metrics over ``loader``."""
+        outputs, targets = self.predict(loader)
+        results = {"loss": self.task.loss(outputs, targets).item()}
+        results.update(compute_metrics(self.task, outputs, targets))
+        return {prefix + name: value for name, value in results.items()}
