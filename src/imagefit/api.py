@@ -34,8 +34,8 @@ from .tasks import Task
 from .train.callbacks import Callback, ProgressCallback, RunWriter
 from .train.learner import Learner
 
-MIN_STEPS_PER_EPOCH = 16
-MIN_BATCH_SIZE = 16
+MIN_STEPS_PER_EPOCH = 32
+MIN_BATCH_SIZE = 8
 
 
 @dataclass
@@ -62,8 +62,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def training_batch_size(requested: int, n_train: int) -> int:
-    """The requested batch size, lowered (to a power of two, at least 16) when the training
-    set is too small for 16 steps per epoch."""
+    """The requested batch size, lowered (to a power of two, at least 8) when the training
+    set is too small for 32 steps per epoch: small datasets need more, smaller steps."""
     if n_train >= requested * MIN_STEPS_PER_EPOCH:
         return requested
     fitting = 2 ** int(np.log2(max(n_train // MIN_STEPS_PER_EPOCH, 1)))

@@ -103,7 +103,7 @@ def _class_folders(folder: Path) -> dict[str, list[str]]:
     for sub in sorted(p for p in folder.iterdir() if p.is_dir() and _visible(p)):
         files = sorted(
             str(f) for f in sub.rglob("*")
-            if f.is_file() and all(_visible(p) for p in f.relative_to(sub).parts)
+            if f.is_file() and not any(part.startswith(".") for part in f.relative_to(sub).parts)
         )
         if not files:
             raise ImagefitError(

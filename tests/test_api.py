@@ -1,0 +1,219 @@
+"""The whole path from images to a trained model, its run directory and its predictions."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+import imagefit
+from imagefit import FitInterrupted, ImagefitError
+from imagefit.data.builtin import read_builtin
+from imagefit.train.callbacks import Callback
+
+RUN_FILES = ["config.yaml", "metrics.csv", "metrics.json", "model.safetensors", "model.json",
+             "log.txt"]
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    """One 5-epoch fit on builtin:digits with the defaults, shared by the tests below."""
+    runs_dir = tmp_path_factory.mktemp("runs")
+    return imagefit.fit("builtin:digits", epochs=5, runs_dir=str(runs_dir), progress=False)
+
+
+def test_digits_reaches_097_and_writes_the_run_files(digits_run):
+    assert digits_run.metrics["valid_accuracy"] >= 0.97
+    for name in RUN_FILES:
+        assert (digits_run.run_dir / name).is_file(), name
+    rows = pd.read_csv(digits_run.run_dir / "metrics.csv")
+    assert list(rows["epoch"]) == [1, 2, 3, 4, 5]
+    assert {"train_loss", "valid_loss", "valid_accuracy", "time"} <= set(rows.columns)
+    metrics = json.loads((digits_run.run_dir / "metrics.json").read_text())
+    for key in ("seconds", "images_per_second", "skipped_files", "valid_accuracy"):
+        assert key in metrics
+    assert metrics["images_per_second"] > 0 and metrics["skipped_files"] == 0
+
+
+def test_run_name_is_date_and_data(digits_run):
+    assert digits_run.run_dir.name.endswith("_digits")
+    assert digits_run.run_dir.name[:19].count("-") == 4  # YYYY-MM-DD_HH-MM-SS
+
+
+def test_config_yaml_is_fully_resolved(digits_run):
+    config = yaml.safe_load((digits_run.run_dir / "config.yaml").read_text())
+    assert config["model"] == "small_cnn" and config["image_size"] == 8
+    assert config["channels"] == 1 and config["epochs"] == 5
+    assert config["data"] == "builtin:digits"
+
+
+def test_model_files_are_safetensors_and_json(digits_run):
+    info = json.loads((digits_run.run_dir / "model.json").read_text())
+    assert info["architecture"] == "small_cnn"
+    assert info["task"]["kind"] == "classification"
+    assert info["task"]["names"] == [str(i) for i in range(10)]
+    assert len(info["normalization"]["mean"]) == 1 and info["image_size"] == 8
+    assert info["imagefit_version"] == imagefit.__version__
+    assert load_file(digits_run.run_dir / "model.safetensors")  # plain tensors, no pickle
+
+
+def test_loaded_model_reproduces_validation_accuracy(digits_run, tmp_path):
+    results = imagefit.evaluate(digits_run.run_dir, "builtin:digits", progress=False)
+    assert results["split"] == "valid"
+    assert results["accuracy"] == pytest.approx(digits_run.metrics["valid_accuracy"], abs=1e-6)
+
+
+def test_predict_folder_of_pngs_writes_one_row_per_image(digits_run, tmp_path):
+    from PIL import Image
+
+    table = read_builtin("digits")
+    folder = tmp_path / "some_pngs"
+    folder.mkdir()
+    for i in range(12):
+        Image.fromarray(table.arrays[i, ..., 0]).save(folder / f"digit_{i}.png")
+    out = tmp_path / "preds.csv"
+    frame = imagefit.predict(digits_run.run_dir, [folder], out=out, progress=False)
+    written = pd.read_csv(out)
+    assert len(written) == 12 == len(frame)
+    assert list(written.columns[:2]) == ["path", "label"]
+    assert [c for c in written.columns if c.startswith("prob_")] == [f"prob_{i}" for i in
+                                                                      range(10)]
+    assert np.allclose(written.filter(like="prob_").sum(axis=1), 1.0, atol=1e-4)
+    by_name = {Path(p).name: str(label) for p, label in zip(written["path"], written["label"])}
+    correct = sum(by_name[f"digit_{i}.png"] == str(table.targets[i]) for i in range(12))
+    assert correct >= 10
+
+
+def test_same_seed_gives_same_metrics(tmp_path):
+    runs = [imagefit.fit("builtin:digits", epochs=1, runs_dir=str(tmp_path), progress=False,
+                         seed=3).history for _ in range(2)]
+    assert runs[0][0]["train_loss"] == runs[1][0]["train_loss"]
+    assert runs[0][0]["valid_accuracy"] == runs[1][0]["valid_accuracy"]
+
+
+def test_folder_source_trains_and_predicts(class_folder, tmp_path):
+    result = imagefit.fit(class_folder, epochs=10, runs_dir=str(tmp_path), progress=False,
+                          valid_pct=0.25)
+    assert result.metrics["valid_accuracy"] >= 0.8
+    frame = imagefit.predict(result.run_dir, [class_folder / "hbar"], progress=False)
+    assert (frame["label"] == "hbar").mean() >= 0.8
+
+
+def test_fit_from_arrays(tmp_path):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 50, (120, 16, 16), dtype=np.uint8)
+    labels = np.arange(120) % 2
+    images[labels == 1, 4:12, 4:12] = 220
+    table = imagefit.from_arrays(images, labels, names=["empty", "square"])
+    result = imagefit.fit(table, epochs=6, runs_dir=str(tmp_path), progress=False)
+    assert result.metrics["valid_accuracy"] >= 0.9
+    assert json.loads((result.run_dir / "model.json").read_text())["task"]["names"] == [
+        "empty", "square"]
+
+
+def test_multilabel_csv_trains_evaluates_predicts(labelled_images, tmp_path):
+    folder, names, kinds = labelled_images
+    tags = {0: "square;bright", 1: "bar", 2: "bar;vertical"}
+    csv = folder / "labels.csv"
+    pd.DataFrame({"file": names, "tags": [tags[int(k)] for k in kinds]}).to_csv(csv,
+                                                                              index=False)
+    result = imagefit.fit(csv, epochs=4, runs_dir=str(tmp_path), progress=False)
+    assert json.loads((result.run_dir / "model.json").read_text())["task"]["kind"] == \
+        "multilabel"
+    assert "valid_f1" in result.metrics
+    results = imagefit.evaluate(result.run_dir, csv, progress=False)
+    assert {"accuracy", "f1", "loss"} <= set(results)
+    frame = imagefit.predict(result.run_dir, [csv], progress=False)
+    assert len(frame) == len(names) and "labels" in frame
+    assert {"prob_bar", "prob_bright", "prob_square", "prob_vertical"} <= set(frame.columns)
+
+
+def test_regression_csv_reports_in_target_units(labelled_images, tmp_path):
+    folder, names, kinds = labelled_images
+    csv = folder / "ages.csv"
+    ages = 20.0 + 30.0 * kinds + 0.5
+    pd.DataFrame({"file": names, "age": ages}).to_csv(csv, index=False)
+    result = imagefit.fit(csv, epochs=6, runs_dir=str(tmp_path), progress=False)
+    info = json.loads((result.run_dir / "model.json").read_text())
+    assert info["task"]["kind"] == "regression"
+    assert info["task"]["target_mean"][0] == pytest.approx(ages.mean(), rel=0.2)
+    # a constant guess of the mean is off by about 24.5 years on these targets
+    assert result.metrics["valid_mae"] < 15
+    frame = imagefit.predict(result.run_dir, [folder / n for n in names[:6]], progress=False)
+    assert list(frame.columns) == ["path", "age"]
+    assert frame["age"].between(-20, 120).all()
+
+
+def test_corrupt_file_is_skipped_counted_and_strict_stops(class_folder, tmp_path):
+    bad = class_folder / "square" / "broken.png"
+    bad.write_bytes(b"not an image at all")
+    with pytest.warns(imagefit.ImagefitWarning, match=r"skipped 1 unreadable file.*broken\.png"):
+        result = imagefit.fit(class_folder, epochs=1, runs_dir=str(tmp_path), progress=False)
+    metrics = json.loads((result.run_dir / "metrics.json").read_text())
+    assert metrics["skipped_files"] == 1 and metrics["skipped"] == [str(bad)]
+    with pytest.raises(ImagefitError, match=r"broken\.png is not a readable image.*--strict"):
+        imagefit.fit(class_folder, epochs=1, runs_dir=str(tmp_path), progress=False,
+                     strict=True, cache_dir=str(tmp_path / "other-cache"))
+
+
+class InterruptDuringSecondEpoch(Callback):
+    def after_batch(self, learner):
+        if learner.epoch == 1:
+            raise KeyboardInterrupt
+
+
+def test_ctrl_c_keeps_the_last_finished_epoch(tmp_path):
+    with pytest.raises(FitInterrupted) as caught:
+        imagefit.fit("builtin:digits", epochs=3, runs_dir=str(tmp_path), progress=False,
+                     callbacks=[InterruptDuringSecondEpoch()])
+    run_dir = caught.value.run_dir
+    assert caught.value.epochs_done == 1
+    assert len(pd.read_csv(run_dir / "metrics.csv")) == 1
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["interrupted"] is True and metrics["epochs"] == 1
+    assert json.loads((run_dir / "model.json").read_text())["epochs_trained"] == 1
+    saved = imagefit.evaluate(run_dir, "builtin:digits", progress=False)
+    assert saved["accuracy"] == pytest.approx(metrics["valid_accuracy"], abs=1e-6)
+
+
+def test_predict_on_a_folder_without_model(tmp_path):
+    with pytest.raises(ImagefitError, match=r"holds no model.*imagefit fit"):
+        imagefit.predict(tmp_path, [tmp_path])
+
+
+def test_unknown_model_suggests_close_names():
+    with pytest.raises(ImagefitError, match=r"unknown model 'resnet81': did you mean resnet18"):
+        imagefit.fit("builtin:digits", model="resnet81", progress=False)
+
+
+def test_bad_option_value_names_the_option():
+    with pytest.raises(ImagefitError, match=r"option --epochs: .*integer"):
+        imagefit.fit("builtin:digits", epochs="many")
+    with pytest.raises(ImagefitError, match=r"option --valid-pct: .*less than 1"):
+        imagefit.fit("builtin:digits", valid_pct=1.5)
+
+
+def test_regression_task_forced_on_a_folder_is_refused(class_folder):
+    with pytest.raises(ImagefitError, match=r"--task regression does not fit .*use a CSV"):
+        imagefit.fit(class_folder, task="regression")
+
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.mark.skipif(not FASHION.is_dir() and not os.environ.get("IMAGEFIT_DATA"),
+                    reason="Fashion-MNIST is not installed (make test installs "
+                           "dataset-fashion-mnist when root on Debian)")
+def test_fashion_mnist_subset_trains_and_reports_test_accuracy(tmp_path):
+    table = read_builtin("fashion-mnist")
+    rows = np.concatenate([np.arange(2000), 60000 + np.arange(500)])
+    subset = table.subset(rows)
+    result = imagefit.fit(subset, epochs=3, runs_dir=str(tmp_path), progress=False)
+    assert result.metrics["n_test"] == 500 and result.metrics["n_train"] == 1600
+    assert result.metrics["test_accuracy"] >= 0.7

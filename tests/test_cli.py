@@ -1,0 +1,131 @@
+"""The command line: options from flags and YAML, the three commands, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from imagefit.cli import build_parser, main
+from imagefit.config import EvaluateOptions, FitConfig, PredictOptions
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def last_line(text: str) -> str:
+    return text.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("command, model", [("fit", FitConfig), ("predict", PredictOptions),
+                                            ("evaluate", EvaluateOptions)])
+def test_help_documents_every_option(command, model, capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([command, "--help"])
+    text = capsys.readouterr().out
+    for name, field in model.model_fields.items():
+        assert "--" + name.replace("_", "-") in text, name
+        assert field.description.split()[0] in text, name
+
+
+def test_fit_prints_the_run_directory_last(tmp_path, capsys):
+    code, out, _ = run_cli(capsys, "fit", "builtin:digits", "--epochs", "1", "--runs-dir",
+                           tmp_path, "--no-progress")
+    assert code == 0
+    run_dir = Path(last_line(out))
+    assert run_dir.parent == tmp_path and (run_dir / "model.safetensors").is_file()
+    assert "valid_accuracy" in out
+
+
+def test_flags_override_the_config_file(tmp_path, capsys):
+    config = tmp_path / "fit.yaml"
+    config.write_text("epochs: 3\nvalid-pct: 0.1\nseed: 7\nprogress: false\n")
+    code, out, _ = run_cli(capsys, "fit", "builtin:digits", "--config", config, "--epochs", "1",
+                           "--runs-dir", tmp_path)
+    assert code == 0
+    resolved = yaml.safe_load((Path(last_line(out)) / "config.yaml").read_text())
+    assert resolved["epochs"] == 1 and resolved["valid_pct"] == 0.1 and resolved["seed"] == 7
+
+
+def test_unknown_config_key_is_one_line_error(tmp_path, capsys):
+    config = tmp_path / "fit.yaml"
+    config.write_text("epochz: 3\n")
+    code, _, err = run_cli(capsys, "fit", "builtin:digits", "--config", config)
+    assert code == 2
+    assert err.strip() == "imagefit: error: option --epochz: extra inputs are not permitted " \
+                          "(got 3)"
+
+
+def test_missing_config_file(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "fit", "builtin:digits", "--config", tmp_path / "no.yaml")
+    assert code == 2 and "config file" in err and "not found" in err
+
+
+def test_bad_flag_value_names_the_option(capsys):
+    code, _, err = run_cli(capsys, "fit", "builtin:digits", "--resize", "stretch")
+    assert code == 2
+    assert err.startswith("imagefit: error: option --resize:") and "'crop'" in err
+
+
+def test_errors_are_one_line_without_traceback(tmp_path):
+    missing = tmp_path / "nowhere"
+    done = subprocess.run([sys.executable, "-m", "imagefit", "fit", str(missing)],
+                          capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr.strip() == (
+        f"imagefit: error: data {missing} not found: give a folder of class folders, a CSV "
+        "file, or builtin:digits / builtin:fashion-mnist"
+    )
+    assert "Traceback" not in done.stderr
+
+
+def test_multilabel_and_regression_csv_from_the_command_line(labelled_images, tmp_path,
+                                                             capsys):
+    folder, names, kinds = labelled_images
+    tags = {0: "square|bright", 1: "bar", 2: "bar|vertical"}
+    multilabel = folder / "tags.csv"
+    pd.DataFrame({"file": names, "tags": [tags[int(k)] for k in kinds]}).to_csv(
+        multilabel, index=False)
+    regression = folder / "ages.csv"
+    pd.DataFrame({"file": names, "age": 20.5 + 30 * kinds}).to_csv(regression, index=False)
+
+    for csv, metric in ((multilabel, "f1"), (regression, "mae")):
+        code, out, _ = run_cli(capsys, "fit", csv, "--epochs", "3", "--runs-dir", tmp_path,
+                               "--no-progress")
+        assert code == 0
+        run_dir = last_line(out)
+        metrics_out = tmp_path / f"{csv.stem}-metrics.json"
+        code, out, _ = run_cli(capsys, "evaluate", run_dir, csv, "--out", metrics_out,
+                               "--no-progress")
+        assert code == 0 and f"{metric}:" in out
+        assert metric in json.loads(metrics_out.read_text())
+        preds = tmp_path / f"{csv.stem}-preds.csv"
+        code, out, _ = run_cli(capsys, "predict", run_dir, folder, "--out", preds,
+                               "--no-progress")
+        assert code == 0 and f"wrote {len(names)} predictions" in out
+        assert len(pd.read_csv(preds)) == len(names)
+
+
+def test_predict_prints_csv_without_out(tmp_path, capsys, labelled_images):
+    folder, names, _ = labelled_images
+    code, out, _ = run_cli(capsys, "fit", "builtin:digits", "--epochs", "1", "--runs-dir",
+                           tmp_path, "--no-progress")
+    code, out, _ = run_cli(capsys, "predict", last_line(out), folder / names[0],
+                           folder / names[1], "--no-progress")
+    assert code == 0
+    lines = out.strip().splitlines()
+    assert lines[0].startswith("path,label,prob_0") and len(lines) == 3
+
+
+def test_predict_on_folder_without_model(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "predict", tmp_path, tmp_path)
+    assert code == 2
+    assert f"{tmp_path} holds no model" in err and "imagefit fit" in err

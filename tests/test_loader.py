@@ -1,0 +1,375 @@
+"""The batch loader, normalization statistics, the batch pipeline and the geometric
+augmentations."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from imagefit.augment.geometry import flip_horizontal, translate
+from imagefit.augment.pipeline import BatchPipeline
+from imagefit.augment.presets import PRESETS, preset_transforms
+from imagefit.data.loader import Loader
+from imagefit.data.prepare import channel_stats
+
+
+def indexed_images(n: int, size: int = 4, channels: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 (N, H, W, C) images whose every pixel holds the row index, and targets = index."""
+    assert n <= 256
+    values = torch.arange(n, dtype=torch.uint8)
+    images = values[:, None, None, None].expand(n, size, size, channels).contiguous()
+    return images, torch.arange(n, dtype=torch.int64)
+
+
+def loader_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "imagefit-loader" and t.is_alive()]
+
+
+def wait_for_no_loader_threads(timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not loader_threads():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def epoch_batches(loader: Loader, epoch: int = 0) -> list[list[int]]:
+    loader.set_epoch(epoch)
+    return [sorted(y.tolist()) for _, y in loader]
+
+
+# -- Loader -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_batches_are_uint8_bchw(prefetch):
+    images, targets = indexed_images(10, size=5, channels=3)
+    loader = Loader(images, targets, np.arange(10), batch_size=4, prefetch=prefetch)
+    batches = list(loader)
+    assert len(loader) == 3 == len(batches)
+    assert [len(y) for _, y in batches] == [4, 4, 2]
+    for x, y in batches:
+        assert x.dtype == torch.uint8 and x.shape[1:] == (3, 5, 5)
+        assert x.device.type == "cpu"
+        assert y.dtype == torch.int64
+    grey = Loader(indexed_images(3, channels=1)[0], targets[:3], np.arange(3), batch_size=8)
+    assert next(iter(grey))[0].shape == (3, 1, 4, 4)
+
+
+@pytest.mark.parametrize("prefetch", [True, False])
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_targets_stay_aligned_with_images(prefetch, shuffle):
+    images, _ = indexed_images(50)
+    targets = torch.arange(50, dtype=torch.float32)[:, None] * 10  # regression-like (N, 1)
+    rows = np.arange(3, 50, 2)
+    loader = Loader(images, targets, rows, batch_size=7, shuffle=shuffle, prefetch=prefetch)
+    seen = []
+    for x, y in loader:
+        row_of_pixels = x[:, 0, 0, 0].long()
+        assert (x == x[:, :1, :1, :1]).all()  # every pixel of an image is its row index
+        assert torch.equal(row_of_pixels.float() * 10, y[:, 0])
+        seen += row_of_pixels.tolist()
+    assert sorted(seen) == rows.tolist()
+
+
+def test_every_row_exactly_once_per_epoch():
+    images, targets = indexed_images(37)
+    rows = np.arange(37)
+    loader = Loader(images, targets, rows, batch_size=5, shuffle=True, seed=4)
+    for epoch in range(3):
+        seen = [v for batch in epoch_batches(loader, epoch) for v in batch]
+        assert sorted(seen) == rows.tolist()
+
+
+def test_shuffle_is_seeded_per_epoch():
+    images, targets = indexed_images(64)
+    rows = np.arange(64)
+
+    def make(seed):
+        return Loader(images, targets, rows, batch_size=8, shuffle=True, seed=seed)
+
+    first = epoch_batches(make(1), 0)
+    assert epoch_batches(make(1), 0) == first  # a resumed run sees the same order
+    loader = make(1)
+    epoch_batches(loader, 5)
+    assert epoch_batches(loader, 0) == first
+    assert epoch_batches(make(1), 1) != first
+    assert epoch_batches(make(2), 0) != first
+    unshuffled = Loader(images, targets, rows, batch_size=8)
+    assert epoch_batches(unshuffled, 0) == [list(range(i, i + 8)) for i in range(0, 64, 8)]
+    assert first != epoch_batches(unshuffled, 0)
+
+
+def test_drop_last():
+    images, targets = indexed_images(10)
+    loader = Loader(images, targets, np.arange(10), batch_size=4, drop_last=True)
+    assert len(loader) == 2
+    assert [len(y) for _, y in loader] == [4, 4]
+    shuffled = Loader(images, targets, np.arange(10), batch_size=4, drop_last=True, shuffle=True)
+    assert [len(y) for _, y in shuffled] == [4, 4]
+    exact = Loader(images, targets, np.arange(8), batch_size=4, drop_last=True)
+    assert [len(y) for _, y in exact] == [4, 4]
+
+
+def test_drop_last_never_drops_a_set_smaller_than_a_batch():
+    images, targets = indexed_images(10)
+    loader = Loader(images, targets, np.arange(3), batch_size=4, drop_last=True)
+    assert len(loader) == 1
+    assert [y.tolist() for _, y in loader] == [[0, 1, 2]]
+
+
+def test_empty_rows_give_no_batches():
+    images, targets = indexed_images(4)
+    loader = Loader(images, targets, np.array([], dtype=np.int64), batch_size=4)
+    assert len(loader) == 0 and list(loader) == []
+
+
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_error_while_loading_reaches_the_consumer(prefetch):
+    images, targets = indexed_images(20)
+    loader = Loader(images, targets, np.arange(20), batch_size=4, prefetch=prefetch)
+    real_load = loader._load
+    calls = []
+
+    def failing(index):
+        calls.append(index)
+        if len(calls) == 3:
+            raise ValueError("disk on fire")
+        return real_load(index)
+
+    loader._load = failing
+    received = []
+    with pytest.raises(ValueError, match="disk on fire"):
+        for _, y in loader:
+            received.append(y.tolist())
+    assert received == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert wait_for_no_loader_threads()
+
+
+def test_bad_row_index_raises_in_the_consumer():
+    images, targets = indexed_images(8)
+    loader = Loader(images, targets, np.array([0, 1, 2, 99]), batch_size=2)
+    with pytest.raises((IndexError, RuntimeError)):
+        list(loader)
+    assert wait_for_no_loader_threads()
+
+
+def run_with_timeout(function, timeout: float = 20.0) -> None:
+    errors = []
+
+    def target():
+        try:
+            function()
+        except BaseException as error:  # reported in the test thread
+            errors.append(error)
+
+    worker = threading.Thread(target=target, daemon=True)
+    worker.start()
+    worker.join(timeout)
+    assert not worker.is_alive(), "the loader hung"
+    if errors:
+        raise errors[0]
+
+
+def test_breaking_out_early_does_not_hang():
+    images, targets = indexed_images(200, size=8)
+
+    def consume():
+        loader = Loader(images, targets, np.arange(200), batch_size=2)
+        for _ in range(3):
+            for i, _batch in enumerate(loader):
+                if i == 1:
+                    break
+            assert wait_for_no_loader_threads()
+        # the loader still gives whole epochs afterwards
+        assert sum(len(y) for _, y in loader) == 200
+
+    run_with_timeout(consume)
+
+
+def test_closing_an_unfinished_iterator_stops_the_thread():
+    images, targets = indexed_images(100)
+
+    def consume():
+        iterator = iter(Loader(images, targets, np.arange(100), batch_size=1))
+        next(iterator)
+        time.sleep(0.05)  # the producer fills its queue and blocks
+        iterator.close()
+        assert wait_for_no_loader_threads()
+
+    run_with_timeout(consume)
+
+
+# -- channel statistics -------------------------------------------------------------------
+
+
+def test_channel_stats_match_numpy():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (30, 5, 6, 3), dtype=np.uint8)
+    rows = np.array([1, 4, 5, 9, 20, 29])
+    mean, std = channel_stats(images, rows)
+    chosen = images[rows].astype(np.float64) / 255.0
+    np.testing.assert_allclose(mean, chosen.mean(axis=(0, 1, 2)), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(std, chosen.std(axis=(0, 1, 2)), rtol=1e-7, atol=1e-9)
+    assert isinstance(mean, list) and len(mean) == 3 and len(std) == 3
+
+
+def test_channel_stats_of_a_constant_channel_do_not_divide_by_zero():
+    images = np.full((4, 3, 3, 1), 100, dtype=np.uint8)
+    mean, std = channel_stats(images, np.arange(4))
+    assert mean == pytest.approx([100 / 255])
+    assert std[0] > 0
+
+
+def test_channel_stats_across_chunks(monkeypatch):
+    import imagefit.data.prepare as prepare
+
+    monkeypatch.setattr(prepare, "STATS_CHUNK", 3)
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (11, 4, 4, 1), dtype=np.uint8)
+    mean, std = channel_stats(images, np.arange(11))
+    np.testing.assert_allclose(mean, [images.mean() / 255])
+    np.testing.assert_allclose(std, [images.std() / 255], rtol=1e-7)
+
+
+# -- BatchPipeline ------------------------------------------------------------------------
+
+
+def random_batch(seed: int = 0, channels: int = 3) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (4, channels, 6, 6), generator=generator, dtype=torch.uint8)
+
+
+def test_pipeline_without_transforms_normalizes_exactly():
+    x = random_batch()
+    mean, std = [0.2, 0.5, 0.7], [0.1, 0.25, 0.3]
+    expected = (x.double() / 255 - torch.tensor(mean, dtype=torch.float64).view(1, 3, 1, 1)) / \
+        torch.tensor(std, dtype=torch.float64).view(1, 3, 1, 1)
+    pipeline = BatchPipeline(mean, std)
+    for train in (False, True):
+        out = pipeline(x, train=train, generator=torch.Generator().manual_seed(0))
+        assert out.dtype == torch.float32 and out.shape == x.shape
+        torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_pipeline_with_identity_transform_matches_the_fused_path():
+    x = random_batch(channels=1)
+    pipeline = BatchPipeline([0.4], [0.2], transforms=[lambda batch, generator: batch])
+    fused = BatchPipeline([0.4], [0.2])
+    torch.testing.assert_close(
+        pipeline(x, train=True, generator=torch.Generator()), fused(x), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_validation_batches_are_never_augmented():
+    x = random_batch()
+    calls = []
+
+    def spoil(batch, generator):
+        calls.append(1)
+        return torch.zeros_like(batch)
+
+    pipeline = BatchPipeline([0.5] * 3, [0.25] * 3, transforms=[spoil])
+    plain = BatchPipeline([0.5] * 3, [0.25] * 3)
+    torch.testing.assert_close(pipeline(x, train=False), plain(x))
+    torch.testing.assert_close(pipeline(x), plain(x))
+    assert calls == []
+    trained = pipeline(x, train=True, generator=torch.Generator().manual_seed(0))
+    assert calls == [1]
+    torch.testing.assert_close(trained, torch.full_like(trained, -2.0))
+
+
+def test_training_with_flip_preset_is_seeded():
+    x = random_batch()
+    pipeline = BatchPipeline([0.5] * 3, [0.25] * 3, transforms=preset_transforms("flip_shift"))
+    a = pipeline(x, train=True, generator=torch.Generator().manual_seed(3))
+    b = pipeline(x, train=True, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(a, b)
+    assert a.shape == x.shape
+    assert set(PRESETS) == {"none", "flip", "shift", "flip_shift"}
+    assert preset_transforms("none") == []
+
+
+# -- geometry (property tests) ------------------------------------------------------------
+
+GEOMETRY = settings(max_examples=40, deadline=None, derandomize=True)
+
+
+@st.composite
+def float_batches(draw, min_side: int = 1):
+    batch = draw(st.integers(1, 4))
+    channels = draw(st.sampled_from([1, 3]))
+    height = draw(st.integers(min_side, 9))
+    width = draw(st.integers(min_side, 9))
+    seed = draw(st.integers(0, 2**31 - 1))
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand(batch, channels, height, width, generator=generator)
+
+
+@GEOMETRY
+@given(x=float_batches(), seed=st.integers(0, 1000))
+def test_flip_with_p_zero_is_identity(x, seed):
+    out = flip_horizontal(x, torch.Generator().manual_seed(seed), p=0.0)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    assert torch.equal(out, x)
+
+
+@GEOMETRY
+@given(x=float_batches(), seed=st.integers(0, 1000))
+def test_flip_with_p_one_mirrors_and_twice_is_identity(x, seed):
+    generator = torch.Generator().manual_seed(seed)
+    once = flip_horizontal(x, generator, p=1.0)
+    assert torch.equal(once, x.flip(3))
+    assert torch.equal(flip_horizontal(once, generator, p=1.0), x)
+
+
+@GEOMETRY
+@given(x=float_batches(), seed=st.integers(0, 1000))
+def test_flip_flips_whole_images_or_nothing(x, seed):
+    out = flip_horizontal(x, torch.Generator().manual_seed(seed), p=0.5)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    for image, result in zip(x, out, strict=True):
+        assert torch.equal(result, image) or torch.equal(result, image.flip(2))
+
+
+@GEOMETRY
+@given(x=float_batches(), seed=st.integers(0, 1000))
+def test_translate_with_pad_zero_is_identity(x, seed):
+    assert torch.equal(translate(x, torch.Generator().manual_seed(seed), pad=0), x)
+
+
+@GEOMETRY
+@given(x=float_batches(min_side=3), pad=st.integers(1, 2), seed=st.integers(0, 1000))
+def test_translate_is_a_whole_pixel_shift_of_the_reflected_image(x, pad, seed):
+    out = translate(x, torch.Generator().manual_seed(seed), pad=pad)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    height, width = x.shape[-2:]
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad), mode="reflect")
+    for b in range(len(x)):
+        candidates = [
+            padded[b, :, dy:dy + height, dx:dx + width]
+            for dy in range(2 * pad + 1) for dx in range(2 * pad + 1)
+        ]
+        assert any(torch.equal(out[b], c) for c in candidates)  # same shift on every channel
+
+
+@GEOMETRY
+@given(x=float_batches(min_side=3), seed=st.integers(0, 1000))
+def test_same_seed_gives_same_augmentation(x, seed):
+    for transform in (flip_horizontal, translate):
+        a = transform(x, torch.Generator().manual_seed(seed))
+        b = transform(x, torch.Generator().manual_seed(seed))
+        assert torch.equal(a, b)
+
+
+def test_translate_moves_some_images():
+    x = torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    out = translate(x, torch.Generator().manual_seed(0), pad=2)
+    assert not torch.equal(out, x)
