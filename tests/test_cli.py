@@ -129,3 +129,34 @@ def test_predict_on_folder_without_model(tmp_path, capsys):
     code, _, err = run_cli(capsys, "predict", tmp_path, tmp_path)
     assert code == 2
     assert f"{tmp_path} holds no model" in err and "imagefit fit" in err
+
+
+def test_sigint_keeps_the_last_finished_epoch(tmp_path):
+    """A real Ctrl-C: the run directory keeps the finished epochs' model and metrics."""
+    import os
+    import signal
+    import time
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "imagefit", "fit", "builtin:digits", "--epochs", "200",
+         "--runs-dir", str(tmp_path), "--no-progress"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        csvs = list(tmp_path.glob("*/metrics.csv"))
+        if csvs and len(csvs[0].read_text().splitlines()) >= 3:  # header + 2 epochs
+            break
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    assert "Traceback" not in err and "keeps its model and metrics" in err
+    run_dir = Path(last_line(out))
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    epochs_in_csv = len(pd.read_csv(run_dir / "metrics.csv"))
+    assert metrics["interrupted"] is True and metrics["epochs"] == epochs_in_csv >= 2
+    info = json.loads((run_dir / "model.json").read_text())
+    assert info["epochs_trained"] == epochs_in_csv
+    assert (run_dir / "model.safetensors").is_file()

@@ -29,7 +29,7 @@ from .data.sources import IMAGE_EXTENSIONS, Table, read_source
 from .data.splits import assign_validation
 from .errors import FitInterrupted, ImagefitError, ImagefitWarning
 from .metrics import compute_metrics
-from .models import create_model, default_model_name
+from .models import create_model, default_model_name, pretrained_statistics
 from .tasks import Task
 from .train.callbacks import Callback, ProgressCallback, RunWriter
 from .train.learner import Learner
@@ -105,10 +105,10 @@ def fit(data: str | Path | Table, config: FitConfig | None = None, *,
     task = Task(table.task.kind, list(table.task.names), regression_loss=cfg.loss)
     task.fit_target_scaling(table.targets[train_rows])
     targets = task.encode_targets(table.targets)
-    mean, std = channel_stats(prepared.cache.images, train_rows, cfg.seed)
 
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.model, settings.channels, task.n_out, pretrained=cfg.pretrained)
+    mean, std = _normalization(cfg, model, prepared.cache.images, train_rows)
     model = model.to(device, memory_format=torch.channels_last)
     batch_size = training_batch_size(cfg.bs, len(train_rows))
     images = prepared.cache.tensor()
@@ -131,13 +131,13 @@ def fit(data: str | Path | Table, config: FitConfig | None = None, *,
         "resize": settings.resize,
         "normalization": {"mean": mean, "std": std},
     }
+    writer = RunWriter(run_dir, model_info)
     extra = {"test": loader(test_rows)} if cfg.test_every_epoch and len(test_rows) else {}
     learner = Learner(
         model, task, loader(train_rows, train=True), loader(valid_rows),
         BatchPipeline(mean, std, preset_transforms(cfg.augment)),
         weight_decay=cfg.wd, seed=cfg.seed, extra_loaders=extra,
-        callbacks=[ProgressCallback(cfg.progress, run_dir / "log.txt"),
-                   RunWriter(run_dir, model_info), *callbacks],
+        callbacks=[ProgressCallback(cfg.progress, run_dir / "log.txt"), writer, *callbacks],
     )
     summary = {
         "data": _run_source(data),
@@ -150,12 +150,29 @@ def fit(data: str | Path | Table, config: FitConfig | None = None, *,
     try:
         learner.fit_one_cycle(cfg.epochs, cfg.lr)
     except KeyboardInterrupt:
+        del learner.history[writer.epochs_saved:]  # an epoch not on disk did not finish
         _write_final_metrics(run_dir, learner, summary, started, interrupted=True)
-        raise FitInterrupted(run_dir, len(learner.history)) from None
+        raise FitInterrupted(run_dir, writer.epochs_saved) from None
     if len(test_rows):
         summary.update(learner.evaluate(loader(test_rows), prefix="test_"))
     metrics = _write_final_metrics(run_dir, learner, summary, started, interrupted=False)
     return FitResult(run_dir=run_dir, metrics=metrics, history=learner.history, model=model)
+
+
+def _normalization(cfg: FitConfig, model: nn.Module, images: np.ndarray,
+                   train_rows: np.ndarray) -> tuple[list, list]:
+    """Input mean and std: the pretrained weights' own, or computed from training images."""
+    if cfg.normalize == "auto":
+        cfg.normalize = "pretrained" if cfg.pretrained else "data"
+    if cfg.normalize == "pretrained":
+        stats = pretrained_statistics(model, cfg.channels)
+        if stats is None:
+            raise ImagefitError(
+                f"option --normalize pretrained: model {cfg.model} has no pretrained "
+                "statistics; use --normalize data"
+            )
+        return stats
+    return channel_stats(images, train_rows, cfg.seed)
 
 
 def _run_source(data: str | Path | Table) -> str:

@@ -87,6 +87,12 @@ class FitConfig(SourceOptions):
         description="how images reach the square size: short side + centre crop, squish, "
         "or pad",
     )
+    normalize: Literal["auto", "data", "pretrained"] = Field(
+        "auto",
+        description="input statistics: 'data' computes mean and std from the training images, "
+        "'pretrained' uses those the pretrained weights were trained with (e.g. ImageNet's); "
+        "'auto' is 'pretrained' with --pretrained, else 'data'",
+    )
     augment: Literal["none", "flip", "shift", "flip_shift"] = Field(
         "none", description="batch augmentation of training images"
     )

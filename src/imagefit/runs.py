@@ -7,7 +7,11 @@ import csv
 import json
 import os
 import re
+import signal
 import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -37,6 +41,22 @@ def new_run_dir(root: str | Path, name: str) -> Path:
         except FileExistsError:
             continue
     raise ImagefitError(f"cannot create a run directory in {root}: too many runs this second")
+
+
+@contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Hold Ctrl-C back until the block ends, so files written together stay consistent."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received:
+            raise KeyboardInterrupt
 
 
 def write_atomic(path: Path, data: str | bytes) -> None:

@@ -175,19 +175,42 @@ def _line(row: int) -> str:
     return f"line {row + 2}"  # the header is line 1
 
 
-def _as_numbers(frame: pd.DataFrame) -> np.ndarray | None:
-    """The frame's cells as floats, or None when one is not a number."""
+def _number(cell: str) -> float:
+    """A cell's number (NaN, inf included), or NaN when it is empty or not a number."""
     try:
-        return frame.apply(lambda col: pd.to_numeric(col.str.strip())).to_numpy(np.float64)
-    except (ValueError, TypeError):
+        return float(cell)
+    except ValueError:
+        return float("nan")
+
+
+def _is_number(cell: str) -> bool:
+    try:
+        float(cell)
+    except ValueError:
+        return False
+    return True
+
+
+def _as_numbers(cells: pd.DataFrame, name: str) -> np.ndarray | None:
+    """The cells as floats (empty cells NaN), or None when some non-empty cell is text or all
+    are empty. A 'nan' or 'inf' among numbers is an error naming its line."""
+    filled = (cells != "").to_numpy()
+    if not filled.any() or not cells.map(_is_number).to_numpy()[filled].all():
         return None
+    numbers = cells.map(_number).to_numpy(np.float64)
+    bad = filled & ~np.isfinite(numbers)
+    if bad.any():
+        row, col = (int(v[0]) for v in np.nonzero(bad))
+        raise ImagefitError(
+            f"{name} {_line(row)}: '{cells.iat[row, col]}' in column '{cells.columns[col]}' is "
+            "not a finite number; fix it or remove the row"
+        )
+    return numbers
 
 
 def _class_sort_key(name: str) -> tuple:
-    try:
-        return (0, float(name), name)
-    except ValueError:
-        return (1, 0.0, name)
+    value = _number(name)
+    return (0, value, name) if np.isfinite(value) else (1, 0.0, name)
 
 
 def read_csv(path: Path, options: SourceOptions) -> Table:
@@ -268,22 +291,36 @@ def _resolve_paths(cells: list[str], csv_path: Path, options: SourceOptions) -> 
     return paths
 
 
+def _first_empty(cells: pd.DataFrame, name: str, what: str) -> None:
+    """An error naming the first empty cell, if there is one."""
+    empty = (cells == "").to_numpy()
+    if empty.any():
+        row, col = (int(v[0]) for v in np.nonzero(empty))
+        count = int(empty.sum())
+        advice = (f"is empty ({count} such rows); fill them or remove the rows" if count > 1
+                  else "is empty; fill it or remove the row")
+        raise ImagefitError(f"{name} {_line(row)}: {what} '{cells.columns[col]}' {advice}")
+
+
 def _read_targets(labels: pd.DataFrame, name: str, options: SourceOptions):
     """Infer (or apply the forced) task and encode the targets."""
     forced = options.task
-    numbers = _as_numbers(labels)
-    binary = numbers is not None and np.isin(numbers, (0.0, 1.0)).all()
+    cells = labels.apply(lambda column: column.str.strip())
+    numbers = _as_numbers(cells, name)
+    known = numbers[~np.isnan(numbers)] if numbers is not None else np.empty(0)
+    binary = numbers is not None and np.isin(known, (0.0, 1.0)).all()
     several = labels.shape[1] > 1
 
     if forced == "regression" or (forced is None and numbers is not None and not binary
-                                  and (several or (numbers % 1 != 0).any())):
-        return _regression_targets(labels, numbers, name)
+                                  and (several or (known % 1 != 0).any())):
+        return _regression_targets(cells, name)
     if several:
         if not binary:
             raise ImagefitError(
                 f"{name}: label columns {', '.join(labels.columns)} must be 0/1 (one-hot) or "
                 "numbers (regression); pick one label column with --label-col"
             )
+        _first_empty(cells, name, "one-hot column")
         names = list(labels.columns)
         counts = numbers.sum(axis=1)
         if forced == "multilabel" or (forced is None and (counts != 1).any()):
@@ -297,8 +334,7 @@ def _read_targets(labels: pd.DataFrame, name: str, options: SourceOptions):
         return Task("classification", names), numbers.argmax(axis=1).astype(np.int64)
 
     column = labels.columns[0]
-    cells = labels[column].str.strip()
-    empty = np.flatnonzero((cells == "").to_numpy())
+    cells = cells[column]
     delim = options.label_delim
     if delim is None and forced != "classification":
         delim = next((d for d in LABEL_DELIMITERS if cells.str.contains(d, regex=False).any()),
@@ -315,11 +351,7 @@ def _read_targets(labels: pd.DataFrame, name: str, options: SourceOptions):
         for row, parts in enumerate(split_cells):
             targets[row, [index[n] for n in parts]] = 1.0
         return Task("multilabel", names), targets
-    if len(empty):
-        raise ImagefitError(
-            f"{name} {_line(int(empty[0]))}: the label in column '{column}' is empty "
-            f"({len(empty)} such rows); fill them or remove the rows"
-        )
+    _first_empty(cells.to_frame(), name, "the label in column")
     names = sorted(cells.unique(), key=_class_sort_key)
     if numbers is not None and len(names) > MANY_INTEGER_CLASSES:
         warnings.warn(
@@ -330,31 +362,17 @@ def _read_targets(labels: pd.DataFrame, name: str, options: SourceOptions):
     return Task("classification", names), cells.map(index).to_numpy(np.int64)
 
 
-def _regression_targets(labels: pd.DataFrame, numbers: np.ndarray | None, name: str):
-    if numbers is None:
-        for column in labels.columns:
-            cells = labels[column].str.strip()
-            for row, cell in enumerate(cells):
-                if cell == "":
-                    raise ImagefitError(
-                        f"{name} {_line(row)}: regression target '{column}' is empty; fill it "
-                        "or remove the row"
-                    )
-                try:
-                    float(cell)
-                except ValueError:
-                    raise ImagefitError(
-                        f"{name} {_line(row)}: regression target '{column}' is '{cell}', not a "
-                        "number; fix it or remove the row"
-                    ) from None
+def _regression_targets(cells: pd.DataFrame, name: str):
+    _first_empty(cells, name, "regression target")
+    numbers = cells.map(_number).to_numpy(np.float64)
     bad = ~np.isfinite(numbers)
     if bad.any():
         row, col = (int(v[0]) for v in np.nonzero(bad))
         raise ImagefitError(
-            f"{name} {_line(row)}: regression target '{labels.columns[col]}' is not a finite "
-            "number; fix it or remove the row"
+            f"{name} {_line(row)}: regression target '{cells.columns[col]}' is "
+            f"'{cells.iat[row, col]}', not a number; fix it or remove the row"
         )
-    return Task("regression", list(labels.columns)), numbers.astype(np.float32)
+    return Task("regression", list(cells.columns)), numbers.astype(np.float32)
 
 
 # -- arrays -------------------------------------------------------------------------------

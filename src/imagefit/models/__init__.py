@@ -20,6 +20,17 @@ def default_model_name(image_size: int) -> str:
     return "small_cnn" if image_size <= SMALL_IMAGE_MAX else "resnet18"
 
 
+def pretrained_statistics(model: nn.Module, channels: int) -> tuple[list, list] | None:
+    """The mean and std the model's pretrained weights expect, per input channel."""
+    config = getattr(model, "pretrained_cfg", None) or {}
+    if "mean" not in config or "std" not in config:
+        return None
+    mean, std = list(config["mean"]), list(config["std"])
+    if channels == 1:
+        mean, std = [sum(mean) / len(mean)], [sum(std) / len(std)]
+    return mean, std
+
+
 def create_model(name: str, in_chans: int, n_out: int, *, pretrained: bool = False) -> nn.Module:
     """A model taking ``in_chans`` channels and giving ``n_out`` raw outputs."""
     if name in MODELS:

@@ -10,15 +10,19 @@ from .base import Callback
 
 
 class RunWriter(Callback):
-    """Appends the epoch's row to metrics.csv and saves the model with its description."""
+    """Appends the epoch's row to metrics.csv and saves the model with its description;
+    ``epochs_saved`` counts the epochs whose row and model are both on disk."""
 
     order = 20
 
     def __init__(self, run_dir: Path, model_info: dict) -> None:
         self.run_dir = Path(run_dir)
         self.model_info = model_info
+        self.epochs_saved = 0
 
     def after_epoch(self, learner) -> None:
-        runs.append_metrics_row(self.run_dir, learner.history[-1])
-        runs.save_model(self.run_dir, learner.model, {**self.model_info,
-                                                      "epochs_trained": learner.epoch + 1})
+        with runs.interrupts_deferred():
+            runs.append_metrics_row(self.run_dir, learner.history[-1])
+            runs.save_model(self.run_dir, learner.model,
+                            {**self.model_info, "epochs_trained": len(learner.history)})
+            self.epochs_saved = len(learner.history)
