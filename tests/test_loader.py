@@ -12,9 +12,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from imagefit.augment.geometry import flip_horizontal, translate
+from imagefit.augment.geometry import flip_horizontal, shift
 from imagefit.augment.pipeline import BatchPipeline
-from imagefit.augment.presets import PRESETS, preset_transforms
+from imagefit.augment.presets import PRESETS, resolve_augment
+from imagefit.config import AugmentOptions
 from imagefit.data.loader import Loader
 from imagefit.data.prepare import channel_stats
 
@@ -253,48 +254,33 @@ def test_pipeline_without_transforms_normalizes_exactly():
     expected = (x.double() / 255 - torch.tensor(mean, dtype=torch.float64).view(1, 3, 1, 1)) / \
         torch.tensor(std, dtype=torch.float64).view(1, 3, 1, 1)
     pipeline = BatchPipeline(mean, std)
-    for train in (False, True):
-        out = pipeline(x, train=train, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(4)
+    trained, targets = pipeline.train_batch(x, y, torch.Generator().manual_seed(0))
+    for out in (pipeline(x), trained):
         assert out.dtype == torch.float32 and out.shape == x.shape
         torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
-
-
-def test_pipeline_with_identity_transform_matches_the_fused_path():
-    x = random_batch(channels=1)
-    pipeline = BatchPipeline([0.4], [0.2], transforms=[lambda batch, generator: batch])
-    fused = BatchPipeline([0.4], [0.2])
-    torch.testing.assert_close(
-        pipeline(x, train=True, generator=torch.Generator()), fused(x), rtol=1e-5, atol=1e-5
-    )
+    assert torch.equal(targets, y)
 
 
 def test_validation_batches_are_never_augmented():
     x = random_batch()
-    calls = []
-
-    def spoil(batch, generator):
-        calls.append(1)
-        return torch.zeros_like(batch)
-
-    pipeline = BatchPipeline([0.5] * 3, [0.25] * 3, transforms=[spoil])
+    heavy = AugmentOptions(flip=1.0, rotate=90, erase_p=1.0, brightness=0.9, mixup=1.0)
+    pipeline = BatchPipeline([0.5] * 3, [0.25] * 3, heavy, n_classes=4)
     plain = BatchPipeline([0.5] * 3, [0.25] * 3)
-    torch.testing.assert_close(pipeline(x, train=False), plain(x))
     torch.testing.assert_close(pipeline(x), plain(x))
-    assert calls == []
-    trained = pipeline(x, train=True, generator=torch.Generator().manual_seed(0))
-    assert calls == [1]
-    torch.testing.assert_close(trained, torch.full_like(trained, -2.0))
+    trained, _ = pipeline.train_batch(x, torch.arange(4), torch.Generator().manual_seed(0))
+    assert not torch.allclose(trained, plain(x))
 
 
-def test_training_with_flip_preset_is_seeded():
+def test_training_with_a_preset_is_seeded():
     x = random_batch()
-    pipeline = BatchPipeline([0.5] * 3, [0.25] * 3, transforms=preset_transforms("flip_shift"))
-    a = pipeline(x, train=True, generator=torch.Generator().manual_seed(3))
-    b = pipeline(x, train=True, generator=torch.Generator().manual_seed(3))
+    pipeline = BatchPipeline([0.5] * 3, [0.25] * 3, resolve_augment("light"))
+    a, _ = pipeline.train_batch(x, torch.arange(4), torch.Generator().manual_seed(3))
+    b, _ = pipeline.train_batch(x, torch.arange(4), torch.Generator().manual_seed(3))
     torch.testing.assert_close(a, b)
     assert a.shape == x.shape
-    assert set(PRESETS) == {"none", "flip", "shift", "flip_shift"}
-    assert preset_transforms("none") == []
+    assert {"none", "light", "side_on", "top_down", "randaugment", "imagenet"} <= set(PRESETS)
+    assert resolve_augment("none") == AugmentOptions()
 
 
 # -- geometry (property tests) ------------------------------------------------------------
@@ -341,14 +327,14 @@ def test_flip_flips_whole_images_or_nothing(x, seed):
 
 @GEOMETRY
 @given(x=float_batches(), seed=st.integers(0, 1000))
-def test_translate_with_pad_zero_is_identity(x, seed):
-    assert torch.equal(translate(x, torch.Generator().manual_seed(seed), pad=0), x)
+def test_shift_with_pad_zero_is_identity(x, seed):
+    assert torch.equal(shift(x, torch.Generator().manual_seed(seed), pad=0), x)
 
 
 @GEOMETRY
 @given(x=float_batches(min_side=3), pad=st.integers(1, 2), seed=st.integers(0, 1000))
-def test_translate_is_a_whole_pixel_shift_of_the_reflected_image(x, pad, seed):
-    out = translate(x, torch.Generator().manual_seed(seed), pad=pad)
+def test_shift_is_a_whole_pixel_shift_of_the_reflected_image(x, pad, seed):
+    out = shift(x, torch.Generator().manual_seed(seed), pad=pad)
     assert out.shape == x.shape and out.dtype == x.dtype
     height, width = x.shape[-2:]
     padded = torch.nn.functional.pad(x, (pad, pad, pad, pad), mode="reflect")
@@ -363,13 +349,13 @@ def test_translate_is_a_whole_pixel_shift_of_the_reflected_image(x, pad, seed):
 @GEOMETRY
 @given(x=float_batches(min_side=3), seed=st.integers(0, 1000))
 def test_same_seed_gives_same_augmentation(x, seed):
-    for transform in (flip_horizontal, translate):
+    for transform in (flip_horizontal, shift):
         a = transform(x, torch.Generator().manual_seed(seed))
         b = transform(x, torch.Generator().manual_seed(seed))
         assert torch.equal(a, b)
 
 
-def test_translate_moves_some_images():
+def test_shift_moves_some_images():
     x = torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-    out = translate(x, torch.Generator().manual_seed(0), pad=2)
+    out = shift(x, torch.Generator().manual_seed(0), pad=2)
     assert not torch.equal(out, x)

@@ -20,7 +20,8 @@ from torch import nn
 
 from . import __version__, runs
 from .augment.pipeline import BatchPipeline
-from .augment.presets import preset_transforms
+from .augment.color import pca_statistics
+from .augment.presets import resolve_augment
 from .config import EvaluateOptions, FitConfig, PredictOptions, SourceOptions, make_options
 from .data.cache import CacheSettings, build_cache, warn_unreadable
 from .data.loader import Loader
@@ -31,7 +32,7 @@ from .errors import FitInterrupted, ImagefitError, ImagefitWarning
 from .metrics import compute_metrics
 from .models import create_model, default_model_name, pretrained_statistics
 from .tasks import Task
-from .train.callbacks import Callback, ProgressCallback, RunWriter
+from .train.callbacks import Callback, MixOff, ProgressCallback, ProgressiveResize, RunWriter
 from .train.learner import Learner
 
 MIN_STEPS_PER_EPOCH = 32
@@ -89,6 +90,8 @@ def fit(data: str | Path | Table, config: FitConfig | None = None, *,
 
     table = data if isinstance(data, Table) else read_source(data, cfg)
     table = assign_validation(table, cfg.valid_pct, cfg.seed, cfg.stratify)
+    if cfg.image_sizes and cfg.image_size is None:
+        cfg.image_size = max(cfg.image_sizes)
     settings = resolve_settings(table, cfg.image_size, cfg.channels, cfg.resize, cfg.seed)
     cache_started = time.perf_counter()
     prepared = prepare_images(table, settings, cache_dir=cfg.cache_dir, strict=cfg.strict,
@@ -110,6 +113,12 @@ def fit(data: str | Path | Table, config: FitConfig | None = None, *,
     model = create_model(cfg.model, settings.channels, task.n_out, pretrained=cfg.pretrained)
     mean, std = _normalization(cfg, model, prepared.cache.images, train_rows)
     model = model.to(device, memory_format=torch.channels_last)
+    augment = cfg.augment_options = resolve_augment(cfg.augment, cfg.augment_options)
+    lighting = None
+    if augment.lighting and settings.channels == 3:
+        sample = np.random.default_rng(cfg.seed).choice(train_rows, min(len(train_rows), 500),
+                                                        replace=False)
+        lighting = pca_statistics(prepared.cache.images[np.sort(sample)], seed=cfg.seed)
     batch_size = training_batch_size(cfg.bs, len(train_rows))
     images = prepared.cache.tensor()
 
@@ -126,18 +135,25 @@ def fit(data: str | Path | Table, config: FitConfig | None = None, *,
         "imagefit_version": __version__,
         "architecture": cfg.model,
         "task": task.to_dict(),
-        "image_size": settings.size,
+        "image_size": cfg.image_sizes[-1] if cfg.image_sizes else settings.size,
         "channels": settings.channels,
         "resize": settings.resize,
         "normalization": {"mean": mean, "std": std},
+        "lighting": lighting,
     }
     writer = RunWriter(run_dir, model_info)
     extra = {"test": loader(test_rows)} if cfg.test_every_epoch and len(test_rows) else {}
+    pipeline = BatchPipeline(mean, std, augment, lighting=lighting,
+                             n_classes=task.n_out if task.kind == "classification" else None)
+    own_callbacks = [ProgressCallback(cfg.progress, run_dir / "log.txt"), writer]
+    if cfg.image_sizes:
+        own_callbacks.append(ProgressiveResize(cfg.image_sizes))
+    if augment.mix_off_epochs:
+        own_callbacks.append(MixOff(augment.mix_off_epochs))
     learner = Learner(
-        model, task, loader(train_rows, train=True), loader(valid_rows),
-        BatchPipeline(mean, std, preset_transforms(cfg.augment)),
+        model, task, loader(train_rows, train=True), loader(valid_rows), pipeline,
         weight_decay=cfg.wd, seed=cfg.seed, extra_loaders=extra,
-        callbacks=[ProgressCallback(cfg.progress, run_dir / "log.txt"), writer, *callbacks],
+        callbacks=[*own_callbacks, *callbacks],
     )
     summary = {
         "data": _run_source(data),

@@ -60,6 +60,62 @@ class SourceOptions(Options):
     progress: bool = Field(True, description="show progress bars")
 
 
+class AugmentOptions(Options):
+    """Every augmentation parameter; a preset (``--augment``) fills them, YAML's
+    ``augment_options`` overrides single ones. Probabilities are per image."""
+
+    flip: float = Field(0.0, ge=0, le=1, description="probability of a left-right flip")
+    vflip: float = Field(0.0, ge=0, le=1, description="probability of a top-bottom flip")
+    dihedral: float = Field(
+        0.0, ge=0, le=1, description="probability of one of the 8 symmetries of the square"
+    )
+    shift: float = Field(
+        0.0, ge=0, lt=0.5,
+        description="largest whole-pixel shift as a fraction of the side (a gather, no blur)",
+    )
+    rotate: float = Field(0.0, ge=0, le=180, description="largest rotation in degrees")
+    zoom: tuple[float, float] = Field((1.0, 1.0), description="zoom factor range (> 1 magnifies)")
+    translate: float = Field(0.0, ge=0, le=1, description="largest move as a fraction of the side")
+    perspective: float = Field(
+        0.0, ge=0, lt=0.5, description="largest corner displacement as a fraction of the side"
+    )
+    affine_p: float = Field(
+        0.75, ge=0, le=1, description="probability of each of rotate, zoom, translate, perspective"
+    )
+    crop_area: tuple[float, float] | None = Field(
+        None, description="random resized crop: range of the area fraction, e.g. [0.08, 1]"
+    )
+    crop_ratio: tuple[float, float] = Field(
+        (3 / 4, 4 / 3), description="random resized crop: aspect ratio range"
+    )
+    padding: Literal["zeros", "border", "reflection"] = Field(
+        "reflection", description="what fills pixels that come from outside the image"
+    )
+    brightness: float = Field(0.0, ge=0, le=1, description="brightness factor 1 +- this")
+    contrast: float = Field(0.0, ge=0, le=1, description="contrast factor 1 +- this")
+    saturation: float = Field(0.0, ge=0, le=1, description="saturation factor 1 +- this (RGB)")
+    hue: float = Field(0.0, ge=0, le=0.5, description="hue shift up to this many turns (RGB)")
+    color_p: float = Field(0.75, ge=0, le=1, description="probability of each colour change")
+    lighting: float = Field(
+        0.0, ge=0, description="PCA lighting noise sigma (AlexNet uses 0.1; RGB)"
+    )
+    erase_p: float = Field(0.0, ge=0, le=1, description="probability of each erased box")
+    erase_count: int = Field(1, ge=1, description="boxes to erase per image")
+    erase_area: tuple[float, float] = Field(
+        (0.02, 0.25), description="erased box area as a fraction of the image"
+    )
+    randaugment_n: int = Field(0, ge=0, description="RandAugment: operations per image (0: off)")
+    randaugment_m: float = Field(9.0, ge=0, le=10, description="RandAugment magnitude (0-10)")
+    randaugment_skip: float = Field(
+        0.0, ge=0, lt=1, description="RandAugment: probability of skipping each operation"
+    )
+    trivial: bool = Field(False, description="TrivialAugment: one operation, random magnitude")
+    mixup: float = Field(0.0, ge=0, description="MixUp Beta(alpha, alpha) alpha (0: off)")
+    cutmix: float = Field(0.0, ge=0, description="CutMix Beta(alpha, alpha) alpha (0: off)")
+    mix_p: float = Field(1.0, ge=0, le=1, description="probability that an image is mixed")
+    mix_off_epochs: int = Field(0, ge=0, description="train the last N epochs without mixing")
+
+
 class FitConfig(SourceOptions):
     """Options of ``fit``."""
 
@@ -93,8 +149,20 @@ class FitConfig(SourceOptions):
         "'pretrained' uses those the pretrained weights were trained with (e.g. ImageNet's); "
         "'auto' is 'pretrained' with --pretrained, else 'data'",
     )
-    augment: Literal["none", "flip", "shift", "flip_shift"] = Field(
-        "none", description="batch augmentation of training images"
+    augment: Literal["none", "light", "side_on", "top_down", "randaugment", "trivial",
+                     "imagenet"] = Field(
+        "none",
+        description="augmentation preset of training batches (docs in augment/presets.py)",
+    )
+    augment_options: AugmentOptions | None = Field(
+        None,
+        description="single augmentation parameters over the preset's (YAML: a mapping; "
+        "flag: JSON, e.g. '{\"rotate\": 20}')",
+    )
+    image_sizes: list[int] | None = Field(
+        None,
+        description="progressive resizing: sizes spread evenly over the epochs, e.g. "
+        "64,128,224; the cache is built at the largest",
     )
     valid_pct: float = Field(
         0.2, ge=0, lt=1, description="fraction of the training images held out for validation"

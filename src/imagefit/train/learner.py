@@ -37,7 +37,8 @@ class Learner:
 
     State that callbacks may read: ``epoch``, ``step`` (batches done in this fit),
     ``n_steps``, ``progress`` (0..1), ``x``, ``y``, ``outputs``, ``loss``, ``history`` (one
-    dict per finished epoch) and ``stop`` (set it to end after the current epoch).
+    dict per finished epoch) and ``stop`` (set it to end after the current epoch); and change:
+    ``image_size`` (the size batches are resized to) and ``mixing`` (MixUp/CutMix on or off).
     """
 
     def __init__(
@@ -69,9 +70,11 @@ class Learner:
         self.history: list[dict] = []
         self.train_seconds = 0.0
         self.train_images = 0
-        self.epoch = self.step = self.n_steps = 0
+        self.epoch = self.step = self.n_steps = self.n_epochs = 0
         self.progress = 0.0
         self.stop = False
+        self.image_size: int | None = None  # None: the cache's size
+        self.mixing = True
 
     def emit(self, event: str) -> None:
         assert event in EVENTS, event
@@ -94,6 +97,7 @@ class Learner:
         """Train for ``epochs`` with the learning rate (and momentum) given per step as
         functions of progress; returns the per-epoch history."""
         self.optimizer = self.make_optimizer(self.model, lr(0.0), self.weight_decay)
+        self.n_epochs = epochs
         self.n_steps = epochs * len(self.train_loader)
         self.step, self.stop = 0, False
         self.emit("before_fit")
@@ -130,7 +134,8 @@ class Learner:
         for x, y in self.train_loader:
             self.progress = self.step / max(self.n_steps, 1)
             self._set_hyper(lr(self.progress), momentum(self.progress) if momentum else None)
-            self.x, self.y = self.pipeline(x, train=True, generator=generator), y
+            self.x, self.y = self.pipeline.train_batch(x, y, generator, size=self.image_size,
+                                                       mix=self.mixing)
             self.emit("before_batch")
             self.outputs = self.model(self.x)
             self.loss = self.task.loss(self.outputs, self.y)
@@ -153,7 +158,7 @@ class Learner:
         self.model.eval()
         outputs, targets = [], []
         for x, y in loader:
-            outputs.append(self.model(self.pipeline(x)).float().cpu())
+            outputs.append(self.model(self.pipeline(x, size=self.image_size)).float().cpu())
             targets.append(y.cpu())
         return torch.cat(outputs), torch.cat(targets)
 

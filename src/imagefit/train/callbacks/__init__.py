@@ -4,8 +4,9 @@ Events, in order: before_fit, before_epoch, before_batch, after_loss, after_step
 after_batch, after_epoch, after_fit. A callback may read and change the learner's state.
 """
 
+from .augment import MixOff, ProgressiveResize
 from .base import Callback
 from .progress import ProgressCallback
 from .run_writer import RunWriter
 
-__all__ = ["Callback", "ProgressCallback", "RunWriter"]
+__all__ = ["Callback", "MixOff", "ProgressCallback", "ProgressiveResize", "RunWriter"]
