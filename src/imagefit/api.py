@@ -19,8 +19,8 @@ import yaml
 from torch import nn
 
 from . import __version__, runs
-from .augment.pipeline import BatchPipeline
 from .augment.color import pca_statistics
+from .augment.pipeline import BatchPipeline
 from .augment.presets import resolve_augment
 from .config import EvaluateOptions, FitConfig, PredictOptions, SourceOptions, make_options
 from .data.cache import CacheSettings, build_cache, warn_unreadable
