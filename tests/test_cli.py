@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -160,3 +161,23 @@ def test_sigint_keeps_the_last_finished_epoch(tmp_path):
     info = json.loads((run_dir / "model.json").read_text())
     assert info["epochs_trained"] == epochs_in_csv
     assert (run_dir / "model.safetensors").is_file()
+
+
+def test_show_batch_writes_a_grid_with_labels(tmp_path, capsys):
+    from PIL import Image
+
+    out = tmp_path / "grid.png"
+    code, printed, _ = run_cli(capsys, "show-batch", "builtin:digits", "--augment", "side_on",
+                               "--out", out, "--n-images", "9", "--no-progress")
+    assert code == 0 and last_line(printed) == str(out)
+    with Image.open(out) as grid:
+        assert grid.size[0] >= 400 and grid.size[1] >= 400
+        assert np.asarray(grid.convert("L")).std() > 20  # not blank
+
+
+def test_show_batch_same_image_with_mixing_labels(tmp_path, capsys):
+    from imagefit.api import show_batch
+
+    out = show_batch("builtin:digits", tmp_path / "same.png", same_image=True, n_images=4,
+                     augment="top_down", progress=False)
+    assert out.is_file()

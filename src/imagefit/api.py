@@ -22,15 +22,25 @@ from . import __version__, runs
 from .augment.color import pca_statistics
 from .augment.pipeline import BatchPipeline
 from .augment.presets import resolve_augment
-from .config import EvaluateOptions, FitConfig, PredictOptions, SourceOptions, make_options
+from .config import (
+    AugmentOptions,
+    EvaluateOptions,
+    FitConfig,
+    ImageOptions,
+    PredictOptions,
+    ShowBatchOptions,
+    SourceOptions,
+    make_options,
+)
 from .data.cache import CacheSettings, build_cache, warn_unreadable
 from .data.loader import Loader
-from .data.prepare import channel_stats, prepare_images, resolve_settings
+from .data.prepare import PreparedImages, channel_stats, prepare_images, resolve_settings
 from .data.sources import IMAGE_EXTENSIONS, Table, read_source
 from .data.splits import assign_validation
 from .errors import FitInterrupted, ImagefitError, ImagefitWarning
 from .metrics import compute_metrics
 from .models import create_model, default_model_name, pretrained_statistics
+from .report.plots import save_image_grid
 from .tasks import Task
 from .train.callbacks import Callback, MixOff, ProgressCallback, ProgressiveResize, RunWriter
 from .train.learner import Learner
@@ -78,6 +88,48 @@ def _run_name(data: str | Path | Table) -> str:
     return text.removeprefix("builtin:") if text.startswith("builtin:") else Path(text).stem
 
 
+@dataclass
+class LoadedData:
+    """A source read, split and cached, with its resolved augmentation."""
+
+    table: Table
+    settings: CacheSettings
+    prepared: PreparedImages
+    train_rows: np.ndarray
+    valid_rows: np.ndarray
+    test_rows: np.ndarray
+    augment: AugmentOptions
+    lighting: dict | None
+    cache_seconds: float
+
+
+def load_data(data: str | Path | Table, cfg: ImageOptions) -> LoadedData:
+    """Read ``data``, carve the validation split, decode the images once into the cache and
+    resolve the augmentation; fills ``cfg``'s automatic image size and channels."""
+    table = data if isinstance(data, Table) else read_source(data, cfg)
+    table = assign_validation(table, cfg.valid_pct, cfg.seed, cfg.stratify)
+    if cfg.image_sizes and cfg.image_size is None:
+        cfg.image_size = max(cfg.image_sizes)
+    settings = resolve_settings(table, cfg.image_size, cfg.channels, cfg.resize, cfg.seed)
+    started = time.perf_counter()
+    prepared = prepare_images(table, settings, cache_dir=cfg.cache_dir, strict=cfg.strict,
+                              progress=cfg.progress)
+    cache_seconds = time.perf_counter() - started
+    train_rows, valid_rows, test_rows = (prepared.rows(table, s)
+                                         for s in ("train", "valid", "test"))
+    if len(train_rows) == 0:
+        raise ImagefitError(f"{table.description} has no readable training images")
+    cfg.image_size, cfg.channels = settings.size, settings.channels
+    augment = cfg.augment_options = resolve_augment(cfg.augment, cfg.augment_options)
+    lighting = None
+    if augment.lighting and settings.channels == 3:
+        sample = np.random.default_rng(cfg.seed).choice(train_rows, min(len(train_rows), 500),
+                                                        replace=False)
+        lighting = pca_statistics(prepared.cache.images[np.sort(sample)], seed=cfg.seed)
+    return LoadedData(table, settings, prepared, train_rows, valid_rows, test_rows, augment,
+                      lighting, cache_seconds)
+
+
 def fit(data: str | Path | Table, config: FitConfig | None = None, *,
         callbacks: list[Callback] | tuple = (), **options: Any) -> FitResult:
     """Train a model on ``data`` (``builtin:NAME``, a folder, a CSV or a ``Table`` from
@@ -88,21 +140,9 @@ def fit(data: str | Path | Table, config: FitConfig | None = None, *,
     started = time.perf_counter()
     device = resolve_device(cfg.device)
 
-    table = data if isinstance(data, Table) else read_source(data, cfg)
-    table = assign_validation(table, cfg.valid_pct, cfg.seed, cfg.stratify)
-    if cfg.image_sizes and cfg.image_size is None:
-        cfg.image_size = max(cfg.image_sizes)
-    settings = resolve_settings(table, cfg.image_size, cfg.channels, cfg.resize, cfg.seed)
-    cache_started = time.perf_counter()
-    prepared = prepare_images(table, settings, cache_dir=cfg.cache_dir, strict=cfg.strict,
-                              progress=cfg.progress)
-    cache_seconds = time.perf_counter() - cache_started
-    train_rows, valid_rows, test_rows = (prepared.rows(table, s)
-                                         for s in ("train", "valid", "test"))
-    if len(train_rows) == 0:
-        raise ImagefitError(f"{table.description} has no readable training images")
-
-    cfg.image_size, cfg.channels = settings.size, settings.channels
+    loaded = load_data(data, cfg)
+    table, settings, prepared = loaded.table, loaded.settings, loaded.prepared
+    train_rows, valid_rows, test_rows = loaded.train_rows, loaded.valid_rows, loaded.test_rows
     if cfg.model == "auto":
         cfg.model = default_model_name(settings.size)
     task = Task(table.task.kind, list(table.task.names), regression_loss=cfg.loss)
@@ -113,12 +153,7 @@ def fit(data: str | Path | Table, config: FitConfig | None = None, *,
     model = create_model(cfg.model, settings.channels, task.n_out, pretrained=cfg.pretrained)
     mean, std = _normalization(cfg, model, prepared.cache.images, train_rows)
     model = model.to(device, memory_format=torch.channels_last)
-    augment = cfg.augment_options = resolve_augment(cfg.augment, cfg.augment_options)
-    lighting = None
-    if augment.lighting and settings.channels == 3:
-        sample = np.random.default_rng(cfg.seed).choice(train_rows, min(len(train_rows), 500),
-                                                        replace=False)
-        lighting = pca_statistics(prepared.cache.images[np.sort(sample)], seed=cfg.seed)
+    augment, lighting = loaded.augment, loaded.lighting
     batch_size = training_batch_size(cfg.bs, len(train_rows))
     images = prepared.cache.tensor()
 
@@ -161,7 +196,7 @@ def fit(data: str | Path | Table, config: FitConfig | None = None, *,
         "n_train": len(train_rows), "n_valid": len(valid_rows), "n_test": len(test_rows),
         "skipped_files": len(prepared.cache.errors),
         "skipped": [table.paths[r] for r in prepared.cache.failed] if table.paths else [],
-        "cache_seconds": round(cache_seconds, 3),
+        "cache_seconds": round(loaded.cache_seconds, 3),
     }
     try:
         learner.fit_one_cycle(cfg.epochs, cfg.lr)
@@ -173,6 +208,54 @@ def fit(data: str | Path | Table, config: FitConfig | None = None, *,
         summary.update(learner.evaluate(loader(test_rows), prefix="test_"))
     metrics = _write_final_metrics(run_dir, learner, summary, started, interrupted=False)
     return FitResult(run_dir=run_dir, metrics=metrics, history=learner.history, model=model)
+
+
+def describe_targets(task: Task, targets: torch.Tensor) -> list[str]:
+    """Short labels for a grid: a class, 'share class' pairs for mixed targets, the
+    multi-label set, or the value(s)."""
+    if task.kind == "regression":
+        values = task.unscale(targets.float().reshape(len(targets), -1))
+        return [", ".join(f"{v:.3g}" for v in row) for row in values.tolist()]
+    if task.kind == "classification" and targets.ndim == 1:
+        return [task.names[i] for i in targets.tolist()]
+    labels = []
+    for row in targets.float().tolist():
+        ranked = sorted(zip(row, task.names), reverse=True)
+        if task.kind == "multilabel":
+            labels.append(";".join(f"{n}" if w >= 0.99 else f"{w:.2f} {n}"
+                                   for w, n in ranked if w > 0.01) or "(none)")
+        else:
+            labels.append(" / ".join(f"{w:.2f} {n}" if w < 0.99 else n
+                                     for w, n in ranked[:2] if w > 0.01))
+    return labels
+
+
+def show_batch(data: str | Path | Table, out: str | Path,
+               options: ShowBatchOptions | None = None, **overrides: Any) -> Path:
+    """Save a grid of augmented (and mixed) training images with their labels, as the model
+    would see them before normalization; ``same_image`` augments one image many times."""
+    cfg: ShowBatchOptions = make_options(ShowBatchOptions, {
+        **(options.model_dump(exclude_unset=True) if options else {}), **overrides})
+    loaded = load_data(data, cfg)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    rows = loaded.train_rows
+    if cfg.same_image:
+        rows = np.repeat(rows[int(torch.randint(len(rows), (1,), generator=generator))],
+                         cfg.n_images)
+    else:
+        rows = rows[torch.randperm(len(rows), generator=generator)[:cfg.n_images].numpy()]
+    task = Task(loaded.table.task.kind, list(loaded.table.task.names))
+    task.fit_target_scaling(loaded.table.targets[loaded.train_rows])
+    targets = task.encode_targets(loaded.table.targets[rows])
+    images = loaded.prepared.cache.tensor()[torch.as_tensor(rows)].permute(0, 3, 1, 2)
+    channels = images.shape[1]
+    pipeline = BatchPipeline([0.0] * channels, [1.0] * channels, loaded.augment,
+                             lighting=loaded.lighting, n_classes=task.n_out)
+    size = cfg.image_sizes[-1] if cfg.image_sizes else None
+    batch, mixed = pipeline.train_batch(images, targets, generator, size=size)
+    title = f"{_run_source(data)}: augment {cfg.augment}" + (
+        " (one image)" if cfg.same_image else "")
+    return save_image_grid(batch, describe_targets(task, mixed), out, title=title)
 
 
 def _normalization(cfg: FitConfig, model: nn.Module, images: np.ndarray,

@@ -22,6 +22,7 @@ from .config import (
     FitConfig,
     Options,
     PredictOptions,
+    ShowBatchOptions,
     make_options,
     read_yaml_options,
 )
@@ -135,6 +136,16 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", metavar="JSON", help="also write the metrics to this file")
     evaluate.add_argument("--config", metavar="FILE", help="YAML file of options")
     add_options(evaluate, EvaluateOptions)
+
+    show = commands.add_parser(
+        "show-batch", help="save a grid of augmented training images",
+        description="Save a grid of DATA's training images as augmentation makes them, "
+        "with their (mixed) labels.",
+    )
+    show.add_argument("data", metavar="DATA", help="folder, CSV file or builtin:NAME")
+    show.add_argument("--out", metavar="PNG", required=True, help="where to save the grid")
+    show.add_argument("--config", metavar="FILE", help="YAML file of options")
+    add_options(show, ShowBatchOptions)
     return parser
 
 
@@ -161,6 +172,9 @@ def run_command(args: argparse.Namespace) -> int:
         results = api.evaluate(args.run, args.data, args.out, options)
         for name, value in results.items():
             print(f"{name}: {value:.4f}" if isinstance(value, float) else f"{name}: {value}")
+    elif args.command == "show-batch":
+        options = resolve_options(ShowBatchOptions, args, ("data", "out"))
+        print(api.show_batch(args.data, args.out, options))
     return 0
 
 

@@ -116,19 +116,9 @@ class AugmentOptions(Options):
     mix_off_epochs: int = Field(0, ge=0, description="train the last N epochs without mixing")
 
 
-class FitConfig(SourceOptions):
-    """Options of ``fit``."""
+class ImageOptions(SourceOptions):
+    """How images are sized, split and augmented: shared by ``fit`` and ``show-batch``."""
 
-    epochs: int = Field(5, ge=1, description="number of epochs")
-    lr: float = Field(3e-3, gt=0, description="peak learning rate of the one-cycle schedule")
-    bs: int = Field(128, ge=1, description="batch size (lowered for small training sets)")
-    wd: float = Field(0.05, ge=0, description="decoupled weight decay (not on norms and biases)")
-    model: str = Field(
-        "auto",
-        description="timm model name or 'small_cnn'; 'auto' picks small_cnn for images of "
-        "32 px or less and resnet18 above",
-    )
-    pretrained: bool = Field(False, description="start from the model's pretrained weights")
     image_size: int | None = Field(
         None,
         ge=4,
@@ -142,12 +132,6 @@ class FitConfig(SourceOptions):
         "crop",
         description="how images reach the square size: short side + centre crop, squish, "
         "or pad",
-    )
-    normalize: Literal["auto", "data", "pretrained"] = Field(
-        "auto",
-        description="input statistics: 'data' computes mean and std from the training images, "
-        "'pretrained' uses those the pretrained weights were trained with (e.g. ImageNet's); "
-        "'auto' is 'pretrained' with --pretrained, else 'data'",
     )
     augment: Literal["none", "light", "side_on", "top_down", "randaugment", "trivial",
                      "imagenet"] = Field(
@@ -170,8 +154,29 @@ class FitConfig(SourceOptions):
     stratify: bool = Field(
         True, description="keep class proportions in the validation split (classification)"
     )
-    loss: Literal["mse", "l1"] = Field("mse", description="regression loss")
     seed: int = Field(0, description="seed of everything random")
+
+
+class FitConfig(ImageOptions):
+    """Options of ``fit``."""
+
+    epochs: int = Field(5, ge=1, description="number of epochs")
+    lr: float = Field(3e-3, gt=0, description="peak learning rate of the one-cycle schedule")
+    bs: int = Field(128, ge=1, description="batch size (lowered for small training sets)")
+    wd: float = Field(0.05, ge=0, description="decoupled weight decay (not on norms and biases)")
+    model: str = Field(
+        "auto",
+        description="timm model name or 'small_cnn'; 'auto' picks small_cnn for images of "
+        "32 px or less and resnet18 above",
+    )
+    pretrained: bool = Field(False, description="start from the model's pretrained weights")
+    normalize: Literal["auto", "data", "pretrained"] = Field(
+        "auto",
+        description="input statistics: 'data' computes mean and std from the training images, "
+        "'pretrained' uses those the pretrained weights were trained with (e.g. ImageNet's); "
+        "'auto' is 'pretrained' with --pretrained, else 'data'",
+    )
+    loss: Literal["mse", "l1"] = Field("mse", description="regression loss")
     device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'")
     runs_dir: str = Field("runs", description="folder that receives the run directories")
     name: str | None = Field(None, description="name of the run (default: from the data)")
@@ -179,6 +184,15 @@ class FitConfig(SourceOptions):
         False,
         description="also evaluate the test split after every epoch, for curves only "
         "(nothing is chosen from it)",
+    )
+
+
+class ShowBatchOptions(ImageOptions):
+    """Options of ``show-batch``."""
+
+    n_images: int = Field(16, ge=1, le=256, description="how many images the grid shows")
+    same_image: bool = Field(
+        False, description="show one training image augmented many times"
     )
 
 

@@ -169,10 +169,11 @@ def autocontrast(x: torch.Tensor) -> torch.Tensor:
 
 
 def posterize(x: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
-    """Keep ``bits`` (1..8) bits of each 8-bit value."""
-    levels = (2 ** bits.to(x.device, x.dtype))[:, None, None, None]
-    step = 256 / levels
-    return (torch.floor(x * 255 / step) * step / 255).clamp(0, 1)
+    """Keep ``bits`` (1..8) bits of each 8-bit value; 8 bits leaves the image as it is."""
+    bits = _per_sample(bits, x)
+    step = 256 / 2**bits
+    quantized = (torch.floor(x * 255 / step) * step / 255).clamp(0, 1)
+    return torch.where(bits >= 8, x, quantized)
 
 
 def solarize(x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:

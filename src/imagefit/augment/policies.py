@@ -33,7 +33,7 @@ def _ones(m: torch.Tensor) -> torch.Tensor:
 def _cutout(x: torch.Tensor, m: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """A grey square of side up to half the image, anywhere in it."""
     n, _, height, width = x.shape
-    side = (m.abs().to(x.device) * 0.5 * min(height, width)).clamp(min=1)
+    side = m.abs().to(x.device) * 0.5 * min(height, width)
     top = torch.rand(n, generator=generator, device=generator.device).to(x.device) * height
     left = torch.rand(n, generator=generator, device=generator.device).to(x.device) * width
     mask = color.box_mask(x, top - side / 2, left - side / 2, top + side / 2, left + side / 2)

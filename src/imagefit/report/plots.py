@@ -1,0 +1,41 @@
+"""Plots saved as PNG files."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+
+def save_image_grid(images: torch.Tensor, titles: Sequence[str], path: str | Path,
+                    columns: int | None = None, title: str | None = None) -> Path:
+    """A grid of float images in [0, 1] (N, C, H, W), each with its title, as a PNG."""
+    count = len(images)
+    columns = columns or math.ceil(math.sqrt(count))
+    rows = math.ceil(count / columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(2.0 * columns, 2.2 * rows),
+                                squeeze=False)
+    for index, axis in enumerate(axes.flat):
+        axis.axis("off")
+        if index >= count:
+            continue
+        image = images[index].detach().float().cpu().clamp(0, 1)
+        if image.shape[0] == 1:
+            axis.imshow(image[0].numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        else:
+            axis.imshow(image.permute(1, 2, 0).numpy(), interpolation="nearest")
+        axis.set_title(titles[index], fontsize=8)
+    if title:
+        figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
