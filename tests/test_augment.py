@@ -278,3 +278,34 @@ def test_every_preset_runs_on_grey_and_rgb(preset):
         x = torch.randint(0, 256, (6, channels, 16, 16), dtype=torch.uint8)
         out, y = pipeline.train_batch(x, torch.arange(6) % 3, gen(0))
         assert out.shape == (6, channels, 16, 16) and torch.isfinite(out).all()
+
+
+def test_affine_and_perspective_paths_agree_on_an_affine_matrix():
+    x = torch.rand(3, 3, 10, 10, generator=gen(0))
+    matrices = geometry.random_rotation(gen(1), 3, 30, 1.0) @ geometry.random_zoom(
+        gen(2), 3, 0.8, 1.2, 1.0)
+    nudged = matrices.clone()
+    nudged[:, 2, 0] = 1e-12  # forces the homography path, same map
+    torch.testing.assert_close(geometry.warp(x, matrices), geometry.warp(x, nudged),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_fused_colour_jitter_equals_the_operations_in_sequence():
+    x = torch.rand(6, 3, 8, 8, generator=gen(0)) * 0.4 + 0.3  # no clipping on the way
+    amounts = dict(brightness=0.2, contrast=0.2, saturation=0.3, hue=0.05)
+    fused = color.color_jitter(x, gen(5), **amounts)
+    g = gen(5)
+    fb, fc, fs = (color._factors(g, 6, amounts[k], 1.0) for k in
+                  ("brightness", "contrast", "saturation"))
+    turns = color._factors(g, 6, amounts["hue"], 1.0) - 1
+    expected = color.adjust_hue(color.adjust_saturation(color.adjust_contrast(
+        color.adjust_brightness(x, fb), fc), fs), turns)
+    torch.testing.assert_close(fused, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_matrix_flips_match_the_gather_flips():
+    x = torch.rand(2, 1, 6, 6, generator=gen(0))
+    mirror = geometry.scale_matrix(torch.full((2,), -1.0), torch.ones(2))
+    torch.testing.assert_close(geometry.warp(x, mirror), x.flip(3), atol=1e-6, rtol=1e-6)
+    transposed = geometry.random_dihedral(gen(0), 400, 1.0)
+    assert len({tuple(m.flatten().tolist()) for m in transposed}) == 8

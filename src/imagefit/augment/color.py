@@ -59,14 +59,7 @@ def adjust_hue(x: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
     """Rotate hue by ``turns`` of the colour circle, as a linear map in YIQ space."""
     if x.shape[1] == 1:
         return x
-    angle = turns.to(x.device, x.dtype) * 2 * math.pi
-    cos, sin = angle.cos(), angle.sin()
-    rotation = torch.zeros(len(x), 3, 3, device=x.device, dtype=x.dtype)
-    rotation[:, 0, 0] = 1
-    rotation[:, 1, 1], rotation[:, 1, 2], rotation[:, 2, 1], rotation[:, 2, 2] = (
-        cos, -sin, sin, cos)
-    to_yiq = RGB_TO_YIQ.to(x.device, x.dtype)
-    matrix = torch.linalg.inv(to_yiq) @ rotation @ to_yiq
+    matrix = _hue_matrix(turns.to(x.device, x.dtype))
     return torch.einsum("bij,bjhw->bihw", matrix, x)
 
 
@@ -74,17 +67,48 @@ def color_jitter(x: torch.Tensor, generator: torch.Generator, *, brightness: flo
                  contrast: float = 0.0, saturation: float = 0.0, hue: float = 0.0,
                  p: float = 1.0) -> torch.Tensor:
     """Random brightness, contrast and saturation factors in 1 +- amount and a hue shift of
-    up to ``hue`` turns, each drawn per image with probability ``p``."""
-    n = len(x)
-    if brightness:
-        x = adjust_brightness(x, _factors(generator, n, brightness, p))
-    if contrast:
-        x = adjust_contrast(x, _factors(generator, n, contrast, p))
-    if saturation and x.shape[1] == 3:
-        x = adjust_saturation(x, _factors(generator, n, saturation, p))
-    if hue and x.shape[1] == 3:
-        x = adjust_hue(x, _factors(generator, n, hue, p) - 1)
-    return x.clamp(0, 1)
+    up to ``hue`` turns, each drawn per image with probability ``p``.
+
+    All four are linear in the pixel values, so they are fused: one 3x3 matrix and one offset
+    per image, applied in a single pass (the image mean for contrast is taken once)."""
+    n, channels = len(x), x.shape[1]
+    if not (brightness or contrast or saturation or hue):
+        return x
+    fb = _factors(generator, n, brightness, p).to(x.device, x.dtype)
+    fc = _factors(generator, n, contrast, p).to(x.device, x.dtype)
+    fs = _factors(generator, n, saturation, p).to(x.device, x.dtype)
+    turns = (_factors(generator, n, hue, p) - 1).to(x.device, x.dtype)
+    mean_pixel = x.mean(dim=(2, 3))  # (n, channels)
+    if channels == 1:
+        scale = fb * fc
+        offset = (1 - fc) * fb * mean_pixel[:, 0]
+        return (x * scale[:, None, None, None] + offset[:, None, None, None]).clamp_(0, 1)
+    eye = torch.eye(3, device=x.device, dtype=x.dtype)
+    luma = torch.tensor(LUMA, device=x.device, dtype=x.dtype)
+    matrix = eye * fb[:, None, None]
+    if saturation:
+        grey_rows = luma.expand(3, 3)  # every output channel takes the luma
+        saturate = fs[:, None, None] * eye + (1 - fs)[:, None, None] * grey_rows
+        matrix = saturate @ matrix
+    if hue:
+        matrix = _hue_matrix(turns) @ matrix
+    grey_mean = (matrix @ mean_pixel[:, :, None])[:, :, 0] @ luma  # (n,)
+    matrix = matrix * fc[:, None, None]
+    offset = ((1 - fc) * grey_mean)[:, None].expand(n, 3)
+    out = torch.baddbmm(offset[:, :, None], matrix, x.reshape(n, 3, -1))
+    return out.view_as(x).clamp_(0, 1)
+
+
+def _hue_matrix(turns: torch.Tensor) -> torch.Tensor:
+    """Per-image RGB matrices rotating hue by ``turns`` of the circle in YIQ space."""
+    angle = turns * 2 * math.pi
+    cos, sin = angle.cos(), angle.sin()
+    rotation = torch.zeros(len(turns), 3, 3, device=turns.device, dtype=turns.dtype)
+    rotation[:, 0, 0] = 1
+    rotation[:, 1, 1], rotation[:, 1, 2], rotation[:, 2, 1], rotation[:, 2, 2] = (
+        cos, -sin, sin, cos)
+    to_yiq = RGB_TO_YIQ.to(turns.device, turns.dtype)
+    return torch.linalg.inv(to_yiq) @ rotation @ to_yiq
 
 
 def pca_statistics(images: np.ndarray, max_pixels: int = 1_000_000,

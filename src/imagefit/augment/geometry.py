@@ -105,6 +105,31 @@ def shear_matrix(sx: torch.Tensor, sy: torch.Tensor) -> torch.Tensor:
     return matrix
 
 
+def random_flips(generator, n, horizontal: float, vertical: float) -> torch.Tensor:
+    """Left-right and top-bottom mirror matrices, each with its probability."""
+    sx = torch.where(_chance(generator, n, horizontal), -1.0, 1.0)
+    sy = torch.where(_chance(generator, n, vertical), -1.0, 1.0)
+    return scale_matrix(sx, sy)
+
+
+def random_dihedral(generator, n, p: float) -> torch.Tensor:
+    """One of the 8 symmetries of the square with probability ``p``, as matrices."""
+    bits = torch.randint(0, 8, (n,), generator=generator, device=generator.device)
+    bits = torch.where(_chance(generator, n, p), bits, torch.zeros_like(bits))
+    transpose = identity(n, generator.device)
+    transpose[:, :2, :2] = torch.tensor([[0.0, 1.0], [1.0, 0.0]], device=generator.device)
+    matrix = torch.where((bits & 1 > 0)[:, None, None], transpose, identity(n, generator.device))
+    flips = scale_matrix(torch.where(bits & 2 > 0, -1.0, 1.0),
+                         torch.where(bits & 4 > 0, -1.0, 1.0))
+    return flips @ matrix
+
+
+def random_shift(generator, n, pad: int, size: int) -> torch.Tensor:
+    """Whole-pixel moves of up to ``pad`` pixels of a ``size``-pixel image, as matrices."""
+    offsets = torch.randint(-pad, pad + 1, (2, n), generator=generator, device=generator.device)
+    return translation_matrix(*(offsets.float() * (2.0 / size)))
+
+
 def random_rotation(generator, n, degrees: float, p: float) -> torch.Tensor:
     angles = _uniform(generator, n, -degrees, degrees) * (math.pi / 180)
     return _where(_chance(generator, n, p), rotation_matrix(angles))
@@ -159,9 +184,14 @@ def warp(x: torch.Tensor, matrices: torch.Tensor, size: int | None = None,
          padding: str = "reflection") -> torch.Tensor:
     """Resample each image once through its sampling matrix, to ``size`` x ``size``."""
     height = width = size or x.shape[-1]
-    base = _base_grid(height, width, x.device)
-    points = torch.einsum("bij,hwj->bhwi", matrices.to(x.device, x.dtype), base)
-    grid = points[..., :2] / points[..., 2:].clamp(min=1e-6)
+    matrices = matrices.to(x.device, x.dtype)
+    base = _base_grid(height, width, x.device).to(x.dtype)
+    if (matrices[:, 2, :2] == 0).all() and (matrices[:, 2, 2] == 1).all():  # affine: no divide
+        grid = torch.matmul(base.view(1, -1, 3), matrices[:, :2, :].transpose(1, 2))
+        grid = grid.view(len(x), height, width, 2)
+    else:
+        points = torch.einsum("bij,hwj->bhwi", matrices, base)
+        grid = points[..., :2] / points[..., 2:].clamp(min=1e-6)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode=padding, align_corners=False)
 
 

@@ -19,6 +19,10 @@ from .mix import Mix
 from .policies import RandAugment
 
 
+def _pixels(fraction: float, size: int) -> int:
+    return max(1, round(fraction * size))
+
+
 class BatchPipeline:
     """Turns uint8 (B, C, H, W) batches into the normalized float batches a model sees.
 
@@ -48,7 +52,9 @@ class BatchPipeline:
                     or o.crop_area or self.policy)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean.to(x.device)) / self.std.to(x.device)
+        """(x - mean) / std in one pass."""
+        std = self.std.to(x.device)
+        return torch.addcmul(-self.mean.to(x.device) / std, x, 1.0 / std)
 
     def __call__(self, x: torch.Tensor, *, size: int | None = None) -> torch.Tensor:
         """An evaluation batch: float, resized to ``size`` when given, normalized."""
@@ -57,13 +63,18 @@ class BatchPipeline:
             return torch.addcmul(-mean / std, x.float(), 1.0 / (255.0 * std))
         return self.normalize(geometry.resize(x.float() / 255.0, size))
 
-    def matrices(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        """Each training image's composed sampling matrix."""
+    def matrices(self, n: int, generator: torch.Generator, size: int) -> torch.Tensor:
+        """Each training image's composed sampling matrix; flips, symmetries and shifts join
+        it too, since the batch is resampled anyway."""
         o = self.augment
-        matrices = geometry.identity(n, generator.device)
+        device = generator.device
+        matrices = geometry.identity(n, device)
         if o.crop_area:
             matrices = matrices @ geometry.random_resized_crop(generator, n, o.crop_area,
                                                                o.crop_ratio)
+        if o.shift:
+            matrices = matrices @ geometry.random_shift(generator, n, _pixels(o.shift, size),
+                                                        size)
         if o.translate:
             matrices = matrices @ geometry.random_translation(generator, n, o.translate,
                                                               o.affine_p)
@@ -74,33 +85,37 @@ class BatchPipeline:
         if o.perspective:
             matrices = matrices @ geometry.random_perspective(generator, n, o.perspective,
                                                               o.affine_p)
+        if o.dihedral:
+            matrices = matrices @ geometry.random_dihedral(generator, n, o.dihedral)
+        if o.flip or o.vflip:
+            matrices = matrices @ geometry.random_flips(generator, n, o.flip, o.vflip)
         return matrices
 
     def augment_batch(self, x: torch.Tensor, generator: torch.Generator,
                       size: int | None = None) -> torch.Tensor:
         """Label-preserving augmentation of a float batch in [0, 1]."""
         o = self.augment
-        if o.dihedral and x.shape[-1] == x.shape[-2]:
-            x = geometry.dihedral(x, generator, o.dihedral)
-        if o.flip:
-            x = geometry.flip_horizontal(x, generator, o.flip)
-        if o.vflip:
-            x = geometry.flip_vertical(x, generator, o.vflip)
-        if o.shift:
-            x = geometry.shift(x, generator, max(1, round(o.shift * x.shape[-1])))
         plan = self.policy.sample(len(x), generator) if self.policy else None
         if self.resamples:
-            matrices = self.matrices(len(x), generator)
+            matrices = self.matrices(len(x), generator, x.shape[-1])
             if plan is not None:
                 matrices = matrices @ plan.matrices
             x = geometry.warp(x, matrices, size, o.padding)
-        elif size is not None:
-            x = geometry.resize(x, size)
+        else:
+            if o.dihedral and x.shape[-1] == x.shape[-2]:
+                x = geometry.dihedral(x, generator, o.dihedral)
+            if o.flip:
+                x = geometry.flip_horizontal(x, generator, o.flip)
+            if o.vflip:
+                x = geometry.flip_vertical(x, generator, o.vflip)
+            if o.shift:
+                x = geometry.shift(x, generator, _pixels(o.shift, x.shape[-1]))
+            if size is not None:
+                x = geometry.resize(x, size)
         if plan is not None:
             x = self.policy.apply_pixels(x.contiguous(), plan, generator)
-        if o.brightness or o.contrast or o.saturation or o.hue:
-            x = color.color_jitter(x, generator, brightness=o.brightness, contrast=o.contrast,
-                                   saturation=o.saturation, hue=o.hue, p=o.color_p)
+        x = color.color_jitter(x, generator, brightness=o.brightness, contrast=o.contrast,
+                               saturation=o.saturation, hue=o.hue, p=o.color_p)
         if o.lighting and self.lighting:
             x = color.pca_lighting(x, generator, self.lighting, o.lighting)
         if o.erase_p:
