@@ -217,3 +217,35 @@ def test_fashion_mnist_subset_trains_and_reports_test_accuracy(tmp_path):
     result = imagefit.fit(subset, epochs=3, runs_dir=str(tmp_path), progress=False)
     assert result.metrics["n_test"] == 500 and result.metrics["n_train"] == 1600
     assert result.metrics["test_accuracy"] >= 0.7
+
+
+def test_progressive_resizing_and_augmentation_in_a_fit(class_folder, tmp_path):
+    result = imagefit.fit(class_folder, epochs=4, runs_dir=str(tmp_path), progress=False,
+                          image_sizes=[16, 24], augment="side_on",
+                          augment_options={"mixup": 0.4, "mix_off_epochs": 1})
+    info = json.loads((result.run_dir / "model.json").read_text())
+    config = yaml.safe_load((result.run_dir / "config.yaml").read_text())
+    assert info["image_size"] == 24 and config["image_size"] == 24
+    assert config["augment_options"]["rotate"] == 10.0  # the preset, resolved
+    assert config["augment_options"]["mixup"] == 0.4  # the override on top
+    frame = imagefit.predict(result.run_dir, [class_folder / "square"], progress=False)
+    assert len(frame) == 24
+
+
+def test_yaml_augment_options_reach_the_run(tmp_path, capsys):
+    from imagefit.cli import main
+
+    config = tmp_path / "fit.yaml"
+    config.write_text("augment: top_down\naugment_options:\n  rotate: 45\n  erase_p: 0.5\n"
+                      "epochs: 1\nprogress: false\n")
+    assert main(["fit", "builtin:digits", "--config", str(config), "--runs-dir",
+                 str(tmp_path)]) == 0
+    run_dir = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    resolved = yaml.safe_load((run_dir / "config.yaml").read_text())["augment_options"]
+    assert resolved["rotate"] == 45 and resolved["erase_p"] == 0.5
+    assert resolved["dihedral"] == 1.0
+
+
+def test_unknown_augment_option_is_a_clear_error():
+    with pytest.raises(ImagefitError, match=r"option --augment-options.rotat"):
+        imagefit.fit("builtin:digits", augment_options={"rotat": 10})
