@@ -30,7 +30,7 @@ from .config import (
     PredictOptions,
     ShowBatchOptions,
     SourceOptions,
-    make_options,
+    merge_options,
 )
 from .data.cache import CacheSettings, build_cache, warn_unreadable
 from .data.loader import Loader
@@ -135,8 +135,7 @@ def fit(data: str | Path | Table, config: FitConfig | None = None, *,
     """Train a model on ``data`` (``builtin:NAME``, a folder, a CSV or a ``Table`` from
     ``from_arrays``) and write a run directory; ``options`` override ``config``'s fields and
     ``callbacks`` join the learner's own."""
-    values = {**(config.model_dump() if config else {}), **options}
-    cfg: FitConfig = make_options(FitConfig, values)
+    cfg: FitConfig = merge_options(FitConfig, config, options)
     started = time.perf_counter()
     device = resolve_device(cfg.device)
 
@@ -234,8 +233,7 @@ def show_batch(data: str | Path | Table, out: str | Path,
                options: ShowBatchOptions | None = None, **overrides: Any) -> Path:
     """Save a grid of augmented (and mixed) training images with their labels, as the model
     would see them before normalization; ``same_image`` augments one image many times."""
-    cfg: ShowBatchOptions = make_options(ShowBatchOptions, {
-        **(options.model_dump(exclude_unset=True) if options else {}), **overrides})
+    cfg: ShowBatchOptions = merge_options(ShowBatchOptions, options, overrides)
     loaded = load_data(data, cfg)
     generator = torch.Generator().manual_seed(cfg.seed)
     rows = loaded.train_rows
@@ -375,8 +373,7 @@ def predict(run: str | Path, inputs: list[str | Path], out: str | Path | None = 
             options: PredictOptions | None = None, **overrides: Any) -> pd.DataFrame:
     """Predictions for image files, folders or CSVs of paths: a row per readable image with
     the path, the predicted label(s) or value(s) and the class probabilities."""
-    options = make_options(PredictOptions, {**(options.model_dump() if options else {}),
-                                            **overrides})
+    options = merge_options(PredictOptions, options, overrides)
     loaded = load_model(run, options.device)
     paths = _expand_inputs(list(inputs), options)
     cache = build_cache(paths, loaded.settings, options.cache_dir, progress=options.progress)
@@ -430,8 +427,7 @@ def evaluate(run: str | Path, data: str | Path | Table, out: str | Path | None =
              options: EvaluateOptions | None = None, **overrides: Any) -> dict[str, Any]:
     """Loss and metrics of a run's model on a split of ``data``: the test split when there is
     one, else the validation split carved as the run carved it."""
-    options = make_options(EvaluateOptions, {**(options.model_dump() if options else {}),
-                                             **overrides})
+    options = merge_options(EvaluateOptions, options, overrides)
     loaded = load_model(run, options.device)
     run_config = _read_run_config(Path(run))
     table = data if isinstance(data, Table) else read_source(data, options)

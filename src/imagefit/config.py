@@ -240,6 +240,13 @@ def make_options(model: type[Options], values: dict[str, Any]) -> Options:
         raise ImagefitError(describe_validation_error(error)) from None
 
 
+def merge_options(model: type[Options], base: Options | None,
+                  overrides: dict[str, Any]) -> Options:
+    """``base``'s explicitly set values with ``overrides`` on top, validated into ``model``."""
+    return make_options(model, {**(base.model_dump(exclude_unset=True) if base else {}),
+                                **overrides})
+
+
 def read_yaml_options(path: str | Path) -> dict[str, Any]:
     """The mapping in a YAML options file; hyphenated keys are accepted like the flags."""
     path = Path(path)
