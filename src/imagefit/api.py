@@ -40,10 +40,20 @@ from .data.splits import assign_validation
 from .errors import FitInterrupted, ImagefitError, ImagefitWarning
 from .metrics import compute_metrics
 from .models import create_model, default_model_name, pretrained_statistics
-from .report.plots import save_image_grid
+from .report.plots import save_image_grid, save_lr_finder_plot
 from .tasks import Task
-from .train.callbacks import Callback, MixOff, ProgressCallback, ProgressiveResize, RunWriter
+from .train import schedules
+from .train.callbacks import (
+    Callback,
+    MixOff,
+    ProgressCallback,
+    ProgressiveResize,
+    RunWriter,
+    SnapshotSaver,
+)
 from .train.learner import Learner
+from .train.lr_finder import LRFinderResult
+from .train.schedules import Schedule
 
 MIN_STEPS_PER_EPOCH = 32
 MIN_BATCH_SIZE = 8
@@ -130,31 +140,34 @@ def load_data(data: str | Path | Table, cfg: ImageOptions) -> LoadedData:
                       lighting, cache_seconds)
 
 
-def fit(data: str | Path | Table, config: FitConfig | None = None, *,
-        callbacks: list[Callback] | tuple = (), **options: Any) -> FitResult:
-    """Train a model on ``data`` (``builtin:NAME``, a folder, a CSV or a ``Table`` from
-    ``from_arrays``) and write a run directory; ``options`` override ``config``'s fields and
-    ``callbacks`` join the learner's own."""
-    cfg: FitConfig = merge_options(FitConfig, config, options)
-    started = time.perf_counter()
-    device = resolve_device(cfg.device)
+@dataclass
+class TrainingParts:
+    """What a learner is made of, built from loaded data and the fit options."""
 
-    loaded = load_data(data, cfg)
-    table, settings, prepared = loaded.table, loaded.settings, loaded.prepared
-    train_rows, valid_rows, test_rows = loaded.train_rows, loaded.valid_rows, loaded.test_rows
+    task: Task
+    model: nn.Module
+    pipeline: BatchPipeline
+    batch_size: int
+    loaders: dict[str, Loader | None]
+    model_info: dict
+
+
+def build_training(cfg: FitConfig, loaded: LoadedData, device: torch.device) -> TrainingParts:
+    """Task, seeded model, normalization, pipeline and loaders for ``loaded``; fills the
+    automatic choices (model) into ``cfg``."""
+    table, settings = loaded.table, loaded.settings
     if cfg.model == "auto":
         cfg.model = default_model_name(settings.size)
-    task = Task(table.task.kind, list(table.task.names), regression_loss=cfg.loss)
-    task.fit_target_scaling(table.targets[train_rows])
+    task = Task(table.task.kind, list(table.task.names), regression_loss=cfg.loss,
+                label_smoothing=cfg.label_smoothing)
+    task.fit_target_scaling(table.targets[loaded.train_rows])
     targets = task.encode_targets(table.targets)
-
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.model, settings.channels, task.n_out, pretrained=cfg.pretrained)
-    mean, std = _normalization(cfg, model, prepared.cache.images, train_rows)
+    mean, std = _normalization(cfg, model, loaded.prepared.cache.images, loaded.train_rows)
     model = model.to(device, memory_format=torch.channels_last)
-    augment, lighting = loaded.augment, loaded.lighting
-    batch_size = training_batch_size(cfg.bs, len(train_rows))
-    images = prepared.cache.tensor()
+    batch_size = training_batch_size(cfg.bs, len(loaded.train_rows))
+    images = loaded.prepared.cache.tensor()
 
     def loader(rows: np.ndarray, train: bool = False) -> Loader | None:
         if len(rows) == 0:
@@ -162,9 +175,8 @@ def fit(data: str | Path | Table, config: FitConfig | None = None, *,
         return Loader(images, targets, rows, batch_size if train else batch_size * 2,
                       shuffle=train, drop_last=train, seed=cfg.seed, device=device)
 
-    run_dir = runs.new_run_dir(cfg.runs_dir, cfg.name or _run_name(data))
-    runs.save_yaml(run_dir / "config.yaml", {"data": _run_source(data), **cfg.model_dump(),
-                                             "batch_size_used": batch_size})
+    pipeline = BatchPipeline(mean, std, loaded.augment, lighting=loaded.lighting,
+                             n_classes=task.n_out if task.kind == "classification" else None)
     model_info = {
         "imagefit_version": __version__,
         "architecture": cfg.model,
@@ -173,40 +185,108 @@ def fit(data: str | Path | Table, config: FitConfig | None = None, *,
         "channels": settings.channels,
         "resize": settings.resize,
         "normalization": {"mean": mean, "std": std},
-        "lighting": lighting,
+        "lighting": loaded.lighting,
     }
-    writer = RunWriter(run_dir, model_info)
-    extra = {"test": loader(test_rows)} if cfg.test_every_epoch and len(test_rows) else {}
-    pipeline = BatchPipeline(mean, std, augment, lighting=lighting,
-                             n_classes=task.n_out if task.kind == "classification" else None)
+    loaders = {"train": loader(loaded.train_rows, train=True),
+               "valid": loader(loaded.valid_rows), "test": loader(loaded.test_rows)}
+    return TrainingParts(task, model, pipeline, batch_size, loaders, model_info)
+
+
+def make_learner(cfg: FitConfig, parts: TrainingParts, callbacks=(), **extra) -> Learner:
+    return Learner(parts.model, parts.task, parts.loaders["train"], parts.loaders["valid"],
+                   parts.pipeline, optimizer=cfg.opt, weight_decay=cfg.wd, seed=cfg.seed,
+                   callbacks=callbacks, **extra)
+
+
+def make_schedule(cfg: FitConfig) -> tuple[int, Schedule, Schedule | None]:
+    """Epochs, learning rate and momentum schedules of the chosen ``cfg.schedule``."""
+    lr = float(cfg.lr)
+    if cfg.schedule == "one_cycle":
+        return (cfg.epochs, schedules.one_cycle(lr, cfg.pct_start),
+                schedules.one_cycle_momentum(pct_start=cfg.pct_start))
+    if cfg.schedule == "sgdr":
+        epochs = schedules.sgdr_cycle_ends(cfg.sgdr_cycles, cfg.cycle_len, cfg.cycle_mult)[-1]
+        if "epochs" in cfg.model_fields_set and cfg.epochs != epochs:
+            raise ImagefitError(
+                f"--schedule sgdr with {cfg.sgdr_cycles} cycles (--cycle-len {cfg.cycle_len}, "
+                f"--cycle-mult {cfg.cycle_mult}) lasts {epochs} epochs, not --epochs "
+                f"{cfg.epochs}: leave out --epochs or change the cycles"
+            )
+        cfg.epochs = epochs
+        return epochs, schedules.sgdr(lr, cfg.sgdr_cycles, cfg.cycle_len, cfg.cycle_mult), None
+    plain = {"flat_cos": schedules.flat_cos, "warmup_cosine": schedules.warmup_cosine,
+             "step": schedules.step_decay}[cfg.schedule]
+    return cfg.epochs, plain(lr), None
+
+
+def fit(data: str | Path | Table, config: FitConfig | None = None, *,
+        callbacks: list[Callback] | tuple = (), **options: Any) -> FitResult:
+    """Train a model on ``data`` (``builtin:NAME``, a folder, a CSV or a ``Table`` from
+    ``from_arrays``) and write a run directory; ``options`` override ``config``'s fields and
+    ``callbacks`` join the learner's own."""
+    cfg: FitConfig = merge_options(FitConfig, config, options)
+    started = time.perf_counter()
+    device = resolve_device(cfg.device)
+    loaded = load_data(data, cfg)
+    parts = build_training(cfg, loaded, device)
+    finder = None
+    if cfg.lr == "auto":
+        finder = make_learner(cfg, parts).lr_find(progress=cfg.progress)
+        cfg.lr = finder.suggestions["valley"]
+        print(f"lr auto: {cfg.lr:.2e} (the LR finder's valley)")
+    epochs, lr_schedule, momentum_schedule = make_schedule(cfg)
+
+    run_dir = runs.new_run_dir(cfg.runs_dir, cfg.name or _run_name(data))
+    runs.save_yaml(run_dir / "config.yaml", {"data": _run_source(data), **cfg.model_dump(),
+                                             "batch_size_used": parts.batch_size})
+    if finder is not None:
+        save_lr_finder_plot(finder, run_dir / "plots" / "lr_find.png")
+    writer = RunWriter(run_dir, parts.model_info)
     own_callbacks = [ProgressCallback(cfg.progress, run_dir / "log.txt"), writer]
     if cfg.image_sizes:
         own_callbacks.append(ProgressiveResize(cfg.image_sizes))
-    if augment.mix_off_epochs:
-        own_callbacks.append(MixOff(augment.mix_off_epochs))
-    learner = Learner(
-        model, task, loader(train_rows, train=True), loader(valid_rows), pipeline,
-        weight_decay=cfg.wd, seed=cfg.seed, extra_loaders=extra,
-        callbacks=[*own_callbacks, *callbacks],
-    )
+    if loaded.augment.mix_off_epochs:
+        own_callbacks.append(MixOff(loaded.augment.mix_off_epochs))
+    if cfg.schedule == "sgdr" and cfg.snapshots:
+        ends = schedules.sgdr_cycle_ends(cfg.sgdr_cycles, cfg.cycle_len, cfg.cycle_mult)
+        own_callbacks.append(SnapshotSaver(run_dir, parts.model_info, ends))
+    test_loader = parts.loaders["test"]
+    extra = {"test": test_loader} if cfg.test_every_epoch and test_loader else {}
+    learner = make_learner(cfg, parts, [*own_callbacks, *callbacks], extra_loaders=extra)
+    table, prepared = loaded.table, loaded.prepared
     summary = {
         "data": _run_source(data),
-        "task": task.kind,
-        "n_train": len(train_rows), "n_valid": len(valid_rows), "n_test": len(test_rows),
+        "task": parts.task.kind,
+        "n_train": len(loaded.train_rows), "n_valid": len(loaded.valid_rows),
+        "n_test": len(loaded.test_rows),
         "skipped_files": len(prepared.cache.errors),
         "skipped": [table.paths[r] for r in prepared.cache.failed] if table.paths else [],
         "cache_seconds": round(loaded.cache_seconds, 3),
     }
     try:
-        learner.fit_one_cycle(cfg.epochs, cfg.lr)
+        learner.fit(epochs, lr_schedule, momentum_schedule)
     except KeyboardInterrupt:
         del learner.history[writer.epochs_saved:]  # an epoch not on disk did not finish
         _write_final_metrics(run_dir, learner, summary, started, interrupted=True)
         raise FitInterrupted(run_dir, writer.epochs_saved) from None
-    if len(test_rows):
-        summary.update(learner.evaluate(loader(test_rows), prefix="test_"))
+    if test_loader is not None:
+        summary.update(learner.evaluate(test_loader, prefix="test_"))
     metrics = _write_final_metrics(run_dir, learner, summary, started, interrupted=False)
-    return FitResult(run_dir=run_dir, metrics=metrics, history=learner.history, model=model)
+    return FitResult(run_dir=run_dir, metrics=metrics, history=learner.history,
+                     model=parts.model)
+
+
+def lr_find(data: str | Path | Table, out: str | Path | None = "lr_find.png",
+            config: FitConfig | None = None, **options: Any) -> LRFinderResult:
+    """Run the LR finder on ``data`` with the model and options a fit would use, save its plot
+    with the suggestions marked to ``out``, and return the sweep and its suggestions."""
+    cfg: FitConfig = merge_options(FitConfig, config, options)
+    loaded = load_data(data, cfg)
+    parts = build_training(cfg, loaded, resolve_device(cfg.device))
+    result = make_learner(cfg, parts).lr_find(progress=cfg.progress)
+    if out is not None:
+        save_lr_finder_plot(result, Path(out))
+    return result
 
 
 def describe_targets(task: Task, targets: torch.Tensor) -> list[str]:

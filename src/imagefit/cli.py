@@ -137,6 +137,18 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--config", metavar="FILE", help="YAML file of options")
     add_options(evaluate, EvaluateOptions)
 
+    finder = commands.add_parser(
+        "lr-find", help="sweep the learning rate and suggest one",
+        description="Train briefly with a growing learning rate on DATA (the model and "
+        "options a fit would use), save the loss curve with the suggestions marked, and "
+        "print them. The model is not kept.",
+    )
+    finder.add_argument("data", metavar="DATA", help="folder, CSV file or builtin:NAME")
+    finder.add_argument("--out", metavar="PNG", default="lr_find.png",
+                        help="where to save the plot (default: lr_find.png)")
+    finder.add_argument("--config", metavar="FILE", help="YAML file of options")
+    add_options(finder, FitConfig)
+
     show = commands.add_parser(
         "show-batch", help="save a grid of augmented training images",
         description="Save a grid of DATA's training images as augmentation makes them, "
@@ -172,6 +184,12 @@ def run_command(args: argparse.Namespace) -> int:
         results = api.evaluate(args.run, args.data, args.out, options)
         for name, value in results.items():
             print(f"{name}: {value:.4f}" if isinstance(value, float) else f"{name}: {value}")
+    elif args.command == "lr-find":
+        config = resolve_options(FitConfig, args, ("data", "out"))
+        result = api.lr_find(args.data, args.out, config)
+        for name, lr in result.suggestions.items():
+            print(f"{name}: {lr:.2e}")
+        print(args.out)
     elif args.command == "show-batch":
         options = resolve_options(ShowBatchOptions, args, ("data", "out"))
         print(api.show_batch(args.data, args.out, options))

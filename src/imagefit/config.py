@@ -160,8 +160,37 @@ class ImageOptions(SourceOptions):
 class FitConfig(ImageOptions):
     """Options of ``fit``."""
 
-    epochs: int = Field(5, ge=1, description="number of epochs")
-    lr: float = Field(3e-3, gt=0, description="peak learning rate of the one-cycle schedule")
+    epochs: int = Field(
+        5, ge=1, description="number of epochs (with --schedule sgdr: set by the cycles)"
+    )
+    lr: float | Literal["auto"] = Field(
+        3e-3,
+        description="peak learning rate; 'auto' runs the LR finder first and takes its "
+        "'valley' suggestion",
+    )
+    schedule: Literal["one_cycle", "flat_cos", "warmup_cosine", "step", "sgdr"] = Field(
+        "one_cycle",
+        description="learning-rate schedule: one-cycle (momentum annealed against it), flat "
+        "then cosine, linear warm-up + cosine, step decay (x0.1 at 50% and 75%), or SGDR "
+        "(cosine with warm restarts)",
+    )
+    pct_start: float = Field(
+        0.25, gt=0, lt=1, description="one-cycle: fraction of training spent warming up"
+    )
+    sgdr_cycles: int = Field(3, ge=1, description="SGDR: number of cycles")
+    cycle_len: int = Field(1, ge=1, description="SGDR: epochs of the first cycle")
+    cycle_mult: int = Field(2, ge=1, description="SGDR: each cycle is this many times longer")
+    snapshots: bool = Field(
+        False, description="SGDR: save the model at the end of every cycle (snapshot ensembles)"
+    )
+    opt: str = Field(
+        "adamw",
+        description="optimizer: adamw, sgd (Nesterov), momentum, radam, ranger, "
+        "lookahead_NAME or any timm.optim name",
+    )
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=1, description="label smoothing of single-label cross-entropy"
+    )
     bs: int = Field(128, ge=1, description="batch size (lowered for small training sets)")
     wd: float = Field(0.05, ge=0, description="decoupled weight decay (not on norms and biases)")
     model: str = Field(

@@ -43,6 +43,7 @@ class Task:
     names: list[str]
     regression_loss: Literal["mse", "l1"] = "mse"
     threshold: float = 0.5
+    label_smoothing: float = 0.0
     target_mean: list[float] = field(default_factory=list)
     target_std: list[float] = field(default_factory=list)
 
@@ -77,7 +78,7 @@ class Task:
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean loss of a batch; classification targets may be indices or soft probabilities."""
         if self.kind == "classification":
-            return F.cross_entropy(outputs, targets)
+            return F.cross_entropy(outputs, targets, label_smoothing=self.label_smoothing)
         if self.kind == "multilabel":
             return F.binary_cross_entropy_with_logits(outputs, targets)
         if self.regression_loss == "l1":
@@ -115,6 +116,7 @@ class Task:
             "names": list(self.names),
             "regression_loss": self.regression_loss,
             "threshold": self.threshold,
+            "label_smoothing": self.label_smoothing,
             "target_mean": list(self.target_mean),
             "target_std": list(self.target_std),
         }

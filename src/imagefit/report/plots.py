@@ -39,3 +39,26 @@ def save_image_grid(images: torch.Tensor, titles: Sequence[str], path: str | Pat
     figure.savefig(path, dpi=100)
     plt.close(figure)
     return path
+
+
+def save_lr_finder_plot(result, path: str | Path) -> Path:
+    """Smoothed loss against learning rate (log scale) with the suggestions marked."""
+    figure, axis = plt.subplots(figsize=(6, 4))
+    axis.plot(result.lrs, result.losses, color="tab:blue")
+    axis.set_xscale("log")
+    axis.set_xlabel("learning rate")
+    axis.set_ylabel("loss (smoothed)")
+    markers = {"steepest": "tab:red", "valley": "tab:green", "minimum/10": "tab:orange"}
+    for name, lr in result.suggestions.items():
+        loss = min(zip(result.lrs, result.losses), key=lambda pair: abs(pair[0] - lr))[1]
+        axis.scatter([lr], [loss], color=markers.get(name, "black"), zorder=3,
+                     label=f"{name}: {lr:.1e}")
+    if result.suggestions:
+        axis.legend()
+    axis.set_title("LR finder")
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path

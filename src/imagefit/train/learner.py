@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -13,22 +13,8 @@ from ..data.loader import Loader
 from ..metrics import compute_metrics
 from ..tasks import Task
 from .callbacks.base import EVENTS, Callback
+from .optim import make_optimizer
 from .schedules import Schedule, one_cycle, one_cycle_momentum
-
-
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on weights only: norm layers' parameters and biases (1-d) are exempt."""
-    decay, exempt = [], []
-    for parameter in model.parameters():
-        if parameter.requires_grad:
-            (exempt if parameter.ndim <= 1 else decay).append(parameter)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": exempt, "weight_decay": 0.0}]
-
-
-def adamw(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(parameter_groups(model, weight_decay), lr=lr,
-                             betas=(0.9, 0.99), eps=1e-6)
 
 
 class Learner:
@@ -49,7 +35,7 @@ class Learner:
         valid_loader: Loader | None,
         pipeline: BatchPipeline,
         *,
-        make_optimizer: Callable[[nn.Module, float, float], torch.optim.Optimizer] = adamw,
+        optimizer: str = "adamw",
         weight_decay: float = 0.05,
         callbacks: Iterable[Callback] = (),
         extra_loaders: dict[str, Loader] | None = None,
@@ -61,7 +47,7 @@ class Learner:
         self.valid_loader = valid_loader
         self.extra_loaders = extra_loaders or {}
         self.pipeline = pipeline
-        self.make_optimizer = make_optimizer
+        self.optimizer_name = optimizer
         self.weight_decay = weight_decay
         self.callbacks = sorted(callbacks, key=lambda cb: cb.order)
         self.seed = seed
@@ -96,7 +82,8 @@ class Learner:
     def fit(self, epochs: int, lr: Schedule, momentum: Schedule | None = None) -> list[dict]:
         """Train for ``epochs`` with the learning rate (and momentum) given per step as
         functions of progress; returns the per-epoch history."""
-        self.optimizer = self.make_optimizer(self.model, lr(0.0), self.weight_decay)
+        self.optimizer = make_optimizer(self.model, self.optimizer_name, lr(0.0),
+                                        self.weight_decay)
         self.n_epochs = epochs
         self.n_steps = epochs * len(self.train_loader)
         self.step, self.stop = 0, False
@@ -151,6 +138,13 @@ class Learner:
         self.train_seconds += time.perf_counter() - started
         self.train_images += seen
         return (loss_sum / max(seen, 1)).item()
+
+    def lr_find(self, start_lr: float = 1e-7, end_lr: float = 10.0, steps: int = 200,
+                progress: bool = True):
+        """Sweep the learning rate (see ``lr_finder.find_lr``); the model is left as it was."""
+        from .lr_finder import find_lr
+
+        return find_lr(self, start_lr, end_lr, steps, progress=progress)
 
     @torch.no_grad()
     def predict(self, loader: Loader) -> tuple[torch.Tensor, torch.Tensor]:

@@ -34,3 +34,50 @@ def one_cycle_momentum(high: float = 0.95, low: float = 0.85,
     """Momentum (or Adam's beta1) moving against the learning rate: down while it warms up,
     back up while it anneals."""
     return joined(cosine(high, low), cosine(low, high), pct_start)
+
+
+def constant(value: float) -> Schedule:
+    return lambda p: value
+
+
+def flat_cos(lr: float, pct_flat: float = 0.75, div_final: float = 1e5) -> Schedule:
+    """Flat at ``lr`` for ``pct_flat`` of training, then cosine annealing (fastai's
+    fit_flat_cos, made for Ranger)."""
+    return joined(constant(lr), cosine(lr, lr / div_final), pct_flat)
+
+
+def warmup_cosine(lr: float, pct_warmup: float = 0.05, div_final: float = 1e4) -> Schedule:
+    """Linear warm-up from 0 to ``lr``, then cosine annealing."""
+    return joined(lambda p: lr * p, cosine(lr, lr / div_final), pct_warmup)
+
+
+def step_decay(lr: float, milestones: tuple[float, ...] = (0.5, 0.75),
+               gamma: float = 0.1) -> Schedule:
+    """``lr`` multiplied by ``gamma`` at each milestone (fractions of training)."""
+    return lambda p: lr * gamma ** sum(p >= m for m in milestones)
+
+
+def sgdr_cycle_ends(n_cycles: int, cycle_len: int = 1, cycle_mult: int = 1) -> list[int]:
+    """Epochs at which SGDR's cycles end: 3 cycles of 1 epoch with cycle_mult 2 end at
+    epochs 1, 3 and 7 (and restart after the first two)."""
+    ends, total = [], 0
+    for cycle in range(n_cycles):
+        total += cycle_len * cycle_mult**cycle
+        ends.append(total)
+    return ends
+
+
+def sgdr(lr: float, n_cycles: int, cycle_len: int = 1, cycle_mult: int = 1,
+         div_final: float = 1e3) -> Schedule:
+    """Cosine annealing with warm restarts: each cycle anneals from ``lr`` to lr/div_final;
+    cycle k lasts cycle_len * cycle_mult**k epochs."""
+    ends = sgdr_cycle_ends(n_cycles, cycle_len, cycle_mult)
+    bounds = [0.0] + [end / ends[-1] for end in ends]
+    anneal = cosine(lr, lr / div_final)
+
+    def schedule(p: float) -> float:
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            if p < end:
+                return anneal((p - start) / (end - start))
+        return anneal(1.0)
+    return schedule

@@ -6,7 +6,9 @@ after_batch, after_epoch, after_fit. A callback may read and change the learner'
 
 from .augment import MixOff, ProgressiveResize
 from .base import Callback
+from .checkpoint import SnapshotSaver
 from .progress import ProgressCallback
 from .run_writer import RunWriter
 
-__all__ = ["Callback", "MixOff", "ProgressCallback", "ProgressiveResize", "RunWriter"]
+__all__ = ["Callback", "MixOff", "ProgressCallback", "ProgressiveResize", "RunWriter",
+           "SnapshotSaver"]

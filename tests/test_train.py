@@ -1,0 +1,135 @@
+"""The training recipe: schedules, optimizers, label smoothing, the LR finder, SGDR snapshots."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import imagefit
+from imagefit import ImagefitError
+from imagefit.tasks import Task
+from imagefit.train import schedules
+from imagefit.train.lr_finder import suggest
+from imagefit.train.optim import make_optimizer
+
+
+def test_one_cycle_warms_up_to_the_peak_and_anneals():
+    lr = schedules.one_cycle(1e-2, pct_start=0.25, div=25, div_final=1e4)
+    assert lr(0.0) == pytest.approx(1e-2 / 25)
+    assert lr(0.25) == pytest.approx(1e-2)
+    assert lr(1.0) == pytest.approx(1e-2 / 1e4)
+    assert lr(0.1) < lr(0.2) < lr(0.25) and lr(0.5) > lr(0.75) > lr(0.99)
+    momentum = schedules.one_cycle_momentum(0.95, 0.85, pct_start=0.25)
+    assert momentum(0.0) == pytest.approx(0.95)
+    assert momentum(0.25) == pytest.approx(0.85)
+    assert momentum(1.0) == pytest.approx(0.95)
+
+
+def test_sgdr_restarts_at_epochs_1_and_3_and_ends_at_7():
+    assert schedules.sgdr_cycle_ends(3, cycle_len=1, cycle_mult=2) == [1, 3, 7]
+    lr = schedules.sgdr(1e-2, 3, cycle_len=1, cycle_mult=2, div_final=1e3)
+    at_epoch = lambda epoch: lr(epoch / 7)  # noqa: E731
+    assert at_epoch(0) == pytest.approx(1e-2)
+    assert at_epoch(0.999) == pytest.approx(1e-5, rel=0.05)  # end of cycle 1
+    assert at_epoch(1) == pytest.approx(1e-2)  # restart
+    assert at_epoch(2) == pytest.approx((1e-2 + 1e-5) / 2)  # middle of cycle 2
+    assert at_epoch(3) == pytest.approx(1e-2)  # restart
+    assert at_epoch(7) == pytest.approx(1e-5)
+
+
+def test_flat_cos_warmup_cosine_and_step_decay():
+    flat = schedules.flat_cos(1e-3, pct_flat=0.75)
+    assert flat(0.0) == flat(0.7) == 1e-3 and flat(1.0) == pytest.approx(1e-8)
+    warm = schedules.warmup_cosine(1e-3, pct_warmup=0.1)
+    assert warm(0.0) == 0 and warm(0.05) == pytest.approx(5e-4) and warm(0.1) == 1e-3
+    step = schedules.step_decay(1.0, (0.5, 0.75), 0.1)
+    assert [step(p) for p in (0.0, 0.5, 0.8)] == pytest.approx([1.0, 0.1, 0.01])
+
+
+@pytest.mark.parametrize("name, kind", [("adamw", "AdamW"), ("sgd", "SGD"),
+                                        ("ranger", "Lookahead"), ("radam", "RAdam")])
+def test_optimizers_by_name_without_decay_on_norms_and_biases(name, kind):
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4))
+    optimizer = make_optimizer(model, name, 1e-3, 0.05)
+    assert type(optimizer).__name__ == kind
+    decayed = {id(p) for g in optimizer.param_groups if g["weight_decay"] > 0
+               for p in g["params"]}
+    assert decayed == {id(model[0].weight)}
+
+
+def test_unknown_optimizer_suggests_names():
+    with pytest.raises(ImagefitError, match=r"unknown optimizer 'adamx': did you mean"):
+        make_optimizer(torch.nn.Linear(2, 2), "adamx", 1e-3, 0.0)
+
+
+def test_label_smoothing_raises_the_loss_of_a_confident_right_answer():
+    outputs = torch.tensor([[10.0, 0.0, 0.0]])
+    targets = torch.tensor([0])
+    plain = Task("classification", ["a", "b", "c"]).loss(outputs, targets)
+    smooth = Task("classification", ["a", "b", "c"], label_smoothing=0.1).loss(outputs, targets)
+    assert smooth > plain
+
+
+def test_suggestions_read_a_typical_curve():
+    lrs = list(np.logspace(-6, 0, 120))
+    log = np.log10(lrs)
+    losses = list(2.0 - 1.5 / (1 + np.exp(-(log + 3) * 3)) + np.where(log > -1, (log + 1) * 8, 0))
+    found = suggest(lrs, losses)
+    assert 1e-4 < found["steepest"] < 1e-2  # the fall is centred on 1e-3
+    assert 1e-4 < found["valley"] < 1e-1
+    assert found["minimum/10"] < 1e-1
+
+
+def test_lr_finder_restores_the_weights_and_plots(tmp_path):
+    from imagefit.api import build_training, load_data, make_learner
+    from imagefit.config import FitConfig
+
+    cfg = FitConfig(progress=False)
+    parts = build_training(cfg, load_data("builtin:digits", cfg), torch.device("cpu"))
+    before = {k: v.clone() for k, v in parts.model.state_dict().items()}
+    result = make_learner(cfg, parts).lr_find(steps=60, progress=False)
+    after = parts.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert len(result.lrs) == len(result.losses) > 10
+    assert set(result.suggestions) == {"steepest", "valley", "minimum/10"}
+    out = imagefit.api.lr_find("builtin:digits", tmp_path / "lr.png", progress=False)
+    assert (tmp_path / "lr.png").is_file() and out.suggestions
+
+
+def test_lr_auto_uses_a_suggestion(tmp_path):
+    result = imagefit.fit("builtin:digits", lr="auto", epochs=1, runs_dir=str(tmp_path),
+                          progress=False)
+    config = (result.run_dir / "config.yaml").read_text()
+    assert "lr: auto" not in config
+    assert (result.run_dir / "plots" / "lr_find.png").is_file()
+
+
+def test_sgdr_snapshots_at_every_cycle_end(tmp_path):
+    result = imagefit.fit("builtin:digits", schedule="sgdr", sgdr_cycles=2, cycle_len=1,
+                          cycle_mult=2, snapshots=True, runs_dir=str(tmp_path), progress=False)
+    assert result.metrics["epochs"] == 3
+    for cycle, epochs in ((1, 1), (2, 3)):
+        folder = result.run_dir / "checkpoints" / f"snapshot_{cycle}"
+        info = json.loads((folder / "model.json").read_text())
+        assert info["epochs_trained"] == epochs and (folder / "model.safetensors").is_file()
+    with pytest.warns(imagefit.ImagefitWarning, match="config.yaml is missing"):
+        scores = imagefit.evaluate(result.run_dir / "checkpoints" / "snapshot_1",
+                                   "builtin:digits", progress=False)
+    assert scores["accuracy"] > 0.1
+
+
+def test_sgdr_with_conflicting_epochs_is_refused():
+    with pytest.raises(ImagefitError, match=r"lasts 7 epochs, not --epochs 5"):
+        imagefit.fit("builtin:digits", schedule="sgdr", epochs=5, progress=False)
+
+
+@pytest.mark.parametrize("schedule, opt", [("flat_cos", "ranger"), ("warmup_cosine", "sgd"),
+                                           ("step", "adamw")])
+def test_other_schedules_and_optimizers_train(tmp_path, schedule, opt):
+    result = imagefit.fit("builtin:digits", schedule=schedule, opt=opt, epochs=2,
+                          lr=0.05 if opt == "sgd" else 3e-3, label_smoothing=0.1,
+                          runs_dir=str(tmp_path), progress=False)
+    assert result.metrics["valid_accuracy"] > 0.8
