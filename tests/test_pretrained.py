@@ -6,6 +6,7 @@ import importlib.util
 
 import numpy as np
 import pytest
+import skimage.data
 import timm
 import torch
 from PIL import Image
@@ -152,8 +153,6 @@ def test_missing_package_says_how_to_install(monkeypatch):
 
 def photo(name: str, mean: list[float], std: list[float]) -> torch.Tensor:
     """A scikit-image photo: short side resized to 224 px, centre-cropped, normalized."""
-    import skimage.data
-
     size = PRETRAINED_SOURCES[LITE0]["image_size"]
     image = Image.fromarray(getattr(skimage.data, name)())
     scale = size / min(image.size)

@@ -148,11 +148,13 @@ def test_task_round_trips_through_a_dict():
 def test_task_properties():
     assert TASK_KINDS == ("classification", "multilabel", "regression")
     assert Task("classification", ["a", "b", "c"]).n_out == 3
-    assert Task("classification", ["a"]).main_metric == ("accuracy", True)
-    assert Task("multilabel", ["a"]).main_metric == ("f1", True)
-    assert Task("regression", ["a"]).main_metric == ("mae", False)
+    assert Task("classification", ["a"]).main_metric == "accuracy"
+    assert Task("multilabel", ["a"]).main_metric == "f1"
+    assert Task("regression", ["a"]).main_metric == "mae"
     for kind in TASK_KINDS:
-        assert Task(kind, ["a"]).main_metric[0] in DEFAULT_METRICS[kind]
+        task = Task(kind, ["a"])
+        assert task.main_metric in DEFAULT_METRICS[kind]
+        assert task.metric_names == ("loss", *DEFAULT_METRICS[kind])
 
 
 # -- metrics ------------------------------------------------------------------------------

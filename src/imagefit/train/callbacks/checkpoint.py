@@ -27,3 +27,62 @@ class SnapshotSaver(Callback):
             target.mkdir(parents=True, exist_ok=True)
             runs.save_model(target, learner.model, {**self.model_info,
                                                     "epochs_trained": epochs_done})
+
+
+def improved(value: float, best: float | None, mode: str, min_delta: float = 0.0) -> bool:
+    if best is None:
+        return True
+    return value < best - min_delta if mode == "min" else value > best + min_delta
+
+
+class EarlyStopping(Callback):
+    """Ends training when ``monitor`` (a column of the epoch row, e.g. valid_loss) has not
+    improved by more than ``min_delta`` for ``patience`` epochs."""
+
+    order = 30
+
+    def __init__(self, monitor: str, mode: str, patience: int, min_delta: float = 0.0) -> None:
+        self.monitor, self.mode = monitor, mode
+        self.patience, self.min_delta = patience, min_delta
+        self.best: float | None = None
+        self.waited = 0
+
+    def before_fit(self, learner) -> None:
+        self.best, self.waited = None, 0
+
+    def after_epoch(self, learner) -> None:
+        value = learner.history[-1][self.monitor]
+        if improved(value, self.best, self.mode, self.min_delta):
+            self.best, self.waited = value, 0
+            return
+        self.waited += 1
+        if self.waited >= self.patience:
+            learner.stop = True
+
+
+class BestCheckpoint(Callback):
+    """Keeps the model of the best epoch by ``monitor`` in checkpoints/best (written
+    atomically), and with ``restore`` puts those weights back in the model at the end."""
+
+    order = 25
+
+    def __init__(self, run_dir: Path, model_info: dict, monitor: str, mode: str,
+                 restore: bool = False) -> None:
+        self.folder = Path(run_dir) / "checkpoints" / "best"
+        self.model_info = model_info
+        self.monitor, self.mode, self.restore = monitor, mode, restore
+        self.best: float | None = None
+        self.best_epoch = 0
+
+    def after_epoch(self, learner) -> None:
+        value = learner.history[-1][self.monitor]
+        if improved(value, self.best, self.mode):
+            self.best, self.best_epoch = value, learner.epoch + 1
+            self.folder.mkdir(parents=True, exist_ok=True)
+            runs.save_model(self.folder, learner.model,
+                            {**self.model_info, "epochs_trained": self.best_epoch,
+                             self.monitor: value})
+
+    def after_fit(self, learner) -> None:
+        if self.restore and self.best_epoch:
+            runs.load_weights(learner.model, self.folder)
