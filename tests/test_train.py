@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import imagefit
+import imagefit.models
 from imagefit import ImagefitError
 from imagefit.tasks import Task
 from imagefit.train import schedules
@@ -211,3 +212,44 @@ def test_pretrained_timm_offline_is_a_clear_error(monkeypatch):
     with pytest.raises(ImagefitError, match=r"could not fetch timm's pretrained weights of "
                                             r"resnet18.*connect to the internet once"):
         imagefit.fit("builtin:digits", model="resnet18", pretrained="timm", progress=False)
+
+
+def test_freeze_leaves_the_body_unchanged_after_a_step():
+    from imagefit.api import build_training, load_data, make_learner
+    from imagefit.config import FitConfig
+
+    cfg = FitConfig(progress=False)
+    parts = build_training(cfg, load_data("builtin:digits", cfg), torch.device("cpu"))
+    learner = make_learner(cfg, parts)
+    learner.freeze(train_bn=False)
+    body = [p.clone() for group in learner.groups[:-1] for p in group]
+    head = [p.clone() for p in learner.groups[-1]]
+    learner.fit(1, schedules.constant(1e-2))
+    assert all(torch.equal(a, b) for a, b in
+               zip(body, (p for group in learner.groups[:-1] for p in group)))
+    assert not all(torch.equal(a, b) for a, b in zip(head, learner.groups[-1]))
+    learner.unfreeze()
+    assert all(p.requires_grad for p in parts.model.parameters())
+
+
+def test_discriminative_rates_spread_geometrically_over_groups():
+    from imagefit.train.optim import geometric_scales
+
+    scales = geometric_scales(5, 1e-4, 1e-2)
+    assert scales == pytest.approx([1e-2, 10 ** -1.5, 1e-1, 10 ** -0.5, 1.0])
+    model = imagefit.models.create_model("resnet18", 3, 2)
+    from imagefit.models.groups import layer_groups
+
+    groups = layer_groups(model)
+    optimizer = make_optimizer(model, "adamw", 1e-2, 0.01, groups,
+                               geometric_scales(len(groups), 1e-4, 1e-2))
+    scale_of = {id(p): g["lr_scale"] for g in optimizer.param_groups for p in g["params"]}
+    assert scale_of[id(model.conv1.weight)] == pytest.approx(1e-2)
+    assert scale_of[id(model.fc.weight)] == pytest.approx(1.0)
+
+
+def test_fine_tune_trains_the_head_first_then_everything(tmp_path):
+    result = imagefit.fit("builtin:digits", freeze_epochs=1, epochs=2, lr_low=1e-4,
+                          runs_dir=str(tmp_path), progress=False)
+    assert [row["epoch"] for row in result.history] == [1, 2, 3]
+    assert result.metrics["epochs"] == 3

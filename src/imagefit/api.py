@@ -294,6 +294,16 @@ def fit(data: str | Path | Table, config: FitConfig | None = None, *,
         "cache_seconds": round(loaded.cache_seconds, 3),
     }
     try:
+        freeze_epochs = cfg.freeze_epochs if cfg.freeze_epochs is not None else int(
+            bool(cfg.pretrained))
+        if freeze_epochs:
+            learner.freeze(cfg.train_bn)
+            learner.fit(freeze_epochs, schedules.one_cycle(float(cfg.lr), cfg.pct_start),
+                        schedules.one_cycle_momentum(pct_start=cfg.pct_start))
+            learner.unfreeze()
+        lr_low = cfg.lr_low or (float(cfg.lr) / 100 if cfg.pretrained else None)
+        if lr_low:
+            learner.discriminative(lr_low, float(cfg.lr))
         learner.fit(epochs, lr_schedule, momentum_schedule)
     except KeyboardInterrupt:
         del learner.history[writer.epochs_saved:]  # an epoch not on disk did not finish

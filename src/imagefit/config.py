@@ -183,6 +183,20 @@ class FitConfig(ImageOptions):
     snapshots: bool = Field(
         False, description="SGDR: save the model at the end of every cycle (snapshot ensembles)"
     )
+    freeze_epochs: int | None = Field(
+        None, ge=0,
+        description="first train the head alone for this many epochs, then everything "
+        "(default: 1 with --pretrained, else 0)",
+    )
+    lr_low: float | None = Field(
+        None, gt=0,
+        description="after the frozen epochs, the first layer group's learning rate; the "
+        "groups between it and the head (--lr) spread geometrically (default: lr/100 with "
+        "--pretrained, else no spread)",
+    )
+    train_bn: bool = Field(
+        True, description="while frozen, keep training the body's BatchNorm weights"
+    )
     opt: str = Field(
         "adamw",
         description="optimizer: adamw, sgd (Nesterov), momentum, radam, ranger, "

@@ -40,6 +40,10 @@ class SmallCNN(nn.Module):
         self.pool = nn.AdaptiveMaxPool2d(1)
         self.head = nn.Linear(widths[-1], num_classes)
 
+    def group_matcher(self, coarse: bool = True) -> dict:
+        """timm-style layer groups: the stem, each stage, then the head."""
+        return {"stem": r"^stem", "blocks": r"^stages\.(\d+)"}
+
     def forward(self, x):
         x = self.pool(self.stages(self.stem(x))).flatten(1)
         return self.head(x)

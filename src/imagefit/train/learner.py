@@ -11,9 +11,10 @@ from torch import nn
 from ..augment.pipeline import BatchPipeline
 from ..data.loader import Loader
 from ..metrics import compute_metrics
+from ..models.groups import layer_groups, set_trainable
 from ..tasks import Task
 from .callbacks.base import EVENTS, Callback
-from .optim import make_optimizer
+from .optim import geometric_scales, make_optimizer
 from .schedules import Schedule, one_cycle, one_cycle_momentum
 
 
@@ -61,6 +62,8 @@ class Learner:
         self.stop = False
         self.image_size: int | None = None  # None: the cache's size
         self.mixing = True
+        self.groups = layer_groups(model)
+        self.lr_scales: list[float] | None = None  # per layer group, for discriminative lrs
 
     def emit(self, event: str) -> None:
         assert event in EVENTS, event
@@ -71,7 +74,7 @@ class Learner:
 
     def _set_hyper(self, lr: float, momentum: float | None) -> None:
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
             if momentum is None:
                 continue
             if "betas" in group:
@@ -79,11 +82,27 @@ class Learner:
             elif "momentum" in group:
                 group["momentum"] = momentum
 
+    def freeze_to(self, group: int, train_bn: bool = True) -> None:
+        """Train only the layer groups from ``group`` on (negative counts from the end)."""
+        set_trainable(self.model, self.groups, group, train_bn)
+
+    def freeze(self, train_bn: bool = True) -> None:
+        """Train the head only (BatchNorm weights of the body too, with ``train_bn``)."""
+        self.freeze_to(-1, train_bn)
+
+    def unfreeze(self) -> None:
+        self.freeze_to(0)
+
+    def discriminative(self, low: float, high: float) -> None:
+        """Spread learning rates geometrically from ``low`` (first group) to ``high`` (head);
+        the schedule's value is taken as ``high``."""
+        self.lr_scales = geometric_scales(len(self.groups), low, high)
+
     def fit(self, epochs: int, lr: Schedule, momentum: Schedule | None = None) -> list[dict]:
         """Train for ``epochs`` with the learning rate (and momentum) given per step as
         functions of progress; returns the per-epoch history."""
         self.optimizer = make_optimizer(self.model, self.optimizer_name, lr(0.0),
-                                        self.weight_decay)
+                                        self.weight_decay, self.groups, self.lr_scales)
         self.n_epochs = epochs
         self.n_steps = epochs * len(self.train_loader)
         self.step, self.stop = 0, False
@@ -91,7 +110,7 @@ class Learner:
         for self.epoch in range(epochs):
             started = time.perf_counter()
             train_loss = self._train_epoch(lr, momentum)
-            row = {"epoch": self.epoch + 1, "train_loss": train_loss}
+            row = {"epoch": len(self.history) + 1, "train_loss": train_loss}
             if self.valid_loader is not None:
                 row.update(self.evaluate(self.valid_loader, prefix="valid_"))
             for name, loader in self.extra_loaders.items():
@@ -112,8 +131,9 @@ class Learner:
 
     def _train_epoch(self, lr: Schedule, momentum: Schedule | None) -> float:
         self.model.train()
-        self.train_loader.set_epoch(self.epoch)
-        generator = torch.Generator(self.device).manual_seed(self.seed * 1009 + self.epoch)
+        epochs_done = len(self.history)  # over all fits, so each epoch shuffles anew
+        self.train_loader.set_epoch(epochs_done)
+        generator = torch.Generator(self.device).manual_seed(self.seed * 1009 + epochs_done)
         self.emit("before_epoch")
         loss_sum = torch.zeros((), device=self.device)
         seen = 0

@@ -77,7 +77,7 @@ class BestCheckpoint(Callback):
     def after_epoch(self, learner) -> None:
         value = learner.history[-1][self.monitor]
         if improved(value, self.best, self.mode):
-            self.best, self.best_epoch = value, learner.epoch + 1
+            self.best, self.best_epoch = value, len(learner.history)
             self.folder.mkdir(parents=True, exist_ok=True)
             runs.save_model(self.folder, learner.model,
                             {**self.model_info, "epochs_trained": self.best_epoch,
