@@ -253,3 +253,75 @@ def test_fine_tune_trains_the_head_first_then_everything(tmp_path):
                           runs_dir=str(tmp_path), progress=False)
     assert [row["epoch"] for row in result.history] == [1, 2, 3]
     assert result.metrics["epochs"] == 3
+
+
+def test_resume_after_sigkill_gives_the_same_final_metrics(tmp_path):
+    """Kill a fit mid-epoch with SIGKILL, resume it, and compare with an uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import pandas as pd
+
+    args = ["builtin:digits", "--epochs", "6", "--seed", "4", "--augment", "light",
+            "--no-progress"]
+    killed_dir = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, "-m", "imagefit", "fit", *args, "--runs-dir",
+                                str(killed_dir)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        csvs = list(killed_dir.glob("*/metrics.csv"))
+        if csvs and len(csvs[0].read_text().splitlines()) >= 3:  # header + 2 epochs
+            time.sleep(0.15)  # into the next epoch
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    run_dir = next(killed_dir.iterdir())
+    assert not list((run_dir / "checkpoints").glob(".last.*"))  # no half-written file left
+    done_before = len(pd.read_csv(run_dir / "metrics.csv"))
+    assert 2 <= done_before < 6
+
+    resumed = subprocess.run([sys.executable, "-m", "imagefit", "fit", "--resume",
+                              str(run_dir)], capture_output=True, text=True,
+                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming {run_dir} after epoch" in resumed.stdout
+
+    whole_dir = tmp_path / "whole"
+    subprocess.run([sys.executable, "-m", "imagefit", "fit", *args, "--runs-dir",
+                    str(whole_dir)], check=True, capture_output=True)
+    whole = pd.read_csv(next(whole_dir.iterdir()) / "metrics.csv")
+    continued = pd.read_csv(run_dir / "metrics.csv")
+    assert list(continued["epoch"]) == [1, 2, 3, 4, 5, 6]
+    columns = ["train_loss", "valid_loss", "valid_accuracy"]
+    np.testing.assert_allclose(continued[columns].to_numpy(), whole[columns].to_numpy(),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_resume_needs_a_checkpoint(tmp_path):
+    with pytest.raises(ImagefitError, match=r"has no training checkpoint"):
+        imagefit.resume(tmp_path)
+
+
+def test_resume_continues_a_fine_tune_in_its_second_phase(tmp_path):
+    """An interrupted two-phase fit (frozen head, then everything) resumes in phase two."""
+    from imagefit.train.callbacks import Callback
+
+    class StopInSecondPhase(Callback):
+        def after_batch(self, learner):
+            if len(learner.history) == 2:
+                raise KeyboardInterrupt
+
+    options = dict(freeze_epochs=1, epochs=3, seed=2, runs_dir=str(tmp_path / "a"),
+                   progress=False)
+    with pytest.raises(imagefit.FitInterrupted) as caught:
+        imagefit.fit("builtin:digits", callbacks=[StopInSecondPhase()], **options)
+    resumed = imagefit.resume(caught.value.run_dir)
+    whole = imagefit.fit("builtin:digits", **{**options, "runs_dir": str(tmp_path / "b")})
+    assert [r["epoch"] for r in resumed.history] == [1, 2, 3, 4]
+    for mine, theirs in zip(resumed.history, whole.history):
+        assert mine["valid_loss"] == pytest.approx(theirs["valid_loss"], rel=1e-5)

@@ -3,7 +3,17 @@ recipe built in."""
 
 __version__ = "0.1.0"
 
-from .api import FitResult, LoadedModel, evaluate, fit, load_model, predict  # noqa: E402
+from .api import (  # noqa: E402
+    FitResult,
+    LoadedModel,
+    evaluate,
+    fit,
+    load_model,
+    lr_find,
+    predict,
+    resume,
+    show_batch,
+)
 from .config import EvaluateOptions, FitConfig, PredictOptions  # noqa: E402
 from .data.sources import Table, from_arrays, read_source  # noqa: E402
 from .errors import FitInterrupted, ImagefitError, ImagefitWarning  # noqa: E402
@@ -11,5 +21,5 @@ from .errors import FitInterrupted, ImagefitError, ImagefitWarning  # noqa: E402
 __all__ = [
     "EvaluateOptions", "FitConfig", "FitInterrupted", "FitResult", "ImagefitError",
     "ImagefitWarning", "LoadedModel", "PredictOptions", "Table", "evaluate", "fit",
-    "from_arrays", "load_model", "predict", "read_source",
+    "from_arrays", "load_model", "predict", "lr_find", "read_source", "resume", "show_batch",
 ]

@@ -30,6 +30,7 @@ from .config import (
     PredictOptions,
     ShowBatchOptions,
     SourceOptions,
+    make_options,
     merge_options,
 )
 from .data.cache import CacheSettings, build_cache, warn_unreadable
@@ -246,6 +247,27 @@ def fit(data: str | Path | Table, config: FitConfig | None = None, *,
     ``from_arrays``) and write a run directory; ``options`` override ``config``'s fields and
     ``callbacks`` join the learner's own."""
     cfg: FitConfig = merge_options(FitConfig, config, options)
+    return _fit(data, cfg, callbacks)
+
+
+def resume(run: str | Path, callbacks: list[Callback] | tuple = ()) -> FitResult:
+    """Continue a stopped or killed fit from its last finished epoch, in the same run
+    directory: model, optimizer, schedule position, random state and metrics so far."""
+    run_dir = Path(run)
+    state = runs.load_checkpoint(run_dir)
+    values = yaml.safe_load((run_dir / "config.yaml").read_text())
+    data = values.pop("data")
+    described = values.pop("data_description", None)
+    values.pop("batch_size_used", None)
+    if data is None:
+        raise ImagefitError(f"{run_dir} was trained on an in-memory table ({described}), "
+                            "which cannot be read again: start a new fit")
+    cfg = make_options(FitConfig, values)
+    return _fit(data, cfg, callbacks, run_dir=run_dir, resume_state=state)
+
+
+def _fit(data: str | Path | Table, cfg: FitConfig, callbacks=(), run_dir: Path | None = None,
+         resume_state: dict | None = None) -> FitResult:
     started = time.perf_counter()
     device = resolve_device(cfg.device)
     apply_pretrained_source(cfg)
@@ -258,9 +280,13 @@ def fit(data: str | Path | Table, config: FitConfig | None = None, *,
         print(f"lr auto: {cfg.lr:.2e} (the LR finder's valley)")
     epochs, lr_schedule, momentum_schedule = make_schedule(cfg)
 
-    run_dir = runs.new_run_dir(cfg.runs_dir, cfg.name or _run_name(data))
-    runs.save_yaml(run_dir / "config.yaml", {"data": _run_source(data), **cfg.model_dump(),
-                                             "batch_size_used": parts.batch_size})
+    if run_dir is None:
+        run_dir = runs.new_run_dir(cfg.runs_dir, cfg.name or _run_name(data))
+        source = None if isinstance(data, Table) else str(data)
+        runs.save_yaml(run_dir / "config.yaml", {"data": source,
+                                                 "data_description": _run_source(data),
+                                                 **cfg.model_dump(),
+                                                 "batch_size_used": parts.batch_size})
     if finder is not None:
         save_lr_finder_plot(finder, run_dir / "plots" / "lr_find.png")
     writer = RunWriter(run_dir, parts.model_info)
@@ -283,6 +309,11 @@ def fit(data: str | Path | Table, config: FitConfig | None = None, *,
     test_loader = parts.loaders["test"]
     extra = {"test": test_loader} if cfg.test_every_epoch and test_loader else {}
     learner = make_learner(cfg, parts, [*own_callbacks, *callbacks], extra_loaders=extra)
+    if resume_state is not None:
+        learner.load_checkpoint_state(resume_state)
+        writer.epochs_saved = len(learner.history)
+        runs.write_metrics_rows(run_dir, learner.history)
+        print(f"resuming {run_dir} after epoch {len(learner.history)}")
     table, prepared = loaded.table, loaded.prepared
     summary = {
         "data": _run_source(data),

@@ -108,8 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
         "fit", help="train a model and write a run directory",
         description="Train a model on DATA. The last line printed is the run directory.",
     )
-    fit.add_argument("data", metavar="DATA", help="a folder of class folders (optionally in "
-                     "train/ valid/ test/), a CSV file, or builtin:digits / builtin:fashion-mnist")
+    fit.add_argument("data", metavar="DATA", nargs="?",
+                     help="a folder of class folders (optionally in train/ valid/ test/), a "
+                     "CSV file, or builtin:digits / builtin:fashion-mnist")
+    fit.add_argument("--resume", metavar="RUN", help="continue the stopped or killed fit of "
+                     "this run directory from its last finished epoch (no DATA or options)")
     fit.add_argument("--config", metavar="FILE", help="YAML file of options; flags override it")
     add_options(fit, FitConfig)
 
@@ -168,8 +171,15 @@ def _format_metrics(metrics: dict) -> str:
 
 def run_command(args: argparse.Namespace) -> int:
     if args.command == "fit":
-        config = resolve_options(FitConfig, args, ("data",))
-        result = api.fit(args.data, config)
+        if args.resume:
+            if args.data:
+                raise ImagefitError("--resume RUN takes its data and options from the run: "
+                                    "leave out DATA")
+            result = api.resume(args.resume)
+        elif not args.data:
+            raise ImagefitError("give DATA to fit, or --resume RUN")
+        else:
+            result = api.fit(args.data, resolve_options(FitConfig, args, ("data",)))
         print(_format_metrics(result.metrics))
         print(result.run_dir)
     elif args.command == "predict":

@@ -127,3 +127,40 @@ def load_weights(model: nn.Module, run_dir: str | Path) -> nn.Module:
     """Fill ``model`` with the run's safetensors weights (no pickle involved)."""
     load_safetensors_model(model, Path(run_dir) / MODEL_WEIGHTS, strict=True)
     return model
+
+
+CHECKPOINT = "checkpoints/last.pt"
+
+
+def save_checkpoint(run_dir: Path, state: dict) -> None:
+    """The training state (model, optimizer, schedule position, random state, history),
+    written atomically with torch.save."""
+    import torch
+
+    path = Path(run_dir) / CHECKPOINT
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".last.")
+    with os.fdopen(handle, "wb") as out:
+        torch.save(state, out)
+    os.replace(temporary, path)
+
+
+def load_checkpoint(run_dir: Path) -> dict:
+    """The last training checkpoint of a run, read with weights_only=True (no code runs)."""
+    import torch
+
+    path = Path(run_dir) / CHECKPOINT
+    if not path.is_file():
+        raise ImagefitError(
+            f"{run_dir} has no training checkpoint ({CHECKPOINT}): it finished no epoch, or "
+            "was not made by imagefit fit; start a new fit"
+        )
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def write_metrics_rows(run_dir: Path, rows: list[dict]) -> None:
+    """metrics.csv rewritten with exactly ``rows`` (on resuming, the checkpoint's epochs)."""
+    path = Path(run_dir) / "metrics.csv"
+    path.unlink(missing_ok=True)
+    for row in rows:
+        append_metrics_row(run_dir, row)

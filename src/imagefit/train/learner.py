@@ -63,6 +63,8 @@ class Learner:
         self.image_size: int | None = None  # None: the cache's size
         self.mixing = True
         self.groups = layer_groups(model)
+        self.phase = 0  # fits run so far: fine-tuning runs a frozen fit, then a full one
+        self.resume_state: dict | None = None
         self.lr_scales: list[float] | None = None  # per layer group, for discriminative lrs
 
     def emit(self, event: str) -> None:
@@ -101,13 +103,24 @@ class Learner:
     def fit(self, epochs: int, lr: Schedule, momentum: Schedule | None = None) -> list[dict]:
         """Train for ``epochs`` with the learning rate (and momentum) given per step as
         functions of progress; returns the per-epoch history."""
+        phase, self.phase = self.phase, self.phase + 1
+        start = 0
+        resume, self.resume_state = self.resume_state, None
+        if resume is not None:
+            if resume["phase"] > phase:  # this fit had finished before the interruption
+                self.resume_state = resume
+                return self.history
+            start = resume["epoch_in_phase"]
         self.optimizer = make_optimizer(self.model, self.optimizer_name, lr(0.0),
                                         self.weight_decay, self.groups, self.lr_scales)
+        if resume is not None and start:
+            self.optimizer.load_state_dict(resume["optimizer"])
+            torch.set_rng_state(resume["torch_rng"])
         self.n_epochs = epochs
         self.n_steps = epochs * len(self.train_loader)
-        self.step, self.stop = 0, False
+        self.step, self.stop = start * len(self.train_loader), False
         self.emit("before_fit")
-        for self.epoch in range(epochs):
+        for self.epoch in range(start, epochs):
             started = time.perf_counter()
             train_loss = self._train_epoch(lr, momentum)
             row = {"epoch": len(self.history) + 1, "train_loss": train_loss}
@@ -122,6 +135,28 @@ class Learner:
                 break
         self.emit("after_fit")
         return self.history
+
+    def checkpoint_state(self) -> dict:
+        """Everything needed to continue exactly after the epoch just finished."""
+        finished = self.epoch + 1 >= self.n_epochs or self.stop
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "history": self.history,
+            "phase": self.phase if finished else self.phase - 1,
+            "epoch_in_phase": 0 if finished else self.epoch + 1,
+            "torch_rng": torch.get_rng_state(),
+            "train_seconds": self.train_seconds,
+            "train_images": self.train_images,
+        }
+
+    def load_checkpoint_state(self, state: dict) -> None:
+        """Take up a checkpoint: the next ``fit`` calls skip or continue where it stopped."""
+        self.model.load_state_dict(state["model"])
+        self.history = list(state["history"])
+        self.train_seconds = state["train_seconds"]
+        self.train_images = state["train_images"]
+        self.resume_state = state
 
     def fit_one_cycle(self, epochs: int, lr_max: float, pct_start: float = 0.25,
                       moms: tuple[float, float] = (0.95, 0.85)) -> list[dict]:

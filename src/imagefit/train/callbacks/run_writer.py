@@ -10,8 +10,9 @@ from .base import Callback
 
 
 class RunWriter(Callback):
-    """Appends the epoch's row to metrics.csv and saves the model with its description;
-    ``epochs_saved`` counts the epochs whose row and model are both on disk."""
+    """Appends the epoch's row to metrics.csv, saves the model with its description and the
+    training checkpoint that ``--resume`` continues from; ``epochs_saved`` counts the epochs
+    whose row, model and checkpoint are all on disk."""
 
     order = 20
 
@@ -25,4 +26,5 @@ class RunWriter(Callback):
             runs.append_metrics_row(self.run_dir, learner.history[-1])
             runs.save_model(self.run_dir, learner.model,
                             {**self.model_info, "epochs_trained": len(learner.history)})
+            runs.save_checkpoint(self.run_dir, learner.checkpoint_state())
             self.epochs_saved = len(learner.history)
