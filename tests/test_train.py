@@ -325,3 +325,45 @@ def test_resume_continues_a_fine_tune_in_its_second_phase(tmp_path):
     assert [r["epoch"] for r in resumed.history] == [1, 2, 3, 4]
     for mine, theirs in zip(resumed.history, whole.history):
         assert mine["valid_loss"] == pytest.approx(theirs["valid_loss"], rel=1e-5)
+
+
+def test_ema_accumulation_clipping_and_dropout_train(tmp_path):
+    result = imagefit.fit("builtin:digits", epochs=2, ema=0.9, accumulate=2, grad_clip=1.0,
+                          runs_dir=str(tmp_path), progress=False)
+    assert result.metrics["valid_accuracy"] > 0.5
+    scores = imagefit.evaluate(result.run_dir, "builtin:digits", progress=False)
+    assert scores["accuracy"] == pytest.approx(result.metrics["valid_accuracy"], abs=1e-6)
+    with pytest.raises(ImagefitError, match=r"small_cnn has no dropout"):
+        imagefit.fit("builtin:digits", dropout=0.2, progress=False)
+
+
+def test_precision_auto_is_fp32_on_a_cpu_without_amx():
+    from imagefit.api import _cpu_has_amx, resolve_precision
+
+    expected = "bf16" if _cpu_has_amx() else "fp32"
+    assert resolve_precision("auto", torch.device("cpu")) == expected
+    assert resolve_precision("fp16", torch.device("cpu")) == "fp16"
+
+
+def test_accumulated_gradients_match_one_big_batch():
+    """Two half batches accumulated give the step of the whole batch (no BatchNorm)."""
+    from imagefit.train.learner import Learner
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 5)
+    y = torch.randint(0, 3, (8,))
+    grads = []
+    for accumulate, chunks in ((1, 1), (2, 2)):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(5, 3)
+        learner = Learner.__new__(Learner)
+        learner.model, learner.accumulate, learner.scaler = model, accumulate, None
+        learner.grad_clip, learner.ema, learner.callbacks = None, None, []
+        learner.optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+        task = Task("classification", ["a", "b", "c"])
+        for learner.step, (xs, ys) in enumerate(zip(x.chunk(chunks), y.chunk(chunks))):
+            learner.loss = task.loss(model(xs), ys)
+            if learner.step + 1 == chunks:  # keep the gradient of the last step to compare
+                learner.optimizer.step = lambda: grads.append(model.weight.grad.clone())
+            learner._backward_and_step()
+    torch.testing.assert_close(grads[0], grads[1])

@@ -171,7 +171,8 @@ def build_training(cfg: FitConfig, loaded: LoadedData, device: torch.device) -> 
     task.fit_target_scaling(table.targets[loaded.train_rows])
     targets = task.encode_targets(table.targets)
     torch.manual_seed(cfg.seed)
-    model = create_model(cfg.model, settings.channels, task.n_out, pretrained=cfg.pretrained)
+    model = create_model(cfg.model, settings.channels, task.n_out, pretrained=cfg.pretrained,
+                         dropout=cfg.dropout, drop_path=cfg.drop_path)
     mean, std = _normalization(cfg, model, loaded.prepared.cache.images, loaded.train_rows)
     model = model.to(device, memory_format=torch.channels_last)
     batch_size = training_batch_size(cfg.bs, len(loaded.train_rows))
@@ -214,10 +215,30 @@ def apply_pretrained_source(cfg: FitConfig) -> None:
         cfg.channels = 3
 
 
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """'auto': bf16 on CUDA when supported (fp16 with a grad scaler otherwise) and on CPUs
+    with AMX tiles; fp32 on other CPUs, where bf16 is slower."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if _cpu_has_amx() else "fp32"
+
+
+def _cpu_has_amx() -> bool:
+    try:
+        return "amx_bf16" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
 def make_learner(cfg: FitConfig, parts: TrainingParts, callbacks=(), **extra) -> Learner:
+    device = next(parts.model.parameters()).device
+    cfg.precision = resolve_precision(cfg.precision, device)
     return Learner(parts.model, parts.task, parts.loaders["train"], parts.loaders["valid"],
                    parts.pipeline, optimizer=cfg.opt, weight_decay=cfg.wd, seed=cfg.seed,
-                   callbacks=callbacks, **extra)
+                   precision=cfg.precision, grad_clip=cfg.grad_clip,
+                   accumulate=cfg.accumulate, ema_decay=cfg.ema, callbacks=callbacks, **extra)
 
 
 def make_schedule(cfg: FitConfig) -> tuple[int, Schedule, Schedule | None]:
@@ -340,6 +361,8 @@ def _fit(data: str | Path | Table, cfg: FitConfig, callbacks=(), run_dir: Path |
         del learner.history[writer.epochs_saved:]  # an epoch not on disk did not finish
         _write_final_metrics(run_dir, learner, summary, started, interrupted=True)
         raise FitInterrupted(run_dir, writer.epochs_saved) from None
+    if learner.ema is not None:  # the model ends with the averaged weights it was judged on
+        parts.model.load_state_dict(learner.ema.module.state_dict())
     final_row = learner.history[-1]
     if best is not None and best.best_epoch:  # the model now holds the best epoch's weights
         final_row = learner.history[best.best_epoch - 1]

@@ -197,6 +197,24 @@ class FitConfig(ImageOptions):
     train_bn: bool = Field(
         True, description="while frozen, keep training the body's BatchNorm weights"
     )
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description="arithmetic: 'auto' is bf16 autocast on CUDA GPUs that support it (fp16 "
+        "with a grad scaler on older ones) and on CPUs with AMX, else fp32",
+    )
+    grad_clip: float | None = Field(None, gt=0, description="clip the gradient norm to this")
+    accumulate: int = Field(
+        1, ge=1, description="accumulate gradients over this many batches per step"
+    )
+    ema: float | None = Field(
+        None, gt=0, lt=1,
+        description="keep an exponential moving average of the weights with this decay "
+        "(e.g. 0.999); validation and the saved model use it",
+    )
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout before the classifier (timm)")
+    drop_path: float = Field(
+        0.0, ge=0, lt=1, description="stochastic depth rate (timm models that support it)"
+    )
     opt: str = Field(
         "adamw",
         description="optimizer: adamw, sgd (Nesterov), momentum, radam, ranger, "

@@ -39,8 +39,8 @@ def pretrained_statistics(model: nn.Module, channels: int,
     return mean, std
 
 
-def create_model(name: str, in_chans: int, n_out: int, *,
-                 pretrained: str | None = None) -> nn.Module:
+def create_model(name: str, in_chans: int, n_out: int, *, pretrained: str | None = None,
+                 dropout: float = 0.0, drop_path: float = 0.0) -> nn.Module:
     """A model taking ``in_chans`` channels and giving ``n_out`` raw outputs.
 
     ``pretrained``: 'timm' for timm's hub weights (needs the network once), a named source
@@ -48,6 +48,9 @@ def create_model(name: str, in_chans: int, n_out: int, *,
     if name in MODELS:
         if pretrained:
             raise ImagefitError(f"model {name} has no pretrained weights: leave out --pretrained")
+        if dropout or drop_path:
+            raise ImagefitError(f"model {name} has no dropout or drop path: leave out "
+                                "--dropout and --drop-path, or choose a timm model")
         return MODELS[name](in_chans, n_out)
     if not timm.is_model(name):
         known = list(MODELS) + timm.list_models()
@@ -58,8 +61,11 @@ def create_model(name: str, in_chans: int, n_out: int, *,
             "(`python -c 'import timm; print(timm.list_models())'` lists them)"
         )
     try:
+        regularization = {"drop_rate": dropout} if dropout else {}
+        if drop_path:
+            regularization["drop_path_rate"] = drop_path
         model = timm.create_model(name, pretrained=pretrained == "timm", in_chans=in_chans,
-                                  num_classes=n_out)
+                                  num_classes=n_out, **regularization)
     except (OSError, RuntimeError) as error:
         if pretrained != "timm":
             raise

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterable
 
 import torch
+from timm.utils import ModelEmaV3
 from torch import nn
 
 from ..augment.pipeline import BatchPipeline
@@ -41,6 +43,10 @@ class Learner:
         callbacks: Iterable[Callback] = (),
         extra_loaders: dict[str, Loader] | None = None,
         seed: int = 0,
+        precision: str = "fp32",
+        grad_clip: float | None = None,
+        accumulate: int = 1,
+        ema_decay: float | None = None,
     ) -> None:
         self.model = model
         self.task = task
@@ -62,6 +68,11 @@ class Learner:
         self.stop = False
         self.image_size: int | None = None  # None: the cache's size
         self.mixing = True
+        self.precision = precision
+        self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
+        self.grad_clip = grad_clip
+        self.accumulate = accumulate
+        self.ema = ModelEmaV3(model, decay=ema_decay) if ema_decay else None
         self.groups = layer_groups(model)
         self.phase = 0  # fits run so far: fine-tuning runs a frozen fit, then a full one
         self.resume_state: dict | None = None
@@ -141,6 +152,7 @@ class Learner:
         finished = self.epoch + 1 >= self.n_epochs or self.stop
         return {
             "model": self.model.state_dict(),
+            "ema": self.ema.module.state_dict() if self.ema is not None else None,
             "optimizer": self.optimizer.state_dict(),
             "history": self.history,
             "phase": self.phase if finished else self.phase - 1,
@@ -153,6 +165,8 @@ class Learner:
     def load_checkpoint_state(self, state: dict) -> None:
         """Take up a checkpoint: the next ``fit`` calls skip or continue where it stopped."""
         self.model.load_state_dict(state["model"])
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.module.load_state_dict(state["ema"])
         self.history = list(state["history"])
         self.train_seconds = state["train_seconds"]
         self.train_images = state["train_images"]
@@ -179,13 +193,11 @@ class Learner:
             self.x, self.y = self.pipeline.train_batch(x, y, generator, size=self.image_size,
                                                        mix=self.mixing)
             self.emit("before_batch")
-            self.outputs = self.model(self.x)
-            self.loss = self.task.loss(self.outputs, self.y)
+            with self._autocast():
+                self.outputs = self.model(self.x)
+                self.loss = self.task.loss(self.outputs.float(), self.y)
             self.emit("after_loss")
-            self.optimizer.zero_grad(set_to_none=True)
-            self.loss.backward()
-            self.optimizer.step()
-            self.emit("after_step")
+            self._backward_and_step()
             loss_sum += self.loss.detach() * len(y)
             seen += len(y)
             self.step += 1
@@ -201,13 +213,46 @@ class Learner:
 
         return find_lr(self, start_lr, end_lr, steps, progress=progress)
 
+    def _autocast(self):
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def _backward_and_step(self) -> None:
+        """Backward pass; every ``accumulate`` batches: unscale, clip, step, zero, EMA."""
+        loss = self.loss / self.accumulate
+        self.scaler.scale(loss).backward() if self.scaler else loss.backward()
+        if (self.step + 1) % self.accumulate:
+            return
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        if self.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.model)
+        self.emit("after_step")
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """The model validation and prediction use: the EMA of the weights when kept."""
+        return self.ema.module if self.ema is not None else self.model
+
     @torch.no_grad()
     def predict(self, loader: Loader) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw outputs and targets of every batch of ``loader``, on the CPU, in its order."""
-        self.model.eval()
+        model = self.eval_model
+        model.eval()
         outputs, targets = [], []
         for x, y in loader:
-            outputs.append(self.model(self.pipeline(x, size=self.image_size)).float().cpu())
+            with self._autocast():
+                outputs.append(model(self.pipeline(x, size=self.image_size)).float().cpu())
             targets.append(y.cpu())
         return torch.cat(outputs), torch.cat(targets)
 

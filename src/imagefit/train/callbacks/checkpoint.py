@@ -25,7 +25,7 @@ class SnapshotSaver(Callback):
             cycle = self.cycle_ends.index(epochs_done) + 1
             target = self.folder / f"snapshot_{cycle}"
             target.mkdir(parents=True, exist_ok=True)
-            runs.save_model(target, learner.model, {**self.model_info,
+            runs.save_model(target, learner.eval_model, {**self.model_info,
                                                     "epochs_trained": epochs_done})
 
 
@@ -79,10 +79,10 @@ class BestCheckpoint(Callback):
         if improved(value, self.best, self.mode):
             self.best, self.best_epoch = value, len(learner.history)
             self.folder.mkdir(parents=True, exist_ok=True)
-            runs.save_model(self.folder, learner.model,
+            runs.save_model(self.folder, learner.eval_model,
                             {**self.model_info, "epochs_trained": self.best_epoch,
                              self.monitor: value})
 
     def after_fit(self, learner) -> None:
         if self.restore and self.best_epoch:
-            runs.load_weights(learner.model, self.folder)
+            runs.load_weights(learner.eval_model, self.folder)

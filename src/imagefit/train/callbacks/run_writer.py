@@ -24,7 +24,7 @@ class RunWriter(Callback):
     def after_epoch(self, learner) -> None:
         with runs.interrupts_deferred():
             runs.append_metrics_row(self.run_dir, learner.history[-1])
-            runs.save_model(self.run_dir, learner.model,
+            runs.save_model(self.run_dir, learner.eval_model,
                             {**self.model_info, "epochs_trained": len(learner.history)})
             runs.save_checkpoint(self.run_dir, learner.checkpoint_state())
             self.epochs_saved = len(learner.history)
