@@ -364,6 +364,6 @@ def test_accumulated_gradients_match_one_big_batch():
         for learner.step, (xs, ys) in enumerate(zip(x.chunk(chunks), y.chunk(chunks))):
             learner.loss = task.loss(model(xs), ys)
             if learner.step + 1 == chunks:  # keep the gradient of the last step to compare
-                learner.optimizer.step = lambda: grads.append(model.weight.grad.clone())
+                learner.optimizer.step = lambda m=model: grads.append(m.weight.grad.clone())
             learner._backward_and_step()
     torch.testing.assert_close(grads[0], grads[1])
