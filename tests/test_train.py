@@ -367,3 +367,32 @@ def test_accumulated_gradients_match_one_big_batch():
                 learner.optimizer.step = lambda m=model: grads.append(m.weight.grad.clone())
             learner._backward_and_step()
     torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_head_on_precomputed_features_gets_the_full_forward_gradients():
+    from imagefit.train.precompute import body_features
+
+    torch.manual_seed(0)
+    model = imagefit.models.create_model("resnet18", 3, 4).eval()
+    x, y = torch.randn(6, 3, 32, 32), torch.randint(0, 4, (6,))
+    task = Task("classification", list("abcd"))
+    head = model.get_classifier()
+    with torch.no_grad():
+        features = body_features(model, x)
+    task.loss(head(features), y).backward()
+    from_features = head.weight.grad.clone()
+    model.zero_grad()
+    task.loss(model(x), y).backward()
+    torch.testing.assert_close(from_features, head.weight.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_precompute_epochs_then_the_full_model(tmp_path):
+    result = imagefit.fit("builtin:digits", model="resnet18", image_size=16, bs=64,
+                          precompute_epochs=2, freeze_epochs=0, epochs=1, lr=3e-3,
+                          runs_dir=str(tmp_path), progress=False)
+    assert [row["epoch"] for row in result.history] == [1, 2, 3]
+    assert result.metrics["feature_seconds"] > 0
+    assert result.history[1]["train_loss"] < result.history[0]["train_loss"]
+    with pytest.raises(ImagefitError, match=r"cannot precompute features"):
+        imagefit.fit("builtin:digits", precompute_epochs=1, runs_dir=str(tmp_path),
+                     progress=False)

@@ -61,6 +61,7 @@ from .train.callbacks import (
 )
 from .train.learner import Learner
 from .train.lr_finder import LRFinderResult
+from .train.precompute import fit_head_on_features
 from .train.schedules import Schedule
 
 MIN_STEPS_PER_EPOCH = 32
@@ -346,6 +347,9 @@ def _fit(data: str | Path | Table, cfg: FitConfig, callbacks=(), run_dir: Path |
         "cache_seconds": round(loaded.cache_seconds, 3),
     }
     try:
+        if cfg.precompute_epochs and resume_state is None:
+            summary["feature_seconds"] = round(
+                fit_head_on_features(learner, cfg.precompute_epochs, float(cfg.lr)), 3)
         freeze_epochs = cfg.freeze_epochs if cfg.freeze_epochs is not None else int(
             bool(cfg.pretrained))
         if freeze_epochs:

@@ -183,6 +183,11 @@ class FitConfig(ImageOptions):
     snapshots: bool = Field(
         False, description="SGDR: save the model at the end of every cycle (snapshot ensembles)"
     )
+    precompute_epochs: int = Field(
+        0, ge=0,
+        description="first train the classifier this many epochs on features the frozen body "
+        "computes once (no augmentation); needs a timm model, best with --pretrained",
+    )
     freeze_epochs: int | None = Field(
         None, ge=0,
         description="first train the head alone for this many epochs, then everything "

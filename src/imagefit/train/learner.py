@@ -256,9 +256,13 @@ class Learner:
             targets.append(y.cpu())
         return torch.cat(outputs), torch.cat(targets)
 
+    def score(self, outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+        """Loss and the task's metrics of raw ``outputs`` against ``targets``."""
+        outputs, targets = outputs.float().cpu(), targets.cpu()
+        return {"loss": self.task.loss(outputs, targets).item(),
+                **compute_metrics(self.task, outputs, targets)}
+
     def evaluate(self, loader: Loader, prefix: str = "") -> dict[str, float]:
         """Loss and the task's metrics over ``loader``."""
-        outputs, targets = self.predict(loader)
-        results = {"loss": self.task.loss(outputs, targets).item()}
-        results.update(compute_metrics(self.task, outputs, targets))
+        results = self.score(*self.predict(loader))
         return {prefix + name: value for name, value in results.items()}

@@ -26,5 +26,6 @@ class RunWriter(Callback):
             runs.append_metrics_row(self.run_dir, learner.history[-1])
             runs.save_model(self.run_dir, learner.eval_model,
                             {**self.model_info, "epochs_trained": len(learner.history)})
-            runs.save_checkpoint(self.run_dir, learner.checkpoint_state())
+            if learner.optimizer is not None:  # head training on precomputed features
+                runs.save_checkpoint(self.run_dir, learner.checkpoint_state())  # has none
             self.epochs_saved = len(learner.history)
