@@ -95,10 +95,27 @@ def augment_accuracy(result: dict) -> list[str]:
     return lines
 
 
+def transfer(result: dict) -> list[str]:
+    lines = ["## Transfer learning on 1,000 Fashion-MNIST images (64 px, RGB)", ""]
+    lines += header(result)
+    lines += ["| side | test accuracy per seed | median | spread |", "|---|---|---|---|"]
+    lines += [f"| {name} | {', '.join(f'{a:.4f}' for a in r['test_accuracy'])} | "
+              f"{r['median']:.4f} | {r['spread']:.4f} |" for name, r in result["accuracy"].items()]
+    lines += [
+        "",
+        f"Head training, seconds per epoch: **{result['head_epoch_seconds_precomputed']:.3f}** on "
+        f"precomputed features against **{result['head_epoch_seconds_full_forward']:.2f}** with "
+        f"full forward passes through the frozen body: **{result['speedup']:.1f}x** (computing "
+        f"the features once took {result['feature_seconds']:.1f} s).",
+    ]
+    return lines
+
+
 SECTIONS = {"fashion_mnist_default": fashion_mnist_default,
             "fashion_mnist_folder": fashion_mnist_folder,
             "augment": augment,
-            "augment_accuracy": augment_accuracy}
+            "augment_accuracy": augment_accuracy,
+            "transfer": transfer}
 
 
 def main() -> None:
