@@ -51,7 +51,10 @@ def _choices(annotation: Any) -> list | None:
 
 
 def add_options(parser: argparse.ArgumentParser, model: type[Options]) -> None:
-    """One flag per field of ``model``; unset flags stay absent so the file's values hold."""
+    """--config, then one flag per field of ``model``; unset flags stay absent so the file's
+    values hold."""
+    parser.add_argument("--config", metavar="FILE",
+                        help="YAML file of options (the flags' names as keys); flags override it")
     group = parser.add_argument_group("options (also accepted as keys of --config FILE)")
     for name, field in model.model_fields.items():
         flag = "--" + name.replace("_", "-")
@@ -113,7 +116,6 @@ def build_parser() -> argparse.ArgumentParser:
                      "CSV file, or builtin:digits / builtin:fashion-mnist")
     fit.add_argument("--resume", metavar="RUN", help="continue the stopped or killed fit of "
                      "this run directory from its last finished epoch (no DATA or options)")
-    fit.add_argument("--config", metavar="FILE", help="YAML file of options; flags override it")
     add_options(fit, FitConfig)
 
     predict = commands.add_parser(
@@ -126,7 +128,6 @@ def build_parser() -> argparse.ArgumentParser:
                          help="image file, folder of images, or CSV file of paths")
     predict.add_argument("--out", metavar="CSV", help="write the predictions to this CSV file "
                          "(default: print them)")
-    predict.add_argument("--config", metavar="FILE", help="YAML file of options")
     add_options(predict, PredictOptions)
 
     evaluate = commands.add_parser(
@@ -137,7 +138,6 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("run", metavar="RUN", help="run directory written by imagefit fit")
     evaluate.add_argument("data", metavar="DATA", help="folder, CSV file or builtin:NAME")
     evaluate.add_argument("--out", metavar="JSON", help="also write the metrics to this file")
-    evaluate.add_argument("--config", metavar="FILE", help="YAML file of options")
     add_options(evaluate, EvaluateOptions)
 
     finder = commands.add_parser(
@@ -149,7 +149,6 @@ def build_parser() -> argparse.ArgumentParser:
     finder.add_argument("data", metavar="DATA", help="folder, CSV file or builtin:NAME")
     finder.add_argument("--out", metavar="PNG", default="lr_find.png",
                         help="where to save the plot (default: lr_find.png)")
-    finder.add_argument("--config", metavar="FILE", help="YAML file of options")
     add_options(finder, FitConfig)
 
     show = commands.add_parser(
@@ -159,7 +158,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     show.add_argument("data", metavar="DATA", help="folder, CSV file or builtin:NAME")
     show.add_argument("--out", metavar="PNG", required=True, help="where to save the grid")
-    show.add_argument("--config", metavar="FILE", help="YAML file of options")
     add_options(show, ShowBatchOptions)
     return parser
 

@@ -13,6 +13,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 
+def _save(figure, path: str | Path) -> Path:
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
 def save_image_grid(images: torch.Tensor, titles: Sequence[str], path: str | Path,
                     columns: int | None = None, title: str | None = None) -> Path:
     """A grid of float images in [0, 1] (N, C, H, W), each with its title, as a PNG."""
@@ -33,12 +42,7 @@ def save_image_grid(images: torch.Tensor, titles: Sequence[str], path: str | Pat
         axis.set_title(titles[index], fontsize=8)
     if title:
         figure.suptitle(title, fontsize=10)
-    figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
+    return _save(figure, path)
 
 
 def save_lr_finder_plot(result, path: str | Path) -> Path:
@@ -56,9 +60,4 @@ def save_lr_finder_plot(result, path: str | Path) -> Path:
     if result.suggestions:
         axis.legend()
     axis.set_title("LR finder")
-    figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
+    return _save(figure, path)
