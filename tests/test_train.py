@@ -396,3 +396,30 @@ def test_precompute_epochs_then_the_full_model(tmp_path):
     with pytest.raises(ImagefitError, match=r"cannot precompute features"):
         imagefit.fit("builtin:digits", precompute_epochs=1, runs_dir=str(tmp_path),
                      progress=False)
+
+
+def test_concat_pool_head_trains_saves_loads_and_precomputes(tmp_path):
+    from imagefit.models.groups import layer_groups
+
+    model = imagefit.models.create_model("resnet18", 1, 5, head="concat_pool")
+    assert model(torch.randn(4, 1, 32, 32)).shape == (4, 5)
+    groups = layer_groups(model)
+    assert groups[-1] == list(model.head.parameters())
+    result = imagefit.fit("builtin:digits", model="resnet18", head="concat_pool",
+                          image_size=16, precompute_epochs=1, epochs=1,
+                          runs_dir=str(tmp_path), progress=False)
+    scores = imagefit.evaluate(result.run_dir, "builtin:digits", progress=False)
+    assert scores["accuracy"] == pytest.approx(result.metrics["valid_accuracy"], abs=1e-6)
+
+
+def test_recipe_runs_sgdr_cycles_until_validation_stops_improving(tmp_path):
+    result = imagefit.fit("builtin:digits", recipe=True, recipe_max_cycles=3,
+                          runs_dir=str(tmp_path), progress=False)
+    config = (result.run_dir / "config.yaml").read_text()
+    assert "recipe: true" in config and "augment: side_on" in config
+    assert (result.run_dir / "plots" / "lr_find.png").is_file()
+    cycles = result.metrics["recipe_cycles"]
+    assert 1 <= cycles <= 3
+    # 2 frozen epochs, then cycles of 1, 2, 4 epochs
+    assert result.metrics["epochs"] == 2 + sum(2**k for k in range(cycles))
+    assert result.metrics["valid_accuracy"] > 0.9

@@ -61,7 +61,7 @@ from .train.callbacks import (
 )
 from .train.learner import Learner
 from .train.lr_finder import LRFinderResult
-from .train.precompute import fit_head_on_features
+from .train.precompute import fit_head_on_features, supports_precompute
 from .train.schedules import Schedule
 
 MIN_STEPS_PER_EPOCH = 32
@@ -173,7 +173,7 @@ def build_training(cfg: FitConfig, loaded: LoadedData, device: torch.device) -> 
     targets = task.encode_targets(table.targets)
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.model, settings.channels, task.n_out, pretrained=cfg.pretrained,
-                         dropout=cfg.dropout, drop_path=cfg.drop_path)
+                         dropout=cfg.dropout, drop_path=cfg.drop_path, head=cfg.head)
     mean, std = _normalization(cfg, model, loaded.prepared.cache.images, loaded.train_rows)
     model = model.to(device, memory_format=torch.channels_last)
     batch_size = training_batch_size(cfg.bs, len(loaded.train_rows))
@@ -190,6 +190,7 @@ def build_training(cfg: FitConfig, loaded: LoadedData, device: torch.device) -> 
     model_info = {
         "imagefit_version": __version__,
         "architecture": cfg.model,
+        "head": cfg.head,
         "task": task.to_dict(),
         "image_size": cfg.image_sizes[-1] if cfg.image_sizes else settings.size,
         "channels": settings.channels,
@@ -269,7 +270,60 @@ def fit(data: str | Path | Table, config: FitConfig | None = None, *,
     ``from_arrays``) and write a run directory; ``options`` override ``config``'s fields and
     ``callbacks`` join the learner's own."""
     cfg: FitConfig = merge_options(FitConfig, config, options)
+    apply_recipe(cfg)
     return _fit(data, cfg, callbacks)
+
+
+RECIPE_DEFAULTS = {"lr": "auto", "freeze_epochs": 2, "augment": "side_on", "cycle_len": 1,
+                   "cycle_mult": 2}
+
+
+def apply_recipe(cfg: FitConfig) -> None:
+    """--recipe's defaults for what the user left unset (before the data is read)."""
+    if not cfg.recipe:
+        return
+    for name, value in RECIPE_DEFAULTS.items():
+        if name not in cfg.model_fields_set:
+            setattr(cfg, name, value)
+
+
+def _train(learner: Learner, cfg: FitConfig, epochs: int, lr_schedule: Schedule,
+           momentum: Schedule | None, summary: dict, resuming: bool) -> None:
+    """The phases of a fit: head on precomputed features, frozen head, then everything
+    (with discriminative rates), as one schedule or, with --recipe, SGDR cycles until the
+    validation metric stops improving."""
+    lr = float(cfg.lr)
+    if cfg.recipe and learner.valid_loader is None:
+        raise ImagefitError("--recipe stops when validation stops improving: give --valid-pct "
+                            "above 0 or a validation split")
+    if cfg.precompute_epochs and not resuming:
+        summary["feature_seconds"] = round(
+            fit_head_on_features(learner, cfg.precompute_epochs, lr), 3)
+    freeze_epochs = cfg.freeze_epochs if cfg.freeze_epochs is not None else int(
+        bool(cfg.pretrained))
+    if freeze_epochs:
+        learner.freeze(cfg.train_bn)
+        learner.fit(freeze_epochs, schedules.one_cycle(lr, cfg.pct_start),
+                    schedules.one_cycle_momentum(pct_start=cfg.pct_start))
+        learner.unfreeze()
+    lr_low = cfg.lr_low or (lr / 100 if cfg.pretrained or cfg.recipe else None)
+    if lr_low:
+        learner.discriminative(lr_low, lr)
+    if not cfg.recipe:
+        learner.fit(epochs, lr_schedule, momentum)
+        return
+    column = f"valid_{learner.task.main_metric}"
+    higher = HIGHER_IS_BETTER[learner.task.main_metric]
+    best = None
+    for cycle in range(cfg.recipe_max_cycles):
+        history = learner.fit(cfg.cycle_len * cfg.cycle_mult**cycle,
+                              schedules.cosine(lr, lr / 1e3))
+        value = history[-1][column]
+        if best is not None and (value <= best if higher else value >= best):
+            summary["recipe_cycles"] = cycle + 1
+            return
+        best = value
+    summary["recipe_cycles"] = cfg.recipe_max_cycles
 
 
 def resume(run: str | Path, callbacks: list[Callback] | tuple = ()) -> FitResult:
@@ -301,6 +355,9 @@ def _fit(data: str | Path | Table, cfg: FitConfig, callbacks=(), run_dir: Path |
         cfg.lr = finder.suggestions["valley"]
         print(f"lr auto: {cfg.lr:.2e} (the LR finder's valley)")
     epochs, lr_schedule, momentum_schedule = make_schedule(cfg)
+    if cfg.recipe and "precompute_epochs" not in cfg.model_fields_set:
+        # the recipe's step 2, where the model has a separate body and classifier
+        cfg.precompute_epochs = 2 if supports_precompute(parts.model) else 0
 
     if run_dir is None:
         run_dir = runs.new_run_dir(cfg.runs_dir, cfg.name or _run_name(data))
@@ -347,20 +404,8 @@ def _fit(data: str | Path | Table, cfg: FitConfig, callbacks=(), run_dir: Path |
         "cache_seconds": round(loaded.cache_seconds, 3),
     }
     try:
-        if cfg.precompute_epochs and resume_state is None:
-            summary["feature_seconds"] = round(
-                fit_head_on_features(learner, cfg.precompute_epochs, float(cfg.lr)), 3)
-        freeze_epochs = cfg.freeze_epochs if cfg.freeze_epochs is not None else int(
-            bool(cfg.pretrained))
-        if freeze_epochs:
-            learner.freeze(cfg.train_bn)
-            learner.fit(freeze_epochs, schedules.one_cycle(float(cfg.lr), cfg.pct_start),
-                        schedules.one_cycle_momentum(pct_start=cfg.pct_start))
-            learner.unfreeze()
-        lr_low = cfg.lr_low or (float(cfg.lr) / 100 if cfg.pretrained else None)
-        if lr_low:
-            learner.discriminative(lr_low, float(cfg.lr))
-        learner.fit(epochs, lr_schedule, momentum_schedule)
+        _train(learner, cfg, epochs, lr_schedule, momentum_schedule, summary,
+               resuming=resume_state is not None)
     except KeyboardInterrupt:
         del learner.history[writer.epochs_saved:]  # an epoch not on disk did not finish
         _write_final_metrics(run_dir, learner, summary, started, interrupted=True)
@@ -510,7 +555,8 @@ def load_model(run: str | Path, device: str = "auto") -> LoadedModel:
     """The model of a run directory, from safetensors + JSON (no code is unpickled)."""
     info = runs.read_model_info(run)
     task = Task.from_dict(info["task"])
-    model = create_model(info["architecture"], info["channels"], task.n_out)
+    model = create_model(info["architecture"], info["channels"], task.n_out,
+                         head=info.get("head", "timm"))
     runs.load_weights(model, run)
     model = model.to(resolve_device(device), memory_format=torch.channels_last).eval()
     settings = CacheSettings(info["image_size"], info["channels"], info["resize"])

@@ -183,6 +183,13 @@ class FitConfig(ImageOptions):
     snapshots: bool = Field(
         False, description="SGDR: save the model at the end of every cycle (snapshot ensembles)"
     )
+    recipe: bool = Field(
+        False,
+        description="the reference 8-step recipe: LR finder, head on precomputed features, "
+        "head with augmentation (side_on unless --augment), unfreeze with discriminative "
+        "rates, then SGDR cycles (--cycle-len, --cycle-mult) until validation stops improving",
+    )
+    recipe_max_cycles: int = Field(5, ge=1, description="--recipe: most SGDR cycles to run")
     precompute_epochs: int = Field(
         0, ge=0,
         description="first train the classifier this many epochs on features the frozen body "
@@ -216,7 +223,16 @@ class FitConfig(ImageOptions):
         description="keep an exponential moving average of the weights with this decay "
         "(e.g. 0.999); validation and the saved model use it",
     )
-    dropout: float = Field(0.0, ge=0, lt=1, description="dropout before the classifier (timm)")
+    head: Literal["timm", "concat_pool"] = Field(
+        "timm",
+        description="classifier head: the timm model's own, or concat_pool (average+max "
+        "pooling, BatchNorm, dropout, linear, ReLU, BatchNorm, dropout, linear)",
+    )
+    dropout: float = Field(
+        0.0, ge=0, lt=1,
+        description="dropout before the classifier (concat_pool head: its dropout, default "
+        "0.5)",
+    )
     drop_path: float = Field(
         0.0, ge=0, lt=1, description="stochastic depth rate (timm models that support it)"
     )

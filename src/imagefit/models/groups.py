@@ -10,6 +10,8 @@ def layer_groups(model: nn.Module) -> list[list[nn.Parameter]]:
     """The model's parameters from input to output in coarse groups (timm's group_matcher:
     stem, each stage, head); one group when the model has no matcher. The last group holds
     the classifier."""
+    if hasattr(model, "body") and hasattr(model, "head"):  # models.heads.WithHead
+        return [*layer_groups(model.body), list(model.head.parameters())]
     if not hasattr(model, "group_matcher"):
         return [list(model.parameters())]
     named = dict(model.named_parameters())

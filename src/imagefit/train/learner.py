@@ -75,6 +75,7 @@ class Learner:
         self.ema = ModelEmaV3(model, decay=ema_decay) if ema_decay else None
         self.groups = layer_groups(model)
         self.phase = 0  # fits run so far: fine-tuning runs a frozen fit, then a full one
+        self.phase_ends: list[int] = []  # epochs in the history when each fit ended
         self.resume_state: dict | None = None
         self.lr_scales: list[float] | None = None  # per layer group, for discriminative lrs
 
@@ -120,7 +121,7 @@ class Learner:
         if resume is not None:
             if resume["phase"] > phase:  # this fit had finished before the interruption
                 self.resume_state = resume
-                return self.history
+                return self.history[:self.phase_ends[phase]]
             start = resume["epoch_in_phase"]
         self.optimizer = make_optimizer(self.model, self.optimizer_name, lr(0.0),
                                         self.weight_decay, self.groups, self.lr_scales)
@@ -144,6 +145,7 @@ class Learner:
             self.emit("after_epoch")
             if self.stop:
                 break
+        self.phase_ends.append(len(self.history))
         self.emit("after_fit")
         return self.history
 
@@ -156,6 +158,7 @@ class Learner:
             "optimizer": self.optimizer.state_dict(),
             "history": self.history,
             "phase": self.phase if finished else self.phase - 1,
+            "phase_ends": self.phase_ends + ([len(self.history)] if finished else []),
             "epoch_in_phase": 0 if finished else self.epoch + 1,
             "torch_rng": torch.get_rng_state(),
             "train_seconds": self.train_seconds,
@@ -168,6 +171,7 @@ class Learner:
         if self.ema is not None and state.get("ema") is not None:
             self.ema.module.load_state_dict(state["ema"])
         self.history = list(state["history"])
+        self.phase_ends = list(state["phase_ends"])
         self.train_seconds = state["train_seconds"]
         self.train_images = state["train_images"]
         self.resume_state = state

@@ -20,10 +20,14 @@ def body_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return model.forward_head(model.forward_features(x), pre_logits=True)
 
 
+def supports_precompute(model: nn.Module) -> bool:
+    return hasattr(model, "forward_features") and hasattr(model, "get_classifier")
+
+
 @torch.no_grad()
 def precompute(model: nn.Module, loader: Loader, pipeline) -> tuple[torch.Tensor, torch.Tensor]:
     """Features and targets of every batch of ``loader``, body in eval mode, no augmentation."""
-    if not (hasattr(model, "forward_features") and hasattr(model, "get_classifier")):
+    if not supports_precompute(model):
         raise ImagefitError(f"{type(model).__name__} cannot precompute features: choose a "
                             "timm model, or leave out --precompute-epochs")
     model.eval()
