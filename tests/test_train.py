@@ -423,3 +423,34 @@ def test_recipe_runs_sgdr_cycles_until_validation_stops_improving(tmp_path):
     # 2 frozen epochs, then cycles of 1, 2, 4 epochs
     assert result.metrics["epochs"] == 2 + sum(2**k for k in range(cycles))
     assert result.metrics["valid_accuracy"] > 0.9
+
+
+def test_every_step_records_lr_momentum_and_loss(tmp_path):
+    import pandas as pd
+
+    result = imagefit.fit("builtin:digits", epochs=2, lr=0.01, runs_dir=str(tmp_path),
+                          progress=False)
+    steps = pd.read_csv(result.run_dir / "steps.csv")
+    per_epoch = len(steps) // 2
+    assert len(steps) == 2 * per_epoch and per_epoch >= 16
+    assert steps["lr"].iloc[0] == pytest.approx(0.01 / 25)
+    assert steps["lr"].max() == pytest.approx(0.01, rel=0.05)
+    assert steps["momentum"].iloc[0] == pytest.approx(0.95)
+    assert steps["momentum"].min() == pytest.approx(0.85, abs=0.01)
+    assert steps["loss"].notna().all()
+    assert (result.run_dir / "plots" / "training.png").stat().st_size > 10_000
+
+
+def test_frozen_batchnorm_statistics_stay_without_train_bn():
+    from imagefit.api import build_training, load_data, make_learner
+    from imagefit.config import FitConfig
+
+    cfg = FitConfig(progress=False)
+    parts = build_training(cfg, load_data("builtin:digits", cfg), torch.device("cpu"))
+    learner = make_learner(cfg, parts)
+    stem_norm = parts.model.stem[1]
+    for train_bn, should_change in ((False, False), (True, True)):
+        before = stem_norm.running_mean.clone()
+        learner.freeze(train_bn=train_bn)
+        learner.fit(1, schedules.constant(1e-3))
+        assert torch.equal(before, stem_norm.running_mean) != should_change

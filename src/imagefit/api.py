@@ -46,7 +46,7 @@ from .models import (
     default_model_name,
     pretrained_statistics,
 )
-from .report.plots import save_image_grid, save_lr_finder_plot
+from .report.plots import save_image_grid, save_lr_finder_plot, save_training_plot
 from .tasks import HIGHER_IS_BETTER, Task
 from .train import schedules
 from .train.callbacks import (
@@ -410,6 +410,8 @@ def _fit(data: str | Path | Table, cfg: FitConfig, callbacks=(), run_dir: Path |
         del learner.history[writer.epochs_saved:]  # an epoch not on disk did not finish
         _write_final_metrics(run_dir, learner, summary, started, interrupted=True)
         raise FitInterrupted(run_dir, writer.epochs_saved) from None
+    runs.save_steps(run_dir, learner.step_log)
+    save_training_plot(learner.step_log, learner.history, run_dir / "plots" / "training.png")
     if learner.ema is not None:  # the model ends with the averaged weights it was judged on
         parts.model.load_state_dict(learner.ema.module.state_dict())
     final_row = learner.history[-1]

@@ -276,7 +276,9 @@ class FitConfig(ImageOptions):
         "'pretrained' uses those the pretrained weights were trained with (e.g. ImageNet's); "
         "'auto' is 'pretrained' with --pretrained, else 'data'",
     )
-    loss: Literal["mse", "l1"] = Field("mse", description="regression loss")
+    loss: Literal["mse", "l1", "huber"] = Field(
+        "mse", description="regression loss (on standardized targets)"
+    )
     device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'")
     runs_dir: str = Field("runs", description="folder that receives the run directories")
     name: str | None = Field(None, description="name of the run (default: from the data)")

@@ -164,3 +164,13 @@ def write_metrics_rows(run_dir: Path, rows: list[dict]) -> None:
     path.unlink(missing_ok=True)
     for row in rows:
         append_metrics_row(run_dir, row)
+
+
+def save_steps(run_dir: Path, step_log: list[dict]) -> None:
+    """steps.csv: the learning rate, momentum and training loss of every step."""
+    rows = ["step,lr,momentum,loss"]
+    for row in step_log:
+        momentum = "" if row.get("momentum") is None else f"{row['momentum']:.6g}"
+        loss = f"{float(row['loss']):.6g}" if "loss" in row else ""
+        rows.append(f"{row['step']},{row['lr']:.6g},{momentum},{loss}")
+    write_atomic(Path(run_dir) / "steps.csv", "\n".join(rows) + "\n")

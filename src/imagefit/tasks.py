@@ -43,7 +43,7 @@ class Task:
 
     kind: TaskKind
     names: list[str]
-    regression_loss: Literal["mse", "l1"] = "mse"
+    regression_loss: Literal["mse", "l1", "huber"] = "mse"
     threshold: float = 0.5
     label_smoothing: float = 0.0
     target_mean: list[float] = field(default_factory=list)
@@ -89,6 +89,8 @@ class Task:
             return F.binary_cross_entropy_with_logits(outputs, targets)
         if self.regression_loss == "l1":
             return F.l1_loss(outputs, targets)
+        if self.regression_loss == "huber":
+            return F.huber_loss(outputs, targets)
         return F.mse_loss(outputs, targets)
 
     def activate(self, outputs: torch.Tensor) -> torch.Tensor:

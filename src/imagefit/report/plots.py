@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 
@@ -60,4 +61,33 @@ def save_lr_finder_plot(result, path: str | Path) -> Path:
     if result.suggestions:
         axis.legend()
     axis.set_title("LR finder")
+    return _save(figure, path)
+
+
+def save_training_plot(step_log: list[dict], history: list[dict], path: str | Path) -> Path:
+    """Learning rate and momentum per step, and loss per step (raw and moving average) with
+    validation loss per epoch."""
+    steps = [row["step"] for row in step_log]
+    figure, (rates, moms, losses) = plt.subplots(1, 3, figsize=(14, 3.6))
+    rates.plot(steps, [row["lr"] for row in step_log])
+    rates.set_title("learning rate")
+    momentum = [row["momentum"] for row in step_log]
+    if any(m is not None for m in momentum):
+        moms.plot(steps, momentum)
+    moms.set_title("momentum (beta1)")
+    loss = [float(row.get("loss", float("nan"))) for row in step_log]
+    losses.plot(steps, loss, alpha=0.3, label="train (step)")
+    window = max(1, len(loss) // 50)
+    kernel = np.ones(window) / window
+    if len(loss) >= window:
+        losses.plot(steps[window - 1:], np.convolve(loss, kernel, mode="valid"),
+                    label=f"train (mean of {window})")
+    if history and "valid_loss" in history[0] and steps:
+        per_epoch = len(steps) / len(history)
+        losses.plot([per_epoch * (i + 1) for i in range(len(history))],
+                    [row["valid_loss"] for row in history], "o-", label="valid (epoch)")
+    losses.set_title("loss")
+    losses.legend()
+    for axis in (rates, moms, losses):
+        axis.set_xlabel("step")
     return _save(figure, path)

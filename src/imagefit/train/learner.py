@@ -76,6 +76,8 @@ class Learner:
         self.groups = layer_groups(model)
         self.phase = 0  # fits run so far: fine-tuning runs a frozen fit, then a full one
         self.phase_ends: list[int] = []  # epochs in the history when each fit ended
+        self.step_log: list[dict] = []  # learning rate, momentum and loss of every step
+        self.frozen_norms: list[nn.Module] = []
         self.resume_state: dict | None = None
         self.lr_scales: list[float] | None = None  # per layer group, for discriminative lrs
 
@@ -87,6 +89,8 @@ class Learner:
                 handler(self)
 
     def _set_hyper(self, lr: float, momentum: float | None) -> None:
+        self.step_log.append({"step": len(self.step_log) + 1, "lr": lr,
+                              "momentum": momentum})
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
             if momentum is None:
@@ -97,8 +101,14 @@ class Learner:
                 group["momentum"] = momentum
 
     def freeze_to(self, group: int, train_bn: bool = True) -> None:
-        """Train only the layer groups from ``group`` on (negative counts from the end)."""
+        """Train only the layer groups from ``group`` on (negative counts from the end).
+        Without ``train_bn``, the frozen BatchNorm layers also keep their running
+        statistics (they stay in eval mode while the rest trains)."""
         set_trainable(self.model, self.groups, group, train_bn)
+        self.frozen_norms = [
+            m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._NormBase)
+            and not any(p.requires_grad for p in m.parameters())
+        ]
 
     def freeze(self, train_bn: bool = True) -> None:
         """Train the head only (BatchNorm weights of the body too, with ``train_bn``)."""
@@ -161,6 +171,8 @@ class Learner:
             "phase_ends": self.phase_ends + ([len(self.history)] if finished else []),
             "epoch_in_phase": 0 if finished else self.epoch + 1,
             "torch_rng": torch.get_rng_state(),
+            "step_log": [{k: float(v) if isinstance(v, torch.Tensor) else v
+                          for k, v in row.items()} for row in self.step_log],
             "train_seconds": self.train_seconds,
             "train_images": self.train_images,
         }
@@ -172,6 +184,7 @@ class Learner:
             self.ema.module.load_state_dict(state["ema"])
         self.history = list(state["history"])
         self.phase_ends = list(state["phase_ends"])
+        self.step_log = list(state["step_log"])
         self.train_seconds = state["train_seconds"]
         self.train_images = state["train_images"]
         self.resume_state = state
@@ -184,6 +197,8 @@ class Learner:
 
     def _train_epoch(self, lr: Schedule, momentum: Schedule | None) -> float:
         self.model.train()
+        for norm in self.frozen_norms:
+            norm.eval()
         epochs_done = len(self.history)  # over all fits, so each epoch shuffles anew
         self.train_loader.set_epoch(epochs_done)
         generator = torch.Generator(self.device).manual_seed(self.seed * 1009 + epochs_done)
@@ -202,6 +217,7 @@ class Learner:
                 self.loss = self.task.loss(self.outputs.float(), self.y)
             self.emit("after_loss")
             self._backward_and_step()
+            self.step_log[-1]["loss"] = self.loss.detach()
             loss_sum += self.loss.detach() * len(y)
             seen += len(y)
             self.step += 1
