@@ -59,7 +59,9 @@ def add_options(parser: argparse.ArgumentParser, model: type[Options]) -> None:
     for name, field in model.model_fields.items():
         flag = "--" + name.replace("_", "-")
         default = field.default
-        help_text = f"{field.description} (default: {'auto' if default is None else default})"
+        help_text = field.description
+        if "(default" not in help_text:
+            help_text += f" (default: {'auto' if default is None else default})"
         choices = _choices(field.annotation)
         if choices:
             help_text += f"; one of: {', '.join(map(str, choices))}"
