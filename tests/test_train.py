@@ -338,7 +338,7 @@ def test_ema_accumulation_clipping_and_dropout_train(tmp_path):
 
 
 def test_precision_auto_is_fp32_on_a_cpu_without_amx():
-    from imagefit.api import _cpu_has_amx, resolve_precision
+    from imagefit.build import _cpu_has_amx, resolve_precision
 
     expected = "bf16" if _cpu_has_amx() else "fp32"
     assert resolve_precision("auto", torch.device("cpu")) == expected

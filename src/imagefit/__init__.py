@@ -3,20 +3,11 @@ recipe built in."""
 
 __version__ = "0.1.0"
 
-from .api import (  # noqa: E402
-    FitResult,
-    LoadedModel,
-    evaluate,
-    fit,
-    load_model,
-    lr_find,
-    predict,
-    resume,
-    show_batch,
-)
+from .api import FitResult, fit, lr_find, resume, show_batch  # noqa: E402
 from .config import EvaluateOptions, FitConfig, PredictOptions  # noqa: E402
 from .data.sources import Table, from_arrays, read_source  # noqa: E402
 from .errors import FitInterrupted, ImagefitError, ImagefitWarning  # noqa: E402
+from .inference import LoadedModel, evaluate, load_model, predict  # noqa: E402
 
 __all__ = [
     "EvaluateOptions", "FitConfig", "FitInterrupted", "FitResult", "ImagefitError",

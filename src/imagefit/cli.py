@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from . import __version__, api
+from . import __version__, api, inference
 from .config import (
     EvaluateOptions,
     FitConfig,
@@ -184,14 +184,14 @@ def run_command(args: argparse.Namespace) -> int:
         print(result.run_dir)
     elif args.command == "predict":
         options = resolve_options(PredictOptions, args, ("run", "inputs", "out"))
-        frame = api.predict(args.run, args.inputs, args.out, options)
+        frame = inference.predict(args.run, args.inputs, args.out, options)
         if args.out:
             print(f"wrote {len(frame)} predictions to {args.out}")
         else:
             print(frame.to_csv(index=False), end="")
     elif args.command == "evaluate":
         options = resolve_options(EvaluateOptions, args, ("run", "data", "out"))
-        results = api.evaluate(args.run, args.data, args.out, options)
+        results = inference.evaluate(args.run, args.data, args.out, options)
         for name, value in results.items():
             print(f"{name}: {value:.4f}" if isinstance(value, float) else f"{name}: {value}")
     elif args.command == "lr-find":

@@ -1,0 +1,265 @@
+"""Assembling a fit from options: data read and cached, task, model, normalization,
+pipeline, loaders, learner and schedule. ``api`` calls these; users call ``api``."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import __version__
+from .augment.color import pca_statistics
+from .augment.pipeline import BatchPipeline
+from .augment.presets import resolve_augment
+from .config import (
+    AugmentOptions,
+    FitConfig,
+    ImageOptions,
+)
+from .data.cache import CacheSettings
+from .data.loader import Loader
+from .data.prepare import PreparedImages, channel_stats, prepare_images, resolve_settings
+from .data.sources import Table, read_source
+from .data.splits import assign_validation
+from .errors import ImagefitError
+from .models import (
+    PRETRAINED_SOURCES,
+    create_model,
+    default_model_name,
+    pretrained_statistics,
+)
+from .tasks import HIGHER_IS_BETTER, Task
+from .train import schedules
+from .train.learner import Learner
+from .train.schedules import Schedule
+
+MIN_STEPS_PER_EPOCH = 32
+
+
+MIN_BATCH_SIZE = 8
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ImagefitError(f"option --device: unknown device '{name}'; use auto, cpu or cuda")\
+            from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ImagefitError("option --device: CUDA is not available here; use --device cpu")
+    return device
+
+
+def training_batch_size(requested: int, n_train: int) -> int:
+    """The requested batch size, lowered (to a power of two, at least 8) when the training
+    set is too small for 32 steps per epoch: small datasets need more, smaller steps."""
+    if n_train >= requested * MIN_STEPS_PER_EPOCH:
+        return requested
+    fitting = 2 ** int(np.log2(max(n_train // MIN_STEPS_PER_EPOCH, 1)))
+    return max(min(requested, fitting, n_train), min(MIN_BATCH_SIZE, n_train))
+
+
+@dataclass
+class LoadedData:
+    """A source read, split and cached, with its resolved augmentation."""
+
+    table: Table
+    settings: CacheSettings
+    prepared: PreparedImages
+    train_rows: np.ndarray
+    valid_rows: np.ndarray
+    test_rows: np.ndarray
+    augment: AugmentOptions
+    lighting: dict | None
+    cache_seconds: float
+
+
+def load_data(data: str | Path | Table, cfg: ImageOptions) -> LoadedData:
+    """Read ``data``, carve the validation split, decode the images once into the cache and
+    resolve the augmentation; fills ``cfg``'s automatic image size and channels."""
+    table = data if isinstance(data, Table) else read_source(data, cfg)
+    table = assign_validation(table, cfg.valid_pct, cfg.seed, cfg.stratify)
+    if cfg.image_sizes and cfg.image_size is None:
+        cfg.image_size = max(cfg.image_sizes)
+    settings = resolve_settings(table, cfg.image_size, cfg.channels, cfg.resize, cfg.seed)
+    started = time.perf_counter()
+    prepared = prepare_images(table, settings, cache_dir=cfg.cache_dir, strict=cfg.strict,
+                              progress=cfg.progress)
+    cache_seconds = time.perf_counter() - started
+    train_rows, valid_rows, test_rows = (prepared.rows(table, s)
+                                         for s in ("train", "valid", "test"))
+    if len(train_rows) == 0:
+        raise ImagefitError(f"{table.description} has no readable training images")
+    cfg.image_size, cfg.channels = settings.size, settings.channels
+    augment = cfg.augment_options = resolve_augment(cfg.augment, cfg.augment_options)
+    lighting = None
+    if augment.lighting and settings.channels == 3:
+        sample = np.random.default_rng(cfg.seed).choice(train_rows, min(len(train_rows), 500),
+                                                        replace=False)
+        lighting = pca_statistics(prepared.cache.images[np.sort(sample)], seed=cfg.seed)
+    return LoadedData(table, settings, prepared, train_rows, valid_rows, test_rows, augment,
+                      lighting, cache_seconds)
+
+
+@dataclass
+class TrainingParts:
+    """What a learner is made of, built from loaded data and the fit options."""
+
+    task: Task
+    model: nn.Module
+    pipeline: BatchPipeline
+    batch_size: int
+    loaders: dict[str, Loader | None]
+    model_info: dict
+
+
+def build_training(cfg: FitConfig, loaded: LoadedData, device: torch.device) -> TrainingParts:
+    """Task, seeded model, normalization, pipeline and loaders for ``loaded``; fills the
+    automatic choices (model) into ``cfg``."""
+    table, settings = loaded.table, loaded.settings
+    if cfg.model == "auto":
+        cfg.model = default_model_name(settings.size)
+    task = Task(table.task.kind, list(table.task.names), regression_loss=cfg.loss,
+                label_smoothing=cfg.label_smoothing)
+    task.fit_target_scaling(table.targets[loaded.train_rows])
+    targets = task.encode_targets(table.targets)
+    torch.manual_seed(cfg.seed)
+    model = create_model(cfg.model, settings.channels, task.n_out, pretrained=cfg.pretrained,
+                         dropout=cfg.dropout, drop_path=cfg.drop_path, head=cfg.head)
+    mean, std = _normalization(cfg, model, loaded.prepared.cache.images, loaded.train_rows)
+    model = model.to(device, memory_format=torch.channels_last)
+    batch_size = training_batch_size(cfg.bs, len(loaded.train_rows))
+    images = loaded.prepared.cache.tensor()
+
+    def loader(rows: np.ndarray, train: bool = False) -> Loader | None:
+        if len(rows) == 0:
+            return None
+        return Loader(images, targets, rows, batch_size if train else batch_size * 2,
+                      shuffle=train, drop_last=train, seed=cfg.seed, device=device)
+
+    pipeline = BatchPipeline(mean, std, loaded.augment, lighting=loaded.lighting,
+                             n_classes=task.n_out if task.kind == "classification" else None)
+    model_info = {
+        "imagefit_version": __version__,
+        "architecture": cfg.model,
+        "head": cfg.head,
+        "task": task.to_dict(),
+        "image_size": cfg.image_sizes[-1] if cfg.image_sizes else settings.size,
+        "channels": settings.channels,
+        "resize": settings.resize,
+        "normalization": {"mean": mean, "std": std},
+        "lighting": loaded.lighting,
+    }
+    loaders = {"train": loader(loaded.train_rows, train=True),
+               "valid": loader(loaded.valid_rows), "test": loader(loaded.test_rows)}
+    return TrainingParts(task, model, pipeline, batch_size, loaders, model_info)
+
+
+def apply_pretrained_source(cfg: FitConfig) -> None:
+    """A named weights source decides the model, the image size and RGB input unless the
+    user chose them."""
+    source = PRETRAINED_SOURCES.get(cfg.pretrained or "")
+    if source is None:
+        return
+    if cfg.model == "auto":
+        cfg.model = source["architecture"]
+    if cfg.image_size is None and not cfg.image_sizes:
+        cfg.image_size = source["image_size"]
+    if cfg.channels is None:
+        cfg.channels = 3
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """'auto': bf16 on CUDA when supported (fp16 with a grad scaler otherwise) and on CPUs
+    with AMX tiles; fp32 on other CPUs, where bf16 is slower."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if _cpu_has_amx() else "fp32"
+
+
+def _cpu_has_amx() -> bool:
+    try:
+        return "amx_bf16" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+def make_learner(cfg: FitConfig, parts: TrainingParts, callbacks=(), **extra) -> Learner:
+    device = next(parts.model.parameters()).device
+    cfg.precision = resolve_precision(cfg.precision, device)
+    return Learner(parts.model, parts.task, parts.loaders["train"], parts.loaders["valid"],
+                   parts.pipeline, optimizer=cfg.opt, weight_decay=cfg.wd, seed=cfg.seed,
+                   precision=cfg.precision, grad_clip=cfg.grad_clip,
+                   accumulate=cfg.accumulate, ema_decay=cfg.ema, callbacks=callbacks, **extra)
+
+
+def make_schedule(cfg: FitConfig) -> tuple[int, Schedule, Schedule | None]:
+    """Epochs, learning rate and momentum schedules of the chosen ``cfg.schedule``."""
+    lr = float(cfg.lr)
+    if cfg.schedule == "one_cycle":
+        return (cfg.epochs, schedules.one_cycle(lr, cfg.pct_start),
+                schedules.one_cycle_momentum(pct_start=cfg.pct_start))
+    if cfg.schedule == "sgdr":
+        epochs = schedules.sgdr_cycle_ends(cfg.sgdr_cycles, cfg.cycle_len, cfg.cycle_mult)[-1]
+        if "epochs" in cfg.model_fields_set and cfg.epochs != epochs:
+            raise ImagefitError(
+                f"--schedule sgdr with {cfg.sgdr_cycles} cycles (--cycle-len {cfg.cycle_len}, "
+                f"--cycle-mult {cfg.cycle_mult}) lasts {epochs} epochs, not --epochs "
+                f"{cfg.epochs}: leave out --epochs or change the cycles"
+            )
+        cfg.epochs = epochs
+        return epochs, schedules.sgdr(lr, cfg.sgdr_cycles, cfg.cycle_len, cfg.cycle_mult), None
+    plain = {"flat_cos": schedules.flat_cos, "warmup_cosine": schedules.warmup_cosine,
+             "step": schedules.step_decay}[cfg.schedule]
+    return cfg.epochs, plain(lr), None
+
+
+RECIPE_DEFAULTS = {"lr": "auto", "freeze_epochs": 2, "augment": "side_on", "cycle_len": 1,
+                   "cycle_mult": 2}
+
+
+def apply_recipe(cfg: FitConfig) -> None:
+    """--recipe's defaults for what the user left unset (before the data is read)."""
+    if not cfg.recipe:
+        return
+    for name, value in RECIPE_DEFAULTS.items():
+        if name not in cfg.model_fields_set:
+            setattr(cfg, name, value)
+
+
+def monitor_column(cfg: FitConfig, parts: TrainingParts) -> tuple[str, str]:
+    """The epoch column to watch and whether lower ('min') or higher ('max') is better."""
+    if parts.loaders["valid"] is None:
+        raise ImagefitError("--early-stop and --keep-best watch the validation split: give "
+                            "--valid-pct above 0 or a validation split")
+    monitor = f"valid_{parts.task.main_metric}" if cfg.monitor == "auto" else cfg.monitor
+    columns = [f"valid_{name}" for name in parts.task.metric_names]
+    if monitor not in columns:
+        raise ImagefitError(f"option --monitor: unknown column '{monitor}'; choose one of "
+                            f"{', '.join(columns)}")
+    return monitor, "max" if HIGHER_IS_BETTER[monitor.removeprefix("valid_")] else "min"
+
+
+def _normalization(cfg: FitConfig, model: nn.Module, images: np.ndarray,
+                   train_rows: np.ndarray) -> tuple[list, list]:
+    """Input mean and std: the pretrained weights' own, or computed from training images."""
+    if cfg.normalize == "auto":
+        known = pretrained_statistics(model, cfg.channels, cfg.pretrained) is not None
+        cfg.normalize = "pretrained" if known else "data"
+    if cfg.normalize == "pretrained":
+        stats = pretrained_statistics(model, cfg.channels, cfg.pretrained)
+        if stats is None:
+            raise ImagefitError(
+                f"option --normalize pretrained: model {cfg.model} has no pretrained "
+                "statistics; use --normalize data"
+            )
+        return stats
+    return channel_stats(images, train_rows, cfg.seed)
