@@ -20,6 +20,8 @@ def main() -> None:
     parser.add_argument("--presets", nargs="+", default=["none", "light"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--name", default="augment_accuracy",
+                        help="result file name in bench/results (keep earlier runs apart)")
     args = parser.parse_args()
     runs = {}
     with tempfile.TemporaryDirectory() as runs_dir:
@@ -35,7 +37,7 @@ def main() -> None:
                 "median": statistics.median(accuracies),
                 "spread": round(max(accuracies) - min(accuracies), 4),
             }
-    write_result("augment_accuracy", {
+    write_result(args.name, {
         "command": f"imagefit fit builtin:fashion-mnist --epochs {args.epochs} --augment "
                    f"PRESET --seed SEED for PRESET in {args.presets}, SEED in {args.seeds}",
         "runs": runs,
