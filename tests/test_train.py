@@ -454,3 +454,37 @@ def test_frozen_batchnorm_statistics_stay_without_train_bn():
         learner.freeze(train_bn=train_bn)
         learner.fit(1, schedules.constant(1e-3))
         assert torch.equal(before, stem_norm.running_mean) != should_change
+
+
+def test_reduce_on_plateau_cuts_the_rate_after_patience_epochs():
+    from imagefit.train.callbacks import ReduceOnPlateau
+
+    plateau, learner = ReduceOnPlateau("valid_loss", "min", patience=2, factor=0.5), \
+        FakeLearner()
+    learner.lr_factor = 1.0
+    factors = []
+    for loss in [1.0, 0.9, 0.95, 0.92, 0.91, 0.85, 0.9, 0.9]:
+        learner.history.append({"valid_loss": loss})
+        plateau.after_epoch(learner)
+        factors.append(learner.lr_factor)
+    assert factors == [1.0, 1.0, 1.0, 0.5, 0.5, 0.5, 0.5, 0.25]
+
+
+def test_plateau_and_lr_groups_in_a_fit(tmp_path):
+    import pandas as pd
+
+    result = imagefit.fit("builtin:digits", epochs=3, plateau=1, plateau_factor=0.5,
+                          monitor="valid_accuracy", monitor_mode="max",
+                          lr_groups=[1e-4, 3e-4, 1e-3, 2e-3, 3e-3], schedule="flat_cos",
+                          runs_dir=str(tmp_path), progress=False)
+    assert result.metrics["epochs"] == 3
+    assert not pd.read_csv(result.run_dir / "steps.csv")["lr"].isna().any()
+    with pytest.raises(ImagefitError, match=r"option --lr-groups: give 5 rates"):
+        imagefit.fit("builtin:digits", epochs=1, lr_groups=[1e-3, 1e-2], progress=False,
+                     runs_dir=str(tmp_path))
+
+
+def test_watching_validation_without_a_validation_split_is_refused():
+    with pytest.raises(ImagefitError, match=r"--plateau watch the validation split: give "
+                                            r"--valid-pct above 0"):
+        imagefit.fit("builtin:digits", valid_pct=0, plateau=2, progress=False)

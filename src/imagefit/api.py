@@ -47,6 +47,7 @@ from .train.callbacks import (
     MixOff,
     ProgressCallback,
     ProgressiveResize,
+    ReduceOnPlateau,
     RunWriter,
     SnapshotSaver,
 )
@@ -103,7 +104,9 @@ def _train(learner: Learner, cfg: FitConfig, epochs: int, lr_schedule: Schedule,
                     schedules.one_cycle_momentum(pct_start=cfg.pct_start))
         learner.unfreeze()
     lr_low = cfg.lr_low or (lr / 100 if cfg.pretrained or cfg.recipe else None)
-    if lr_low:
+    if cfg.lr_groups:
+        learner.group_lrs(cfg.lr_groups)
+    elif lr_low:
         learner.discriminative(lr_low, lr)
     if not cfg.recipe:
         learner.fit(epochs, lr_schedule, momentum)
@@ -174,8 +177,11 @@ def _fit(data: str | Path | Table, cfg: FitConfig, callbacks=(), run_dir: Path |
         ends = schedules.sgdr_cycle_ends(cfg.sgdr_cycles, cfg.cycle_len, cfg.cycle_mult)
         own_callbacks.append(SnapshotSaver(run_dir, parts.model_info, ends))
     best = None
-    if cfg.early_stop or cfg.keep_best:
+    if cfg.early_stop or cfg.keep_best or cfg.plateau:
         monitor, mode = monitor_column(cfg, parts)
+        if cfg.plateau:
+            own_callbacks.append(ReduceOnPlateau(monitor, mode, cfg.plateau,
+                                                 cfg.plateau_factor, cfg.min_delta))
         if cfg.early_stop:
             own_callbacks.append(EarlyStopping(monitor, mode, cfg.early_stop, cfg.min_delta))
         if cfg.keep_best:

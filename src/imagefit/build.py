@@ -238,13 +238,15 @@ def apply_recipe(cfg: FitConfig) -> None:
 def monitor_column(cfg: FitConfig, parts: TrainingParts) -> tuple[str, str]:
     """The epoch column to watch and whether lower ('min') or higher ('max') is better."""
     if parts.loaders["valid"] is None:
-        raise ImagefitError("--early-stop and --keep-best watch the validation split: give "
-                            "--valid-pct above 0 or a validation split")
+        raise ImagefitError("--early-stop, --keep-best and --plateau watch the validation "
+                            "split: give --valid-pct above 0 or a validation split")
     monitor = f"valid_{parts.task.main_metric}" if cfg.monitor == "auto" else cfg.monitor
     columns = [f"valid_{name}" for name in parts.task.metric_names]
     if monitor not in columns:
         raise ImagefitError(f"option --monitor: unknown column '{monitor}'; choose one of "
                             f"{', '.join(columns)}")
+    if cfg.monitor_mode != "auto":
+        return monitor, cfg.monitor_mode
     return monitor, "max" if HIGHER_IS_BETTER[monitor.removeprefix("valid_")] else "min"
 
 

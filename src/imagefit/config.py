@@ -206,6 +206,11 @@ class FitConfig(ImageOptions):
         "groups between it and the head (--lr) spread geometrically (default: lr/100 with "
         "--pretrained, else no spread)",
     )
+    lr_groups: list[float] | None = Field(
+        None,
+        description="after the frozen epochs, one learning rate per layer group, first to head, "
+        "comma-separated (instead of --lr-low's geometric spread)",
+    )
     train_bn: bool = Field(
         True, description="while frozen, keep training the body's BatchNorm weights"
     )
@@ -249,7 +254,16 @@ class FitConfig(ImageOptions):
     early_stop: int | None = Field(
         None, ge=1, description="stop after this many epochs without improvement (patience)"
     )
+    monitor_mode: Literal["auto", "min", "max"] = Field(
+        "auto", description="whether the monitored column should fall or rise (auto: by name)"
+    )
     min_delta: float = Field(0.0, ge=0, description="smallest change that counts as improvement")
+    plateau: int | None = Field(
+        None, ge=1,
+        description="reduce on plateau: multiply the learning rate by --plateau-factor after "
+        "this many epochs without improvement of --monitor",
+    )
+    plateau_factor: float = Field(0.1, gt=0, lt=1, description="reduce on plateau: the factor")
     keep_best: bool = Field(
         False,
         description="keep the best epoch's model in checkpoints/best and end with its weights",

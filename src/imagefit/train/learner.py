@@ -12,6 +12,7 @@ from torch import nn
 
 from ..augment.pipeline import BatchPipeline
 from ..data.loader import Loader
+from ..errors import ImagefitError
 from ..metrics import compute_metrics
 from ..models.groups import layer_groups, set_trainable
 from ..tasks import Task
@@ -80,6 +81,7 @@ class Learner:
         self.frozen_norms: list[nn.Module] = []
         self.resume_state: dict | None = None
         self.lr_scales: list[float] | None = None  # per layer group, for discriminative lrs
+        self.lr_factor = 1.0  # set by controllers such as reduce-on-plateau
 
     def emit(self, event: str) -> None:
         assert event in EVENTS, event
@@ -92,7 +94,7 @@ class Learner:
         self.step_log.append({"step": len(self.step_log) + 1, "lr": lr,
                               "momentum": momentum})
         for group in self.optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
+            group["lr"] = lr * self.lr_factor * group.get("lr_scale", 1.0)
             if momentum is None:
                 continue
             if "betas" in group:
@@ -121,6 +123,14 @@ class Learner:
         """Spread learning rates geometrically from ``low`` (first group) to ``high`` (head);
         the schedule's value is taken as ``high``."""
         self.lr_scales = geometric_scales(len(self.groups), low, high)
+
+    def group_lrs(self, rates: list[float]) -> None:
+        """One learning rate per layer group, first to head; the schedule's value is taken
+        as the head's."""
+        if len(rates) != len(self.groups):
+            raise ImagefitError(f"option --lr-groups: give {len(self.groups)} rates, one per "
+                                f"layer group of this model (got {len(rates)})")
+        self.lr_scales = [rate / rates[-1] for rate in rates]
 
     def fit(self, epochs: int, lr: Schedule, momentum: Schedule | None = None) -> list[dict]:
         """Train for ``epochs`` with the learning rate (and momentum) given per step as
@@ -173,6 +183,7 @@ class Learner:
             "torch_rng": torch.get_rng_state(),
             "step_log": [{k: float(v) if isinstance(v, torch.Tensor) else v
                           for k, v in row.items()} for row in self.step_log],
+            "lr_factor": self.lr_factor,
             "train_seconds": self.train_seconds,
             "train_images": self.train_images,
         }
@@ -185,6 +196,7 @@ class Learner:
         self.history = list(state["history"])
         self.phase_ends = list(state["phase_ends"])
         self.step_log = list(state["step_log"])
+        self.lr_factor = state["lr_factor"]
         self.train_seconds = state["train_seconds"]
         self.train_images = state["train_images"]
         self.resume_state = state

@@ -6,11 +6,11 @@ after_batch, after_epoch, after_fit. A callback may read and change the learner'
 
 from .augment import MixOff, ProgressiveResize
 from .base import Callback
-from .checkpoint import BestCheckpoint, EarlyStopping, SnapshotSaver
+from .checkpoint import BestCheckpoint, EarlyStopping, ReduceOnPlateau, SnapshotSaver
 from .progress import ProgressCallback
 from .run_writer import RunWriter
 
 __all__ = [
     "BestCheckpoint", "Callback", "EarlyStopping", "MixOff", "ProgressCallback",
-    "ProgressiveResize", "RunWriter", "SnapshotSaver",
+    "ProgressiveResize", "ReduceOnPlateau", "RunWriter", "SnapshotSaver",
 ]

@@ -86,3 +86,27 @@ class BestCheckpoint(Callback):
     def after_fit(self, learner) -> None:
         if self.restore and self.best_epoch:
             runs.load_weights(learner.eval_model, self.folder)
+
+
+class ReduceOnPlateau(Callback):
+    """Multiplies the learning rate by ``factor`` whenever ``monitor`` has not improved for
+    ``patience`` epochs (a controller on top of the schedule: ``learner.lr_factor``)."""
+
+    order = 29
+
+    def __init__(self, monitor: str, mode: str, patience: int, factor: float = 0.1,
+                 min_delta: float = 0.0) -> None:
+        self.monitor, self.mode = monitor, mode
+        self.patience, self.factor, self.min_delta = patience, factor, min_delta
+        self.best: float | None = None
+        self.waited = 0
+
+    def after_epoch(self, learner) -> None:
+        value = learner.history[-1][self.monitor]
+        if improved(value, self.best, self.mode, self.min_delta):
+            self.best, self.waited = value, 0
+            return
+        self.waited += 1
+        if self.waited >= self.patience:
+            learner.lr_factor *= self.factor
+            self.waited = 0
