@@ -35,17 +35,18 @@ def improved(value: float, best: float | None, mode: str, min_delta: float = 0.0
     return value < best - min_delta if mode == "min" else value > best + min_delta
 
 
-class EarlyStopping(Callback):
-    """Ends training when ``monitor`` (a column of the epoch row, e.g. valid_loss) has not
-    improved by more than ``min_delta`` for ``patience`` epochs."""
-
-    order = 30
+class Patience(Callback):
+    """Watches ``monitor`` after every epoch and calls ``exhausted`` when it has not improved
+    by more than ``min_delta`` for ``patience`` epochs in a row."""
 
     def __init__(self, monitor: str, mode: str, patience: int, min_delta: float = 0.0) -> None:
         self.monitor, self.mode = monitor, mode
         self.patience, self.min_delta = patience, min_delta
         self.best: float | None = None
         self.waited = 0
+
+    def exhausted(self, learner) -> None:
+        raise NotImplementedError
 
     def before_fit(self, learner) -> None:
         self.best, self.waited = None, 0
@@ -57,7 +58,18 @@ class EarlyStopping(Callback):
             return
         self.waited += 1
         if self.waited >= self.patience:
-            learner.stop = True
+            self.waited = 0
+            self.exhausted(learner)
+
+
+class EarlyStopping(Patience):
+    """Ends training when ``monitor`` (a column of the epoch row, e.g. valid_loss) has not
+    improved for ``patience`` epochs."""
+
+    order = 30
+
+    def exhausted(self, learner) -> None:
+        learner.stop = True
 
 
 class BestCheckpoint(Callback):
@@ -88,7 +100,7 @@ class BestCheckpoint(Callback):
             runs.load_weights(learner.eval_model, self.folder)
 
 
-class ReduceOnPlateau(Callback):
+class ReduceOnPlateau(Patience):
     """Multiplies the learning rate by ``factor`` whenever ``monitor`` has not improved for
     ``patience`` epochs (a controller on top of the schedule: ``learner.lr_factor``)."""
 
@@ -96,17 +108,8 @@ class ReduceOnPlateau(Callback):
 
     def __init__(self, monitor: str, mode: str, patience: int, factor: float = 0.1,
                  min_delta: float = 0.0) -> None:
-        self.monitor, self.mode = monitor, mode
-        self.patience, self.factor, self.min_delta = patience, factor, min_delta
-        self.best: float | None = None
-        self.waited = 0
+        super().__init__(monitor, mode, patience, min_delta)
+        self.factor = factor
 
-    def after_epoch(self, learner) -> None:
-        value = learner.history[-1][self.monitor]
-        if improved(value, self.best, self.mode, self.min_delta):
-            self.best, self.waited = value, 0
-            return
-        self.waited += 1
-        if self.waited >= self.patience:
-            learner.lr_factor *= self.factor
-            self.waited = 0
+    def exhausted(self, learner) -> None:
+        learner.lr_factor *= self.factor
