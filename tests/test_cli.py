@@ -181,3 +181,21 @@ def test_show_batch_same_image_with_mixing_labels(tmp_path, capsys):
     out = show_batch("builtin:digits", tmp_path / "same.png", same_image=True, n_images=4,
                      augment="top_down", progress=False)
     assert out.is_file()
+
+
+def test_resume_and_data_together_or_neither_are_refused(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "fit", "builtin:digits", "--resume", tmp_path)
+    assert code == 2 and "--resume RUN takes its data and options from the run" in err
+    code, _, err = run_cli(capsys, "fit")
+    assert code == 2 and "give DATA to fit, or --resume RUN" in err
+
+
+def test_unavailable_device_is_a_clear_error(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA; the error is for machines without it")
+    code, _, err = run_cli(capsys, "fit", "builtin:digits", "--device", "cuda")
+    assert code == 2 and "option --device: CUDA is not available here; use --device cpu" in err
+    code, _, err = run_cli(capsys, "fit", "builtin:digits", "--device", "tpu9")
+    assert code == 2 and "option --device: unknown device 'tpu9'" in err
