@@ -572,3 +572,38 @@ def test_to_uint8_images_errors():
     with pytest.raises(ImagefitError, match=r"\[0, 1\]") as info:
         to_uint8_images(np.full((2, 4, 4), 200.0))
     assert "uint8" in str(info.value)
+
+
+def test_fashion_mnist_missing_says_how_to_get_it(tmp_path, monkeypatch):
+    import imagefit.data.builtin as builtin
+
+    monkeypatch.setattr(builtin, "SYSTEM_DATASETS", tmp_path / "none")
+    monkeypatch.delenv("IMAGEFIT_DATA", raising=False)
+    with pytest.raises(ImagefitError, match=r"builtin:fashion-mnist was not found and downloads "
+                                            r"are off.*apt-get install dataset-fashion-mnist"
+                                            r".*IMAGEFIT_DATA"):
+        builtin.read_builtin("fashion-mnist")
+
+
+def test_fashion_mnist_from_a_folder_named_by_imagefit_data(tmp_path, monkeypatch):
+    import gzip
+
+    import imagefit.data.builtin as builtin
+
+    def idx(path, array):
+        header = bytes([0, 0, 8, array.ndim]) + b"".join(
+            int(d).to_bytes(4, "big") for d in array.shape)
+        with gzip.open(path, "wb") as out:
+            out.write(header + array.astype(np.uint8).tobytes())
+
+    rng = np.random.default_rng(0)
+    for stem, shape in (("train-images-idx3-ubyte", (60000, 28, 28)),
+                        ("t10k-images-idx3-ubyte", (3, 28, 28))):
+        idx(tmp_path / f"{stem}.gz", np.zeros(shape, dtype=np.uint8))
+    idx(tmp_path / "train-labels-idx1-ubyte.gz", rng.integers(0, 10, 60000))
+    idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.array([1, 2, 3]))
+    monkeypatch.setattr(builtin, "SYSTEM_DATASETS", tmp_path / "none")
+    monkeypatch.setenv("IMAGEFIT_DATA", str(tmp_path))
+    table = builtin.read_builtin("fashion-mnist")
+    assert len(table) == 60003 and list(table.split[-3:]) == ["test"] * 3
+    assert list(table.targets[-3:]) == [1, 2, 3] and table.task.names[0] == "T-shirt/top"
