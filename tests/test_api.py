@@ -249,3 +249,13 @@ def test_yaml_augment_options_reach_the_run(tmp_path, capsys):
 def test_unknown_augment_option_is_a_clear_error():
     with pytest.raises(ImagefitError, match=r"option --augment-options.rotat"):
         imagefit.fit("builtin:digits", augment_options={"rotat": 10})
+
+
+def test_predict_csv_of_paths_is_checked_like_a_training_csv(digits_run, tmp_path):
+    csv = tmp_path / "to_predict.csv"
+    csv.write_text("file\nnope.png\n")
+    with pytest.raises(ImagefitError, match=r"to_predict.csv: 1 of 1 image paths do not exist"
+                                            r".*nope.png \(line 2\).*--folder and --suffix"):
+        imagefit.predict(digits_run.run_dir, [csv], progress=False)
+    with pytest.raises(ImagefitError, match=r"has no column 'path'.*--path-col"):
+        imagefit.predict(digits_run.run_dir, [csv], path_col="path", progress=False)

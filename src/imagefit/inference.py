@@ -26,7 +26,7 @@ from .config import (
 from .data.cache import CacheSettings, build_cache, warn_unreadable
 from .data.loader import Loader
 from .data.prepare import prepare_images
-from .data.sources import IMAGE_EXTENSIONS, Table, read_source
+from .data.sources import IMAGE_EXTENSIONS, Table, read_csv_paths, read_source
 from .data.splits import assign_validation
 from .errors import ImagefitError, ImagefitWarning
 from .metrics import compute_metrics
@@ -84,30 +84,11 @@ def _expand_inputs(inputs: list[str | Path], options: PredictOptions) -> list[st
         elif item.suffix.lower() == ".csv" and item.is_file():
             options_for_csv = SourceOptions(path_col=options.path_col, folder=options.folder,
                                             suffix=options.suffix)
-            paths += _csv_paths(item, options_for_csv)
+            paths += read_csv_paths(item, options_for_csv)
         elif item.is_file():
             paths.append(str(item))
         else:
             raise ImagefitError(f"input {item} not found: give image files, folders or a CSV")
-    return paths
-
-
-def _csv_paths(path: Path, options: SourceOptions) -> list[str]:
-    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    column = options.path_col or frame.columns[0]
-    if column not in frame.columns:
-        raise ImagefitError(
-            f"{path.name} has no column '{column}' (its columns: {', '.join(frame.columns)}); "
-            "choose one with --path-col"
-        )
-    folder = Path(options.folder) if options.folder else path.parent
-    paths = [str(folder / (cell.strip() + options.suffix)) for cell in frame[column]]
-    missing = [p for p in paths if not Path(p).is_file()]
-    if missing:
-        raise ImagefitError(
-            f"{path.name}: {len(missing)} of {len(paths)} image paths do not exist (first: "
-            f"{', '.join(missing[:3])}); check --folder and --suffix"
-        )
     return paths
 
 

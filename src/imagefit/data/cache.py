@@ -227,10 +227,7 @@ def build_cache(
                 row = begin + offset
                 if array is None:
                     if strict:
-                        raise ImagefitError(
-                            f"{paths[row]} is not a readable image ({info}): fix or remove it,"
-                            " or leave out --strict to skip such files"
-                        )
+                        raise _unreadable(paths[row], info)
                     errors[str(row)] = info
                     continue
                 images[row] = array
@@ -247,14 +244,16 @@ def build_cache(
     return _open(images_path, sizes_path, shape, errors, strict, paths)
 
 
+def _unreadable(path: str, reason: str) -> ImagefitError:
+    return ImagefitError(f"{path} is not a readable image ({reason}): fix or remove it, or "
+                         "leave out --strict to skip such files")
+
+
 def _open(images_path, sizes_path, shape, errors, strict, paths) -> ImageCache:
     errors = {int(k): v for k, v in errors.items()}
     if strict and errors:
         row = min(errors)
-        raise ImagefitError(
-            f"{paths[row]} is not a readable image ({errors[row]}): fix or remove it, or leave "
-            "out --strict to skip such files"
-        )
+        raise _unreadable(paths[row], errors[row])
     images = np.memmap(images_path, dtype=np.uint8, mode="c", shape=shape)
     sizes = np.array(np.memmap(sizes_path, dtype=np.int32, mode="r", shape=(shape[0], 2)))
     return ImageCache(images=images, original_sizes=sizes, errors=errors)

@@ -217,22 +217,11 @@ def read_csv(path: Path, options: SourceOptions) -> Table:
     """A CSV of image paths and labels: one label column, one-hot columns, delimited labels
     or numeric targets; the task is inferred unless ``options.task`` is given."""
     name = path.name
-    try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else "unreadable"
-        raise ImagefitError(f"{path} is not a readable CSV file ({reason}): fix it") from None
-    if frame.empty:
-        raise ImagefitError(f"{path} has no rows: add one row per image")
+    frame = _read_frame(path)
     columns = list(frame.columns)
 
     def require(column: str, option: str) -> str:
-        if column not in columns:
-            raise ImagefitError(
-                f"{name} has no column '{column}' (its columns: {', '.join(columns)}); "
-                f"choose one with {option}"
-            )
-        return column
+        return _require_column(frame, column, option, name)
 
     path_col = require(options.path_col, "--path-col") if options.path_col else columns[0]
     split_col = require(options.split_col, "--split-col") if options.split_col else (
@@ -257,6 +246,36 @@ def read_csv(path: Path, options: SourceOptions) -> Table:
         paths=paths,
         description=str(path),
     )
+
+
+def _read_frame(path: Path) -> pd.DataFrame:
+    """A CSV's cells as text, or a clear error when it is unreadable or empty."""
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else "unreadable"
+        raise ImagefitError(f"{path} is not a readable CSV file ({reason}): fix it") from None
+    if frame.empty:
+        raise ImagefitError(f"{path} has no rows: add one row per image")
+    return frame
+
+
+def _require_column(frame: pd.DataFrame, column: str, option: str, name: str) -> str:
+    if column not in frame.columns:
+        raise ImagefitError(
+            f"{name} has no column '{column}' (its columns: {', '.join(frame.columns)}); "
+            f"choose one with {option}"
+        )
+    return column
+
+
+def read_csv_paths(path: Path, options: SourceOptions) -> list[str]:
+    """The image paths of a CSV (``path_col``, default the first column), resolved with
+    ``folder`` and ``suffix`` and checked as ``read_csv`` does; no labels needed."""
+    frame = _read_frame(path)
+    column = _require_column(frame, options.path_col or frame.columns[0], "--path-col",
+                             path.name)
+    return _resolve_paths(frame[column].str.strip().tolist(), path, options)
 
 
 def _read_split(frame: pd.DataFrame, split_col: str | None, name: str) -> np.ndarray:
