@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: install data demo test lint bench-docs clean
+.PHONY: install data browser demo test lint bench-docs clean
 
 # torch and torchvision first, at the exact versions this machine holds as wheels, so that
 # nothing that follows pulls another torch build.
@@ -25,6 +25,14 @@ data:
 		|| echo "make: could not install dataset-fashion-mnist; tests that need it will skip"; \
 	fi
 
+# Chromium renders report.html in the report tests (headless); installed from Debian when
+# missing and we are root, as the data is.
+browser:
+	@if ! command -v chromium >/dev/null && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		(apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
+		|| echo "make: could not install chromium; the browser tests will skip"; \
+	fi
+
 demo: install data
 	@$(BIN)/imagefit fit builtin:fashion-mnist; status=$$?; \
 	if [ $$status = 2 ]; then \
@@ -32,7 +40,7 @@ demo: install data
 		$(BIN)/imagefit fit builtin:digits; \
 	else exit $$status; fi
 
-test: install data
+test: install data browser
 	$(BIN)/python -m pytest -q
 
 lint: install

@@ -29,6 +29,7 @@ from .build import (
     monitor_column,
     resolve_device,
 )
+from .conclude import conclude
 from .config import (
     FitConfig,
     ShowBatchOptions,
@@ -37,7 +38,14 @@ from .config import (
 )
 from .data.sources import Table
 from .errors import FitInterrupted, ImagefitError
-from .report.plots import save_image_grid, save_lr_finder_plot, save_training_plot
+from .report.dataset import summarize_dataset
+from .report.html import DATA_SUMMARY, write_report
+from .report.plots import (
+    save_image_grid,
+    save_lr_finder_plot,
+    save_metrics_plot,
+    save_training_plot,
+)
 from .tasks import HIGHER_IS_BETTER, Task
 from .train import schedules
 from .train.callbacks import (
@@ -167,6 +175,8 @@ def _fit(data: str | Path | Table, cfg: FitConfig, callbacks=(), run_dir: Path |
                                                  "batch_size_used": parts.batch_size})
     if finder is not None:
         save_lr_finder_plot(finder, run_dir / "plots" / "lr_find.png")
+    if cfg.report and not (run_dir / DATA_SUMMARY).is_file():
+        _summarize_data(run_dir, loaded, parts, cfg.seed)
     writer = RunWriter(run_dir, parts.model_info)
     own_callbacks = [ProgressCallback(cfg.progress, run_dir / "log.txt"), writer]
     if cfg.image_sizes:
@@ -211,6 +221,7 @@ def _fit(data: str | Path | Table, cfg: FitConfig, callbacks=(), run_dir: Path |
     except KeyboardInterrupt:
         del learner.history[writer.epochs_saved:]  # an epoch not on disk did not finish
         _write_final_metrics(run_dir, learner, summary, started, interrupted=True)
+        _write_report(run_dir, learner, cfg)
         raise FitInterrupted(run_dir, writer.epochs_saved) from None
     runs.save_steps(run_dir, learner.step_log)
     save_training_plot(learner.step_log, learner.history, run_dir / "plots" / "training.png")
@@ -222,10 +233,10 @@ def _fit(data: str | Path | Table, cfg: FitConfig, callbacks=(), run_dir: Path |
         runs.save_model(run_dir, parts.model, {**parts.model_info,
                                                "epochs_trained": best.best_epoch})
         summary["best_epoch"] = best.best_epoch
-    if test_loader is not None:
-        summary.update(learner.evaluate(test_loader, prefix="test_"))
+    summary.update(conclude(run_dir, cfg, parts, loaded, parts.model))
     metrics = _write_final_metrics(run_dir, learner, summary, started, interrupted=False,
                                    final_row=final_row)
+    _write_report(run_dir, learner, cfg)
     return FitResult(run_dir=run_dir, metrics=metrics, history=learner.history,
                      model=parts.model)
 
@@ -289,6 +300,21 @@ def show_batch(data: str | Path | Table, out: str | Path,
     title = f"{_run_source(data)}: augment {cfg.augment}" + (
         " (one image)" if cfg.same_image else "")
     return save_image_grid(batch, describe_targets(task, mixed), out, title=title)
+
+
+def _summarize_data(run_dir: Path, loaded, parts, seed: int) -> None:
+    norm = parts.model_info["normalization"]
+    splits = {"train": loaded.train_rows, "valid": loaded.valid_rows, "test": loaded.test_rows}
+    summary = summarize_dataset(loaded.table, loaded.prepared.cache, splits, norm["mean"],
+                                norm["std"], run_dir / "plots", seed=seed)
+    runs.save_json(run_dir / DATA_SUMMARY, summary)
+
+
+def _write_report(run_dir: Path, learner: Learner, cfg: FitConfig) -> None:
+    if learner.history:
+        save_metrics_plot(learner.history, run_dir / "plots" / "epochs.png")
+    if cfg.report:
+        write_report(run_dir)
 
 
 def _run_source(data: str | Path | Table) -> str:

@@ -26,13 +26,14 @@ from .data.prepare import PreparedImages, channel_stats, prepare_images, resolve
 from .data.sources import Table, read_source
 from .data.splits import assign_validation
 from .errors import ImagefitError
+from .metrics import available_metrics
 from .models import (
     PRETRAINED_SOURCES,
     create_model,
     default_model_name,
     pretrained_statistics,
 )
-from .tasks import HIGHER_IS_BETTER, Task
+from .tasks import HIGHER_IS_BETTER, MAIN_METRIC, Task
 from .train import schedules
 from .train.learner import Learner
 from .train.schedules import Schedule
@@ -126,7 +127,8 @@ def build_training(cfg: FitConfig, loaded: LoadedData, device: torch.device) -> 
     if cfg.model == "auto":
         cfg.model = default_model_name(settings.size)
     task = Task(table.task.kind, list(table.task.names), regression_loss=cfg.loss,
-                label_smoothing=cfg.label_smoothing)
+                label_smoothing=cfg.label_smoothing,
+                metrics=epoch_metrics(table.task.kind, cfg.metrics))
     task.fit_target_scaling(table.targets[loaded.train_rows])
     targets = task.encode_targets(table.targets)
     torch.manual_seed(cfg.seed)
@@ -233,6 +235,19 @@ def apply_recipe(cfg: FitConfig) -> None:
     for name, value in RECIPE_DEFAULTS.items():
         if name not in cfg.model_fields_set:
             setattr(cfg, name, value)
+
+
+def epoch_metrics(kind: str, chosen: list[str] | None) -> list[str]:
+    """The metrics to show per epoch: the chosen ones (checked), the main metric first."""
+    if not chosen:
+        return []
+    known = available_metrics(kind)
+    unknown = [name for name in chosen if name not in known]
+    if unknown:
+        raise ImagefitError(f"option --metrics: unknown {kind} metric '{unknown[0]}'; choose "
+                            f"from {', '.join(known)}")
+    main = MAIN_METRIC[kind]
+    return [main, *dict.fromkeys(name for name in chosen if name != main)]
 
 
 def monitor_column(cfg: FitConfig, parts: TrainingParts) -> tuple[str, str]:

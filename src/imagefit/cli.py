@@ -27,6 +27,8 @@ from .config import (
     read_yaml_options,
 )
 from .errors import FitInterrupted, ImagefitError, ImagefitWarning
+from .report.history import compare_runs, format_runs, list_runs
+from .report.html import regenerate
 
 
 def _type_args(annotation: Any) -> tuple:
@@ -161,12 +163,54 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("data", metavar="DATA", help="folder, CSV file or builtin:NAME")
     show.add_argument("--out", metavar="PNG", required=True, help="where to save the grid")
     add_options(show, ShowBatchOptions)
+
+    report = commands.add_parser(
+        "report", help="write a run's report.html again",
+        description="Redraw RUN's plots from its own files (training log, saved predictions) "
+        "and write its report.html again. Prints the page's path.",
+    )
+    report.add_argument("run", metavar="RUN", help="run directory written by imagefit fit")
+
+    listing = commands.add_parser(
+        "runs", help="list runs, or compare their curves",
+        description="List the runs in DIR (default: runs) with their data, model, epochs, "
+        "main metric and time; with --compare, overlay the curves of the given runs.",
+    )
+    listing.add_argument("dir", metavar="DIR", nargs="?", default="runs",
+                         help="folder of run directories (default: runs)")
+    listing.add_argument("--compare", metavar="RUN", nargs="+",
+                         help="run directories whose loss and metric curves to overlay")
+    listing.add_argument("--out", metavar="PNG", default="compare.png",
+                         help="where --compare saves its plot (default: compare.png)")
     return parser
 
 
-def _format_metrics(metrics: dict) -> str:
-    return "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()
-                     if isinstance(v, float) and (k.startswith(("valid_", "test_"))))
+def _format_metrics(metrics: dict, shown: list[str]) -> str:
+    """The per-epoch metrics (and the main metric with TTA) of each split, on one line."""
+    names = [name for name in shown if name.startswith("valid_")]
+    keys = []
+    for split in ("valid_", "test_"):
+        for name in names:
+            keys += [split + name.removeprefix("valid_")]
+        if names:
+            main = names[1] if len(names) > 1 else names[0]
+            keys.append(f"{split}tta_{main.removeprefix('valid_')}")
+    return "  ".join(f"{k} {metrics[k]:.4f}" for k in keys
+                     if isinstance(metrics.get(k), (int, float)))
+
+
+def _format_evaluation(results: dict) -> str:
+    """split and counts, then one line per metric; with TTA a table of both figures."""
+    lines = [f"{k}: {v}" for k, v in results.items() if not isinstance(v, float)]
+    names = [k for k, v in results.items() if isinstance(v, float) and not k.startswith("tta_")]
+    if not any(k.startswith("tta_") for k in results):
+        return "\n".join(lines + [f"{name}: {results[name]:.4f}" for name in names])
+    width = max(map(len, names), default=0)
+    lines.append(f"{'metric':<{width}}  {'plain':>9}  {'with TTA':>9}")
+    for name in names:
+        lines.append(f"{name:<{width}}  {results[name]:>9.4f}  "
+                     f"{results.get('tta_' + name, float('nan')):>9.4f}")
+    return "\n".join(lines)
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -180,7 +224,10 @@ def run_command(args: argparse.Namespace) -> int:
             raise ImagefitError("give DATA to fit, or --resume RUN")
         else:
             result = api.fit(args.data, resolve_options(FitConfig, args, ("data",)))
-        print(_format_metrics(result.metrics))
+        shown = list(result.history[-1]) if result.history else []
+        print(_format_metrics(result.metrics, shown))
+        if (result.run_dir / "report.html").is_file():
+            print(f"report: {result.run_dir / 'report.html'}")
         print(result.run_dir)
     elif args.command == "predict":
         options = resolve_options(PredictOptions, args, ("run", "inputs", "out"))
@@ -192,8 +239,7 @@ def run_command(args: argparse.Namespace) -> int:
     elif args.command == "evaluate":
         options = resolve_options(EvaluateOptions, args, ("run", "data", "out"))
         results = inference.evaluate(args.run, args.data, args.out, options)
-        for name, value in results.items():
-            print(f"{name}: {value:.4f}" if isinstance(value, float) else f"{name}: {value}")
+        print(_format_evaluation(results))
     elif args.command == "lr-find":
         config = resolve_options(FitConfig, args, ("data", "out"))
         result = api.lr_find(args.data, args.out, config)
@@ -203,6 +249,13 @@ def run_command(args: argparse.Namespace) -> int:
     elif args.command == "show-batch":
         options = resolve_options(ShowBatchOptions, args, ("data", "out"))
         print(api.show_batch(args.data, args.out, options))
+    elif args.command == "report":
+        print(regenerate(args.run))
+    elif args.command == "runs":
+        if args.compare:
+            print(compare_runs(args.compare, args.out))
+        else:
+            print(format_runs(list_runs(args.dir)))
     return 0
 
 

@@ -116,6 +116,26 @@ class AugmentOptions(Options):
     mix_off_epochs: int = Field(0, ge=0, description="train the last N epochs without mixing")
 
 
+AugmentPreset = Literal["none", "light", "side_on", "top_down", "randaugment", "trivial",
+                        "imagenet"]
+
+
+def _tta_flag(default: bool, what: str) -> Any:
+    return Field(default, description=f"{what} with test-time augmentation too: the average "
+                 "of the original and --tta-n augmented versions")
+
+
+def _tta_n() -> Any:
+    return Field(4, ge=0, le=64, description="test-time augmentation: augmented versions "
+                 "averaged with the original")
+
+
+def _tta_augment() -> Any:
+    return Field("auto", description="test-time augmentation: the preset that makes the "
+                 "versions; auto: the model's own training augmentation (without mixing and "
+                 "erasing), or light (flips and small shifts) when it trained without any")
+
+
 class ImageOptions(SourceOptions):
     """How images are sized, split and augmented: shared by ``fit`` and ``show-batch``."""
 
@@ -133,8 +153,7 @@ class ImageOptions(SourceOptions):
         description="how images reach the square size: short side + centre crop, squish, "
         "or pad",
     )
-    augment: Literal["none", "light", "side_on", "top_down", "randaugment", "trivial",
-                     "imagenet"] = Field(
+    augment: AugmentPreset = Field(
         "none",
         description="augmentation preset of training batches (docs in augment/presets.py)",
     )
@@ -301,6 +320,22 @@ class FitConfig(ImageOptions):
         description="also evaluate the test split after every epoch, for curves only "
         "(nothing is chosen from it)",
     )
+    metrics: list[str] | None = Field(
+        None,
+        description="metrics shown per epoch, comma-separated (the task's main metric is "
+        "always among them; all are computed at the end); classification: accuracy, "
+        "error_rate, top_k_accuracy, balanced_accuracy, precision, recall, f1, f1_micro, "
+        "roc_auc, pr_auc, log_loss, kappa, quadratic_kappa, ece; multilabel: accuracy, "
+        "subset_accuracy, hamming_loss, f1, f1_micro, precision, recall, roc_auc, pr_auc, "
+        "log_loss; regression: mae, rmse, r2, mape (default: accuracy,error_rate / "
+        "accuracy,f1 / mae,rmse)",
+    )
+    tta: bool = _tta_flag(True, "end the fit by measuring the final model")
+    tta_n: int = _tta_n()
+    tta_augment: Literal["auto"] | AugmentPreset = _tta_augment()
+    report: bool = Field(
+        True, description="end the fit with the interpretation plots and report.html"
+    )
 
 
 class ShowBatchOptions(ImageOptions):
@@ -320,6 +355,9 @@ class EvaluateOptions(SourceOptions):
     )
     bs: int = Field(256, ge=1, description="batch size")
     device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'")
+    tta: bool = _tta_flag(False, "measure")
+    tta_n: int = _tta_n()
+    tta_augment: Literal["auto"] | AugmentPreset = _tta_augment()
 
 
 class PredictOptions(Options):
@@ -334,6 +372,9 @@ class PredictOptions(Options):
     device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'")
     cache_dir: str | None = Field(None, description="folder of the decoded-image cache")
     progress: bool = Field(True, description="show progress bars")
+    tta: bool = _tta_flag(False, "predict")
+    tta_n: int = _tta_n()
+    tta_augment: Literal["auto"] | AugmentPreset = _tta_augment()
 
 
 def describe_validation_error(error: ValidationError) -> str:

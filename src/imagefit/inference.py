@@ -4,7 +4,7 @@ and CSVs, and evaluating it on a dataset split."""
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +16,10 @@ from torch import nn
 
 from . import runs
 from .augment.pipeline import BatchPipeline
+from .augment.presets import resolve_augment
 from .build import resolve_device
 from .config import (
+    AugmentOptions,
     EvaluateOptions,
     PredictOptions,
     SourceOptions,
@@ -29,7 +31,7 @@ from .data.prepare import prepare_images
 from .data.sources import IMAGE_EXTENSIONS, Table, read_csv_paths, read_source
 from .data.splits import assign_validation
 from .errors import ImagefitError, ImagefitWarning
-from .metrics import compute_metrics
+from .metrics import all_metrics
 from .models import (
     create_model,
 )
@@ -60,15 +62,90 @@ def load_model(run: str | Path, device: str = "auto") -> LoadedModel:
     return LoadedModel(model, task, settings, BatchPipeline(norm["mean"], norm["std"]), info)
 
 
+@dataclass
+class TTA:
+    """Test-time augmentation: ``n`` versions of each image made with ``augment``, averaged
+    with the original (probabilities for classes, values for regression)."""
+
+    n: int = 4
+    augment: AugmentOptions = field(default_factory=lambda: resolve_augment("light"))
+    seed: int = 0
+
+    @classmethod
+    def from_options(cls, options: Any, trained: AugmentOptions | dict | None) -> TTA | None:
+        """The TTA that ``options`` ask for (None when off); ``trained`` is the model's
+        training augmentation, which ``--tta-augment auto`` reuses."""
+        if not options.tta:
+            return None
+        return cls(options.tta_n, tta_augment(options.tta_augment, trained))
+
+
+def tta_augment(preset: str, trained: AugmentOptions | dict | None) -> AugmentOptions:
+    """The augmentation of the TTA versions: a preset, or (auto) the label-preserving part of
+    the training augmentation, or light when training used none."""
+    if preset != "auto":
+        return resolve_augment(preset)
+    if trained:
+        options = AugmentOptions.model_validate(trained) if isinstance(trained, dict) \
+            else trained
+        options = options.model_copy(update={"mixup": 0.0, "cutmix": 0.0, "erase_p": 0.0,
+                                             "mix_off_epochs": 0, "lighting": 0.0})
+        if options != AugmentOptions():
+            return options
+    return resolve_augment("light")
+
+
+def _averageable(task: Task, raw: torch.Tensor) -> torch.Tensor:
+    """What TTA averages: probabilities for classes and labels, outputs for regression."""
+    return raw if task.kind == "regression" else task.activate(raw)
+
+
+def _as_outputs(task: Task, averaged: torch.Tensor) -> torch.Tensor:
+    """Averaged activations back to raw outputs, which the loss and metrics take:
+    log-probabilities for classes (their softmax is the average), logits for labels."""
+    if task.kind == "classification":
+        return averaged.clamp_min(1e-12).log()
+    if task.kind == "multilabel":
+        return torch.logit(averaged, eps=1e-6)
+    return averaged
+
+
 @torch.no_grad()
-def _outputs(loaded: LoadedModel, images: torch.Tensor, rows: np.ndarray,
-             batch_size: int) -> torch.Tensor:
-    device = next(loaded.model.parameters()).device
-    dummy = torch.zeros(len(images))
-    loader = Loader(images, dummy, rows, batch_size, device=device)
+def model_outputs(model: nn.Module, pipeline: BatchPipeline, task: Task, images: torch.Tensor,
+                  rows: np.ndarray, batch_size: int, tta: TTA | None = None,
+                  size: int | None = None) -> torch.Tensor:
+    """Raw outputs of ``model`` for ``images[rows]`` (uint8 NHWC), in order, on the CPU; with
+    ``tta`` the average over the original and the augmented versions."""
+    device = next(model.parameters(), torch.zeros(0)).device
     if len(rows) == 0:
-        return torch.zeros(0, loaded.task.n_out)
-    return torch.cat([loaded.model(loaded.pipeline(x)).float().cpu() for x, _ in loader])
+        return torch.zeros(0, task.n_out)
+    was_training = model.training
+    model.eval()
+    loader = Loader(images, torch.zeros(len(images)), rows, batch_size, device=device)
+    augmenter = generator = None
+    if tta is not None and tta.n:
+        augmenter = BatchPipeline(pipeline.mean.flatten().tolist(),
+                                  pipeline.std.flatten().tolist(), tta.augment)
+        generator = torch.Generator(device).manual_seed(tta.seed)
+    outputs = []
+    for x, _ in loader:
+        raw = model(pipeline(x, size=size)).float()
+        if augmenter is None:
+            outputs.append(raw.cpu())
+            continue
+        total = _averageable(task, raw)
+        for _ in range(tta.n):
+            version = augmenter.augment_batch(x.float().div_(255.0), generator, size)
+            total += _averageable(task, model(augmenter.normalize(version)).float())
+        outputs.append(_as_outputs(task, total / (tta.n + 1)).cpu())
+    model.train(was_training)
+    return torch.cat(outputs)
+
+
+def _outputs(loaded: LoadedModel, images: torch.Tensor, rows: np.ndarray, batch_size: int,
+             tta: TTA | None = None) -> torch.Tensor:
+    return model_outputs(loaded.model, loaded.pipeline, loaded.task, images, rows,
+                         batch_size, tta)
 
 
 def _expand_inputs(inputs: list[str | Path], options: PredictOptions) -> list[str]:
@@ -102,7 +179,9 @@ def predict(run: str | Path, inputs: list[str | Path], out: str | Path | None = 
     cache = build_cache(paths, loaded.settings, options.cache_dir, progress=options.progress)
     warn_unreadable(cache, paths)
     rows = np.setdiff1d(np.arange(len(paths)), cache.failed)
-    activated = loaded.task.activate(_outputs(loaded, cache.tensor(), rows, options.bs))
+    tta = TTA.from_options(options, _read_run_config(Path(run)).get("augment_options"))
+    outputs = _outputs(loaded, cache.tensor(), rows, options.bs, tta)
+    activated = loaded.task.activate(outputs)
     frame = pd.DataFrame({"path": [paths[r] for r in rows]})
     task = loaded.task
     if task.kind == "regression":
@@ -164,13 +243,24 @@ def evaluate(run: str | Path, data: str | Path | Table, out: str | Path | None =
     if len(rows) == 0:
         raise ImagefitError(f"{table.description} has no {split} images: choose --split")
     targets = loaded.task.encode_targets(_align_targets(table, loaded.task))
-    outputs = _outputs(loaded, prepared.cache.tensor(), rows, options.bs)
+    images = prepared.cache.tensor()
+    outputs = _outputs(loaded, images, rows, options.bs)
     results: dict[str, Any] = {"split": split, "n_images": len(rows),
-                               "loss": loaded.task.loss(outputs, targets[rows]).item()}
-    results.update(compute_metrics(loaded.task, outputs, targets[rows]))
+                               **score(loaded.task, outputs, targets[rows])}
+    tta = TTA.from_options(options, run_config.get("augment_options"))
+    if tta is not None:
+        tta_outputs = _outputs(loaded, images, rows, options.bs, tta)
+        results.update({f"tta_{name}": value
+                        for name, value in score(loaded.task, tta_outputs,
+                                                 targets[rows]).items()})
     if out is not None:
         runs.save_json(Path(out), results)
     return results
+
+
+def score(task: Task, outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+    """The loss and every metric of the task's kind."""
+    return {"loss": task.loss(outputs, targets).item(), **all_metrics(task, outputs, targets)}
 
 
 def _read_run_config(run: Path) -> dict:

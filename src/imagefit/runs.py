@@ -174,3 +174,7 @@ def save_steps(run_dir: Path, step_log: list[dict]) -> None:
         loss = f"{float(row['loss']):.6g}" if "loss" in row else ""
         rows.append(f"{row['step']},{row['lr']:.6g},{momentum},{loss}")
     write_atomic(Path(run_dir) / "steps.csv", "\n".join(rows) + "\n")
+
+
+def load_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text())

@@ -28,8 +28,13 @@ MAIN_METRIC: dict[str, str] = {
     "multilabel": "f1",
     "regression": "mae",
 }
-HIGHER_IS_BETTER = {"accuracy": True, "f1": True, "error_rate": False, "mae": False,
-                    "rmse": False, "loss": False}
+HIGHER_IS_BETTER = {
+    "accuracy": True, "error_rate": False, "top_k_accuracy": True, "balanced_accuracy": True,
+    "precision": True, "recall": True, "f1": True, "f1_micro": True, "roc_auc": True,
+    "pr_auc": True, "log_loss": False, "kappa": True, "quadratic_kappa": True, "ece": False,
+    "subset_accuracy": True, "hamming_loss": False, "mae": False, "rmse": False, "r2": True,
+    "mape": False, "loss": False,
+}
 
 
 @dataclass
@@ -48,6 +53,7 @@ class Task:
     label_smoothing: float = 0.0
     target_mean: list[float] = field(default_factory=list)
     target_std: list[float] = field(default_factory=list)
+    metrics: list[str] = field(default_factory=list)
 
     @property
     def n_out(self) -> int:
@@ -58,8 +64,13 @@ class Task:
         return MAIN_METRIC[self.kind]
 
     @property
+    def epoch_metrics(self) -> tuple[str, ...]:
+        """The metrics shown per epoch: those chosen with --metrics, else the defaults."""
+        return tuple(self.metrics) or DEFAULT_METRICS[self.kind]
+
+    @property
     def metric_names(self) -> tuple[str, ...]:
-        return ("loss", *DEFAULT_METRICS[self.kind])
+        return ("loss", *self.epoch_metrics)
 
     def fit_target_scaling(self, train_targets: np.ndarray) -> None:
         """Record the training targets' mean and std (regression only)."""
@@ -73,7 +84,7 @@ class Task:
     def encode_targets(self, targets: np.ndarray) -> torch.Tensor:
         """Targets as the tensor the loss expects."""
         if self.kind == "classification":
-            return torch.as_tensor(np.asarray(targets), dtype=torch.int64)
+            return torch.as_tensor(np.array(targets, dtype=np.int64))
         values = torch.as_tensor(np.asarray(targets, dtype=np.float32)).reshape(len(targets), -1)
         if self.kind == "regression" and self.target_mean:
             mean = torch.tensor(self.target_mean, dtype=torch.float32)
@@ -127,6 +138,7 @@ class Task:
             "label_smoothing": self.label_smoothing,
             "target_mean": list(self.target_mean),
             "target_std": list(self.target_std),
+            "metrics": list(self.metrics),
         }
 
     @classmethod

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -11,16 +13,30 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import torch  # noqa: E402
 
 
-def _save(figure, path: str | Path) -> Path:
-    figure.tight_layout()
+def save_figure(figure, path: str | Path) -> Path:
+    """Lay out, save as PNG (creating the folder) and close; fonts without a glyph for some
+    character of a user's label are not worth a warning."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Glyph .* missing from")
+        figure.tight_layout()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(path, dpi=100)
     plt.close(figure)
     return path
+
+
+def label_text(text: object, width: int = 28) -> str:
+    """A user's string as plot text: one line, at most ``width`` characters, and its dollar
+    signs escaped so that matplotlib never reads it as mathtext."""
+    text = re.sub(r"\s+", " ", str(text)).strip()
+    if len(text) > width:
+        text = text[:width - 1] + "…"
+    return text.replace("$", r"\$")
 
 
 def save_image_grid(images: torch.Tensor, titles: Sequence[str], path: str | Path,
@@ -43,7 +59,7 @@ def save_image_grid(images: torch.Tensor, titles: Sequence[str], path: str | Pat
         axis.set_title(titles[index], fontsize=8)
     if title:
         figure.suptitle(title, fontsize=10)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def save_lr_finder_plot(result, path: str | Path) -> Path:
@@ -61,7 +77,7 @@ def save_lr_finder_plot(result, path: str | Path) -> Path:
     if result.suggestions:
         axis.legend()
     axis.set_title("LR finder")
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def save_training_plot(step_log: list[dict], history: list[dict], path: str | Path) -> Path:
@@ -90,4 +106,25 @@ def save_training_plot(step_log: list[dict], history: list[dict], path: str | Pa
     losses.legend()
     for axis in (rates, moms, losses):
         axis.set_xlabel("step")
-    return _save(figure, path)
+    return save_figure(figure, path)
+
+
+def save_metrics_plot(history: list[dict], path: str | Path) -> Path:
+    """Loss and each metric per epoch: training, validation and (when measured) test."""
+    epochs = [row["epoch"] for row in history]
+    metrics = list(dict.fromkeys(
+        key.split("_", 1)[1] for row in history[:1] for key in row
+        if key.startswith(("valid_", "test_")) and key.split("_", 1)[1] != "loss"))
+    panels = ["loss", *metrics]
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4),
+                                squeeze=False)
+    for axis, name in zip(axes[0], panels):
+        for split, style in (("train", "-"), ("valid", "o-"), ("test", "s--")):
+            column = f"{split}_{name}"
+            if column in history[0]:
+                axis.plot(epochs, [row[column] for row in history], style, label=split)
+        axis.set_title(name.replace("_", " "))
+        axis.set_xlabel("epoch")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axis.legend(fontsize=8)
+    return save_figure(figure, path)

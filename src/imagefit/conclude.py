@@ -1,0 +1,129 @@
+"""The end of a fit: every metric on the validation and test splits, with and without
+test-time augmentation, the multi-label threshold chosen on validation, the interpretation
+of the validation split (the test split when there is no validation split) and the tensors
+``imagefit report`` redraws it from."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from . import runs
+from .build import LoadedData, TrainingParts
+from .config import FitConfig
+from .inference import TTA, model_outputs, score
+from .metrics import best_threshold
+from .report.interpret import interpret, top_losses
+from .tasks import Task
+
+INTERPRETATION = "interpretation.json"
+INTERPRETATION_TENSORS = "interpretation.safetensors"
+TOP_LOSSES = 16
+
+
+def conclude(run_dir: Path, cfg: FitConfig, parts: TrainingParts, loaded: LoadedData,
+             model: torch.nn.Module) -> dict:
+    """Final figures of ``model`` (prefixed valid_, test_, valid_tta_, test_tta_) and, with
+    ``cfg.report``, the interpretation files; returns the figures."""
+    task = parts.task
+    images = loaded.prepared.cache.tensor()
+    targets = task.encode_targets(loaded.table.targets)
+    size = cfg.image_sizes[-1] if cfg.image_sizes else None
+    bs = max(parts.batch_size, 256)
+    splits = {"valid": loaded.valid_rows, "test": loaded.test_rows}
+    outputs = {name: model_outputs(model, parts.pipeline, task, images, rows, bs, size=size)
+               for name, rows in splits.items() if len(rows)}
+    figures: dict = {}
+    if task.kind == "multilabel" and "valid" in outputs:
+        threshold, _ = best_threshold(task, outputs["valid"], targets[splits["valid"]])
+        task.threshold = threshold
+        figures["threshold"] = threshold
+        _store_threshold(run_dir, threshold)
+    for name, split_outputs in outputs.items():
+        figures.update(_prefixed(f"{name}_", score(task, split_outputs,
+                                                   targets[splits[name]])))
+    tta = TTA.from_options(cfg, loaded.augment) if cfg.tta_n else None
+    for name, rows in splits.items():
+        if tta is None or not len(rows):
+            continue
+        tta_outputs = model_outputs(model, parts.pipeline, task, images, rows, bs, tta, size)
+        figures.update(_prefixed(f"{name}_tta_", score(task, tta_outputs, targets[rows])))
+    if cfg.report and outputs:
+        split = "valid" if "valid" in outputs else "test"
+        rows = splits[split]
+        paths = [loaded.table.paths[r] for r in rows] if loaded.table.paths else None
+        save_interpretation(run_dir, task, outputs[split], targets[rows],
+                            lambda positions: images[torch.as_tensor(rows[positions])]
+                            .permute(0, 3, 1, 2), paths, split)
+    return figures
+
+
+def _prefixed(prefix: str, values: dict) -> dict:
+    return {prefix + name: value for name, value in values.items()}
+
+
+def _store_threshold(run_dir: Path, threshold: float) -> None:
+    """The chosen multi-label threshold becomes the model's own (model.json)."""
+    path = Path(run_dir) / runs.MODEL_INFO
+    if path.is_file():
+        info = runs.read_model_info(run_dir)
+        info["task"]["threshold"] = threshold
+        runs.save_json(path, info)
+
+
+def save_interpretation(run_dir: Path, task: Task, outputs: torch.Tensor,
+                        targets: torch.Tensor, images_for, paths, split: str) -> dict:
+    """Interpretation plots and tables, and the tensors to redraw them without the data."""
+    worst = top_losses(task, outputs, targets, TOP_LOSSES)
+    top_images = images_for(worst) if len(worst) else torch.zeros(0, dtype=torch.uint8)
+    save_file({"outputs": outputs.float().contiguous(),
+               "targets": targets.float().contiguous(),
+               "top_positions": torch.as_tensor(worst, dtype=torch.int64),
+               "top_images": top_images.contiguous()},
+              str(Path(run_dir) / INTERPRETATION_TENSORS))
+    result = interpret(task, outputs, targets, _lookup(worst, top_images),
+                       Path(run_dir) / "plots", paths, split, TOP_LOSSES)
+    result["top_paths"] = [paths[p] for p in worst] if paths is not None else None
+    runs.save_json(Path(run_dir) / INTERPRETATION, result)
+    return result
+
+
+def redraw_interpretation(run_dir: Path) -> dict | None:
+    """The interpretation again from the run's saved tensors (no data needed); None when the
+    run has none."""
+    run_dir = Path(run_dir)
+    tensors_path = run_dir / INTERPRETATION_TENSORS
+    if not tensors_path.is_file() or not (run_dir / runs.MODEL_INFO).is_file():
+        return None
+    tensors = load_file(str(tensors_path))
+    task = Task.from_dict(runs.read_model_info(run_dir)["task"])
+    previous = runs.load_json(run_dir / INTERPRETATION) if (
+        run_dir / INTERPRETATION).is_file() else {}
+    targets = tensors["targets"]
+    if task.kind == "classification":
+        targets = targets.long()
+    worst = tensors["top_positions"].numpy()
+    top_paths = previous.get("top_paths")
+    paths = None
+    if top_paths is not None:  # only the top items' paths are kept
+        paths = [""] * len(tensors["outputs"])
+        for position, path in zip(worst.tolist(), top_paths):
+            paths[position] = path
+    result = interpret(task, tensors["outputs"], targets, _lookup(worst, tensors["top_images"]),
+                       run_dir / "plots", paths, previous.get("split", "valid"), TOP_LOSSES)
+    result["top_paths"] = top_paths
+    runs.save_json(run_dir / INTERPRETATION, result)
+    return result
+
+
+def _lookup(positions: np.ndarray, images: torch.Tensor):
+    """images_for() over the saved top-loss images."""
+    index = {int(p): i for i, p in enumerate(np.asarray(positions).tolist())}
+
+    def images_for(wanted: np.ndarray) -> torch.Tensor:
+        return images[[index[int(p)] for p in np.asarray(wanted).tolist()]]
+
+    return images_for

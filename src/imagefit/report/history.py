@@ -1,0 +1,268 @@
+"""Past runs: a table of the run directories in a folder, and their curves overlaid.
+
+A run directory is a folder holding ``config.yaml`` or ``metrics.json`` (``imagefit fit``
+writes ``config.yaml`` first, ``metrics.csv`` and ``model.json`` after each epoch and
+``metrics.json`` at the end). Listing never fails on one run: a run killed before it ended is
+``incomplete`` and one whose files cannot be parsed is ``unreadable``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from numbers import Real
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+from matplotlib.ticker import MaxNLocator
+
+from ..errors import ImagefitError
+from ..tasks import DEFAULT_METRICS, MAIN_METRIC, TASK_KINDS
+from .plots import plt, save_figure
+
+RUN_COLUMNS = ("run", "date", "name", "data", "model", "epochs", "metric", "value", "seconds",
+               "status")
+_STAMP = re.compile(r"^(\d{4}-\d{2}-\d{2}_\d{2}-\d{2}-\d{2})_?(.*)$")
+
+
+class _Unreadable(Exception):
+    """A run file exists but does not parse as what imagefit writes."""
+
+
+def list_runs(root: str | Path = "runs") -> pd.DataFrame:
+    """One row per run directory in ``root`` (or ``root`` alone when it is a run), oldest
+    first; columns as in ``RUN_COLUMNS``. A folder without runs gives an empty frame, which
+    ``format_runs`` shows as a note."""
+    root = Path(root)
+    if not root.is_dir():
+        what = "is not a folder" if root.exists() else "not found"
+        raise ImagefitError(f"runs folder {root} {what}: give the folder that holds run "
+                            "directories (imagefit fit writes them to runs/)")
+    run_dirs = [root] if _is_run_dir(root) else [p for p in root.iterdir() if _is_run_dir(p)]
+    frame = pd.DataFrame([_describe_run(p) for p in run_dirs], columns=list(RUN_COLUMNS))
+    frame = frame.sort_values(["date", "run"], kind="stable", ignore_index=True)
+    frame.attrs["root"] = str(root)
+    return frame
+
+
+def format_runs(frame: pd.DataFrame) -> str:
+    """``list_runs``'s frame as an aligned text table (date, run, data, model, epochs, main
+    metric and value, time, status), or a one-line note when there are no runs."""
+    if frame.empty:
+        where = frame.attrs.get("root", "this folder")
+        return f"no runs in {where}: train one with imagefit fit, or give the runs folder"
+    columns = {
+        "date": [f"{d:%Y-%m-%d %H:%M}" if pd.notna(d) else "-" for d in frame["date"]],
+        "run": list(frame["run"]),
+        "data": [_text(v) for v in frame["data"]],
+        "model": [_text(v) for v in frame["model"]],
+        "epochs": [_text(v if pd.isna(v) else int(v)) for v in frame["epochs"]],
+        "metric": [_text(v) for v in frame["metric"]],
+        "value": [f"{v:.4g}" if pd.notna(v) else "-" for v in frame["value"]],
+        "time": [format_seconds(v) for v in frame["seconds"]],
+        "status": list(frame["status"]),
+    }
+    right_aligned = {"epochs", "value", "time"}
+    widths = {name: max(len(name), *map(len, cells)) for name, cells in columns.items()}
+
+    def line(cells: dict[str, str]) -> str:
+        return "  ".join(cells[n].rjust(widths[n]) if n in right_aligned else
+                         cells[n].ljust(widths[n]) for n in columns).rstrip()
+
+    rows = [line({n: n for n in columns})]
+    rows += [line({n: cells[i] for n, cells in columns.items()}) for i in range(len(frame))]
+    return "\n".join(rows)
+
+
+def format_seconds(seconds: float | None) -> str:
+    """A duration as ``4.2s``, ``1m23s`` or ``2h05m``; ``-`` when unknown."""
+    if seconds is None or pd.isna(seconds):
+        return "-"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    whole = round(seconds)
+    if whole < 3600:
+        return f"{whole // 60}m{whole % 60:02d}s"
+    return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
+
+
+def compare_curves(run_dirs: Sequence[str | Path]) -> dict[str, dict[str, pd.Series]]:
+    """Per panel (``train_loss``, ``valid_loss`` and each run's main validation metric,
+    e.g. ``valid_accuracy``), the per-epoch series of every run that has it, keyed by the
+    run's folder name. Runs of different task kinds share the loss panels and each get
+    their own metric's panel; panels no run has are left out."""
+    if not run_dirs:
+        raise ImagefitError("give at least one run directory to compare")
+    paths = [Path(p) for p in run_dirs]
+    names = [p.name for p in paths]
+    labels = names if len(set(names)) == len(names) else [str(p) for p in paths]
+    histories = {label: _compare_history(path) for label, path in zip(labels, paths)}
+    panels = ["train_loss", "valid_loss"]
+    for label, path in zip(labels, paths):
+        main = _main_metric(path, histories[label])
+        if main and f"valid_{main}" not in panels:
+            panels.append(f"valid_{main}")
+    curves = {}
+    for panel in panels:
+        series = {label: history.set_index("epoch")[panel].dropna()
+                  for label, history in histories.items() if panel in history}
+        series = {label: values for label, values in series.items() if len(values)}
+        if series:
+            curves[panel] = series
+    return curves
+
+
+def compare_runs(run_dirs: Sequence[str | Path], out: str | Path) -> Path:
+    """One PNG at ``out`` with a panel per curve of ``compare_curves`` against epoch, one
+    colour per run, the legend naming the runs; returns the path written."""
+    curves = compare_curves(run_dirs)
+    labels = list(dict.fromkeys(label for series in curves.values() for label in series))
+    colours = {label: f"C{i % 10}" for i, label in enumerate(labels)}
+    figure, axes = plt.subplots(1, len(curves), figsize=(4.5 * len(curves), 3.8),
+                                squeeze=False)
+    for axis, (panel, series) in zip(axes.flat, curves.items()):
+        for label, values in series.items():
+            axis.plot(values.index, values.to_numpy(), marker="o", markersize=3,
+                      color=colours[label], label=label)
+        axis.set_title(panel.replace("_", " "))
+        axis.set_xlabel("epoch")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.flat[0].legend(fontsize=8)
+    return save_figure(figure, out)
+
+
+def _is_run_dir(path: Path) -> bool:
+    return path.is_dir() and ((path / "config.yaml").is_file()
+                              or (path / "metrics.json").is_file())
+
+
+def _describe_run(run_dir: Path) -> dict[str, Any]:
+    stamp = _STAMP.match(run_dir.name)
+    row = {column: math.nan for column in RUN_COLUMNS} | {
+        "run": run_dir.name,
+        "date": _run_date(run_dir, stamp),
+        "name": stamp.group(2) if stamp else run_dir.name,
+        "metric": None,
+        "status": "unreadable",
+    }
+    try:
+        config = _read_mapping(run_dir / "config.yaml", yaml.safe_load) or {}
+        metrics = _read_mapping(run_dir / "metrics.json", json.loads)
+        info = _read_mapping(run_dir / "model.json", json.loads) or {}
+        history = _read_history(run_dir)
+    except _Unreadable:
+        return row
+    last = history.iloc[-1].to_dict() if len(history) else {}
+    final = {**last, **(metrics or {})}
+    kind = _task_kind(info, final, config)
+    candidates = [f"test_{MAIN_METRIC[kind]}", f"valid_{MAIN_METRIC[kind]}"] if kind else []
+    metric = next((c for c in [*candidates, "train_loss"] if _is_number(final.get(c))), None)
+    seconds = (metrics or {}).get("seconds")
+    if seconds is None and "time" in history:
+        seconds = history["time"].sum()
+    row.update(
+        name=config.get("name") or row["name"],
+        data=config.get("data_description") or config.get("data") or final.get("data"),
+        model=info.get("architecture") or config.get("model"),
+        epochs=(metrics or {}).get("epochs", len(history)),
+        metric=metric,
+        value=final[metric] if metric else math.nan,
+        seconds=seconds if _is_number(seconds) else math.nan,
+        status=("incomplete" if metrics is None else
+                "interrupted" if metrics.get("interrupted") else "done"),
+    )
+    return row
+
+
+def _run_date(run_dir: Path, stamp: re.Match | None) -> datetime:
+    """When the run started: the folder name's timestamp, else the oldest file's mtime."""
+    if stamp:
+        return datetime.strptime(stamp.group(1), "%Y-%m-%d_%H-%M-%S")
+    files = [run_dir / n for n in ("config.yaml", "metrics.json") if (run_dir / n).is_file()]
+    return datetime.fromtimestamp(min(p.stat().st_mtime for p in files or [run_dir]))
+
+
+def _read_mapping(path: Path, parse: Callable[[str], Any]) -> dict | None:
+    """The mapping stored in ``path``; None when the file is missing."""
+    if not path.is_file():
+        return None
+    try:
+        data = parse(path.read_text())
+    except (OSError, ValueError, yaml.YAMLError) as error:
+        raise _Unreadable(path) from error
+    if not isinstance(data, dict):
+        raise _Unreadable(path)
+    return data
+
+
+def _read_history(run_dir: Path) -> pd.DataFrame:
+    """metrics.csv as numbers, one row per finished epoch; empty when there is none yet."""
+    path = run_dir / "metrics.csv"
+    if not path.is_file():
+        return pd.DataFrame()
+    try:
+        history = pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        return pd.DataFrame()
+    except (OSError, ValueError) as error:  # pandas' ParserError is a ValueError
+        raise _Unreadable(path) from error
+    history = history.apply(pd.to_numeric, errors="coerce")
+    if "epoch" not in history:
+        history.insert(0, "epoch", range(1, len(history) + 1))
+    return history.dropna(subset=["epoch", history.columns[-1]])  # a row cut short is unfinished
+
+
+def _compare_history(run_dir: Path) -> pd.DataFrame:
+    if not run_dir.is_dir():
+        what = "is not a directory" if run_dir.exists() else "not found"
+        raise ImagefitError(f"run {run_dir} {what}: give run directories, such as the folders "
+                            "imagefit runs lists")
+    if not (run_dir / "metrics.csv").is_file():
+        raise ImagefitError(f"run {run_dir} has no metrics.csv (it finished no epoch): leave "
+                            "it out, or give runs that trained at least one epoch")
+    try:
+        history = _read_history(run_dir)
+    except _Unreadable:
+        raise ImagefitError(f"run {run_dir}: metrics.csv cannot be read; leave the run out"
+                            ) from None
+    if history.empty:
+        raise ImagefitError(f"run {run_dir} has no epochs in metrics.csv: leave it out")
+    return history
+
+
+def _main_metric(run_dir: Path, history: pd.DataFrame) -> str | None:
+    """The main metric of a run's task; None when the kind cannot be told."""
+    try:
+        info = _read_mapping(run_dir / "model.json", json.loads) or {}
+        metrics = _read_mapping(run_dir / "metrics.json", json.loads) or {}
+    except _Unreadable:
+        info, metrics = {}, {}
+    kind = _task_kind(info, {**dict.fromkeys(history.columns), **metrics}, {})
+    return MAIN_METRIC[kind] if kind else None
+
+
+def _task_kind(info: dict, metrics: dict, config: dict) -> str | None:
+    """The task kind from model.json, metrics.json or config.yaml, else from which metrics
+    were recorded (each kind has its own pair)."""
+    task = info.get("task")
+    for kind in (task.get("kind") if isinstance(task, dict) else None, metrics.get("task"),
+                 config.get("task")):
+        if kind in TASK_KINDS:
+            return kind
+    recorded = {key.split("_", 1)[1] for key in metrics if key.startswith(("valid_", "test_"))}
+    return next((kind for kind, names in DEFAULT_METRICS.items()
+                 if set(names) <= recorded), None)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool) and not math.isnan(value)
+
+
+def _text(value: Any) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else (
+        str(value))

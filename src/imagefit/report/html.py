@@ -1,0 +1,212 @@
+"""report.html: one self-contained page per run directory (plots embedded as data URIs).
+
+The page is rendered by jinja2 with autoescaping on, so every string that comes from the
+user's data (class names, paths, options) reaches the page as text, never as markup.
+``regenerate`` redraws the plots it can from the run's own files first, so that
+``imagefit report RUN`` needs neither the data nor the model's training.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import pandas as pd
+import yaml
+
+from .. import __version__, runs
+from ..errors import ImagefitError
+from ..tasks import MAIN_METRIC
+from .plots import save_metrics_plot, save_training_plot
+
+REPORT = "report.html"
+DATA_SUMMARY = "data_summary.json"
+INTERPRETATION = "interpretation.json"
+TRAINING_PLOTS = (("training.png", "Learning rate, momentum and loss per step"),
+                  ("epochs.png", "Loss and metrics per epoch"),
+                  ("lr_find.png", "LR finder"))
+
+_environment = jinja2.Environment(
+    loader=jinja2.PackageLoader("imagefit.report", "templates"),
+    autoescape=True, trim_blocks=True, lstrip_blocks=True,
+    undefined=jinja2.StrictUndefined,
+)
+
+
+def format_value(value: Any) -> str:
+    """A cell: floats to 4 significant digits, lists joined, None as a dash."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "n/a"
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(format_value(v) for v in value)
+    if isinstance(value, dict):
+        return ", ".join(f"{k}: {format_value(v)}" for k, v in value.items())
+    return str(value)
+
+
+def _table(title: str, rows: list[dict], columns: Iterable[str] | None = None) -> dict:
+    columns = list(columns or dict.fromkeys(key for row in rows for key in row))
+    numeric = [all(isinstance(row.get(c), (int, float)) and not isinstance(row.get(c), bool)
+                   for row in rows if row.get(c) is not None) for c in columns]
+    return {"title": title, "columns": [c.replace("_", " ") for c in columns],
+            "numeric": numeric,
+            "rows": [[format_value(row.get(c)) for c in columns] for row in rows]}
+
+
+def _figure(run_dir: Path, file: str, title: str) -> dict | None:
+    path = run_dir / file
+    if not path.is_file():
+        return None
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return {"title": title, "src": f"data:image/png;base64,{data}"}
+
+
+def _read(path: Path, reader) -> Any:
+    try:
+        return reader(path) if path.is_file() else None
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+
+
+def _sections_of(summary: dict, run_dir: Path) -> dict:
+    """A summary dict (dataset or interpretation) as facts, tables and figures: scalars and
+    small mappings become facts, lists of mappings become tables."""
+    facts, tables, figures = [], [], []
+    for key, value in summary.items():
+        if value in ([], {}, None, ""):
+            continue
+        if key == "plots":
+            figures = [f for f in (_figure(run_dir, p["file"], p["title"]) for p in value) if f]
+        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            tables.append(_table(key.replace("_", " ").capitalize(), value))
+        elif isinstance(value, dict):
+            if value and all(isinstance(v, dict) for v in value.values()):
+                rows = [{"": k, **v} for k, v in value.items()]
+                tables.append(_table(key.replace("_", " ").capitalize(), rows))
+            else:
+                facts.append((key.replace("_", " "), format_value(value)))
+        elif not isinstance(value, list) or len(value) <= 12:
+            facts.append((key.replace("_", " "), format_value(value)))
+    return {"facts": facts, "tables": tables, "plots": figures}
+
+
+def _metrics_table(metrics: dict) -> dict:
+    """Final metrics: one row per metric, a column per split, with and without TTA."""
+    prefixes = [("valid_", "valid"), ("valid_tta_", "valid + TTA"), ("test_", "test"),
+                ("test_tta_", "test + TTA")]
+    present = [(p, label) for p, label in prefixes
+               if any(k.startswith(p) and not k.startswith(p + "tta_") for k in metrics)]
+    names = list(dict.fromkeys(
+        k.removeprefix(p) for p, _ in present for k in metrics
+        if k.startswith(p) and not k.removeprefix(p).startswith("tta_")
+        and isinstance(metrics[k], (int, float))))
+    rows = [{"metric": name, **{label: metrics.get(p + name) for p, label in present}}
+            for name in names]
+    table = _table("Final metrics", rows, ["metric", *(label for _, label in present)])
+    table["note"] = ("valid: the validation split carved from the training data; test: the "
+                     "source's own test split. TTA: the average of each image and its "
+                     "augmented versions.")
+    return table
+
+
+def _headline(metrics: dict, kind: str | None) -> str | None:
+    if not kind:
+        return None
+    main = MAIN_METRIC[kind]
+    parts = []
+    for prefix, label in (("test_", "test"), ("valid_", "valid")):
+        value = metrics.get(prefix + main)
+        if isinstance(value, (int, float)):
+            tta = metrics.get(f"{prefix}tta_{main}")
+            text = f"{label} {main} {value:.4f}"
+            if isinstance(tta, (int, float)):
+                text += f" ({tta:.4f} with TTA)"
+            parts.append(text)
+    return " · ".join(parts) or None
+
+
+def build_context(run_dir: Path) -> dict:
+    config = _read(run_dir / "config.yaml", lambda p: yaml.safe_load(p.read_text())) or {}
+    metrics = _read(run_dir / "metrics.json", runs.load_json) or {}
+    info = _read(run_dir / runs.MODEL_INFO, runs.load_json) or {}
+    task = info.get("task") or {}
+    kind = task.get("kind") or metrics.get("task")
+    history = _read(run_dir / "metrics.csv", pd.read_csv)
+    dataset = _read(run_dir / DATA_SUMMARY, runs.load_json)
+    interpretation = _read(run_dir / INTERPRETATION, runs.load_json)
+
+    epochs_table = None
+    if history is not None and len(history):
+        epochs_table = _table("Per epoch", history.to_dict("records"))
+    training_plots = [f for f in (_figure(run_dir, f"plots/{name}", title)
+                                  for name, title in TRAINING_PLOTS) if f]
+    interpretation_context = None
+    if interpretation:
+        shown = {k: v for k, v in interpretation.items()
+                 if k not in ("metrics", "confusion", "split", "n_images", "top_paths")}
+        interpretation_context = {"split": interpretation.get("split", "valid"),
+                                  "n_images": interpretation.get("n_images", 0),
+                                  **_sections_of(shown, run_dir)}
+    seconds = metrics.get("seconds")
+    return {
+        "title": run_dir.name,
+        "data": config.get("data_description") or config.get("data") or "-",
+        "task_kind": kind or "-",
+        "model": info.get("architecture") or config.get("model") or "-",
+        "epochs": metrics.get("epochs", len(history) if history is not None else 0),
+        "seconds": f"{seconds:.0f} s" if isinstance(seconds, (int, float)) else "-",
+        "date": time.strftime("%Y-%m-%d %H:%M", time.localtime(
+            (run_dir / "config.yaml").stat().st_mtime)) if (run_dir / "config.yaml").is_file()
+        else "",
+        "headline": _headline(metrics, kind),
+        "interrupted": bool(metrics.get("interrupted")),
+        "config": [(k, format_value(v)) for k, v in config.items()],
+        "dataset": _sections_of(dataset, run_dir) if dataset else None,
+        "training": {"plots": training_plots, "epochs": epochs_table},
+        "metrics": _metrics_table(metrics),
+        "interpretation": interpretation_context,
+        "version": __version__,
+    }
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Render report.html from the files in ``run_dir``."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ImagefitError(f"run {run_dir} not found: give a run directory made by imagefit fit")
+    if not (run_dir / "config.yaml").is_file() and not (run_dir / "metrics.json").is_file():
+        raise ImagefitError(f"{run_dir} is not a run directory (no config.yaml or "
+                            "metrics.json): give a folder made by imagefit fit")
+    html = _environment.get_template("report.html").render(**build_context(run_dir))
+    path = run_dir / REPORT
+    runs.write_atomic(path, html)
+    return path
+
+
+def regenerate(run_dir: str | Path) -> Path:
+    """Redraw the training and interpretation plots from the run's files, then the page."""
+    from ..conclude import redraw_interpretation
+
+    run_dir = Path(run_dir)
+    history = _read(run_dir / "metrics.csv", pd.read_csv)
+    steps = _read(run_dir / "steps.csv", pd.read_csv)
+    if history is not None and len(history):
+        rows = history.to_dict("records")
+        save_metrics_plot(rows, run_dir / "plots" / "epochs.png")
+        if steps is not None and len(steps):
+            steps = steps.astype(object).where(steps.notna(), None)
+            save_training_plot(steps.to_dict("records"), rows,
+                               run_dir / "plots" / "training.png")
+    redraw_interpretation(run_dir)
+    return write_report(run_dir)
