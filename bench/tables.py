@@ -111,11 +111,38 @@ def transfer(result: dict) -> list[str]:
     return lines
 
 
+def saliency_focus(result: dict) -> list[str]:
+    lines = ["## Saliency maps on the object (Fashion-MNIST)", ""] + header(result)
+    lines += [
+        f"{result['n_images']} test images (model accuracy on them "
+        f"{result['test_accuracy_on_them']:.4f}); object pixels are brighter than "
+        f"{result['threshold']:.0%} of white. Mass and area are means over the images whose "
+        "map is not all zero; the ratio is per image (a map blind to the object scores 1); "
+        "own vs other: mass on the image's object over mass on the next image's object region "
+        "(a map that only knows where objects usually are scores 1). Default Grad-CAM layer: "
+        f"`{result['default_gradcam_layer']}`.",
+        "",
+        "| map | empty maps | mass on object | object area | median ratio | ratio > 1 "
+        "| own vs other object | ms/image |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in result["methods"].items():
+        default = r.get("default") and name.startswith("gradcam")
+        marked = f"**{name}** (default)" if default else name
+        speed = f"{r['ms_per_image']:.2f}" if "ms_per_image" in r else ""
+        lines.append(f"| {marked} | {r['empty_maps']:.1%} | {r['mass_on_object']:.3f} | "
+                     f"{r['object_area']:.3f} | {r['median_ratio']:.2f} | "
+                     f"{r['share_ratio_above_1']:.1%} | {r['own_vs_other_object']:.3f} | "
+                     f"{speed} |")
+    return lines
+
+
 SECTIONS = {"fashion_mnist_default": fashion_mnist_default,
             "fashion_mnist_folder": fashion_mnist_folder,
             "augment": augment,
             "augment_accuracy": augment_accuracy,
-            "transfer": transfer}
+            "transfer": transfer,
+            "saliency_focus": saliency_focus}
 
 
 def section_of(benchmark: str) -> str | None:

@@ -225,3 +225,28 @@ def test_evaluate_with_tta_reports_both_figures(tmp_path):
                                  progress=False)
     assert shifted["accuracy"] == results["accuracy"]
     assert shifted["tta_accuracy"] != results["accuracy"]
+
+
+def test_cli_evaluate_tta_prints_both_columns_and_predict_takes_tta(tmp_path, capsys):
+    from imagefit import api, cli
+
+    run = api.fit("builtin:digits", epochs=1, progress=False, runs_dir=str(tmp_path),
+                  report=False, tta=False).run_dir
+    assert cli.main(["evaluate", str(run), "builtin:digits", "--tta", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if line.startswith("metric"))
+    assert header.split() == ["metric", "plain", "with", "TTA"]
+    accuracy = next(line for line in out.splitlines() if line.startswith("accuracy "))
+    assert len(accuracy.split()) == 3
+    images = tmp_path / "pngs"
+    from sklearn.datasets import load_digits
+
+    from conftest import write_image
+
+    digits = load_digits()
+    for i in range(6):
+        write_image(images / f"{i}.png", (digits.images[i] * 16).astype(np.uint8))
+    plain = inference.predict(run, [images], progress=False)
+    same = inference.predict(run, [images], progress=False, tta=True, tta_augment="none")
+    assert np.allclose(plain.filter(like="prob_").to_numpy(),
+                       same.filter(like="prob_").to_numpy(), atol=1e-6)

@@ -13,10 +13,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from conftest import shape_image, write_image
 from imagefit import api, cli
 from imagefit.data.sources import from_arrays
-
-from conftest import shape_image, write_image
 
 HOSTILE = "<script>alert(1)</script>"
 HOSTILE_IMG = "<img src=x onerror=\"document.title='pwned'\">"

@@ -54,11 +54,13 @@ from .train.callbacks import (
     EarlyStopping,
     MixOff,
     ProgressCallback,
+    ProgressiveLabelCorrection,
     ProgressiveResize,
     ReduceOnPlateau,
     RunWriter,
     SnapshotSaver,
 )
+from .train.callbacks.label_correction import check_label_correction
 from .train.learner import Learner
 from .train.lr_finder import LRFinderResult
 from .train.precompute import fit_head_on_features, supports_precompute
@@ -156,6 +158,8 @@ def _fit(data: str | Path | Table, cfg: FitConfig, callbacks=(), run_dir: Path |
     apply_pretrained_source(cfg)
     loaded = load_data(data, cfg)
     parts = build_training(cfg, loaded, device)
+    if cfg.plc:
+        check_label_correction(parts.task, parts.pipeline)
     finder = None
     if cfg.lr == "auto":
         finder = make_learner(cfg, parts).lr_find(progress=cfg.progress)
@@ -183,6 +187,10 @@ def _fit(data: str | Path | Table, cfg: FitConfig, callbacks=(), run_dir: Path |
         own_callbacks.append(ProgressiveResize(cfg.image_sizes))
     if loaded.augment.mix_off_epochs:
         own_callbacks.append(MixOff(loaded.augment.mix_off_epochs))
+    if cfg.plc:
+        own_callbacks.append(ProgressiveLabelCorrection(
+            cfg.plc_warmup, cfg.plc_theta_start, cfg.plc_theta_end, cfg.plc_schedule,
+            run_dir=run_dir, paths=loaded.table.paths))
     if cfg.schedule == "sgdr" and cfg.snapshots:
         ends = schedules.sgdr_cycle_ends(cfg.sgdr_cycles, cfg.cycle_len, cfg.cycle_mult)
         own_callbacks.append(SnapshotSaver(run_dir, parts.model_info, ends))

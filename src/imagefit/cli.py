@@ -27,6 +27,7 @@ from .config import (
     read_yaml_options,
 )
 from .errors import FitInterrupted, ImagefitError, ImagefitWarning
+from .explain import ExplainOptions, explain
 from .report.history import compare_runs, format_runs, list_runs
 from .report.html import regenerate
 
@@ -164,6 +165,19 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--out", metavar="PNG", required=True, help="where to save the grid")
     add_options(show, ShowBatchOptions)
 
+    explainer = commands.add_parser(
+        "explain", help="saliency maps: where the model looks",
+        description="Write a saliency overlay PNG per IMAGE (files, folders or CSV files of "
+        "paths) to --out: Grad-CAM (where the evidence for the class lies) or guided "
+        "backprop (which pixels move the output).",
+    )
+    explainer.add_argument("run", metavar="RUN", help="run directory written by imagefit fit")
+    explainer.add_argument("images", metavar="IMAGE", nargs="+",
+                           help="image file, folder of images, or CSV file of paths")
+    explainer.add_argument("--out", metavar="DIR", default="explain",
+                           help="folder for the overlays (default: explain)")
+    add_options(explainer, ExplainOptions)
+
     report = commands.add_parser(
         "report", help="write a run's report.html again",
         description="Redraw RUN's plots from its own files (training log, saved predictions) "
@@ -249,6 +263,10 @@ def run_command(args: argparse.Namespace) -> int:
     elif args.command == "show-batch":
         options = resolve_options(ShowBatchOptions, args, ("data", "out"))
         print(api.show_batch(args.data, args.out, options))
+    elif args.command == "explain":
+        options = resolve_options(ExplainOptions, args, ("run", "images", "out"))
+        written = explain(args.run, args.images, args.out, options)
+        print(f"wrote {len(written)} overlays to {args.out}")
     elif args.command == "report":
         print(regenerate(args.run))
     elif args.command == "runs":

@@ -5,6 +5,7 @@ of the validation split (the test split when there is no validation split) and t
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,9 @@ from safetensors.torch import load_file, save_file
 from . import runs
 from .build import LoadedData, TrainingParts
 from .config import FitConfig
-from .inference import TTA, model_outputs, score
+from .errors import ImagefitError, ImagefitWarning
+from .explain import explain_images
+from .inference import TTA, LoadedModel, model_outputs, score
 from .metrics import best_threshold
 from .report.interpret import interpret, top_losses
 from .tasks import Task
@@ -22,6 +25,7 @@ from .tasks import Task
 INTERPRETATION = "interpretation.json"
 INTERPRETATION_TENSORS = "interpretation.safetensors"
 TOP_LOSSES = 16
+SALIENCY_PLOT = "plots/top_losses_gradcam.png"
 
 
 def conclude(run_dir: Path, cfg: FitConfig, parts: TrainingParts, loaded: LoadedData,
@@ -55,10 +59,39 @@ def conclude(run_dir: Path, cfg: FitConfig, parts: TrainingParts, loaded: Loaded
         split = "valid" if "valid" in outputs else "test"
         rows = splits[split]
         paths = [loaded.table.paths[r] for r in rows] if loaded.table.paths else None
-        save_interpretation(run_dir, task, outputs[split], targets[rows],
-                            lambda positions: images[torch.as_tensor(rows[positions])]
-                            .permute(0, 3, 1, 2), paths, split)
+        result = save_interpretation(run_dir, task, outputs[split], targets[rows],
+                                     lambda positions: images[torch.as_tensor(rows[positions])]
+                                     .permute(0, 3, 1, 2), paths, split)
+        if task.kind == "classification" and result.get("top_losses"):
+            worst = rows[[row["position"] for row in result["top_losses"]]]
+            _explain_top_losses(run_dir, parts, loaded, model,
+                                images[torch.as_tensor(worst)].permute(0, 3, 1, 2))
     return figures
+
+
+def _explain_top_losses(run_dir: Path, parts: TrainingParts, loaded: LoadedData,
+                        model: torch.nn.Module, images: torch.Tensor) -> None:
+    """Grad-CAM of the top losses: where the model looked for the class it predicted."""
+    info = parts.model_info
+    trained = LoadedModel(model, parts.task, loaded.settings, parts.pipeline, info)
+    try:
+        explain_images(trained, images, None, "gradcam", Path(run_dir) / SALIENCY_PLOT)
+    except ImagefitError as error:  # a model without feature maps (ViT): no plot, say why
+        warnings.warn(f"no Grad-CAM of the top losses: {error}", ImagefitWarning, stacklevel=2)
+        return
+    _list_saliency(run_dir)
+
+
+def _list_saliency(run_dir: Path) -> None:
+    """Add the top losses' Grad-CAM to the interpretation's plots when it was drawn."""
+    path = Path(run_dir) / INTERPRETATION
+    if not (Path(run_dir) / SALIENCY_PLOT).is_file() or not path.is_file():
+        return
+    result = runs.load_json(path)
+    if all(plot["file"] != SALIENCY_PLOT for plot in result["plots"]):
+        result["plots"].append({"name": "saliency", "file": SALIENCY_PLOT,
+                                "title": "Grad-CAM of the top losses (the predicted class)"})
+        runs.save_json(path, result)
 
 
 def _prefixed(prefix: str, values: dict) -> dict:
@@ -116,7 +149,8 @@ def redraw_interpretation(run_dir: Path) -> dict | None:
                        run_dir / "plots", paths, previous.get("split", "valid"), TOP_LOSSES)
     result["top_paths"] = top_paths
     runs.save_json(run_dir / INTERPRETATION, result)
-    return result
+    _list_saliency(run_dir)
+    return runs.load_json(run_dir / INTERPRETATION)
 
 
 def _lookup(positions: np.ndarray, images: torch.Tensor):

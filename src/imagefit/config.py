@@ -290,6 +290,31 @@ class FitConfig(ImageOptions):
     label_smoothing: float = Field(
         0.0, ge=0, lt=1, description="label smoothing of single-label cross-entropy"
     )
+    plc: bool = Field(
+        False,
+        description="progressive label correction (single-label classification, no "
+        "mixup/cutmix): after --plc-warmup, a training label the model contradicts by a "
+        "probability margin above theta becomes the model's class in later epochs too; "
+        "changes are counted per epoch (plc_changed) and listed in corrected_labels.csv",
+    )
+    plc_warmup: float = Field(
+        0.2, ge=0, le=1,
+        description="--plc: fraction of the fit's steps that train on the given labels "
+        "before any correction (frozen-layer fits are warm-up throughout)",
+    )
+    plc_theta_start: float = Field(
+        0.3, ge=0, le=1,
+        description="--plc: margin p(predicted) - p(label) a correction needs right after "
+        "the warm-up",
+    )
+    plc_theta_end: float = Field(
+        0.1, ge=0, le=1, description="--plc: the margin a correction needs at the fit's end"
+    )
+    plc_schedule: Literal["linear", "cosine", "step"] = Field(
+        "linear",
+        description="--plc: how theta falls from start to end: linearly, along a half "
+        "cosine, or in one step halfway",
+    )
     bs: int = Field(128, ge=1, description="batch size (lowered for small training sets)")
     wd: float = Field(0.05, ge=0, description="decoupled weight decay (not on norms and biases)")
     model: str = Field(

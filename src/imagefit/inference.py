@@ -148,7 +148,7 @@ def _outputs(loaded: LoadedModel, images: torch.Tensor, rows: np.ndarray, batch_
                          batch_size, tta)
 
 
-def _expand_inputs(inputs: list[str | Path], options: PredictOptions) -> list[str]:
+def expand_inputs(inputs: list[str | Path], options: PredictOptions) -> list[str]:
     """Image files from files, folders (searched recursively) and CSV files of paths."""
     paths: list[str] = []
     for item in map(Path, inputs):
@@ -175,7 +175,7 @@ def predict(run: str | Path, inputs: list[str | Path], out: str | Path | None = 
     the path, the predicted label(s) or value(s) and the class probabilities."""
     options = merge_options(PredictOptions, options, overrides)
     loaded = load_model(run, options.device)
-    paths = _expand_inputs(list(inputs), options)
+    paths = expand_inputs(list(inputs), options)
     cache = build_cache(paths, loaded.settings, options.cache_dir, progress=options.progress)
     warn_unreadable(cache, paths)
     rows = np.setdiff1d(np.arange(len(paths)), cache.failed)

@@ -18,7 +18,9 @@ class Loader:
 
     Yields ``(x, y)``: x a uint8 (B, C, H, W) tensor on ``device`` (channels-last in memory,
     as the cache stores it), y the targets of the same rows. Shuffling is seeded per epoch
-    (``set_epoch``), so a run and its resumption see the same order.
+    (``set_epoch``), so a run and its resumption see the same order. While a batch is in use,
+    ``batch_rows`` holds its rows in the order of its images, so a callback can change their
+    stored ``targets`` (batches already prepared keep the targets they were read with).
     """
 
     def __init__(
@@ -44,6 +46,7 @@ class Loader:
         self.epoch = 0
         self.device = torch.device(device)
         self.prefetch = prefetch
+        self.batch_rows = torch.empty(0, dtype=torch.int64)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -57,10 +60,11 @@ class Loader:
         if self.shuffle:
             generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
             rows = rows[torch.randperm(len(rows), generator=generator)]
-        return [rows[i * self.batch_size:(i + 1) * self.batch_size] for i in range(len(self))]
+        # sorted within a batch: neighbouring rows read faster from the memmap
+        return [rows[i * self.batch_size:(i + 1) * self.batch_size].sort().values
+                for i in range(len(self))]
 
     def _load(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        index = index.sort().values  # neighbouring rows read faster from the memmap
         x = self.images.index_select(0, index).permute(0, 3, 1, 2)
         y = self.targets.index_select(0, index)
         if self.device.type == "cuda":
@@ -71,7 +75,9 @@ class Loader:
         batches = self._index_batches()
         if not self.prefetch:
             for index in batches:
-                yield self._load(index)
+                batch = self._load(index)
+                self.batch_rows = index
+                yield batch
             return
         queue: Queue = Queue(maxsize=2)
         stop = threading.Event()
@@ -81,7 +87,7 @@ class Loader:
                 for index in batches:
                     if stop.is_set():
                         return
-                    queue.put(self._load(index))
+                    queue.put((index, self._load(index)))
             except BaseException as error:  # handed to the consumer, raised there
                 queue.put(error)
                 return
@@ -93,7 +99,8 @@ class Loader:
             while (item := queue.get()) is not _END:
                 if isinstance(item, BaseException):
                     raise item
-                yield item
+                self.batch_rows, batch = item
+                yield batch
         finally:
             stop.set()
             while thread.is_alive():

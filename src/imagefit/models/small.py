@@ -39,6 +39,11 @@ class SmallCNN(nn.Module):
         )
         self.pool = nn.AdaptiveMaxPool2d(1)
         self.head = nn.Linear(widths[-1], num_classes)
+        self.feature_info = [  # timm's description of the feature maps, input to output
+            {"module": "stem", "num_chs": widths[0], "reduction": 1},
+            *({"module": f"stages.{i}", "num_chs": c, "reduction": 2 ** (i + 1)}
+              for i, c in enumerate(widths[1:])),
+        ]
 
     def group_matcher(self, coarse: bool = True) -> dict:
         """timm-style layer groups: the stem, each stage, then the head."""

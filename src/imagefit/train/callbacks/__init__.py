@@ -7,10 +7,12 @@ after_batch, after_epoch, after_fit. A callback may read and change the learner'
 from .augment import MixOff, ProgressiveResize
 from .base import Callback
 from .checkpoint import BestCheckpoint, EarlyStopping, ReduceOnPlateau, SnapshotSaver
+from .label_correction import ProgressiveLabelCorrection
 from .progress import ProgressCallback
 from .run_writer import RunWriter
 
 __all__ = [
     "BestCheckpoint", "Callback", "EarlyStopping", "MixOff", "ProgressCallback",
-    "ProgressiveResize", "ReduceOnPlateau", "RunWriter", "SnapshotSaver",
+    "ProgressiveLabelCorrection", "ProgressiveResize", "ReduceOnPlateau", "RunWriter",
+    "SnapshotSaver",
 ]

@@ -1,0 +1,38 @@
+"""Saliency maps drawn over their images as PNG files."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from .plots import plt, save_figure
+
+
+def save_saliency_overlays(images: torch.Tensor, maps: torch.Tensor, titles: Sequence[str],
+                           path: str | Path, *, alpha: float = 0.5,
+                           map_title: str = "saliency") -> Path:
+    """Each uint8 image (N, C, H, W) beside itself under its map (N, H, W in [0, 1]) as a
+    semi-transparent heat map, titled with ``titles``; pairs fill a near-square grid."""
+    count = len(images)
+    pair_columns = math.ceil(math.sqrt(count))
+    rows = math.ceil(count / pair_columns)
+    figure, axes = plt.subplots(rows, 2 * pair_columns, figsize=(3.6 * pair_columns, 2.0 * rows),
+                                squeeze=False)
+    for axis in axes.flat:
+        axis.axis("off")
+    for index in range(count):
+        row, column = divmod(index, pair_columns)
+        original, overlay = axes[row, 2 * column], axes[row, 2 * column + 1]
+        image = images[index].detach().cpu()
+        shown = dict(cmap="gray", vmin=0, vmax=255) if image.shape[0] == 1 else {}
+        picture = image[0] if image.shape[0] == 1 else image.permute(1, 2, 0)
+        for axis in (original, overlay):
+            axis.imshow(picture.numpy(), interpolation="nearest", **shown)
+        overlay.imshow(maps[index].detach().float().cpu().numpy(), cmap="jet", vmin=0, vmax=1,
+                       alpha=alpha, interpolation="bilinear")
+        original.set_title(titles[index], fontsize=8)
+        overlay.set_title(map_title, fontsize=8)
+    return save_figure(figure, path)
