@@ -17,7 +17,7 @@ from .build import LoadedData, TrainingParts
 from .config import FitConfig
 from .errors import ImagefitError, ImagefitWarning
 from .explain import explain_images
-from .inference import TTA, LoadedModel, model_outputs, score
+from .inference import TTA, LoadedModel, load_model, model_outputs, score
 from .metrics import best_threshold
 from .report.interpret import interpret, top_losses
 from .tasks import Task
@@ -149,6 +149,15 @@ def redraw_interpretation(run_dir: Path) -> dict | None:
                        run_dir / "plots", paths, previous.get("split", "valid"), TOP_LOSSES)
     result["top_paths"] = top_paths
     runs.save_json(run_dir / INTERPRETATION, result)
+    if task.kind == "classification" and len(worst):
+        order = [row["position"] for row in result["top_losses"]]
+        images = _lookup(worst, tensors["top_images"])(np.asarray(order))
+        try:
+            explain_images(load_model(run_dir, "cpu"), images, None, "gradcam",
+                           run_dir / SALIENCY_PLOT)
+        except ImagefitError as error:
+            warnings.warn(f"no Grad-CAM of the top losses: {error}", ImagefitWarning,
+                          stacklevel=2)
     _list_saliency(run_dir)
     return runs.load_json(run_dir / INTERPRETATION)
 

@@ -127,7 +127,9 @@ def interpret(task: Task, outputs: torch.Tensor, targets: torch.Tensor, images_f
     result["top_losses"] = rows
     if len(worst):
         titles = [_grid_title(task, row) for row in rows]
-        heading = "Worst predictions" if task.kind == "regression" else "Top losses"
+        heading = ("Worst predictions" if task.kind == "regression" else "Top losses") + \
+            (": predicted / actual, loss, probability of the prediction"
+             if task.kind == "classification" else ": predicted / actual, loss")
         grid = save_image_grid(images_for(worst).float() / 255.0, titles,
                                plots_dir / "top_losses.png", title=heading)
         plot("top_losses", f"{heading} ({split} split)", grid)
