@@ -8,7 +8,7 @@ attaches the callbacks that write the run directory and runs the phases of the r
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ from .config import (
     make_options,
     merge_options,
 )
+from .data.soft import soft_targets
 from .data.sources import Table
 from .errors import FitInterrupted, ImagefitError
 from .report.dataset import summarize_dataset
@@ -75,6 +76,8 @@ class FitResult:
     metrics: dict[str, Any]
     history: list[dict]
     model: nn.Module
+    # raw outputs of the final model per split: {"valid": (table rows, outputs), ...}
+    outputs: dict[str, tuple[np.ndarray, torch.Tensor]] = field(default_factory=dict)
 
 
 def _run_name(data: str | Path | Table) -> str:
@@ -158,6 +161,12 @@ def _fit(data: str | Path | Table, cfg: FitConfig, callbacks=(), run_dir: Path |
     apply_pretrained_source(cfg)
     loaded = load_data(data, cfg)
     parts = build_training(cfg, loaded, device)
+    if cfg.soft_labels:
+        if cfg.plc:
+            raise ImagefitError("--soft-labels and --plc both change the training labels: "
+                                "choose one")
+        parts.loaders["train"].targets = soft_targets(
+            cfg.soft_labels, cfg.soft_alpha, loaded.table, parts.task, loaded.train_rows)
     if cfg.plc:
         check_label_correction(parts.task, parts.pipeline)
     finder = None
@@ -170,8 +179,11 @@ def _fit(data: str | Path | Table, cfg: FitConfig, callbacks=(), run_dir: Path |
         # the recipe's step 2, where the model has a separate body and classifier
         cfg.precompute_epochs = 2 if supports_precompute(parts.model) else 0
 
-    if run_dir is None:
-        run_dir = runs.new_run_dir(cfg.runs_dir, cfg.name or _run_name(data))
+    if resume_state is None:
+        if run_dir is None:
+            run_dir = runs.new_run_dir(cfg.runs_dir, cfg.name or _run_name(data))
+        else:  # a fold of a cross-validation: the folder is named by the caller
+            run_dir.mkdir(parents=True, exist_ok=True)
         source = None if isinstance(data, Table) else str(data)
         runs.save_yaml(run_dir / "config.yaml", {"data": source,
                                                  "data_description": _run_source(data),
@@ -241,12 +253,13 @@ def _fit(data: str | Path | Table, cfg: FitConfig, callbacks=(), run_dir: Path |
         runs.save_model(run_dir, parts.model, {**parts.model_info,
                                                "epochs_trained": best.best_epoch})
         summary["best_epoch"] = best.best_epoch
-    summary.update(conclude(run_dir, cfg, parts, loaded, parts.model))
+    figures, outputs = conclude(run_dir, cfg, parts, loaded, parts.model)
+    summary.update(figures)
     metrics = _write_final_metrics(run_dir, learner, summary, started, interrupted=False,
                                    final_row=final_row)
     _write_report(run_dir, learner, cfg)
     return FitResult(run_dir=run_dir, metrics=metrics, history=learner.history,
-                     model=parts.model)
+                     model=parts.model, outputs=outputs)
 
 
 def lr_find(data: str | Path | Table, out: str | Path | None = "lr_find.png",

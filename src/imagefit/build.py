@@ -4,6 +4,7 @@ pipeline, loaders, learner and schedule. ``api`` calls these; users call ``api``
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from .config import (
 from .data.cache import CacheSettings
 from .data.loader import Loader
 from .data.prepare import PreparedImages, channel_stats, prepare_images, resolve_settings
+from .data.sampling import class_weights, resample_rows, weighted_sampler_rows
 from .data.sources import Table, read_source
 from .data.splits import assign_validation
 from .errors import ImagefitError
@@ -118,6 +120,7 @@ class TrainingParts:
     batch_size: int
     loaders: dict[str, Loader | None]
     model_info: dict
+    n_train_sampled: int | None = None  # training loader rows, when resampling changed them
 
 
 def build_training(cfg: FitConfig, loaded: LoadedData, device: torch.device) -> TrainingParts:
@@ -130,20 +133,25 @@ def build_training(cfg: FitConfig, loaded: LoadedData, device: torch.device) -> 
                 label_smoothing=cfg.label_smoothing,
                 metrics=epoch_metrics(table.task.kind, cfg.metrics))
     task.fit_target_scaling(table.targets[loaded.train_rows])
+    train_rows, sampler = _training_rows(cfg, task.kind, table, loaded.train_rows)
+    if cfg.class_weights:
+        task.class_weights = class_weights(table.targets[train_rows], task.n_out,
+                                           task.kind).tolist()
     targets = task.encode_targets(table.targets)
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.model, settings.channels, task.n_out, pretrained=cfg.pretrained,
                          dropout=cfg.dropout, drop_path=cfg.drop_path, head=cfg.head)
     mean, std = _normalization(cfg, model, loaded.prepared.cache.images, loaded.train_rows)
     model = model.to(device, memory_format=torch.channels_last)
-    batch_size = training_batch_size(cfg.bs, len(loaded.train_rows))
+    batch_size = training_batch_size(cfg.bs, len(train_rows))
     images = loaded.prepared.cache.tensor()
 
     def loader(rows: np.ndarray, train: bool = False) -> Loader | None:
         if len(rows) == 0:
             return None
         return Loader(images, targets, rows, batch_size if train else batch_size * 2,
-                      shuffle=train, drop_last=train, seed=cfg.seed, device=device)
+                      shuffle=train, drop_last=train, seed=cfg.seed, device=device,
+                      sampler=sampler if train else None)
 
     pipeline = BatchPipeline(mean, std, loaded.augment, lighting=loaded.lighting,
                              n_classes=task.n_out if task.kind == "classification" else None)
@@ -158,9 +166,26 @@ def build_training(cfg: FitConfig, loaded: LoadedData, device: torch.device) -> 
         "normalization": {"mean": mean, "std": std},
         "lighting": loaded.lighting,
     }
-    loaders = {"train": loader(loaded.train_rows, train=True),
+    loaders = {"train": loader(train_rows, train=True),
                "valid": loader(loaded.valid_rows), "test": loader(loaded.test_rows)}
-    return TrainingParts(task, model, pipeline, batch_size, loaders, model_info)
+    n_train_sampled = len(train_rows) if len(train_rows) != len(loaded.train_rows) else None
+    return TrainingParts(task, model, pipeline, batch_size, loaders, model_info, n_train_sampled)
+
+
+def _training_rows(cfg: FitConfig, kind: str, table: Table, train_rows: np.ndarray
+                   ) -> tuple[np.ndarray, Callable[[int], np.ndarray] | None]:
+    """The training loader's rows after --oversample or --balance, and --weighted-sampler's
+    per-epoch draw. Validation and test rows keep the data's proportions."""
+    rows = resample_rows(train_rows, table.targets, kind, names=table.task.names,
+                         oversample=cfg.oversample, balance=cfg.balance, seed=cfg.seed)
+    if not cfg.weighted_sampler:
+        return rows, None
+
+    def draw(epoch: int) -> np.ndarray:
+        return weighted_sampler_rows(rows, table.targets, kind, seed=cfg.seed, epoch=epoch)
+
+    draw(0)  # a task without classes fails here, before anything is trained
+    return rows, draw
 
 
 def apply_pretrained_source(cfg: FitConfig) -> None:

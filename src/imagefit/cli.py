@@ -18,6 +18,7 @@ import yaml
 
 from . import __version__, api, inference
 from .config import (
+    CVConfig,
     EvaluateOptions,
     FitConfig,
     Options,
@@ -165,6 +166,16 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--out", metavar="PNG", required=True, help="where to save the grid")
     add_options(show, ShowBatchOptions)
 
+    crossval = commands.add_parser(
+        "cv", help="k-fold cross-validation: a model per fold, out-of-fold predictions",
+        description="Train a model on each of --folds folds of DATA's training rows (each "
+        "fold validates the model trained on the others); write the out-of-fold "
+        "predictions, a metrics table per fold, the mean and spread, and a report. "
+        "`imagefit predict CV_DIR ...` averages the fold models.",
+    )
+    crossval.add_argument("data", metavar="DATA", help="folder, CSV file or builtin:NAME")
+    add_options(crossval, CVConfig)
+
     explainer = commands.add_parser(
         "explain", help="saliency maps: where the model looks",
         description="Write a saliency overlay PNG per IMAGE (files, folders or CSV files of "
@@ -263,6 +274,13 @@ def run_command(args: argparse.Namespace) -> int:
     elif args.command == "show-batch":
         options = resolve_options(ShowBatchOptions, args, ("data", "out"))
         print(api.show_batch(args.data, args.out, options))
+    elif args.command == "cv":
+        from .cv import cv, format_cv
+
+        result = cv(args.data, resolve_options(CVConfig, args, ("data",)))
+        print(format_cv(result))
+        print(f"report: {result.cv_dir / 'report.html'}")
+        print(result.cv_dir)
     elif args.command == "explain":
         options = resolve_options(ExplainOptions, args, ("run", "images", "out"))
         written = explain(args.run, args.images, args.out, options)

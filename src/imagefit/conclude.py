@@ -29,9 +29,10 @@ SALIENCY_PLOT = "plots/top_losses_gradcam.png"
 
 
 def conclude(run_dir: Path, cfg: FitConfig, parts: TrainingParts, loaded: LoadedData,
-             model: torch.nn.Module) -> dict:
+             model: torch.nn.Module) -> tuple[dict, dict]:
     """Final figures of ``model`` (prefixed valid_, test_, valid_tta_, test_tta_) and, with
-    ``cfg.report``, the interpretation files; returns the figures."""
+    ``cfg.report``, the interpretation files; returns the figures and, per split, the
+    table rows and the model's raw outputs on them."""
     task = parts.task
     images = loaded.prepared.cache.tensor()
     targets = task.encode_targets(loaded.table.targets)
@@ -66,7 +67,7 @@ def conclude(run_dir: Path, cfg: FitConfig, parts: TrainingParts, loaded: Loaded
             worst = rows[[row["position"] for row in result["top_losses"]]]
             _explain_top_losses(run_dir, parts, loaded, model,
                                 images[torch.as_tensor(worst)].permute(0, 3, 1, 2))
-    return figures
+    return figures, {name: (splits[name], value) for name, value in outputs.items()}
 
 
 def _explain_top_losses(run_dir: Path, parts: TrainingParts, loaded: LoadedData,

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ImagefitError
 
@@ -290,6 +290,28 @@ class FitConfig(ImageOptions):
     label_smoothing: float = Field(
         0.0, ge=0, lt=1, description="label smoothing of single-label cross-entropy"
     )
+    oversample: dict[str, float] | None = Field(
+        None,
+        description="repeat the training rows of these classes (labels) by a factor: "
+        "CLASS=FACTOR pairs, comma-separated, e.g. scab=3,rust=2 (YAML: a mapping); 0.5 "
+        "keeps half; validation and test rows are never resampled",
+    )
+    balance: Literal["over", "under"] | None = Field(
+        None,
+        description="resample the training rows to equal class counts: 'over' repeats every "
+        "class up to the largest, 'under' cuts every class down to the smallest "
+        "(single-label)",
+    )
+    class_weights: bool = Field(
+        False,
+        description="weigh the training loss by inverse class frequency (cross-entropy class "
+        "weights; multi-label: BCE pos_weight = negatives/positives per label)",
+    )
+    weighted_sampler: bool = Field(
+        False,
+        description="each epoch draws its training rows with replacement, every class about "
+        "equally often (seeded by --seed and the epoch)",
+    )
     plc: bool = Field(
         False,
         description="progressive label correction (single-label classification, no "
@@ -314,6 +336,15 @@ class FitConfig(ImageOptions):
         "linear",
         description="--plc: how theta falls from start to end: linearly, along a half "
         "cosine, or in one step halfway",
+    )
+    soft_labels: str | None = Field(
+        None,
+        description="train on soft labels made from out-of-fold predictions: a CV directory "
+        "of this data (imagefit cv) or its oof.csv; target = a * given label + (1 - a) * "
+        "predicted probabilities, a = --soft-alpha (classification, multi-label)",
+    )
+    soft_alpha: float = Field(
+        0.5, ge=0, le=1, description="--soft-labels: weight of the given label"
     )
     bs: int = Field(128, ge=1, description="batch size (lowered for small training sets)")
     wd: float = Field(0.05, ge=0, description="decoupled weight decay (not on norms and biases)")
@@ -362,6 +393,51 @@ class FitConfig(ImageOptions):
         True, description="end the fit with the interpretation plots and report.html"
     )
 
+    @field_validator("oversample", mode="before")
+    @classmethod
+    def _oversample_pairs(cls, value: Any) -> Any:
+        """The flag's 'scab=3,rust=2' as a mapping (YAML and '{scab: 3}' arrive as one)."""
+        if not isinstance(value, str):
+            return value
+        pairs = [part.partition("=") for part in value.split(",") if part.strip()]
+        if not pairs or any(not sep or not name.strip() for name, sep, _ in pairs):
+            raise ValueError("give CLASS=FACTOR pairs, comma-separated, e.g. scab=3,rust=2")
+        return {name.strip(): factor.strip() for name, _, factor in pairs}
+
+    @model_validator(mode="after")
+    def _one_way_to_resample(self) -> FitConfig:
+        """Resampling options that would undo each other are refused before any data is
+        read."""
+        chosen = [flag for flag, on in (("--oversample", self.oversample),
+                                        ("--balance", self.balance),
+                                        ("--weighted-sampler", self.weighted_sampler)) if on]
+        if len(chosen) > 1:
+            raise ImagefitError(f"{chosen[0]} and {chosen[1]} both resample the training rows: "
+                                "give one of them")
+        return self
+
+
+class CVConfig(FitConfig):
+    """Options of ``cv``: every fit option, and how the folds are made."""
+
+    folds: int = Field(5, ge=2, le=50, description="number of folds (one model each)")
+    fold_method: Literal["auto", "kfold", "stratified", "multilabel", "group"] = Field(
+        "auto",
+        description="auto: stratified by class (iterative stratification for multi-label, "
+        "quantile bins for regression), group when --group-col is given",
+    )
+    group_col: str | None = Field(
+        None, description="CSV column of groups (e.g. a patient id) that never cross folds"
+    )
+    folds_file: str | None = Field(
+        None, description="reuse the folds of this CSV (a CV directory's folds.csv)"
+    )
+    train_on_all: bool = Field(
+        False,
+        description="then train one model on all the training data for the epochs the folds "
+        "used (their median best epoch with --keep-best or --early-stop)",
+    )
+
 
 class ShowBatchOptions(ImageOptions):
     """Options of ``show-batch``."""
@@ -400,6 +476,17 @@ class PredictOptions(Options):
     tta: bool = _tta_flag(False, "predict")
     tta_n: int = _tta_n()
     tta_augment: Literal["auto"] | AugmentPreset = _tta_augment()
+    snapshots: bool = Field(
+        False, description="average the run's SGDR snapshot models (a snapshot ensemble; "
+        "needs a fit with --snapshots)"
+    )
+    format: Literal["table", "kaggle", "kaggle-label"] = Field(
+        "table",
+        description="table: path, label and probabilities; kaggle: an id column (the file "
+        "name without its suffix) and a probability column per class; kaggle-label: id and "
+        "the predicted label(s)",
+    )
+    id_col: str = Field("id", description="kaggle formats: the name of the id column")
 
 
 def describe_validation_error(error: ValidationError) -> str:

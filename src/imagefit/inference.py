@@ -174,27 +174,83 @@ def predict(run: str | Path, inputs: list[str | Path], out: str | Path | None = 
     """Predictions for image files, folders or CSVs of paths: a row per readable image with
     the path, the predicted label(s) or value(s) and the class probabilities."""
     options = merge_options(PredictOptions, options, overrides)
-    loaded = load_model(run, options.device)
+    members = load_models(run, options.device, options.snapshots)
+    loaded = members[0][1]
     paths = expand_inputs(list(inputs), options)
     cache = build_cache(paths, loaded.settings, options.cache_dir, progress=options.progress)
     warn_unreadable(cache, paths)
     rows = np.setdiff1d(np.arange(len(paths)), cache.failed)
-    tta = TTA.from_options(options, _read_run_config(Path(run)).get("augment_options"))
-    outputs = _outputs(loaded, cache.tensor(), rows, options.bs, tta)
-    activated = loaded.task.activate(outputs)
-    frame = pd.DataFrame({"path": [paths[r] for r in rows]})
+    outputs = ensemble_outputs(members, cache.tensor(), rows, options.bs, options)
     task = loaded.task
-    if task.kind == "regression":
-        for i, name in enumerate(task.names):
-            frame[name] = activated[:, i].numpy()
-    else:
-        frame["labels" if task.kind == "multilabel" else "label"] = task.decode(activated)
-        for i, name in enumerate(task.names):
-            frame[f"prob_{name}"] = activated[:, i].numpy()
+    activated = task.activate(outputs)
+    frame = _prediction_frame(task, [paths[r] for r in rows], activated, options)
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         runs.write_atomic(Path(out), frame.to_csv(index=False))
     return frame
+
+
+def _prediction_frame(task: Task, paths: list[str], activated: torch.Tensor,
+                      options: PredictOptions) -> pd.DataFrame:
+    if options.format == "table":
+        frame = pd.DataFrame({"path": paths})
+    else:
+        frame = pd.DataFrame({options.id_col: [Path(p).stem for p in paths]})
+    if task.kind == "regression":
+        for i, name in enumerate(task.names):
+            frame[name] = activated[:, i].numpy()
+        return frame
+    label = "labels" if task.kind == "multilabel" else "label"
+    if options.format != "kaggle":
+        frame[label] = task.decode(activated)
+    if options.format == "kaggle-label":
+        if task.kind == "multilabel":  # Kaggle's multi-label convention: space-separated
+            frame[label] = [text.replace(";", " ") for text in frame[label]]
+        return frame
+    prefix = "" if options.format == "kaggle" else "prob_"
+    for i, name in enumerate(task.names):
+        frame[f"{prefix}{name}"] = activated[:, i].numpy()
+    return frame
+
+
+def load_models(run: str | Path, device: str = "auto",
+                snapshots: bool = False) -> list[tuple[Path, LoadedModel]]:
+    """The model(s) behind ``run``: a run's own model, a CV directory's fold models, or (with
+    ``snapshots``) a run's SGDR snapshot models; each with its run directory."""
+    run = Path(run)
+    if snapshots:
+        folders = sorted((run / "checkpoints").glob("snapshot_*"),
+                         key=lambda p: int(p.name.rsplit("_", 1)[-1]))
+        if not folders:
+            raise ImagefitError(f"{run} has no snapshot models (checkpoints/snapshot_K): fit "
+                                "with --schedule sgdr --snapshots")
+    elif (run / "cv.json").is_file():
+        folders = [run / name for name in runs.load_json(run / "cv.json")["runs"]]
+    else:
+        return [(run, load_model(run, device))]
+    members = [(folder, load_model(folder, device)) for folder in folders]
+    first = members[0][1]
+    for folder, member in members[1:]:
+        if (member.settings, member.task.names) != (first.settings, first.task.names):
+            raise ImagefitError(f"{folder} sees images or classes differently from "
+                                f"{folders[0]}: an ensemble needs models of one fit setup")
+    return members
+
+
+def ensemble_outputs(members: list[tuple[Path, LoadedModel]], images: torch.Tensor,
+                     rows: np.ndarray, batch_size: int, options: Any) -> torch.Tensor:
+    """Raw-like outputs of the average of the members' probabilities (values for
+    regression), each with its own TTA when ``options.tta``."""
+    if len(members) == 1:
+        folder, loaded = members[0]
+        tta = TTA.from_options(options, _trained_augment(folder))
+        return _outputs(loaded, images, rows, batch_size, tta)
+    total = None
+    for folder, loaded in members:
+        tta = TTA.from_options(options, _trained_augment(folder))
+        part = _averageable(loaded.task, _outputs(loaded, images, rows, batch_size, tta))
+        total = part if total is None else total + part
+    return _as_outputs(members[0][1].task, total / len(members))
 
 
 def _align_targets(table: Table, task: Task) -> np.ndarray:
@@ -261,6 +317,15 @@ def evaluate(run: str | Path, data: str | Path | Table, out: str | Path | None =
 def score(task: Task, outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
     """The loss and every metric of the task's kind."""
     return {"loss": task.loss(outputs, targets).item(), **all_metrics(task, outputs, targets)}
+
+
+def _trained_augment(folder: Path) -> dict | None:
+    """The training augmentation recorded in a run's (or a snapshot's run's) config.yaml."""
+    for candidate in (folder, folder.parent.parent):
+        path = candidate / "config.yaml"
+        if path.is_file():
+            return (yaml.safe_load(path.read_text()) or {}).get("augment_options")
+    return None
 
 
 def _read_run_config(run: Path) -> dict:

@@ -43,7 +43,9 @@ class Task:
 
     Regression targets are standardized inside (``target_mean``/``target_std``, computed from
     the training split) so that one learning rate suits targets of any scale; outputs and
-    metrics are reported in the targets' own units.
+    metrics are reported in the targets' own units. ``class_weights`` (from the training
+    targets, see ``data.sampling.class_weights``) weigh the training loss: cross-entropy's
+    per-class weight, or the multi-label ``pos_weight``.
     """
 
     kind: TaskKind
@@ -54,6 +56,8 @@ class Task:
     target_mean: list[float] = field(default_factory=list)
     target_std: list[float] = field(default_factory=list)
     metrics: list[str] = field(default_factory=list)
+    class_weights: list[float] = field(default_factory=list)
+    _weight_tensors: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def n_out(self) -> int:
@@ -92,17 +96,35 @@ class Task:
             values = (values - mean) / std
         return values
 
-    def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean loss of a batch; classification targets may be indices or soft probabilities."""
+    def loss(self, outputs: torch.Tensor, targets: torch.Tensor, *,
+             weighted: bool = False) -> torch.Tensor:
+        """Mean loss of a batch; classification targets may be indices or soft probabilities.
+
+        ``weighted`` applies ``class_weights``: training asks for it, evaluation does not, so
+        that validation losses stay comparable between runs with and without weights.
+        """
+        weight = self._weight_tensor(outputs) if weighted else None
         if self.kind == "classification":
-            return F.cross_entropy(outputs, targets, label_smoothing=self.label_smoothing)
+            return F.cross_entropy(outputs, targets, weight=weight,
+                                   label_smoothing=self.label_smoothing)
         if self.kind == "multilabel":
-            return F.binary_cross_entropy_with_logits(outputs, targets)
+            return F.binary_cross_entropy_with_logits(outputs, targets, pos_weight=weight)
         if self.regression_loss == "l1":
             return F.l1_loss(outputs, targets)
         if self.regression_loss == "huber":
             return F.huber_loss(outputs, targets)
         return F.mse_loss(outputs, targets)
+
+    def _weight_tensor(self, outputs: torch.Tensor) -> torch.Tensor | None:
+        """``class_weights`` on the outputs' device and dtype, made once (not copied to the
+        device at every step)."""
+        if not self.class_weights:
+            return None
+        key = (outputs.device, outputs.dtype)
+        if key not in self._weight_tensors:
+            self._weight_tensors[key] = torch.tensor(self.class_weights, dtype=outputs.dtype,
+                                                     device=outputs.device)
+        return self._weight_tensors[key]
 
     def activate(self, outputs: torch.Tensor) -> torch.Tensor:
         """Raw model outputs to probabilities (classification) or values in own units."""
@@ -139,8 +161,11 @@ class Task:
             "target_mean": list(self.target_mean),
             "target_std": list(self.target_std),
             "metrics": list(self.metrics),
+            "class_weights": list(self.class_weights),
         }
 
     @classmethod
     def from_dict(cls, data: dict) -> Task:
+        """A task from ``to_dict``'s mapping; keys added since (e.g. ``class_weights`` in
+        older model.json files) take their defaults."""
         return cls(**data)

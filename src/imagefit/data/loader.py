@@ -4,7 +4,7 @@ by a background thread (no worker processes)."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from queue import Empty, Queue
 
 import numpy as np
@@ -21,6 +21,10 @@ class Loader:
     (``set_epoch``), so a run and its resumption see the same order. While a batch is in use,
     ``batch_rows`` holds its rows in the order of its images, so a callback can change their
     stored ``targets`` (batches already prepared keep the targets they were read with).
+
+    ``sampler``, when shuffling, replaces the shuffled ``rows`` of each epoch: called with the
+    epoch, it returns that epoch's rows in order (as many as ``rows``, e.g. drawn with
+    replacement by ``data.sampling.weighted_sampler_rows``).
     """
 
     def __init__(
@@ -35,6 +39,7 @@ class Loader:
         seed: int = 0,
         device: torch.device | str = "cpu",
         prefetch: bool = True,
+        sampler: Callable[[int], np.ndarray] | None = None,
     ) -> None:
         self.images = images
         self.targets = targets
@@ -46,6 +51,7 @@ class Loader:
         self.epoch = 0
         self.device = torch.device(device)
         self.prefetch = prefetch
+        self.sampler = sampler
         self.batch_rows = torch.empty(0, dtype=torch.int64)
 
     def set_epoch(self, epoch: int) -> None:
@@ -57,7 +63,9 @@ class Loader:
 
     def _index_batches(self) -> list[torch.Tensor]:
         rows = self.rows
-        if self.shuffle:
+        if self.shuffle and self.sampler is not None:
+            rows = torch.as_tensor(np.asarray(self.sampler(self.epoch)), dtype=torch.int64)
+        elif self.shuffle:
             generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
             rows = rows[torch.randperm(len(rows), generator=generator)]
         # sorted within a batch: neighbouring rows read faster from the memmap

@@ -226,7 +226,7 @@ class Learner:
             self.emit("before_batch")
             with self._autocast():
                 self.outputs = self.model(self.x)
-                self.loss = self.task.loss(self.outputs.float(), self.y)
+                self.loss = self.task.loss(self.outputs.float(), self.y, weighted=True)
             self.emit("after_loss")
             self._backward_and_step()
             self.step_log[-1]["loss"] = self.loss.detach()

@@ -72,7 +72,7 @@ def find_lr(learner, start_lr: float = 1e-7, end_lr: float = 10.0, steps: int = 
             for group in optimizer.param_groups:
                 group["lr"] = lr
             x, y = learner.pipeline.train_batch(x, y, generator)
-            loss = learner.task.loss(model(x), y)
+            loss = learner.task.loss(model(x), y, weighted=True)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -66,7 +66,7 @@ def fit_head_on_features(learner, epochs: int, lr: float) -> float:
             for group in optimizer.param_groups:
                 group["lr"] = schedule((epoch * steps_per_epoch + step) / total)
             index = order[step * batch:(step + 1) * batch].to(train_x.device)
-            loss = learner.task.loss(head(train_x[index]), train_y[index])
+            loss = learner.task.loss(head(train_x[index]), train_y[index], weighted=True)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

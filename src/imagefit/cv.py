@@ -1,0 +1,237 @@
+"""Cross-validation: K models on K folds, their out-of-fold predictions and the spread of
+their figures, optionally a final model on all the training data.
+
+A CV directory holds ``folds.csv`` (reusable with ``--folds-file``), ``fold_0`` ..
+``fold_{K-1}`` (ordinary run directories), ``oof.csv`` (every training row predicted once,
+by the model that did not train on it), ``cv_metrics.csv`` (a row per fold), ``cv.json``
+(mean and standard deviation, and the metrics of the out-of-fold predictions as a whole),
+``report.html``, and ``all/`` with ``--train-on-all``. ``predict`` on a CV directory averages
+its fold models (see ``inference.load_models``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import runs
+from .api import FitResult, _fit
+from .build import apply_recipe
+from .config import CVConfig, FitConfig, merge_options
+from .data.folds import (
+    NOT_IN_FOLDS,
+    assign_folds,
+    load_folds,
+    read_groups,
+    save_folds,
+    split_for_fold,
+)
+from .data.sources import Table, read_source
+from .errors import ImagefitError
+from .metrics import all_metrics
+from .report.interpret import interpret
+from .tasks import HIGHER_IS_BETTER, Task
+
+CV_INFO = "cv.json"
+OOF = "oof.csv"
+FOLD_METRICS = "cv_metrics.csv"
+
+
+@dataclass
+class CVResult:
+    """What ``cv`` returns: its directory, per-fold figures, their summary, the OOF table."""
+
+    cv_dir: Path
+    folds: list[dict]
+    summary: dict[str, Any]
+    oof: pd.DataFrame
+    all_run: Path | None = None
+
+
+def _fit_options(cfg: CVConfig, **changes: Any) -> FitConfig:
+    values = cfg.model_dump(exclude_unset=True, exclude=set(CVConfig.model_fields)
+                            - set(FitConfig.model_fields))
+    values.update(changes)
+    return FitConfig(**values)
+
+
+def cv(data: str | Path | Table, config: CVConfig | None = None, **options: Any) -> CVResult:
+    """Train one model per fold of ``data``'s training rows and write a CV directory."""
+    cfg: CVConfig = merge_options(CVConfig, config, options)
+    started = time.perf_counter()
+    table = data if isinstance(data, Table) else read_source(data, cfg)
+    folds = _folds(table, cfg, data)
+    name = (cfg.name or _source_name(data)) + "_cv"
+    cv_dir = runs.new_run_dir(cfg.runs_dir, name)
+    runs.save_yaml(cv_dir / "config.yaml", {
+        "data": None if isinstance(data, Table) else str(data),
+        "data_description": table.description, **cfg.model_dump()})
+    save_folds(cv_dir / "folds.csv", folds, table.paths)
+    task_kind = table.task.kind
+    rows, oof_parts = [], []
+    for fold in range(cfg.folds):
+        print(f"fold {fold + 1}/{cfg.folds}")
+        fold_cfg = _fit_options(cfg, name=f"fold_{fold}", runs_dir=str(cv_dir))
+        apply_recipe(fold_cfg)
+        result = _fit(split_for_fold(table, folds, fold), fold_cfg,
+                      run_dir=cv_dir / f"fold_{fold}")
+        rows.append(_fold_row(fold, result))
+        oof_parts.append((fold, *result.outputs["valid"]))
+        _print_fold(rows[-1], task_kind)
+        pd.DataFrame(rows).to_csv(cv_dir / FOLD_METRICS, index=False)
+    task = Task.from_dict(runs.read_model_info(cv_dir / "fold_0")["task"])
+    oof = _oof_frame(table, task, oof_parts)
+    runs.write_atomic(cv_dir / OOF, oof.to_csv(index=False))
+    summary = _summarize(rows, task, table, oof_parts, cfg, cv_dir)
+    summary["seconds"] = round(time.perf_counter() - started, 3)
+    all_run = None
+    if cfg.train_on_all:
+        epochs = summary["epochs_for_all"]
+        print(f"all: training on every training row for {epochs} epochs")
+        all_cfg = _fit_options(cfg, epochs=epochs, valid_pct=0.0, early_stop=None,
+                               keep_best=False, plateau=None, name="all",
+                               runs_dir=str(cv_dir))
+        all_run = _fit(_all_training(table, folds), all_cfg, run_dir=cv_dir / "all").run_dir
+        summary["all_run"] = "all"
+    runs.save_json(cv_dir / CV_INFO, summary)
+    from .report.cv_report import write_cv_report
+
+    write_cv_report(cv_dir)
+    return CVResult(cv_dir, rows, summary, oof, all_run)
+
+
+def _all_training(table: Table, folds: np.ndarray) -> Table:
+    """The table with every row of every fold in training (test rows stay test)."""
+    split = table.split.copy()
+    split[folds != NOT_IN_FOLDS] = "train"
+    return replace(table, split=split)
+
+
+def _source_name(data: str | Path | Table) -> str:
+    if isinstance(data, Table):
+        return data.description or "arrays"
+    text = str(data)
+    return text.removeprefix("builtin:") if text.startswith("builtin:") else Path(text).stem
+
+
+def _folds(table: Table, cfg: CVConfig, data) -> np.ndarray:
+    if cfg.folds_file:
+        folds = load_folds(cfg.folds_file, table)
+        found = int(folds.max()) + 1
+        if found != cfg.folds:
+            raise ImagefitError(f"--folds-file {cfg.folds_file} holds {found} folds but "
+                                f"--folds is {cfg.folds}: give --folds {found}")
+        return folds
+    groups = None
+    if cfg.group_col:
+        if isinstance(data, Table) or Path(str(data)).suffix.lower() != ".csv":
+            raise ImagefitError("--group-col reads a column of the CSV file: give a CSV as "
+                                "DATA")
+        groups = read_groups(data, cfg.group_col, table)
+    return assign_folds(table, cfg.folds, seed=cfg.seed, method=cfg.fold_method,
+                        groups=groups)
+
+
+def _fold_row(fold: int, result: FitResult) -> dict:
+    metrics = result.metrics
+    best = metrics.get("best_epoch")
+    row = {"fold": fold, "run": result.run_dir.name, "n_train": metrics.get("n_train"),
+           "n_valid": metrics.get("n_valid"), "epochs": metrics.get("epochs"),
+           "best_epoch": best if best is not None else metrics.get("epochs")}
+    row.update({k: v for k, v in metrics.items()
+                if k.startswith(("valid_", "test_")) and isinstance(v, (int, float))})
+    row["seconds"] = metrics.get("seconds")
+    return row
+
+
+def _print_fold(row: dict, kind: str) -> None:
+    from .tasks import MAIN_METRIC
+
+    main = MAIN_METRIC[kind]
+    shown = [f"valid_{main} {row[f'valid_{main}']:.4f}"]
+    if f"test_{main}" in row:
+        shown.append(f"test_{main} {row[f'test_{main}']:.4f}")
+    print(f"fold {row['fold']}: " + "  ".join(shown))
+
+
+def _oof_frame(table: Table, task: Task, parts: list) -> pd.DataFrame:
+    """A row per training row: its fold, its given target and the out-of-fold prediction."""
+    frames = []
+    for fold, rows, outputs in parts:
+        activated = task.activate(outputs)
+        frame = pd.DataFrame({"row": rows, "fold": fold})
+        if table.paths is not None:
+            frame["path"] = [table.paths[r] for r in rows]
+        if task.kind == "classification":
+            frame["label"] = [task.names[i] for i in np.asarray(table.targets)[rows]]
+            frame["predicted"] = task.decode(activated)
+            for i, name in enumerate(task.names):
+                frame[f"prob_{name}"] = activated[:, i].numpy()
+        elif task.kind == "multilabel":
+            given = np.asarray(table.targets)[rows]
+            frame["labels"] = [";".join(n for n, on in zip(task.names, r) if on >= 0.5)
+                               for r in given]
+            frame["predicted"] = task.decode(activated)
+            for i, name in enumerate(task.names):
+                frame[f"prob_{name}"] = activated[:, i].numpy()
+        else:
+            given = np.asarray(table.targets).reshape(len(table), -1)[rows]
+            for i, name in enumerate(task.names):
+                frame[name] = given[:, i]
+                frame[f"predicted_{name}"] = activated[:, i].numpy()
+        frames.append(frame)
+    return pd.concat(frames).sort_values("row").reset_index(drop=True)
+
+
+def _summarize(rows: list[dict], task: Task, table: Table, parts: list, cfg: CVConfig,
+               cv_dir: Path) -> dict:
+    """Mean and standard deviation of every figure over the folds, and the metrics of all
+    out-of-fold predictions together."""
+    frame = pd.DataFrame(rows)
+    numeric = [c for c in frame.columns if c.startswith(("valid_", "test_"))]
+    summary: dict[str, Any] = {
+        "folds": cfg.folds, "fold_method": cfg.fold_method, "task": task.kind,
+        "runs": [row["run"] for row in rows],
+        "mean": {c: float(frame[c].mean()) for c in numeric},
+        "std": {c: float(frame[c].std(ddof=1)) for c in numeric},
+    }
+    all_rows = np.concatenate([r for _, r, _ in parts])
+    outputs = torch.cat([o for _, _, o in parts])
+    targets = task.encode_targets(np.asarray(table.targets)[all_rows])
+    summary["oof"] = all_metrics(task, outputs, targets)
+    summary["oof"]["loss"] = task.loss(outputs, targets).item()
+    summary["epochs_for_all"] = int(np.median(frame["best_epoch"].astype(float)))
+    interpretation = interpret(task, outputs, targets, _no_images, cv_dir / "plots",
+                               None, "out-of-fold", k=0)
+    runs.save_json(cv_dir / "interpretation.json", interpretation)
+    summary["higher_is_better"] = HIGHER_IS_BETTER[task.main_metric]
+    return summary
+
+
+def _no_images(positions: np.ndarray) -> torch.Tensor:
+    raise AssertionError("the CV interpretation draws no image grid")
+
+
+def format_cv(result: CVResult) -> str:
+    """Per-fold main metric and mean +- std, for the terminal."""
+    from .tasks import MAIN_METRIC
+
+    main = MAIN_METRIC[result.summary["task"]]
+    lines = []
+    for split in ("valid", "test"):
+        column = f"{split}_{main}"
+        if column not in result.summary["mean"]:
+            continue
+        values = "  ".join(f"{row[column]:.4f}" for row in result.folds)
+        lines.append(f"{column} per fold: {values}")
+        lines.append(f"{column} mean {result.summary['mean'][column]:.4f} +- "
+                     f"{result.summary['std'][column]:.4f} (std over {len(result.folds)} "
+                     "folds)")
+    lines.append(f"out-of-fold {main}: {result.summary['oof'][main]:.4f}")
+    return "\n".join(lines)

@@ -1,0 +1,162 @@
+"""Cross-validation, out-of-fold predictions, ensembles, soft labels, Kaggle formats."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import write_image
+from sklearn.datasets import load_digits
+
+from imagefit import api, cli, inference
+from imagefit.cv import cv
+from imagefit.data.soft import soft_targets
+from imagefit.data.sources import from_arrays
+from imagefit.errors import ImagefitError
+from imagefit.tasks import Task
+
+
+@pytest.fixture(scope="module")
+def digits_cv(tmp_path_factory):
+    """3 folds of digits, 1 epoch each, and a final model on everything."""
+    root = tmp_path_factory.mktemp("cv")
+    return cv("builtin:digits", folds=3, epochs=1, progress=False, runs_dir=str(root),
+              tta=False, train_on_all=True)
+
+
+@pytest.fixture
+def digit_pngs(tmp_path):
+    digits = load_digits()
+    for i in range(8):
+        write_image(tmp_path / "pngs" / f"digit_{i}.png",
+                    (digits.images[i] * 16).astype(np.uint8))
+    return tmp_path / "pngs"
+
+
+def test_oof_predictions_cover_every_training_row_exactly_once(digits_cv):
+    oof = pd.read_csv(digits_cv.cv_dir / "oof.csv")
+    assert sorted(oof["row"]) == list(range(1797))  # digits: every row trains (no test)
+    folds = pd.read_csv(digits_cv.cv_dir / "folds.csv")
+    assert (oof.set_index("row")["fold"] == folds.set_index("row")["fold"]).all()
+    probabilities = oof.filter(like="prob_").to_numpy()
+    assert np.allclose(probabilities.sum(axis=1), 1, atol=1e-4)
+    # each fold's rows were predicted by the model that did not train on them
+    assert digits_cv.summary["oof"]["accuracy"] > 0.8
+
+
+def test_cv_writes_per_fold_metrics_mean_std_and_report(digits_cv):
+    frame = pd.read_csv(digits_cv.cv_dir / "cv_metrics.csv")
+    assert list(frame["fold"]) == [0, 1, 2]
+    summary = json.loads((digits_cv.cv_dir / "cv.json").read_text())
+    assert summary["mean"]["valid_accuracy"] == pytest.approx(frame["valid_accuracy"].mean())
+    assert summary["std"]["valid_accuracy"] == pytest.approx(frame["valid_accuracy"].std())
+    page = (digits_cv.cv_dir / "report.html").read_text()
+    assert "fold_0/report.html" in page and "Out-of-fold interpretation" in page
+    for fold in range(3):
+        assert (digits_cv.cv_dir / f"fold_{fold}" / "model.safetensors").is_file()
+
+
+def test_train_on_all_uses_every_training_row(digits_cv):
+    metrics = json.loads((digits_cv.all_run / "metrics.json").read_text())
+    assert metrics["n_train"] == 1797 and metrics["n_valid"] == 0
+    assert metrics["epochs"] == digits_cv.summary["epochs_for_all"] == 1
+
+
+def test_cv_command_prints_folds_and_mean_std(tmp_path, capsys):
+    assert cli.main(["cv", "builtin:digits", "--folds", "2", "--epochs", "1",
+                     "--runs-dir", str(tmp_path), "--no-progress", "--no-tta",
+                     "--no-report"]) == 0
+    out = capsys.readouterr().out
+    assert "valid_accuracy per fold:" in out
+    line = next(text for text in out.splitlines() if "valid_accuracy mean" in text)
+    assert "+-" in line and "(std over 2 folds)" in line
+
+
+def test_folds_file_reproduces_the_folds(digits_cv, tmp_path):
+    again = cv("builtin:digits", folds=3, epochs=1, progress=False, runs_dir=str(tmp_path),
+               tta=False, report=False, seed=5,
+               folds_file=str(digits_cv.cv_dir / "folds.csv"))
+    first = pd.read_csv(digits_cv.cv_dir / "folds.csv")
+    second = pd.read_csv(again.cv_dir / "folds.csv")
+    assert (first["fold"] == second["fold"]).all()
+    with pytest.raises(ImagefitError, match="holds 3 folds but --folds is 4: give --folds 3"):
+        cv("builtin:digits", folds=4, epochs=1, progress=False, runs_dir=str(tmp_path),
+           folds_file=str(digits_cv.cv_dir / "folds.csv"))
+
+
+def test_ensemble_of_identical_models_equals_the_single_model(digits_cv, tmp_path,
+                                                              digit_pngs):
+    single = digits_cv.cv_dir / "fold_0"
+    twins = tmp_path / "twins"
+    for name in ("fold_0", "fold_1"):
+        shutil.copytree(single, twins / name)
+    (twins / "cv.json").write_text(json.dumps({"runs": ["fold_0", "fold_1"]}))
+    alone = inference.predict(single, [digit_pngs], progress=False)
+    together = inference.predict(twins, [digit_pngs], progress=False)
+    assert np.allclose(alone.filter(like="prob_"), together.filter(like="prob_"), atol=1e-6)
+
+
+def test_cv_directory_predicts_with_the_fold_average_in_kaggle_formats(digits_cv,
+                                                                       digit_pngs):
+    members = inference.load_models(digits_cv.cv_dir)
+    assert len(members) == 3
+    each = [inference.predict(folder, [digit_pngs], progress=False).filter(like="prob_")
+            for folder, _ in members]
+    frame = inference.predict(digits_cv.cv_dir, [digit_pngs], progress=False,
+                              format="kaggle", id_col="image_id")
+    assert list(frame.columns) == ["image_id", *[str(i) for i in range(10)]]
+    assert frame["image_id"].tolist() == [f"digit_{i}" for i in range(8)]
+    assert np.allclose(frame.iloc[:, 1:].to_numpy(), sum(f.to_numpy() for f in each) / 3,
+                       atol=1e-5)
+    labels = inference.predict(digits_cv.cv_dir, [digit_pngs], progress=False,
+                               format="kaggle-label")
+    assert list(labels.columns) == ["id", "label"]
+
+
+def test_snapshot_ensemble_predicts_with_the_cycle_models(tmp_path, digit_pngs):
+    run = api.fit("builtin:digits", schedule="sgdr", sgdr_cycles=2, cycle_len=1,
+                  snapshots=True, progress=False, runs_dir=str(tmp_path), report=False,
+                  tta=False).run_dir
+    assert len(inference.load_models(run, snapshots=True)) == 2
+    frame = inference.predict(run, [digit_pngs], progress=False, snapshots=True)
+    assert len(frame) == 8
+    plain = api.fit("builtin:digits", epochs=1, progress=False, runs_dir=str(tmp_path),
+                    report=False, tta=False).run_dir
+    with pytest.raises(ImagefitError, match="has no snapshot models .* --snapshots"):
+        inference.load_models(plain, snapshots=True)
+
+
+def test_soft_targets_blend_given_labels_with_oof_probabilities(tmp_path):
+    table = from_arrays(np.zeros((4, 8, 8), np.uint8), np.array([0, 1, 2, 0]),
+                        names=["a", "b", "c"])
+    task = Task("classification", ["a", "b", "c"])
+    oof = pd.DataFrame({"row": [0, 1, 2, 3], "fold": [0, 0, 1, 1],
+                        "prob_a": [0.2, 0.1, 0.0, 1.0], "prob_b": [0.8, 0.9, 0.5, 0.0],
+                        "prob_c": [0.0, 0.0, 0.5, 0.0]})
+    oof.to_csv(tmp_path / "oof.csv", index=False)
+    soft = soft_targets(tmp_path, 0.25, table, task, np.array([0, 1, 2]))
+    assert torch.allclose(soft[0], torch.tensor([0.25 + 0.75 * 0.2, 0.75 * 0.8, 0.0]))
+    assert torch.allclose(soft[2], torch.tensor([0.0, 0.375, 0.25 + 0.375]))
+    assert torch.allclose(soft[3], torch.tensor([1.0, 0.0, 0.0]))  # not training: as given
+    assert torch.allclose(soft.sum(dim=1), torch.ones(4))
+    oof.iloc[:2].to_csv(tmp_path / "oof.csv", index=False)
+    with pytest.raises(ImagefitError, match="no prediction for training row 2"):
+        soft_targets(tmp_path, 0.25, table, task, np.array([0, 1, 2]))
+    with pytest.raises(ImagefitError, match="no oof.csv there"):
+        soft_targets(tmp_path / "elsewhere", 0.5, table, task, np.array([0]))
+    with pytest.raises(ImagefitError, match="needs classification or multi-label"):
+        soft_targets(tmp_path, 0.5, table, Task("regression", ["v"]), np.array([0]))
+
+
+def test_fit_trains_on_soft_labels_from_a_cv_directory(digits_cv, tmp_path):
+    result = api.fit("builtin:digits", epochs=1, progress=False, runs_dir=str(tmp_path),
+                     report=False, tta=False, soft_labels=str(digits_cv.cv_dir),
+                     soft_alpha=0.5)
+    assert result.metrics["valid_accuracy"] > 0.8
+    with pytest.raises(ImagefitError, match="--soft-labels and --plc both change"):
+        api.fit("builtin:digits", epochs=1, progress=False, runs_dir=str(tmp_path),
+                soft_labels=str(digits_cv.cv_dir), plc=True)
