@@ -9,9 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import write_image
 from sklearn.datasets import load_digits
 
+from conftest import write_image
 from imagefit import api, cli, inference
 from imagefit.cv import cv
 from imagefit.data.soft import soft_targets

@@ -230,6 +230,7 @@ def _fit(data: str | Path | Table, cfg: FitConfig, callbacks=(), run_dir: Path |
         "data": _run_source(data),
         "task": parts.task.kind,
         "n_train": len(loaded.train_rows), "n_valid": len(loaded.valid_rows),
+        **({"n_train_sampled": parts.n_train_sampled} if parts.n_train_sampled else {}),
         "n_test": len(loaded.test_rows),
         "skipped_files": len(prepared.cache.errors),
         "skipped": [table.paths[r] for r in prepared.cache.failed] if table.paths else [],
