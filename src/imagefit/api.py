@@ -17,7 +17,7 @@ import torch
 import yaml
 from torch import nn
 
-from . import runs
+from . import distributed, runs
 from .augment.pipeline import BatchPipeline
 from .build import (
     apply_pretrained_source,
@@ -147,6 +147,7 @@ def resume(run: str | Path, callbacks: list[Callback] | tuple = ()) -> FitResult
     data = values.pop("data")
     described = values.pop("data_description", None)
     values.pop("batch_size_used", None)
+    values.pop("devices", None)  # it resumes on the processes it is started with
     if data is None:
         raise ImagefitError(f"{run_dir} was trained on an in-memory table ({described}), "
                             "which cannot be read again: start a new fit")
@@ -156,11 +157,31 @@ def resume(run: str | Path, callbacks: list[Callback] | tuple = ()) -> FitResult
 
 def _fit(data: str | Path | Table, cfg: FitConfig, callbacks=(), run_dir: Path | None = None,
          resume_state: dict | None = None) -> FitResult:
+    """The fit in this process; under torchrun, this rank's part of it (see ``distributed``)."""
+    if cfg.devices > 1 and not distributed.launched():
+        raise ImagefitError(f"devices={cfg.devices} trains in {cfg.devices} processes: run "
+                            f"imagefit fit --devices {cfg.devices}, or start this script with "
+                            f"torchrun --nproc_per_node {cfg.devices}")
+    if distributed.launched():
+        cfg.devices = distributed.world_size()  # as config.yaml records it
+    with distributed.process_group(resolve_device(cfg.device)) as device:
+        return _fit_on(device, data, cfg, callbacks, run_dir, resume_state)
+
+
+def _fit_on(device: torch.device, data: str | Path | Table, cfg: FitConfig, callbacks=(),
+            run_dir: Path | None = None, resume_state: dict | None = None) -> FitResult:
     started = time.perf_counter()
-    device = resolve_device(cfg.device)
+    main = distributed.is_main()  # the one process that prints and writes the run directory
+    if not main:
+        cfg.progress = False
     apply_pretrained_source(cfg)
-    loaded = load_data(data, cfg)
+    with distributed.main_first():  # rank 0 builds the image cache, the others then read it
+        loaded = load_data(data, cfg)
     parts = build_training(cfg, loaded, device)
+    if parts.batch_size < distributed.world_size():
+        raise ImagefitError(f"a batch of {parts.batch_size} cannot be shared by "
+                            f"{distributed.world_size()} processes: give --bs of at least "
+                            f"{distributed.world_size()}")
     if cfg.soft_labels:
         if cfg.plc:
             raise ImagefitError("--soft-labels and --plc both change the training labels: "
@@ -169,17 +190,21 @@ def _fit(data: str | Path | Table, cfg: FitConfig, callbacks=(), run_dir: Path |
             cfg.soft_labels, cfg.soft_alpha, loaded.table, parts.task, loaded.train_rows)
     if cfg.plc:
         check_label_correction(parts.task, parts.pipeline)
+        if distributed.world_size() > 1:
+            raise ImagefitError("--plc corrects labels from the batches of one process: "
+                                "train in one process (without --devices)")
     finder = None
     if cfg.lr == "auto":
         finder = make_learner(cfg, parts).lr_find(progress=cfg.progress)
-        cfg.lr = finder.suggestions["valley"]
-        print(f"lr auto: {cfg.lr:.2e} (the LR finder's valley)")
+        cfg.lr = distributed.from_main(finder.suggestions["valley"])
+        if main:
+            print(f"lr auto: {cfg.lr:.2e} (the LR finder's valley)")
     epochs, lr_schedule, momentum_schedule = make_schedule(cfg)
     if cfg.recipe and "precompute_epochs" not in cfg.model_fields_set:
         # the recipe's step 2, where the model has a separate body and classifier
         cfg.precompute_epochs = 2 if supports_precompute(parts.model) else 0
 
-    if resume_state is None:
+    if resume_state is None and main:
         if run_dir is None:
             run_dir = runs.new_run_dir(cfg.runs_dir, cfg.name or _run_name(data))
         else:  # a fold of a cross-validation: the folder is named by the caller
@@ -189,12 +214,13 @@ def _fit(data: str | Path | Table, cfg: FitConfig, callbacks=(), run_dir: Path |
                                                  "data_description": _run_source(data),
                                                  **cfg.model_dump(),
                                                  "batch_size_used": parts.batch_size})
-    if finder is not None:
+    run_dir = distributed.from_main(run_dir)
+    if finder is not None and main:
         save_lr_finder_plot(finder, run_dir / "plots" / "lr_find.png")
-    if cfg.report and not (run_dir / DATA_SUMMARY).is_file():
+    if main and cfg.report and not (run_dir / DATA_SUMMARY).is_file():
         _summarize_data(run_dir, loaded, parts, cfg.seed)
     writer = RunWriter(run_dir, parts.model_info)
-    own_callbacks = [ProgressCallback(cfg.progress, run_dir / "log.txt"), writer]
+    own_callbacks = [ProgressCallback(cfg.progress, run_dir / "log.txt"), writer] if main else []
     if cfg.image_sizes:
         own_callbacks.append(ProgressiveResize(cfg.image_sizes))
     if loaded.augment.mix_off_epochs:
@@ -203,7 +229,7 @@ def _fit(data: str | Path | Table, cfg: FitConfig, callbacks=(), run_dir: Path |
         own_callbacks.append(ProgressiveLabelCorrection(
             cfg.plc_warmup, cfg.plc_theta_start, cfg.plc_theta_end, cfg.plc_schedule,
             run_dir=run_dir, paths=loaded.table.paths))
-    if cfg.schedule == "sgdr" and cfg.snapshots:
+    if cfg.schedule == "sgdr" and cfg.snapshots and main:
         ends = schedules.sgdr_cycle_ends(cfg.sgdr_cycles, cfg.cycle_len, cfg.cycle_mult)
         own_callbacks.append(SnapshotSaver(run_dir, parts.model_info, ends))
     best = None
@@ -214,7 +240,7 @@ def _fit(data: str | Path | Table, cfg: FitConfig, callbacks=(), run_dir: Path |
                                                  cfg.plateau_factor, cfg.min_delta))
         if cfg.early_stop:
             own_callbacks.append(EarlyStopping(monitor, mode, cfg.early_stop, cfg.min_delta))
-        if cfg.keep_best:
+        if cfg.keep_best and main:  # the other ranks take rank 0's final weights below
             best = BestCheckpoint(run_dir, parts.model_info, monitor, mode, restore=True)
             own_callbacks.append(best)
     test_loader = parts.loaders["test"]
@@ -223,8 +249,9 @@ def _fit(data: str | Path | Table, cfg: FitConfig, callbacks=(), run_dir: Path |
     if resume_state is not None:
         learner.load_checkpoint_state(resume_state)
         writer.epochs_saved = len(learner.history)
-        runs.write_metrics_rows(run_dir, learner.history)
-        print(f"resuming {run_dir} after epoch {len(learner.history)}")
+        if main:
+            runs.write_metrics_rows(run_dir, learner.history)
+            print(f"resuming {run_dir} after epoch {len(learner.history)}")
     table, prepared = loaded.table, loaded.prepared
     summary = {
         "data": _run_source(data),
@@ -240,12 +267,22 @@ def _fit(data: str | Path | Table, cfg: FitConfig, callbacks=(), run_dir: Path |
         _train(learner, cfg, epochs, lr_schedule, momentum_schedule, summary,
                resuming=resume_state is not None)
     except KeyboardInterrupt:
+        if not main:
+            raise
         del learner.history[writer.epochs_saved:]  # an epoch not on disk did not finish
         _write_final_metrics(run_dir, learner, summary, started, interrupted=True)
         _write_report(run_dir, learner, cfg)
         raise FitInterrupted(run_dir, writer.epochs_saved) from None
-    runs.save_steps(run_dir, learner.step_log)
-    save_training_plot(learner.step_log, learner.history, run_dir / "plots" / "training.png")
+    except RuntimeError as error:
+        if not distributed.lost_peer(error):
+            raise
+        raise ImagefitError(f"rank {distributed.rank()} lost contact with the others (a process "
+                            f"died?): {run_dir} keeps the last finished epoch; resume with "
+                            f"imagefit fit --resume {run_dir} --devices {cfg.devices}") from error
+    if main:
+        runs.save_steps(run_dir, learner.step_log)
+        save_training_plot(learner.step_log, learner.history,
+                           run_dir / "plots" / "training.png")
     if learner.ema is not None:  # the model ends with the averaged weights it was judged on
         parts.model.load_state_dict(learner.ema.module.state_dict())
     final_row = learner.history[-1]
@@ -254,6 +291,7 @@ def _fit(data: str | Path | Table, cfg: FitConfig, callbacks=(), run_dir: Path |
         runs.save_model(run_dir, parts.model, {**parts.model_info,
                                                "epochs_trained": best.best_epoch})
         summary["best_epoch"] = best.best_epoch
+    distributed.share_weights(parts.model)  # every rank concludes with rank 0's final model
     figures, outputs = conclude(run_dir, cfg, parts, loaded, parts.model)
     summary.update(figures)
     metrics = _write_final_metrics(run_dir, learner, summary, started, interrupted=False,
@@ -333,6 +371,8 @@ def _summarize_data(run_dir: Path, loaded, parts, seed: int) -> None:
 
 
 def _write_report(run_dir: Path, learner: Learner, cfg: FitConfig) -> None:
+    if not distributed.is_main():
+        return
     if learner.history:
         save_metrics_plot(learner.history, run_dir / "plots" / "epochs.png")
     if cfg.report:
@@ -355,7 +395,8 @@ def _write_final_metrics(run_dir: Path, learner: Learner, summary: dict, started
         "train_seconds": round(learner.train_seconds, 3),
         "images_per_second": round(learner.train_images / max(learner.train_seconds, 1e-9), 1),
     }
-    runs.save_json(run_dir / "metrics.json", metrics)
+    if distributed.is_main():
+        runs.save_json(run_dir / "metrics.json", metrics)
     return metrics
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import __version__
+from . import __version__, distributed
 from .augment.color import pca_statistics
 from .augment.pipeline import BatchPipeline
 from .augment.presets import resolve_augment
@@ -38,12 +38,14 @@ from .models import (
 from .tasks import HIGHER_IS_BETTER, MAIN_METRIC, Task
 from .train import schedules
 from .train.learner import Learner
+from .train.memory import largest_batch_size
 from .train.schedules import Schedule
 
 MIN_STEPS_PER_EPOCH = 32
 
 
 MIN_BATCH_SIZE = 8
+AUTO_BATCH_START = 1024  # --bs auto tries this first, then halves
 
 
 def resolve_device(name: str) -> torch.device:
@@ -121,6 +123,7 @@ class TrainingParts:
     loaders: dict[str, Loader | None]
     model_info: dict
     n_train_sampled: int | None = None  # training loader rows, when resampling changed them
+    lr_factor: float = 1.0  # on the learning rates, for --bs auto's batch size
 
 
 def build_training(cfg: FitConfig, loaded: LoadedData, device: torch.device) -> TrainingParts:
@@ -142,8 +145,12 @@ def build_training(cfg: FitConfig, loaded: LoadedData, device: torch.device) -> 
     model = create_model(cfg.model, settings.channels, task.n_out, pretrained=cfg.pretrained,
                          dropout=cfg.dropout, drop_path=cfg.drop_path, head=cfg.head)
     mean, std = _normalization(cfg, model, loaded.prepared.cache.images, loaded.train_rows)
-    model = model.to(device, memory_format=torch.channels_last)
-    batch_size = training_batch_size(cfg.bs, len(train_rows))
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model = model.to(device, memory_format=memory_format)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: cuDNN times its kernels once
+    batch_size, lr_factor = choose_batch_size(cfg, model, (settings.channels, settings.size,
+                                                           settings.size), len(train_rows))
     images = loaded.prepared.cache.tensor()
 
     def loader(rows: np.ndarray, train: bool = False) -> Loader | None:
@@ -151,7 +158,7 @@ def build_training(cfg: FitConfig, loaded: LoadedData, device: torch.device) -> 
             return None
         return Loader(images, targets, rows, batch_size if train else batch_size * 2,
                       shuffle=train, drop_last=train, seed=cfg.seed, device=device,
-                      sampler=sampler if train else None)
+                      sampler=sampler if train else None, **distributed.shard())
 
     pipeline = BatchPipeline(mean, std, loaded.augment, lighting=loaded.lighting,
                              n_classes=task.n_out if task.kind == "classification" else None)
@@ -169,7 +176,32 @@ def build_training(cfg: FitConfig, loaded: LoadedData, device: torch.device) -> 
     loaders = {"train": loader(train_rows, train=True),
                "valid": loader(loaded.valid_rows), "test": loader(loaded.test_rows)}
     n_train_sampled = len(train_rows) if len(train_rows) != len(loaded.train_rows) else None
-    return TrainingParts(task, model, pipeline, batch_size, loaders, model_info, n_train_sampled)
+    return TrainingParts(task, model, pipeline, batch_size, loaders, model_info, n_train_sampled,
+                         lr_factor)
+
+
+def choose_batch_size(cfg: FitConfig, model: nn.Module, input_shape: tuple[int, int, int],
+                      n_train: int) -> tuple[int, float]:
+    """The training batch size and the factor on the learning rates that goes with it.
+    --bs auto on a CUDA GPU: the largest power of two (at most 1024, and no more than small
+    training sets allow) whose training step fits in its memory, the learning rates scaled by
+    it over the batch the default would give (unless --lr auto measures them at it)."""
+    if cfg.bs != "auto":
+        return training_batch_size(cfg.bs, n_train), 1.0
+    default = training_batch_size(FitConfig.model_fields["bs"].default, n_train)
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        print(f"bs auto: {default}, the default (the largest batch that fits is searched for on "
+              "CUDA GPUs only)")
+        return default, 1.0
+    size = largest_batch_size(
+        model, input_shape, training_batch_size(AUTO_BATCH_START, n_train), optimizer=cfg.opt,
+        precision=resolve_precision(cfg.precision, device),
+        memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
+    factor = 1.0 if cfg.lr == "auto" else size / default
+    print(f"bs auto: {size}, the largest power of two whose training step fits in GPU memory; "
+          f"learning rate x{factor:g}")
+    return size, factor
 
 
 def _training_rows(cfg: FitConfig, kind: str, table: Table, train_rows: np.ndarray
@@ -225,7 +257,9 @@ def make_learner(cfg: FitConfig, parts: TrainingParts, callbacks=(), **extra) ->
     return Learner(parts.model, parts.task, parts.loaders["train"], parts.loaders["valid"],
                    parts.pipeline, optimizer=cfg.opt, weight_decay=cfg.wd, seed=cfg.seed,
                    precision=cfg.precision, grad_clip=cfg.grad_clip,
-                   accumulate=cfg.accumulate, ema_decay=cfg.ema, callbacks=callbacks, **extra)
+                   accumulate=cfg.accumulate, ema_decay=cfg.ema, compile=cfg.compile,
+                   channels_last=cfg.channels_last, lr_factor=parts.lr_factor,
+                   callbacks=callbacks, **extra)
 
 
 def make_schedule(cfg: FitConfig) -> tuple[int, Schedule, Schedule | None]:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import runs
+from . import distributed, runs
 from .build import LoadedData, TrainingParts
 from .config import FitConfig
 from .errors import ImagefitError, ImagefitWarning
@@ -32,21 +32,25 @@ def conclude(run_dir: Path, cfg: FitConfig, parts: TrainingParts, loaded: Loaded
              model: torch.nn.Module) -> tuple[dict, dict]:
     """Final figures of ``model`` (prefixed valid_, test_, valid_tta_, test_tta_) and, with
     ``cfg.report``, the interpretation files; returns the figures and, per split, the
-    table rows and the model's raw outputs on them."""
+    table rows and the model's raw outputs on them. Data-parallel, each rank computes its
+    share of the outputs and only rank 0 writes."""
     task = parts.task
     images = loaded.prepared.cache.tensor()
     targets = task.encode_targets(loaded.table.targets)
     size = cfg.image_sizes[-1] if cfg.image_sizes else None
     bs = max(parts.batch_size, 256)
     splits = {"valid": loaded.valid_rows, "test": loaded.test_rows}
-    outputs = {name: model_outputs(model, parts.pipeline, task, images, rows, bs, size=size)
+    shard = distributed.shard()
+    outputs = {name: model_outputs(model, parts.pipeline, task, images, rows, bs, size=size,
+                                   **shard)
                for name, rows in splits.items() if len(rows)}
     figures: dict = {}
     if task.kind == "multilabel" and "valid" in outputs:
         threshold, _ = best_threshold(task, outputs["valid"], targets[splits["valid"]])
         task.threshold = threshold
         figures["threshold"] = threshold
-        _store_threshold(run_dir, threshold)
+        if distributed.is_main():
+            _store_threshold(run_dir, threshold)
     for name, split_outputs in outputs.items():
         figures.update(_prefixed(f"{name}_", score(task, split_outputs,
                                                    targets[splits[name]])))
@@ -54,9 +58,10 @@ def conclude(run_dir: Path, cfg: FitConfig, parts: TrainingParts, loaded: Loaded
     for name, rows in splits.items():
         if tta is None or not len(rows):
             continue
-        tta_outputs = model_outputs(model, parts.pipeline, task, images, rows, bs, tta, size)
+        tta_outputs = model_outputs(model, parts.pipeline, task, images, rows, bs, tta, size,
+                                    **shard)
         figures.update(_prefixed(f"{name}_tta_", score(task, tta_outputs, targets[rows])))
-    if cfg.report and outputs:
+    if cfg.report and outputs and distributed.is_main():
         split = "valid" if "valid" in outputs else "test"
         rows = splits[split]
         paths = [loaded.table.paths[r] for r in rows] if loaded.table.paths else None

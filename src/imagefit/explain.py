@@ -17,7 +17,7 @@ from captum.attr import GuidedBackprop, LayerAttribution, LayerGradCam
 from pydantic import Field
 from torch import nn
 
-from .config import Options, merge_options
+from .config import InputOptions, merge_options
 from .data.cache import build_cache, warn_unreadable
 from .errors import ImagefitError
 from .inference import LoadedModel, expand_inputs, load_model
@@ -30,7 +30,7 @@ METHOD_TITLES = {"gradcam": "Grad-CAM", "guided-backprop": "guided backprop"}
 MIN_CAM_SIDE = 7
 
 
-class ExplainOptions(Options):
+class ExplainOptions(InputOptions):
     """Options of ``explain``."""
 
     method: Method = Field(
@@ -51,15 +51,7 @@ class ExplainOptions(Options):
         f"{MIN_CAM_SIDE} px)",
     )
     alpha: float = Field(0.5, gt=0, le=1, description="opacity of the heat map over the image")
-    path_col: str | None = Field(
-        None, description="CSV input: column with the image paths (default: the first)"
-    )
-    folder: str | None = Field(None, description="CSV input: folder the paths are relative to")
-    suffix: str = Field("", description="CSV input: appended to every path")
     bs: int = Field(32, ge=1, description="batch size (gradients need more memory than predict)")
-    device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'")
-    cache_dir: str | None = Field(None, description="folder of the decoded-image cache")
-    progress: bool = Field(True, description="show progress bars")
 
 
 def target_index(task: Task, name: str) -> int:

@@ -21,6 +21,7 @@ from .build import resolve_device
 from .config import (
     AugmentOptions,
     EvaluateOptions,
+    InputOptions,
     PredictOptions,
     SourceOptions,
     merge_options,
@@ -113,15 +114,17 @@ def _as_outputs(task: Task, averaged: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def model_outputs(model: nn.Module, pipeline: BatchPipeline, task: Task, images: torch.Tensor,
                   rows: np.ndarray, batch_size: int, tta: TTA | None = None,
-                  size: int | None = None) -> torch.Tensor:
+                  size: int | None = None, rank: int = 0, world_size: int = 1) -> torch.Tensor:
     """Raw outputs of ``model`` for ``images[rows]`` (uint8 NHWC), in order, on the CPU; with
-    ``tta`` the average over the original and the augmented versions."""
+    ``tta`` the average over the original and the augmented versions. With ``world_size``
+    above 1, each rank computes its share and every rank gets them all."""
     device = next(model.parameters(), torch.zeros(0)).device
     if len(rows) == 0:
         return torch.zeros(0, task.n_out)
     was_training = model.training
     model.eval()
-    loader = Loader(images, torch.zeros(len(images)), rows, batch_size, device=device)
+    loader = Loader(images, torch.zeros(len(images)), rows, batch_size, device=device,
+                    rank=rank, world_size=world_size)
     augmenter = generator = None
     if tta is not None and tta.n:
         augmenter = BatchPipeline(pipeline.mean.flatten().tolist(),
@@ -139,7 +142,7 @@ def model_outputs(model: nn.Module, pipeline: BatchPipeline, task: Task, images:
             total += _averageable(task, model(augmenter.normalize(version)).float())
         outputs.append(_as_outputs(task, total / (tta.n + 1)).cpu())
     model.train(was_training)
-    return torch.cat(outputs)
+    return loader.gather(torch.cat(outputs))
 
 
 def _outputs(loaded: LoadedModel, images: torch.Tensor, rows: np.ndarray, batch_size: int,
@@ -148,7 +151,7 @@ def _outputs(loaded: LoadedModel, images: torch.Tensor, rows: np.ndarray, batch_
                          batch_size, tta)
 
 
-def expand_inputs(inputs: list[str | Path], options: PredictOptions) -> list[str]:
+def expand_inputs(inputs: list[str | Path], options: InputOptions) -> list[str]:
     """Image files from files, folders (searched recursively) and CSV files of paths."""
     paths: list[str] = []
     for item in map(Path, inputs):

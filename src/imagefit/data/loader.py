@@ -10,6 +10,8 @@ from queue import Empty, Queue
 import numpy as np
 import torch
 
+from .. import distributed
+
 _END = object()
 
 
@@ -25,6 +27,11 @@ class Loader:
     ``sampler``, when shuffling, replaces the shuffled ``rows`` of each epoch: called with the
     epoch, it returns that epoch's rows in order (as many as ``rows``, e.g. drawn with
     replacement by ``data.sampling.weighted_sampler_rows``).
+
+    With ``world_size`` above 1 (data-parallel ranks), ``batch_size`` is the global batch:
+    every rank orders the epoch the same way and yields its contiguous share, ``rank`` of
+    ``world_size`` nearly equal parts, of each global batch; ``gather`` puts the ranks'
+    outputs back into the order of the global batches.
     """
 
     def __init__(
@@ -40,6 +47,8 @@ class Loader:
         device: torch.device | str = "cpu",
         prefetch: bool = True,
         sampler: Callable[[int], np.ndarray] | None = None,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         self.images = images
         self.targets = targets
@@ -52,6 +61,7 @@ class Loader:
         self.device = torch.device(device)
         self.prefetch = prefetch
         self.sampler = sampler
+        self.rank, self.world_size = rank, world_size
         self.batch_rows = torch.empty(0, dtype=torch.int64)
 
     def set_epoch(self, epoch: int) -> None:
@@ -69,8 +79,26 @@ class Loader:
             generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
             rows = rows[torch.randperm(len(rows), generator=generator)]
         # sorted within a batch: neighbouring rows read faster from the memmap
-        return [rows[i * self.batch_size:(i + 1) * self.batch_size].sort().values
-                for i in range(len(self))]
+        return [self._share(rows[i * self.batch_size:(i + 1) * self.batch_size].sort().values,
+                            self.rank) for i in range(len(self))]
+
+    def _share(self, batch: torch.Tensor, rank: int) -> torch.Tensor:
+        return torch.tensor_split(batch, self.world_size)[rank]
+
+    def share_positions(self, rank: int) -> torch.Tensor:
+        """Where the rows ``rank`` reads in an epoch stand among all ranks' rows in the
+        order of the global batches."""
+        order = torch.arange(len(self.rows))
+        return torch.cat([self._share(order[i * self.batch_size:(i + 1) * self.batch_size], rank)
+                          for i in range(len(self))])
+
+    def gather(self, local: torch.Tensor) -> torch.Tensor:
+        """One row per row this rank read in an epoch (in its order), from every rank, put
+        together in the order of the global batches; ``local`` itself with one rank."""
+        if self.world_size == 1:
+            return local
+        return distributed.gather_in_order(
+            local, [self.share_positions(rank) for rank in range(self.world_size)])
 
     def _load(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.images.index_select(0, index).permute(0, 3, 1, 2)

@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from collections.abc import Iterable
 
 import torch
 from timm.utils import ModelEmaV3
 from torch import nn
 
+from .. import distributed
 from ..augment.pipeline import BatchPipeline
 from ..data.loader import Loader
-from ..errors import ImagefitError
+from ..errors import ImagefitError, ImagefitWarning
 from ..metrics import compute_metrics
 from ..models.groups import layer_groups, set_trainable
 from ..tasks import Task
 from .callbacks.base import EVENTS, Callback
+from .memory import is_out_of_memory
 from .optim import geometric_scales, make_optimizer
 from .schedules import Schedule, one_cycle, one_cycle_momentum
 
@@ -29,6 +32,17 @@ class Learner:
     ``n_steps``, ``progress`` (0..1), ``x``, ``y``, ``outputs``, ``loss``, ``history`` (one
     dict per finished epoch) and ``stop`` (set it to end after the current epoch); and change:
     ``image_size`` (the size batches are resized to) and ``mixing`` (MixUp/CutMix on or off).
+
+    ``compile``: the training step (and validation without EMA) calls ``torch.compile`` of the
+    model, which shares its parameters; ``model`` itself stays the plain module that is
+    frozen, averaged and saved. Freezing and unfreezing change ``requires_grad`` and so
+    recompile once each. A step that runs out of GPU memory halves the batch size and the
+    learning rate for the rest of training and is retried in two halves (``_halve_batch``).
+
+    Data-parallel (``distributed``, under torchrun): each fit trains through the model
+    wrapped in DistributedDataParallel, the loaders yield each rank's share of the global
+    batches and ``predict`` gathers every rank's outputs; after each epoch the ranks take
+    rank 0's buffers (BatchNorm statistics), so they validate and save one model.
     """
 
     def __init__(
@@ -48,8 +62,14 @@ class Learner:
         grad_clip: float | None = None,
         accumulate: int = 1,
         ema_decay: float | None = None,
+        compile: bool = False,
+        channels_last: bool = True,
+        lr_factor: float = 1.0,
     ) -> None:
         self.model = model
+        self.forward_model = torch.compile(model) if compile else model
+        self.compile = compile
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.task = task
         self.train_loader = train_loader
         self.valid_loader = valid_loader
@@ -81,7 +101,8 @@ class Learner:
         self.frozen_norms: list[nn.Module] = []
         self.resume_state: dict | None = None
         self.lr_scales: list[float] | None = None  # per layer group, for discriminative lrs
-        self.lr_factor = 1.0  # set by controllers such as reduce-on-plateau
+        # set by --bs auto, out-of-memory halving and controllers such as reduce-on-plateau
+        self.lr_factor = lr_factor
 
     def emit(self, event: str) -> None:
         assert event in EVENTS, event
@@ -148,6 +169,10 @@ class Learner:
         if resume is not None and start:
             self.optimizer.load_state_dict(resume["optimizer"])
             torch.set_rng_state(resume["torch_rng"])
+        if distributed.world_size() > 1:  # wrapped anew: DDP syncs the parameters that train now
+            self.forward_model = self.model  # the previous wrapper goes first
+            wrapped = distributed.data_parallel(self.model)
+            self.forward_model = torch.compile(wrapped) if self.compile else wrapped
         self.n_epochs = epochs
         self.n_steps = epochs * len(self.train_loader)
         self.step, self.stop = start * len(self.train_loader), False
@@ -184,6 +209,7 @@ class Learner:
             "step_log": [{k: float(v) if isinstance(v, torch.Tensor) else v
                           for k, v in row.items()} for row in self.step_log],
             "lr_factor": self.lr_factor,
+            "batch_size": self.train_loader.batch_size,
             "train_seconds": self.train_seconds,
             "train_images": self.train_images,
         }
@@ -197,6 +223,7 @@ class Learner:
         self.phase_ends = list(state["phase_ends"])
         self.step_log = list(state["step_log"])
         self.lr_factor = state["lr_factor"]
+        self.train_loader.batch_size = state.get("batch_size", self.train_loader.batch_size)
         self.train_seconds = state["train_seconds"]
         self.train_images = state["train_images"]
         self.resume_state = state
@@ -213,30 +240,79 @@ class Learner:
             norm.eval()
         epochs_done = len(self.history)  # over all fits, so each epoch shuffles anew
         self.train_loader.set_epoch(epochs_done)
-        generator = torch.Generator(self.device).manual_seed(self.seed * 1009 + epochs_done)
+        generator = torch.Generator(self.device).manual_seed(
+            self.seed * 1009 + epochs_done + 100_003 * self.train_loader.rank)
         self.emit("before_epoch")
         loss_sum = torch.zeros((), device=self.device)
         seen = 0
         started = time.perf_counter()
-        for x, y in self.train_loader:
-            self.progress = self.step / max(self.n_steps, 1)
-            self._set_hyper(lr(self.progress), momentum(self.progress) if momentum else None)
+        n_batches = max(len(self.train_loader), 1)
+        for index, (x, y) in enumerate(self.train_loader):
+            rows, done = self.train_loader.batch_rows, 0
+            while done < len(y):  # one piece, unless running out of memory halved the batch
+                piece = slice(done, done + self.train_loader.batch_size)
+                self.train_loader.batch_rows = rows[piece]
+                self.progress = (self.epoch + (index + done / len(y)) / n_batches) / self.n_epochs
+                if not self._train_step(x[piece], y[piece], generator, lr, momentum):
+                    continue
+                count = len(y[piece])
+                loss_sum += self.loss.detach() * count
+                seen += count
+                done += count
+                self.step += 1
+                self.emit("after_batch")
+        self.train_seconds += time.perf_counter() - started
+        loss_sum, seen = distributed.sum_over_ranks(
+            torch.stack([loss_sum, torch.tensor(float(seen), device=self.device)])).tolist()
+        self.train_images += int(seen)
+        distributed.share_buffers(self.model)
+        if self.ema is not None:
+            distributed.share_buffers(self.ema.module)
+        return loss_sum / max(seen, 1)
+
+    def _train_step(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator,
+                    lr: Schedule, momentum: Schedule | None) -> bool:
+        """One batch: augment, forward, loss, backward and (every ``accumulate``) step.
+        False when it ran out of memory: the batch size was halved, nothing was learned."""
+        self._set_hyper(lr(self.progress), momentum(self.progress) if momentum else None)
+        try:
             self.x, self.y = self.pipeline.train_batch(x, y, generator, size=self.image_size,
                                                        mix=self.mixing)
+            self.x = self.x.contiguous(memory_format=self.memory_format)
             self.emit("before_batch")
             with self._autocast():
-                self.outputs = self.model(self.x)
+                self.outputs = self.forward_model(self.x)
                 self.loss = self.task.loss(self.outputs.float(), self.y, weighted=True)
             self.emit("after_loss")
             self._backward_and_step()
             self.step_log[-1]["loss"] = self.loss.detach()
-            loss_sum += self.loss.detach() * len(y)
-            seen += len(y)
-            self.step += 1
-            self.emit("after_batch")
-        self.train_seconds += time.perf_counter() - started
-        self.train_images += seen
-        return (loss_sum / max(seen, 1)).item()
+            return True
+        except RuntimeError as error:
+            if not is_out_of_memory(error):
+                raise
+            if self.train_loader.batch_size == 1:
+                raise ImagefitError("out of memory with a batch of one image: choose a smaller "
+                                    "--model or --image-size, or --precision bf16") from error
+        self._halve_batch()  # outside the handler, once its frames no longer hold tensors
+        return False
+
+    def _halve_batch(self) -> None:
+        """After running out of memory: half the batch size and the learning rate (the
+        schedule's factor) from this step on. The step is retried on each half of its batch,
+        so every image of the epoch is still seen; gradients accumulated so far are
+        dropped."""
+        self.step_log.pop()  # the failed step learned nothing
+        self.x = self.y = self.outputs = self.loss = None
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        size = self.train_loader.batch_size
+        self.train_loader.batch_size = size // 2
+        self.lr_factor *= (size // 2) / size
+        self.n_steps = self.step + 2 * (self.n_steps - self.step)
+        warnings.warn(f"out of memory with batches of {size} images: training goes on with "
+                      f"batches of {size // 2} and the learning rate scaled by "
+                      f"{(size // 2) / size:g}", ImagefitWarning, stacklevel=2)
 
     def lr_find(self, start_lr: float = 1e-7, end_lr: float = 10.0, steps: int = 200,
                 progress: bool = True):
@@ -281,12 +357,14 @@ class Learner:
         """Raw outputs and targets of every batch of ``loader``, on the CPU, in its order."""
         model = self.eval_model
         model.eval()
+        forward = self.forward_model if model is self.model else model
         outputs, targets = [], []
         for x, y in loader:
+            x = self.pipeline(x, size=self.image_size).contiguous(memory_format=self.memory_format)
             with self._autocast():
-                outputs.append(model(self.pipeline(x, size=self.image_size)).float().cpu())
+                outputs.append(forward(x).float().cpu())
             targets.append(y.cpu())
-        return torch.cat(outputs), torch.cat(targets)
+        return loader.gather(torch.cat(outputs)), loader.gather(torch.cat(targets))
 
     def score(self, outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
         """Loss and the task's metrics of raw ``outputs`` against ``targets``."""

@@ -35,7 +35,7 @@ def precompute(model: nn.Module, loader: Loader, pipeline) -> tuple[torch.Tensor
     for x, y in loader:
         features.append(body_features(model, pipeline(x)).float())
         targets.append(y)
-    return torch.cat(features), torch.cat(targets)
+    return loader.gather(torch.cat(features)), loader.gather(torch.cat(targets))
 
 
 def fit_head_on_features(learner, epochs: int, lr: float) -> float:
@@ -45,7 +45,8 @@ def fit_head_on_features(learner, epochs: int, lr: float) -> float:
     started = time.perf_counter()
     plain = Loader(learner.train_loader.images, learner.train_loader.targets,
                    learner.train_loader.rows.numpy(), learner.train_loader.batch_size * 2,
-                   device=learner.device)
+                   device=learner.device, rank=learner.train_loader.rank,
+                   world_size=learner.train_loader.world_size)
     train_x, train_y = precompute(learner.model, plain, learner.pipeline)
     valid = (precompute(learner.model, learner.valid_loader, learner.pipeline)
              if learner.valid_loader is not None else None)

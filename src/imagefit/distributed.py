@@ -1,0 +1,160 @@
+"""Data-parallel training on PyTorch's own engine: one process (rank) per device, started by
+``torchrun`` (``torch.distributed.run``), which sets RANK, LOCAL_RANK and WORLD_SIZE.
+
+What imagefit keeps the same as one process: ``--bs`` is the global batch. Every rank shuffles
+with the same seeded permutation and takes its contiguous share of each global batch (see
+``data.loader.Loader``), so N ranks step through the batches one process would, each rank
+holding bs/N of them; DistributedDataParallel averages the gradients. Evaluation outputs are
+gathered back into one process's order. Only rank 0 writes the run directory and prints.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+
+def launched() -> bool:
+    """Whether this process was started by torchrun (or another launcher setting WORLD_SIZE)."""
+    return "WORLD_SIZE" in os.environ
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def is_main() -> bool:
+    """Rank 0, the one process that writes the run directory and prints (also the only one
+    when not distributed)."""
+    return rank() == 0
+
+
+def shard() -> dict[str, int]:
+    """This process's share of the data, as ``Loader``'s keyword arguments."""
+    return {"rank": rank(), "world_size": world_size()}
+
+
+@contextmanager
+def process_group(device: torch.device) -> Iterator[torch.device]:
+    """Joins the ranks torchrun started, when there are several (gloo on CPUs, nccl on
+    GPUs, where each rank takes the GPU of its LOCAL_RANK); yields the device to train on.
+    The group is left at the end of the block; after an error the process simply exits."""
+    if world_size() == 1:
+        yield device
+        return
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    joined = not dist.is_initialized()
+    if joined:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None)
+    yield device
+    if joined:
+        dist.destroy_process_group()
+
+
+@contextmanager
+def main_first() -> Iterator[None]:
+    """Rank 0 runs the block first (reading the data, building the image cache); the others
+    wait at a barrier and then run it, finding the cache made."""
+    if world_size() > 1 and not is_main():
+        dist.barrier()
+    yield
+    if world_size() > 1 and is_main():
+        dist.barrier()
+
+
+def from_main(value):
+    """Rank 0's ``value`` (anything picklable) on every rank."""
+    if world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def data_parallel(model: nn.Module) -> nn.Module:
+    """``model`` wrapped to average its gradients over the ranks (made again for each fit,
+    since it registers only the parameters that train at the time)."""
+    if world_size() == 1:
+        return model
+    device = next(model.parameters()).device
+    return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+
+
+@torch.no_grad()
+def share_buffers(model: nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm statistics, which each rank updates on its own batches)
+    on every rank, so all ranks evaluate and save the same model."""
+    if world_size() > 1:
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+
+
+@torch.no_grad()
+def share_weights(model: nn.Module) -> None:
+    """Rank 0's parameters and buffers on every rank."""
+    if world_size() > 1:
+        for tensor in [*model.parameters(), *model.buffers()]:
+            dist.broadcast(tensor.data, src=0)
+
+
+def sum_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    """``values`` summed over the ranks (a copy)."""
+    if world_size() == 1:
+        return values
+    total = values.clone()
+    dist.all_reduce(total)
+    return total
+
+
+def gather_in_order(local: torch.Tensor, positions: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Every rank's ``local`` rows in one tensor, on every rank: rank r's rows go to
+    ``positions[r]`` (for a loader, the order one process would have read them in)."""
+    counts = [len(where) for where in positions]
+    device = torch.device("cuda", torch.cuda.current_device()) \
+        if dist.get_backend() == "nccl" else torch.device("cpu")
+    padded = local.new_zeros((max(counts), *local.shape[1:]), device=device)
+    padded[:len(local)] = local
+    parts = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(parts, padded)
+    result = local.new_empty((sum(counts), *local.shape[1:]))
+    for part, where, count in zip(parts, positions, counts):
+        result[where] = part[:count].to(result.device)
+    return result
+
+
+def lost_peer(error: BaseException) -> bool:
+    """Whether ``error`` is a collective failing because another rank went away."""
+    return isinstance(error, dist.DistError) or "/gloo/transport/" in str(error)
+
+
+def launch(argv: Sequence[str], processes: int) -> int:
+    """Run ``imagefit ARGV`` (less its --devices) in ``processes`` processes on this machine
+    under torchrun; returns its exit status."""
+    rest, args = [], iter(argv)
+    for arg in args:
+        if arg == "--devices":
+            next(args, None)
+        elif not arg.startswith("--devices="):
+            rest.append(arg)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={processes}", "-m", "imagefit", *rest]
+    launcher = subprocess.Popen(command)
+    try:
+        return launcher.wait()
+    except KeyboardInterrupt:  # torchrun got Ctrl-C too and stops its processes
+        return launcher.wait()
