@@ -137,12 +137,94 @@ def saliency_focus(result: dict) -> list[str]:
     return lines
 
 
+SWITCH_NAMES = {"default": "defaults (channels-last, eager)", "contiguous": "channels-last off",
+                "compile": "torch.compile"}
+
+
+def compute_floor(result: dict) -> list[str]:
+    lines = ["## Training speed against the compute floor", ""] + header(result)
+    runs = result["runs"]
+    first = runs[0] if runs else {}
+    lines += [
+        "Floor: the model's forward, backward and AdamW step (imagefit's own model, optimizer, "
+        f"batch size, memory format and precision, {first.get('precision', '?')} here) run "
+        "again and again on one training batch already on the device. End to end: imagefit's "
+        "`Learner` reading the image cache (built beforehand), validation off, one epoch of "
+        f"about {result['seconds']:g} s, from the second epoch on. Floor runs and epochs "
+        f"alternate, {result['pairs']} pairs per line: images/s are medians, the ratio is the "
+        "median of the per-pair ratios (end to end / floor) and its range the lowest and "
+        "highest pair. 'vs default' is the line's end-to-end images/s over its row's default "
+        "line, measured in the same run. Compile time is left out of the rates and listed "
+        "apart. Data: the small CNN on Fashion-MNIST (28 px, grey); ResNet-18 on "
+        f"{result['photos']} JPEGs cut from scikit-image's photos, cached at 64 or 128 px RGB. "
+        f"Augmentation: {result['augment']}.",
+        "",
+        "| model | switch | batch | floor img/s | end-to-end img/s | ratio | ratio range "
+        "| vs default | compile s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    defaults = {r["row"]: r["end_to_end_images_per_second"] for r in runs
+                if r["switch"] == "default"}
+    for r in runs:
+        model = "small CNN" if r["model"] == "small_cnn" else r["model"]
+        colour = "grey" if r["channels"] == 1 else "RGB"
+        default = defaults.get(r["row"])
+        versus = f"{r['end_to_end_images_per_second'] / default:.2f}x" if default else ""
+        compiled = f"{r['compile_seconds']:.0f}" if r["compile_seconds"] is not None else ""
+        switch = SWITCH_NAMES.get(r["switch"], r["switch"])
+        lines.append(
+            f"| {model}, {r['image_size']} px {colour} | {switch} | {r['batch_size']} | "
+            f"{r['floor_images_per_second']:.0f} | "
+            f"{r['end_to_end_images_per_second']:.0f} | **{r['ratio']:.2f}** | "
+            f"{min(r['ratios']):.2f}-{max(r['ratios']):.2f} | {versus} | {compiled} |")
+    profiled = [r for r in runs if r.get("profile")]
+    if profiled:
+        which = ("every line" if result.get("profile") == "always"
+                 else f"the lines with a ratio under {result['profile_below']}")
+        lines += ["", f"Profiles of {which} (torch.profiler, top operators by share of self "
+                  "CPU time; full tables in `bench/results/`):", ""]
+    for r in profiled:
+        profile = r["profile"]
+        lines.append(f"- {r['row']}, {SWITCH_NAMES.get(r['switch'], r['switch'])} "
+                     f"(`{profile['file']}`): end to end "
+                     f"{top_operators(profile['end_to_end_top'])}; floor "
+                     f"{top_operators(profile['floor_top'])}.")
+    return lines
+
+
+def top_operators(rows: list[dict], count: int = 5) -> str:
+    return ", ".join(f"`{row['op']}` {row['share']:.0%}" for row in rows[:count])
+
+
+def cache_memory(result: dict) -> list[str]:
+    lines = ["## Memory while building the image cache", ""] + header(result)
+    lines += [
+        "Each build is `build.load_data` with the default options in a fresh process with an "
+        "empty cache folder (IMAGEFIT_CACHE). Peaks of RssAnon (anonymous memory) and of RSS, "
+        "summed over the process and any it starts, sampled every "
+        f"{result['interval_seconds'] * 1000:.0f} ms; the process's own imports (torch) are "
+        "part of it and listed apart. The cache file's pages are file-backed: they count in "
+        f"RSS, not in RssAnon. Target: peak RssAnon under {result['target_rss_anon_mb']:.0f} MB.",
+        "",
+        "| data | images | cache | build s | RssAnon after imports MB | peak RssAnon MB "
+        "| peak RSS MB | target |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [f"| {r['data']} | {r['images']} | {r['cache']} | {r['build_seconds']:.1f} | "
+              f"{r['rss_anon_after_imports_mb']:.0f} | **{r['peak_rss_anon_mb']:.0f}** | "
+              f"{r['peak_rss_mb']:.0f} | {'met' if r['meets_target'] else 'missed'} |"
+              for r in result["cases"]]
+    return lines
+
+
 SECTIONS = {"fashion_mnist_default": fashion_mnist_default,
             "fashion_mnist_folder": fashion_mnist_folder,
             "augment": augment,
             "augment_accuracy": augment_accuracy,
             "transfer": transfer,
-            "saliency_focus": saliency_focus}
+            "saliency_focus": saliency_focus,
+            "compute_floor": compute_floor,
+            "cache_memory": cache_memory}
 
 
 def section_of(benchmark: str) -> str | None:

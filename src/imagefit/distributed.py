@@ -21,6 +21,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from .errors import ImagefitError
+
 
 def launched() -> bool:
     """Whether this process was started by torchrun (or another launcher setting WORLD_SIZE)."""
@@ -68,12 +70,15 @@ def process_group(device: torch.device) -> Iterator[torch.device]:
 
 @contextmanager
 def main_first() -> Iterator[None]:
-    """Rank 0 runs the block first (reading the data, building the image cache); the others
-    wait at a barrier and then run it, finding the cache made."""
-    if world_size() > 1 and not is_main():
+    """Rank 0 runs the block first (reading the data, building the image cache), then the
+    first rank of each other machine (whose cache folder may be its own), then the rest,
+    finding the cache made; each waits for its turn at a barrier."""
+    turn = 0 if is_main() else 1 if os.environ.get("LOCAL_RANK", "0") == "0" else 2
+    turns = 3 if world_size() > 1 else 1
+    for _ in range(turn):
         dist.barrier()
     yield
-    if world_size() > 1 and is_main():
+    for _ in range(turns - 1 - turn):
         dist.barrier()
 
 
@@ -144,7 +149,7 @@ def lost_peer(error: BaseException) -> bool:
 
 def launch(argv: Sequence[str], processes: int) -> int:
     """Run ``imagefit ARGV`` (less its --devices) in ``processes`` processes on this machine
-    under torchrun; returns its exit status."""
+    under torchrun; returns its exit status, raises when a process failed."""
     rest, args = [], iter(argv)
     for arg in args:
         if arg == "--devices":
@@ -155,6 +160,12 @@ def launch(argv: Sequence[str], processes: int) -> int:
                f"--nproc_per_node={processes}", "-m", "imagefit", *rest]
     launcher = subprocess.Popen(command)
     try:
-        return launcher.wait()
+        status = launcher.wait()
     except KeyboardInterrupt:  # torchrun got Ctrl-C too and stops its processes
-        return launcher.wait()
+        return launcher.wait() or 130
+    if status:
+        raise ImagefitError(f"a process of the {processes} failed (torchrun's report is above; "
+                            f"exit status {status}): a run directory keeps its last finished "
+                            f"epoch, continue it with imagefit fit --resume RUN --devices "
+                            f"{processes}")
+    return status

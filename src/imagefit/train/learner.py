@@ -290,6 +290,9 @@ class Learner:
         except RuntimeError as error:
             if not is_out_of_memory(error):
                 raise
+            if distributed.world_size() > 1:  # the other ranks would wait for this one
+                raise ImagefitError("out of memory in data-parallel training: give a smaller "
+                                    "--bs") from error
             if self.train_loader.batch_size == 1:
                 raise ImagefitError("out of memory with a batch of one image: choose a smaller "
                                     "--model or --image-size, or --precision bf16") from error

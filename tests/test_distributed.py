@@ -1,0 +1,86 @@
+"""Data-parallel training: ranks share each global batch, and a 2-process fit under torchrun
+learns what a 1-process fit does and writes one run directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from imagefit import api
+from imagefit.data.loader import Loader
+from imagefit.errors import ImagefitError
+
+
+def epoch_batches(loader: Loader, epoch: int) -> list[torch.Tensor]:
+    loader.set_epoch(epoch)
+    batches = []
+    for _ in loader:
+        batches.append(loader.batch_rows.clone())
+    return batches
+
+
+@pytest.mark.parametrize("world_size, batch_size, drop_last", [(2, 8, True), (3, 8, False)])
+def test_ranks_read_their_share_of_the_same_global_batches(world_size, batch_size, drop_last):
+    rows = np.arange(5, 55)
+    images = torch.zeros(60, 2, 2, 1, dtype=torch.uint8)
+
+    def loader(rank: int = 0, world: int = 1) -> Loader:
+        return Loader(images, torch.arange(60), rows, batch_size, shuffle=True,
+                      drop_last=drop_last, seed=3, prefetch=False, rank=rank, world_size=world)
+
+    single = loader()
+    shards = [loader(rank, world_size) for rank in range(world_size)]
+    for epoch in (0, 1):
+        expected = epoch_batches(single, epoch)
+        per_rank = [epoch_batches(shard, epoch) for shard in shards]
+        assert all(len(batches) == len(expected) for batches in per_rank)
+        for i, batch in enumerate(expected):
+            parts = [batches[i] for batches in per_rank]
+            assert torch.equal(torch.cat(parts), batch)  # rank 0's rows first, then rank 1's
+            assert max(map(len, parts)) - min(map(len, parts)) <= 1
+        everything = torch.cat(expected)
+        for rank, batches in enumerate(per_rank):  # what gather uses to restore the order
+            assert torch.equal(everything[shards[rank].share_positions(rank)], torch.cat(batches))
+
+
+def test_devices_outside_torchrun_say_how_to_start_them():
+    with pytest.raises(ImagefitError, match="--devices 2"):
+        api.fit("builtin:digits", devices=2, epochs=1)
+
+
+def test_two_processes_learn_what_one_does_and_write_one_run(tmp_path):
+    """`imagefit fit --devices 2` (torchrun, gloo) against a 1-process fit with the same
+    --bs (the global batch) and seed. The ranks step through the same global batches (with
+    BatchNorm swapped for GroupNorm, the weights after each first step agreed to float
+    rounding, checked by hand), but BatchNorm normalizes each rank's half batch and the
+    differences grow over the steps, so the runs end apart. Measured on
+    builtin:digits after 3 epochs: 0.9805 against 0.9777 validation accuracy (one image of
+    360); after only 2 epochs, still far from converged, 0.986 against 0.958. The tolerance,
+    0.02, is about the spread between seeds of 1-process runs."""
+    common = dict(epochs=3, progress=False, tta=False, report=False, seed=0)
+    one = api.fit("builtin:digits", runs_dir=str(tmp_path / "one"), **common)
+    runs_dir = tmp_path / "two"
+    done = subprocess.run(
+        [sys.executable, "-m", "imagefit", "fit", "builtin:digits", "--epochs", "3",
+         "--runs-dir", str(runs_dir), "--no-progress", "--no-tta", "--no-report", "--seed", "0",
+         "--devices", "2"],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=300)
+    assert done.returncode == 0, done.stderr
+    run_dirs = list(runs_dir.iterdir())
+    assert len(run_dirs) == 1
+    run_dir = run_dirs[0]
+    assert Path(done.stdout.strip().splitlines()[-1]) == run_dir
+    assert done.stdout.count("train_loss") == 1  # rank 0 alone prints
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["n_train"] == one.metrics["n_train"]
+    assert abs(metrics["valid_accuracy"] - one.metrics["valid_accuracy"]) <= 0.02
+    assert "devices: 2" in (run_dir / "config.yaml").read_text()
+    assert (run_dir / "checkpoints" / "last.pt").is_file()
