@@ -217,6 +217,40 @@ def cache_memory(result: dict) -> list[str]:
     return lines
 
 
+def noisy_labels(result: dict) -> list[str]:
+    lines = ["## Noisy labels: plain training, soft labels, Progressive Label Correction", ""]
+    lines += header(result) + [result["data"] + ".", ""]
+    results = result["results"]
+    plain = results.get("plain", {}).get("median")
+    lines += ["| method | clean test accuracy per seed | median | spread | vs plain (points) | "
+              "seconds per run (median) |", "|---|---|---|---|---|---|"]
+    for method, entry in results.items():
+        if not entry["test_accuracy"]:
+            continue
+        gain = (f"{100 * (entry['median'] - plain):+.1f}" if plain is not None
+                and method != "plain" else "")
+        seconds = sorted(entry["seconds"])[len(entry["seconds"]) // 2]
+        lines.append(f"| {method.replace('_', ' ')} | "
+                     f"{', '.join(f'{a:.4f}' for a in entry['test_accuracy'])} | "
+                     f"**{entry['median']:.4f}** | {entry['spread']:.4f} | {gain} | "
+                     f"{seconds:.0f} |")
+    soft = results.get("soft_labels")
+    if soft and soft.get("kfold_seconds"):
+        costs = ", ".join(f"{s:.0f}" for s in soft["kfold_seconds"])
+        agreement = ", ".join(f"{a:.3f}" for a in soft["oof_accuracy_vs_noisy_labels"])
+        lines += ["", "Soft labels' cost: the 5-fold cross-validation that makes the "
+                  f"out-of-fold predictions took {costs} s (included in their seconds above); "
+                  f"the out-of-fold predictions agreed with the noisy labels on {agreement} of "
+                  "the training rows."]
+    plc = results.get("plc")
+    if plc and plc.get("corrections"):
+        parts = [f"{c['changed']} labels changed, {c['changed_to_clean']} to the clean label "
+                 f"({c['noisy_rows_fixed']} of {c['noisy_rows']} noisy rows fixed)"
+                 for c in plc["corrections"] if c]
+        lines += ["", "PLC's corrections at the end of each run: " + "; ".join(parts) + "."]
+    return lines
+
+
 SECTIONS = {"fashion_mnist_default": fashion_mnist_default,
             "fashion_mnist_folder": fashion_mnist_folder,
             "augment": augment,
@@ -224,7 +258,8 @@ SECTIONS = {"fashion_mnist_default": fashion_mnist_default,
             "transfer": transfer,
             "saliency_focus": saliency_focus,
             "compute_floor": compute_floor,
-            "cache_memory": cache_memory}
+            "cache_memory": cache_memory,
+            "noisy_labels": noisy_labels}
 
 
 def section_of(benchmark: str) -> str | None:
