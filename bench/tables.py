@@ -141,8 +141,21 @@ SWITCH_NAMES = {"default": "defaults (channels-last, eager)", "contiguous": "cha
                 "compile": "torch.compile"}
 
 
+FLOOR_NOTES = {
+    "compute_floor": "This run had the loader's background prefetch thread on, as the code "
+    "then did on every device. The small CNN's profile below shows the same operators "
+    "(convolution backward, batch norm) taking longer per call end to end than in the floor: "
+    "on 2 cores the loader thread competes with the two compute threads. The loader now "
+    "prefetches on CUDA devices only; the runs below measure the code with that change.",
+    "compute_floor_no_prefetch": "The loader without its prefetch thread on CPUs (the current "
+    "default); same script, default switches.",
+}
+
+
 def compute_floor(result: dict) -> list[str]:
     lines = ["## Training speed against the compute floor", ""] + header(result)
+    note = FLOOR_NOTES.get(result["benchmark"].removesuffix("_128"))
+    lines += [note, ""] if note else []
     runs = result["runs"]
     first = runs[0] if runs else {}
     lines += [
