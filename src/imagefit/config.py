@@ -355,10 +355,10 @@ class FitConfig(ImageOptions):
     )
     compile: bool = Field(
         False,
-        description="train (and validate) through torch.compile: worth it for runs of more "
-        "than a few minutes (measured ~1.3x on a ResNet-18 CPU step after a 20-40 s "
-        "compile); freezing and unfreezing recompile once each; needs a C++ compiler on "
-        "the CPU",
+        description="train (and validate) through torch.compile, after a 20-40 s compile: "
+        "on 2 CPU cores it gave 1.05x end to end for ResNet-18 at 64 px and 0.98x for the "
+        "small CNN (docs/BENCHMARKS.md), so it is off by default; freezing and unfreezing "
+        "recompile once each; needs a C++ compiler on the CPU",
     )
     channels_last: bool = Field(
         True,
