@@ -160,3 +160,38 @@ def test_fit_trains_on_soft_labels_from_a_cv_directory(digits_cv, tmp_path):
     with pytest.raises(ImagefitError, match="--soft-labels and --plc both change"):
         api.fit("builtin:digits", epochs=1, progress=False, runs_dir=str(tmp_path),
                 soft_labels=str(digits_cv.cv_dir), plc=True)
+
+
+def test_soft_labels_written_for_other_data_or_classes_are_refused(tmp_path):
+    table = from_arrays(np.zeros((3, 8, 8), np.uint8), np.array([0, 1, 0]), names=["a", "b"])
+    task = Task("classification", ["a", "b"])
+    pd.DataFrame({"row": [0, 1, 7], "prob_a": [0.5] * 3, "prob_b": [0.5] * 3}).to_csv(
+        tmp_path / "oof.csv", index=False)
+    with pytest.raises(ImagefitError, match="has row 7 but the data has 3 rows: it was "
+                                            "written for other data"):
+        soft_targets(tmp_path, 0.5, table, task, np.array([0, 1]))
+    pd.DataFrame({"row": [0, 1, 2], "prob_a": [0.5] * 3}).to_csv(tmp_path / "oof.csv",
+                                                                 index=False)
+    with pytest.raises(ImagefitError, match="has no column prob_b: it was not written for "
+                                            r"these classes \(a, b\)"):
+        soft_targets(tmp_path, 0.5, table, task, np.array([0, 1]))
+
+
+def test_group_col_needs_a_csv(tmp_path):
+    with pytest.raises(ImagefitError, match="--group-col reads a column of the CSV file: "
+                                            "give a CSV as DATA"):
+        cv("builtin:digits", folds=2, group_col="patient", runs_dir=str(tmp_path),
+           progress=False)
+
+
+def test_an_ensemble_of_different_setups_is_refused(digits_cv, tmp_path):
+    mixed = tmp_path / "mixed"
+    shutil.copytree(digits_cv.cv_dir / "fold_0", mixed / "fold_0")
+    shutil.copytree(digits_cv.cv_dir / "fold_1", mixed / "fold_1")
+    info = json.loads((mixed / "fold_1" / "model.json").read_text())
+    info["image_size"] = 16
+    (mixed / "fold_1" / "model.json").write_text(json.dumps(info))
+    (mixed / "cv.json").write_text(json.dumps({"runs": ["fold_0", "fold_1"]}))
+    with pytest.raises(ImagefitError, match="sees images or classes differently from .*: an "
+                                            "ensemble needs models of one fit setup"):
+        inference.load_models(mixed)

@@ -36,7 +36,7 @@ from .data.sources import Table, read_source
 from .errors import ImagefitError
 from .metrics import all_metrics
 from .report.interpret import interpret
-from .tasks import HIGHER_IS_BETTER, Task
+from .tasks import HIGHER_IS_BETTER, MAIN_METRIC, Task
 
 CV_INFO = "cv.json"
 OOF = "oof.csv"
@@ -151,8 +151,6 @@ def _fold_row(fold: int, result: FitResult) -> dict:
 
 
 def _print_fold(row: dict, kind: str) -> None:
-    from .tasks import MAIN_METRIC
-
     main = MAIN_METRIC[kind]
     shown = [f"valid_{main} {row[f'valid_{main}']:.4f}"]
     if f"test_{main}" in row:
@@ -220,8 +218,6 @@ def _no_images(positions: np.ndarray) -> torch.Tensor:
 
 def format_cv(result: CVResult) -> str:
     """Per-fold main metric and mean +- std, for the terminal."""
-    from .tasks import MAIN_METRIC
-
     main = MAIN_METRIC[result.summary["task"]]
     lines = []
     for split in ("valid", "test"):

@@ -226,13 +226,20 @@ def per_class_metrics(task: Task, outputs: torch.Tensor, targets: torch.Tensor) 
             for i, name in enumerate(task.names)]
 
 
-def best_threshold(task: Task, outputs: torch.Tensor, targets: torch.Tensor,
-                   grid: np.ndarray | None = None) -> tuple[float, float]:
-    """The multi-label threshold that maximizes macro F1 on (validation) outputs, and that F1."""
+def threshold_curve(task: Task, outputs: torch.Tensor, targets: torch.Tensor,
+                    grid: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Macro F1 of multi-label outputs at each threshold of ``grid`` (0.05..0.95)."""
     grid = np.round(np.arange(0.05, 0.951, 0.01), 2) if grid is None else grid
     outputs, labels = _prepared(task, outputs, targets)
     probs = outputs.sigmoid()
     scores = [_quiet(multilabel_f1_score, probs, labels, num_labels=task.n_out,
                      threshold=float(t), average="macro").item() for t in grid]
+    return grid, np.asarray(scores)
+
+
+def best_threshold(task: Task, outputs: torch.Tensor, targets: torch.Tensor,
+                   grid: np.ndarray | None = None) -> tuple[float, float]:
+    """The multi-label threshold that maximizes macro F1 on (validation) outputs, and that F1."""
+    grid, scores = threshold_curve(task, outputs, targets, grid)
     best = int(np.argmax(scores))  # the first of equal scores: the lowest threshold
     return float(grid[best]), float(scores[best])

@@ -27,7 +27,6 @@ MAX_SCATTER_POINTS = 5_000
 HASH_CHUNK_BYTES = 64 << 20
 EXAMPLES_PER_PAIR = 3
 MEMBERS_PER_EXAMPLE = 4
-NAME_WIDTH = 28
 CHANNEL_NAMES = {1: ("grey",), 3: ("red", "green", "blue")}
 
 
@@ -98,10 +97,6 @@ def _channel_rows(mean: list[float], std: list[float]) -> list[dict]:
             for n, m, s in zip(names, mean, std)]
 
 
-def _plain(name: object, width: int = NAME_WIDTH) -> str:
-    return label_text(name, width)
-
-
 # -- counts -------------------------------------------------------------------------------
 
 
@@ -165,7 +160,7 @@ def _save_count_bars(names: list[str], counts: dict[str, np.ndarray], xlabel: st
     for k, split in enumerate(shown_splits):
         axis.barh(positions + (k - (len(shown_splits) - 1) / 2) * band, counts[split][order],
                   height=band, color=SPLIT_COLORS[split], label=split)
-    axis.set_yticks(positions, [_plain(names[i]) for i in order], fontsize=8)
+    axis.set_yticks(positions, [label_text(names[i]) for i in order], fontsize=8)
     axis.invert_yaxis()
     axis.set_xlabel(xlabel)
     if ylabel:
@@ -199,7 +194,7 @@ def _target_stats(table, rows, plots_dir, notes, add_plot) -> dict:
             if len(rows[split]):
                 axis.hist(targets[rows[split], t], bins=bins, histtype="step", linewidth=1.5,
                           color=SPLIT_COLORS[split], label=split)
-        axis.set_title(_plain(names[t]), fontsize=10)
+        axis.set_title(label_text(names[t]), fontsize=10)
         axis.set_xlabel("target value")
         axis.set_ylabel("images")
         axis.legend(fontsize=8)
@@ -275,12 +270,12 @@ def _sample_grid(table, cache, train_rows, plots_dir, per_class, seed, notes) ->
         titles = [f"{values[r]:.4g}" for r in chosen]
         return save_image_grid(_as_float(cache.images[chosen]), titles, path,
                                columns=min(per_class, len(chosen)),
-                               title=f"sorted by {_plain(names[0])}")
+                               title=f"sorted by {label_text(names[0])}")
     if kind == "multilabel":
         chosen = np.sort(rng.choice(train_rows, min(grid_size, len(train_rows)),
                                     replace=False))
         targets = np.asarray(table.targets) > 0.5
-        titles = [_plain(", ".join(n for n, on in zip(names, targets[r]) if on) or "(none)",
+        titles = [label_text(", ".join(n for n, on in zip(names, targets[r]) if on) or "(none)",
                          24) for r in chosen]
         return save_image_grid(_as_float(cache.images[chosen]), titles, path,
                                columns=min(per_class, len(chosen)))
@@ -298,7 +293,7 @@ def _sample_grid(table, cache, train_rows, plots_dir, per_class, seed, notes) ->
         picked = np.sort(rng.choice(members, min(per_class, len(members)), replace=False))
         for k, image in enumerate(cache.images[picked]):
             mosaic[c * step:c * step + size, k * step:k * step + size] = image
-        labels.append(_plain(name) + ("" if len(members) else " (no training images)"))
+        labels.append(label_text(name) + ("" if len(members) else " (no training images)"))
     figure, axis = plt.subplots(figsize=(2.4 + 1.1 * per_class, 0.4 + 1.1 * len(classes)))
     axis.imshow(mosaic[..., 0] if channels == 1 else mosaic, cmap="gray", vmin=0, vmax=255)
     axis.set_yticks(np.arange(len(classes)) * step + size / 2, labels, fontsize=9)

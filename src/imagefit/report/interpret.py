@@ -23,12 +23,11 @@ from torchmetrics.functional.classification import (
     multiclass_confusion_matrix,
     multiclass_precision_recall_curve,
     multiclass_roc,
-    multilabel_f1_score,
     multilabel_precision_recall_curve,
     multilabel_roc,
 )
 
-from ..metrics import all_metrics, best_threshold, per_class_metrics
+from ..metrics import all_metrics, best_threshold, per_class_metrics, threshold_curve
 from ..tasks import Task
 from .plots import label_text, save_figure, save_image_grid
 
@@ -268,10 +267,7 @@ def save_reliability(confidence: np.ndarray, correct: np.ndarray, ece: float, pa
 
 def save_threshold_curve(task: Task, outputs: torch.Tensor, targets: torch.Tensor,
                          best: dict, path: Path) -> Path:
-    grid = np.round(np.arange(0.05, 0.951, 0.01), 2)
-    probs, labels = outputs.sigmoid(), (targets >= 0.5).int()
-    scores = [multilabel_f1_score(probs, labels, num_labels=task.n_out, threshold=float(t),
-                                  average="macro").item() for t in grid]
+    grid, scores = threshold_curve(task, outputs, targets)
     figure, axis = plt.subplots(figsize=(5.5, 3.8))
     axis.plot(grid, scores)
     axis.axvline(best["threshold"], color="tab:green", linestyle="--",
