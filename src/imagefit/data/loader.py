@@ -60,8 +60,8 @@ class Loader:
         self.epoch = 0
         self.device = torch.device(device)
         # A CUDA device computes while the thread gathers the next batch; on a CPU the thread
-        # competes with the compute threads for the cores: the small CNN's epochs ran at
-        # 1,654 images/s without it against 1,371 with it on 2 cores (docs/BENCHMARKS.md).
+        # competes with the compute threads for the cores: on 2 cores the small CNN trained at
+        # 0.80 of its compute floor with it and 0.97 without (docs/BENCHMARKS.md).
         self.prefetch = self.device.type == "cuda" if prefetch is None else prefetch
         self.sampler = sampler
         self.rank, self.world_size = rank, world_size
