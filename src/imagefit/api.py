@@ -39,6 +39,7 @@ from .config import (
 from .data.soft import soft_targets
 from .data.sources import Table
 from .errors import FitInterrupted, ImagefitError
+from .inference import TTA, model_outputs
 from .report.dataset import summarize_dataset
 from .report.html import DATA_SUMMARY, write_report
 from .report.plots import (
@@ -48,7 +49,8 @@ from .report.plots import (
     save_training_plot,
 )
 from .tasks import HIGHER_IS_BETTER, Task
-from .train import schedules
+from .train import budget, schedules
+from .train.budget import BudgetPlanner
 from .train.callbacks import (
     BestCheckpoint,
     Callback,
@@ -66,6 +68,8 @@ from .train.learner import Learner
 from .train.lr_finder import LRFinderResult
 from .train.precompute import fit_head_on_features, supports_precompute
 from .train.schedules import Schedule
+
+FINAL_SAMPLE = 1024  # images timed to plan a --budget fit's final evaluation
 
 
 @dataclass
@@ -94,11 +98,28 @@ def fit(data: str | Path | Table, config: FitConfig | None = None, *,
     ``callbacks`` join the learner's own."""
     cfg: FitConfig = merge_options(FitConfig, config, options)
     apply_recipe(cfg)
-    return _fit(data, cfg, callbacks)
+    return _fit(data, cfg, callbacks, budget_window=budget_window(cfg))
+
+
+def budget_window(cfg: FitConfig) -> tuple[float, float] | None:
+    """When a --budget command started and must end (``time.monotonic`` readings), after
+    checking that the options go with a budget; None without one."""
+    if not cfg.budget:
+        return None
+    seconds = budget.parse_duration(cfg.budget)
+    if "epochs" in cfg.model_fields_set:
+        raise ImagefitError(f"--epochs {cfg.epochs} and --budget {cfg.budget} both set how long "
+                            "training lasts: give one of them")
+    if cfg.recipe:
+        raise ImagefitError("--recipe trains SGDR cycles until validation stops improving, "
+                            "which a budget cannot plan: leave out --recipe or --budget")
+    started = budget.command_start()
+    return started, started + seconds
 
 
 def _train(learner: Learner, cfg: FitConfig, epochs: int, lr_schedule: Schedule,
-           momentum: Schedule | None, summary: dict, resuming: bool) -> None:
+           momentum: Schedule | None, summary: dict, resuming: bool,
+           planner: BudgetPlanner | None = None) -> None:
     """The phases of a fit: head on precomputed features, frozen head, then everything
     (with discriminative rates), as one schedule or, with --recipe, SGDR cycles until the
     validation metric stops improving."""
@@ -122,6 +143,8 @@ def _train(learner: Learner, cfg: FitConfig, epochs: int, lr_schedule: Schedule,
     elif lr_low:
         learner.discriminative(lr_low, lr)
     if not cfg.recipe:
+        if planner is not None:  # the budget plans the main fit, after the phases before it
+            learner.callbacks = sorted([*learner.callbacks, planner], key=lambda cb: cb.order)
         learner.fit(epochs, lr_schedule, momentum)
         return
     column = f"valid_{learner.task.main_metric}"
@@ -156,7 +179,8 @@ def resume(run: str | Path, callbacks: list[Callback] | tuple = ()) -> FitResult
 
 
 def _fit(data: str | Path | Table, cfg: FitConfig, callbacks=(), run_dir: Path | None = None,
-         resume_state: dict | None = None) -> FitResult:
+         resume_state: dict | None = None,
+         budget_window: tuple[float, float] | None = None) -> FitResult:
     """The fit in this process; under torchrun, this rank's part of it (see ``distributed``)."""
     if cfg.devices > 1 and not distributed.launched():
         raise ImagefitError(f"devices={cfg.devices} trains in {cfg.devices} processes: run "
@@ -165,11 +189,12 @@ def _fit(data: str | Path | Table, cfg: FitConfig, callbacks=(), run_dir: Path |
     if distributed.launched():
         cfg.devices = distributed.world_size()  # as config.yaml records it
     with distributed.process_group(resolve_device(cfg.device)) as device:
-        return _fit_on(device, data, cfg, callbacks, run_dir, resume_state)
+        return _fit_on(device, data, cfg, callbacks, run_dir, resume_state, budget_window)
 
 
 def _fit_on(device: torch.device, data: str | Path | Table, cfg: FitConfig, callbacks=(),
-            run_dir: Path | None = None, resume_state: dict | None = None) -> FitResult:
+            run_dir: Path | None = None, resume_state: dict | None = None,
+            budget_window: tuple[float, float] | None = None) -> FitResult:
     started = time.perf_counter()
     main = distributed.is_main()  # the one process that prints and writes the run directory
     if not main:
@@ -177,6 +202,8 @@ def _fit_on(device: torch.device, data: str | Path | Table, cfg: FitConfig, call
     apply_pretrained_source(cfg)
     with distributed.main_first():  # rank 0 builds the image cache, the others then read it
         loaded = load_data(data, cfg)
+    not_counted = loaded.prepared.cache.built_seconds  # decoding into the cache, once
+    deadline = None if budget_window is None else budget_window[1] + not_counted
     parts = build_training(cfg, loaded, device)
     if parts.batch_size < distributed.world_size():
         raise ImagefitError(f"a batch of {parts.batch_size} cannot be shared by "
@@ -199,7 +226,7 @@ def _fit_on(device: torch.device, data: str | Path | Table, cfg: FitConfig, call
         cfg.lr = distributed.from_main(finder.suggestions["valley"])
         if main:
             print(f"lr auto: {cfg.lr:.2e} (the LR finder's valley)")
-    epochs, lr_schedule, momentum_schedule = make_schedule(cfg)
+    epochs, lr_schedule, momentum_schedule = make_schedule(cfg, planned=deadline is not None)
     if cfg.recipe and "precompute_epochs" not in cfg.model_fields_set:
         # the recipe's step 2, where the model has a separate body and classifier
         cfg.precompute_epochs = 2 if supports_precompute(parts.model) else 0
@@ -245,6 +272,10 @@ def _fit_on(device: torch.device, data: str | Path | Table, cfg: FitConfig, call
             own_callbacks.append(best)
     test_loader = parts.loaders["test"]
     extra = {"test": test_loader} if cfg.test_every_epoch and test_loader else {}
+    planner = None
+    if deadline is not None and resume_state is None:  # a resumed fit keeps its plan
+        planner = _budget_planner(cfg, loaded, parts, deadline,
+                                  len(extra) * len(loaded.test_rows))
     learner = make_learner(cfg, parts, [*own_callbacks, *callbacks], extra_loaders=extra)
     if resume_state is not None:
         learner.load_checkpoint_state(resume_state)
@@ -265,7 +296,7 @@ def _fit_on(device: torch.device, data: str | Path | Table, cfg: FitConfig, call
     }
     try:
         _train(learner, cfg, epochs, lr_schedule, momentum_schedule, summary,
-               resuming=resume_state is not None)
+               resuming=resume_state is not None, planner=planner)
     except KeyboardInterrupt:
         if not main:
             raise
@@ -292,13 +323,67 @@ def _fit_on(device: torch.device, data: str | Path | Table, cfg: FitConfig, call
                                                "epochs_trained": best.best_epoch})
         summary["best_epoch"] = best.best_epoch
     distributed.share_weights(parts.model)  # every rank concludes with rank 0's final model
+    concluding = time.perf_counter()
     figures, outputs = conclude(run_dir, cfg, parts, loaded, parts.model)
     summary.update(figures)
+    if planner is not None:
+        summary["budget"] = {"budget": cfg.budget,
+                             "budget_seconds": round(budget_window[1] - budget_window[0], 3),
+                             "not_counted_seconds": round(not_counted, 3),
+                             **planner.summary()}
     metrics = _write_final_metrics(run_dir, learner, summary, started, interrupted=False,
                                    final_row=final_row)
     _write_report(run_dir, learner, cfg)
+    metrics["final_seconds"] = round(time.perf_counter() - concluding, 3)
+    if planner is not None:
+        used = time.monotonic() - budget_window[0] - not_counted
+        metrics["budget"]["used_seconds"] = round(used, 3)
+        if main:
+            print(_budget_line(metrics["budget"]))
+    if main:
+        runs.save_json(run_dir / "metrics.json", metrics)
     return FitResult(run_dir=run_dir, metrics=metrics, history=learner.history,
                      model=parts.model, outputs=outputs)
+
+
+def _budget_planner(cfg: FitConfig, loaded, parts, deadline: float,
+                    every_epoch_images: int) -> BudgetPlanner:
+    """The planner of a --budget fit: the end evaluates the validation and test splits (timed
+    on a sample, test-time augmentation included, as ``conclude`` will) and every epoch
+    validates."""
+    n_valid, n_test = len(loaded.valid_rows), len(loaded.test_rows)
+    sample = np.concatenate([loaded.test_rows, loaded.valid_rows])[:FINAL_SAMPLE]
+    tta = TTA.from_options(cfg, loaded.augment) if cfg.tta_n else None
+    images = loaded.prepared.cache.tensor()
+
+    def time_final(learner: Learner) -> float:
+        if not len(sample):
+            return float("inf")
+        model = learner.eval_model
+        batch = max(parts.batch_size, 256)
+        model_outputs(model, parts.pipeline, parts.task, images, sample[:batch], batch, tta)
+        started = time.perf_counter()  # after a warm-up batch
+        model_outputs(model, parts.pipeline, parts.task, images, sample, batch, tta,
+                      plain_too=tta is not None)
+        return len(sample) / (time.perf_counter() - started)
+
+    return BudgetPlanner(deadline, final_images=n_valid + n_test,
+                         n_valid=n_valid + every_epoch_images, time_final=time_final,
+                         fixed_seconds=budget.FINAL_FIXED_SECONDS if cfg.report else 2.0,
+                         budget_text=cfg.budget or "",
+                         announce=cfg.progress and distributed.is_main())
+
+
+def _budget_line(record: dict) -> str:
+    plan = record.get("plan")
+    line = (f"budget {record['budget']}: the run took "
+            f"{budget.format_duration(record['used_seconds'])}")
+    if plan:
+        line += (f"; trained {plan['steps']} steps ({plan['steps'] / plan['steps_per_epoch']:.3g}"
+                 f" epochs) at {plan['step_seconds'] * 1000:.3g} ms a step")
+    if record.get("stopped_at_deadline"):
+        line += "; stopped at the deadline before the planned end"
+    return line
 
 
 def lr_find(data: str | Path | Table, out: str | Path | None = "lr_find.png",

@@ -31,6 +31,7 @@ from .errors import FitInterrupted, ImagefitError, ImagefitWarning
 from .explain import ExplainOptions, explain
 from .report.history import compare_runs, format_runs, list_runs
 from .report.html import regenerate
+from .train import budget
 
 
 def _type_args(annotation: Any) -> tuple:
@@ -310,6 +311,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
+    budget.mark_command_start(process=argv is None)  # a budget counts from here
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     warnings.showwarning = _show_warning

@@ -132,7 +132,8 @@ def _tta_n() -> Any:
 
 def _tta_augment() -> Any:
     return Field("auto", description="test-time augmentation: the preset that makes the "
-                 "versions; auto: the model's own training augmentation (without mixing and "
+                 "versions; flip: the mirror image only (one version, whatever --tta-n); "
+                 "auto: the model's own training augmentation (without mixing and "
                  "erasing), or light (flips and small shifts) when it trained without any")
 
 
@@ -181,6 +182,13 @@ class FitConfig(ImageOptions):
 
     epochs: int = Field(
         5, ge=1, description="number of epochs (with --schedule sgdr: set by the cycles)"
+    )
+    budget: str | None = Field(
+        None,
+        description="train within this wall-clock time (90s, 10m, 2h), counted from the "
+        "command's start to its run directory being complete: the steps (and so the epochs, "
+        "the last one possibly partial) are planned from the speed measured over the first "
+        "steps and the schedule ends there; instead of --epochs",
     )
     lr: float | Literal["auto"] = Field(
         3e-3,
@@ -411,7 +419,7 @@ class FitConfig(ImageOptions):
     )
     tta: bool = _tta_flag(True, "end the fit by measuring the final model")
     tta_n: int = _tta_n()
-    tta_augment: Literal["auto"] | AugmentPreset = _tta_augment()
+    tta_augment: Literal["auto", "flip"] | AugmentPreset = _tta_augment()
     report: bool = Field(
         True, description="end the fit with the interpretation plots and report.html"
     )
@@ -491,7 +499,7 @@ class EvaluateOptions(SourceOptions):
     device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'")
     tta: bool = _tta_flag(False, "measure")
     tta_n: int = _tta_n()
-    tta_augment: Literal["auto"] | AugmentPreset = _tta_augment()
+    tta_augment: Literal["auto", "flip"] | AugmentPreset = _tta_augment()
 
 
 class InputOptions(Options):
@@ -513,7 +521,7 @@ class PredictOptions(InputOptions):
 
     tta: bool = _tta_flag(False, "predict")
     tta_n: int = _tta_n()
-    tta_augment: Literal["auto"] | AugmentPreset = _tta_augment()
+    tta_augment: Literal["auto", "flip"] | AugmentPreset = _tta_augment()
     snapshots: bool = Field(
         False, description="average the run's SGDR snapshot models (a snapshot ensemble; "
         "needs a fit with --snapshots)"

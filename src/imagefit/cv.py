@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 
 from . import runs
-from .api import FitResult, _fit
+from .api import FitResult, _fit, budget_window
 from .build import apply_recipe
 from .config import CVConfig, FitConfig, merge_options
 from .data.folds import (
@@ -37,10 +37,12 @@ from .errors import ImagefitError
 from .metrics import all_metrics
 from .report.interpret import interpret
 from .tasks import HIGHER_IS_BETTER, MAIN_METRIC, Task
+from .train import budget
 
 CV_INFO = "cv.json"
 OOF = "oof.csv"
 FOLD_METRICS = "cv_metrics.csv"
+CV_END_SECONDS = 10.0  # a --budget cv's out-of-fold files and report, after the last fit
 
 
 @dataclass
@@ -65,6 +67,8 @@ def cv(data: str | Path | Table, config: CVConfig | None = None, **options: Any)
     """Train one model per fold of ``data``'s training rows and write a CV directory."""
     cfg: CVConfig = merge_options(CVConfig, config, options)
     started = time.perf_counter()
+    window = budget_window(cfg)
+    deadline = None if window is None else window[1]
     table = data if isinstance(data, Table) else read_source(data, cfg)
     folds = _folds(table, cfg, data)
     name = (cfg.name or _source_name(data)) + "_cv"
@@ -79,8 +83,14 @@ def cv(data: str | Path | Table, config: CVConfig | None = None, **options: Any)
         print(f"fold {fold + 1}/{cfg.folds}")
         fold_cfg = _fit_options(cfg, name=f"fold_{fold}", runs_dir=str(cv_dir))
         apply_recipe(fold_cfg)
+        fold_window = None
+        if deadline is not None:  # what is left, shared by the fits still to run
+            now, fits_left = time.monotonic(), cfg.folds - fold + int(cfg.train_on_all)
+            fold_window = (now, now + (deadline - CV_END_SECONDS - now) / fits_left)
         result = _fit(split_for_fold(table, folds, fold), fold_cfg,
-                      run_dir=cv_dir / f"fold_{fold}")
+                      run_dir=cv_dir / f"fold_{fold}", budget_window=fold_window)
+        if deadline is not None:  # building the image cache is not counted
+            deadline += result.metrics["budget"]["not_counted_seconds"]
         rows.append(_fold_row(fold, result))
         oof_parts.append((fold, *result.outputs["valid"]))
         _print_fold(rows[-1], task_kind)
@@ -93,12 +103,22 @@ def cv(data: str | Path | Table, config: CVConfig | None = None, **options: Any)
     all_run = None
     if cfg.train_on_all:
         epochs = summary["epochs_for_all"]
-        print(f"all: training on every training row for {epochs} epochs")
-        all_cfg = _fit_options(cfg, epochs=epochs, valid_pct=0.0, early_stop=None,
+        length = f"for {epochs} epochs" if deadline is None else "in the rest of the budget"
+        print(f"all: training on every training row {length}")
+        changes = {"epochs": epochs} if deadline is None else {}
+        all_cfg = _fit_options(cfg, **changes, valid_pct=0.0, early_stop=None,
                                keep_best=False, plateau=None, name="all",
                                runs_dir=str(cv_dir))
-        all_run = _fit(_all_training(table, folds), all_cfg, run_dir=cv_dir / "all").run_dir
+        all_window = None if deadline is None else (time.monotonic(),
+                                                     deadline - CV_END_SECONDS)
+        all_run = _fit(_all_training(table, folds), all_cfg, run_dir=cv_dir / "all",
+                       budget_window=all_window).run_dir
         summary["all_run"] = "all"
+    if deadline is not None:
+        summary["budget"] = {"budget": cfg.budget,
+                             "budget_seconds": budget.parse_duration(cfg.budget),
+                             "used_seconds_before_report": round(
+                                 time.monotonic() - window[0] - (deadline - window[1]), 3)}
     runs.save_json(cv_dir / CV_INFO, summary)
     from .report.cv_report import write_cv_report
 

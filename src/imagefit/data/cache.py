@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -51,6 +52,7 @@ class ImageCache:
     images: np.ndarray
     original_sizes: np.ndarray
     errors: dict[int, str] = field(default_factory=dict)
+    built_seconds: float = 0.0  # decoding the images into the cache in this process
 
     def __len__(self) -> int:
         return len(self.images)
@@ -207,6 +209,7 @@ def build_cache(
         meta = json.loads(meta_path.read_text())
         return _open(images_path, sizes_path, shape, meta["errors"], strict, paths)
 
+    started = time.perf_counter()
     folder.mkdir(parents=True, exist_ok=True)
     state = json.loads(progress_path.read_text()) if progress_path.is_file() else {
         "done": 0, "errors": {}
@@ -241,7 +244,9 @@ def build_cache(
                             "errors": errors, "count": len(paths)})
     progress_path.unlink(missing_ok=True)
     del images, sizes
-    return _open(images_path, sizes_path, shape, errors, strict, paths)
+    cache = _open(images_path, sizes_path, shape, errors, strict, paths)
+    cache.built_seconds = time.perf_counter() - started
+    return cache
 
 
 def _unreadable(path: str, reason: str) -> ImagefitError:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 import warnings
 from collections.abc import Iterable
@@ -30,8 +31,10 @@ class Learner:
 
     State that callbacks may read: ``epoch``, ``step`` (batches done in this fit),
     ``n_steps``, ``progress`` (0..1), ``x``, ``y``, ``outputs``, ``loss``, ``history`` (one
-    dict per finished epoch) and ``stop`` (set it to end after the current epoch); and change:
-    ``image_size`` (the size batches are resized to) and ``mixing`` (MixUp/CutMix on or off).
+    dict per finished epoch) and ``stop`` (set it to end after the current epoch, with
+    ``stop_now`` after the current step); and change: ``image_size`` (the size batches are
+    resized to), ``mixing`` (MixUp/CutMix on or off) and, through ``set_total_steps``, the
+    length of the fit (``--budget``'s planner).
 
     ``compile``: the training step (and validation without EMA) calls ``torch.compile`` of the
     model, which shares its parameters; ``model`` itself stays the plain module that is
@@ -86,7 +89,8 @@ class Learner:
         self.train_images = 0
         self.epoch = self.step = self.n_steps = self.n_epochs = 0
         self.progress = 0.0
-        self.stop = False
+        self.stop = self.stop_now = False
+        self._anchor = (0, 0.0)  # (step, progress) from which progress runs to n_steps
         self.image_size: int | None = None  # None: the cache's size
         self.mixing = True
         self.precision = precision
@@ -110,6 +114,22 @@ class Learner:
             handler = getattr(callback, event, None)
             if handler is not None:
                 handler(self)
+
+    def set_total_steps(self, n_steps: int) -> None:
+        """Make this fit ``n_steps`` steps long from here on (the last epoch may be partial);
+        the schedule's progress goes on from where it is to 1 at the new end, without a
+        jump."""
+        self._anchor = (self.step, self.progress_at(self.step))
+        self.n_steps = max(n_steps, self.step)
+        self.n_epochs = max(math.ceil(self.n_steps / max(len(self.train_loader), 1)), 1)
+
+    def progress_at(self, step: float) -> float:
+        """The schedule's progress (0..1) after ``step`` steps of this fit."""
+        anchor_step, anchor_progress = self._anchor
+        if self.n_steps <= anchor_step:
+            return 1.0
+        fraction = (step - anchor_step) / (self.n_steps - anchor_step)
+        return min(anchor_progress + (1 - anchor_progress) * fraction, 1.0)
 
     def _set_hyper(self, lr: float, momentum: float | None) -> None:
         self.step_log.append({"step": len(self.step_log) + 1, "lr": lr,
@@ -175,9 +195,14 @@ class Learner:
             self.forward_model = torch.compile(wrapped) if self.compile else wrapped
         self.n_epochs = epochs
         self.n_steps = epochs * len(self.train_loader)
-        self.step, self.stop = start * len(self.train_loader), False
+        self.step, self.stop, self.stop_now = start * len(self.train_loader), False, False
+        self._anchor = (0, 0.0)
+        if resume is not None and resume.get("plan"):  # a --budget fit keeps its plan
+            self._anchor, self.n_steps, self.n_epochs = resume["plan"]
+            self._anchor = tuple(self._anchor)
+        self.epoch = start
         self.emit("before_fit")
-        for self.epoch in range(start, epochs):
+        while self.epoch < self.n_epochs:
             started = time.perf_counter()
             train_loss = self._train_epoch(lr, momentum)
             row = {"epoch": len(self.history) + 1, "train_loss": train_loss}
@@ -190,6 +215,8 @@ class Learner:
             self.emit("after_epoch")
             if self.stop:
                 break
+            self.epoch += 1
+        self.epoch = min(self.epoch, max(self.n_epochs - 1, 0))
         self.phase_ends.append(len(self.history))
         self.emit("after_fit")
         return self.history
@@ -205,6 +232,7 @@ class Learner:
             "phase": self.phase if finished else self.phase - 1,
             "phase_ends": self.phase_ends + ([len(self.history)] if finished else []),
             "epoch_in_phase": 0 if finished else self.epoch + 1,
+            "plan": None if finished else [list(self._anchor), self.n_steps, self.n_epochs],
             "torch_rng": torch.get_rng_state(),
             "step_log": [{k: float(v) if isinstance(v, torch.Tensor) else v
                           for k, v in row.items()} for row in self.step_log],
@@ -246,13 +274,14 @@ class Learner:
         loss_sum = torch.zeros((), device=self.device)
         seen = 0
         started = time.perf_counter()
-        n_batches = max(len(self.train_loader), 1)
-        for index, (x, y) in enumerate(self.train_loader):
+        for x, y in self.train_loader:
+            if self.step >= self.n_steps or self.stop_now:  # a planned or stopped partial epoch
+                break
             rows, done = self.train_loader.batch_rows, 0
             while done < len(y):  # one piece, unless running out of memory halved the batch
                 piece = slice(done, done + self.train_loader.batch_size)
                 self.train_loader.batch_rows = rows[piece]
-                self.progress = (self.epoch + (index + done / len(y)) / n_batches) / self.n_epochs
+                self.progress = self.progress_at(self.step)
                 if not self._train_step(x[piece], y[piece], generator, lr, momentum):
                     continue
                 count = len(y[piece])
@@ -312,6 +341,7 @@ class Learner:
         size = self.train_loader.batch_size
         self.train_loader.batch_size = size // 2
         self.lr_factor *= (size // 2) / size
+        self._anchor = (self.step, self.progress_at(self.step))
         self.n_steps = self.step + 2 * (self.n_steps - self.step)
         warnings.warn(f"out of memory with batches of {size} images: training goes on with "
                       f"batches of {size // 2} and the learning rate scaled by "

@@ -10,23 +10,32 @@ from .base import Callback
 
 class SnapshotSaver(Callback):
     """Saves the model at the end of every SGDR cycle to checkpoints/snapshot_K (a model
-    directory each), for snapshot ensembles."""
+    directory each), for snapshot ensembles. Cycles end at fixed fractions of the fit
+    (``cycle_ends`` in epochs over the last one), so a --budget fit's planned length moves
+    them with it."""
 
     order = 25
 
     def __init__(self, run_dir: Path, model_info: dict, cycle_ends: list[int]) -> None:
         self.folder = Path(run_dir) / "checkpoints"
         self.model_info = model_info
-        self.cycle_ends = list(cycle_ends)
+        self.bounds = [end / cycle_ends[-1] for end in cycle_ends]
+        self.saved = 0
 
-    def after_epoch(self, learner) -> None:
-        epochs_done = learner.epoch + 1
-        if epochs_done in self.cycle_ends:
-            cycle = self.cycle_ends.index(epochs_done) + 1
-            target = self.folder / f"snapshot_{cycle}"
+    def before_fit(self, learner) -> None:
+        self.saved = sum(bound <= learner.progress_at(learner.step) + 1e-9
+                         for bound in self.bounds) if learner.step else 0
+
+    def after_batch(self, learner) -> None:
+        while self.saved < len(self.bounds) and \
+                learner.progress_at(learner.step) >= self.bounds[self.saved] - 1e-9:
+            self.saved += 1
+            target = self.folder / f"snapshot_{self.saved}"
             target.mkdir(parents=True, exist_ok=True)
+            epochs = learner.step / max(len(learner.train_loader), 1)
+            epochs = int(epochs) if epochs.is_integer() else round(epochs, 3)
             runs.save_model(target, learner.eval_model, {**self.model_info,
-                                                    "epochs_trained": epochs_done})
+                                                         "epochs_trained": epochs})
 
 
 def improved(value: float, best: float | None, mode: str, min_delta: float = 0.0) -> bool:

@@ -1,0 +1,283 @@
+"""``--budget``: fit the training into a wall-clock budget.
+
+The budget runs from the command's start to its run directory being complete, final
+evaluation and report included (building the image cache the first time is not counted).
+The planner measures the training steps and a forward pass over the first steps of the fit,
+then chooses how many steps (and so epochs, the last one possibly partial) fit in what is
+left once the per-epoch validation and the final evaluation are paid for, and lays the
+schedule over exactly those steps. After every epoch it plans again from the times measured
+so far, keeping the schedule continuous, so a slow start or a busy machine is corrected
+for; if training still runs past its end, it stops there and the run is completed as usual.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import ImagefitError
+from .callbacks.base import Callback
+
+_DURATION = re.compile(r"(\d+(?:\.\d*)?)\s*(h|m|s)", re.IGNORECASE)
+_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0}
+
+# Seconds the end of a fit takes beyond evaluating the final model: interpretation plots,
+# Grad-CAM of the top losses, the report and saving (measured: 2-3 s on 2 cores for
+# Fashion-MNIST with the small-image recipe).
+FINAL_FIXED_SECONDS = 4.0
+# Steps timed before the first plan, after the warm-up steps (which allocate and compile).
+WARMUP_STEPS = 5
+TIMED_STEPS = 20
+# The smallest plan worth running; a budget that leaves less is an error.
+MIN_STEPS = 10
+SAFETY = 0.97  # of the time left that the plan fills: timing noise must not overrun it
+
+_command_started: float | None = None
+
+
+def parse_duration(text: str | float | int) -> float:
+    """Seconds in a duration such as '90s', '10m', '2h' or '1h30m' (a bare number: seconds)."""
+    if isinstance(text, (int, float)):
+        seconds = float(text)
+    else:
+        spelled = str(text).strip()
+        try:
+            seconds = float(spelled)
+        except ValueError:
+            parts = _DURATION.findall(spelled)
+            if not parts or _DURATION.sub("", spelled).strip():
+                raise ImagefitError(f"option --budget: '{text}' is not a duration; write it "
+                                    "like 90s, 10m, 2h or 1h30m") from None
+            seconds = sum(float(value) * _UNITS[unit.lower()] for value, unit in parts)
+    if not seconds > 0:
+        raise ImagefitError(f"option --budget: '{text}' must be longer than 0 s")
+    return seconds
+
+
+def format_duration(seconds: float) -> str:
+    return f"{seconds / 60:.3g} min" if seconds >= 120 else f"{seconds:.3g} s"
+
+
+def process_age() -> float:
+    """Seconds since this process started (0 where /proc does not say)."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK"), 0.0)
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def mark_command_start(process: bool = True) -> None:
+    """The command's start, from which a budget counts: the process's start (interpreter and
+    imports included) for ``imagefit`` run from a shell, else now."""
+    global _command_started
+    _command_started = time.monotonic() - (process_age() if process else 0.0)
+
+
+def command_start() -> float:
+    """When the budget's clock started: the command's start (taken once), or now when called
+    from Python."""
+    global _command_started
+    started, _command_started = _command_started, None
+    return started if started is not None else time.monotonic()
+
+
+@dataclass
+class Plan:
+    """The steps chosen for a budget and the figures they were chosen from (all seconds)."""
+
+    steps: int
+    epochs: int  # the last one may be partial
+    steps_per_epoch: int
+    step_seconds: float
+    eval_images_per_second: float
+    epoch_valid_seconds: float
+    final_seconds: float  # the estimate of evaluating the final model and writing the run
+    left_seconds: float  # of the budget, when planned
+    at_step: int
+
+    def to_dict(self) -> dict:
+        return {key: round(value, 4) if isinstance(value, float) else value
+                for key, value in asdict(self).items()}
+
+
+def plan_steps(left: float, *, step_seconds: float, steps_per_epoch: int, steps_done: int,
+               epoch_valid_seconds: float, final_seconds: float, epochs_validated: int = 0,
+               eval_images_per_second: float = 0.0, budget_text: str = "") -> Plan:
+    """The most training steps that fit in ``left`` seconds (with a safety margin), counting
+    what is still to come: the steps after ``steps_done``, a validation after every epoch
+    (a partial last one included) not yet validated, and the final evaluation."""
+    usable = left * SAFETY - final_seconds
+
+    def cost(steps: int) -> float:  # of the steps after steps_done, their validations included
+        validations = max(math.ceil(steps / steps_per_epoch) - epochs_validated, 0)
+        return (steps - steps_done) * step_seconds + validations * epoch_valid_seconds
+
+    low, high = steps_done, steps_done + max(int(usable / step_seconds), 0)
+    while low < high:  # the most steps whose cost fits (cost grows with the steps)
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if cost(middle) <= usable else (low, middle - 1)
+    steps = low
+    if steps < MIN_STEPS:
+        needed = (MIN_STEPS - steps_done) * step_seconds + epoch_valid_seconds + final_seconds
+        raise ImagefitError(
+            f"option --budget {budget_text}: {format_duration(max(left, 0))} were left after "
+            f"the start, which is not enough for {MIN_STEPS} training steps, a validation and "
+            f"the final evaluation (about {format_duration(needed)}); give a budget at least "
+            f"{format_duration(needed - left)} longer")
+    return Plan(steps=steps, epochs=math.ceil(steps / steps_per_epoch),
+                steps_per_epoch=steps_per_epoch, step_seconds=step_seconds,
+                eval_images_per_second=eval_images_per_second,
+                epoch_valid_seconds=epoch_valid_seconds, final_seconds=final_seconds,
+                left_seconds=left, at_step=steps_done)
+
+
+class BudgetPlanner(Callback):
+    """Plans the fit's steps to end by ``deadline`` (a ``clock`` reading): first after the
+    warm-up and timed steps, again after every epoch; stops training when the deadline
+    comes anyway.
+
+    ``final_images``: images the end of the fit evaluates; ``time_final``: measures how many
+    of them it evaluates a second, test-time augmentation included (default: as
+    ``time_forward`` does); ``fixed_seconds``: the rest of the end (plots, report);
+    ``time_forward``: measures validation's images per second (``measure_forward``)."""
+
+    order = 5
+
+    def __init__(self, deadline: float, *, final_images: int, n_valid: int,
+                 fixed_seconds: float = FINAL_FIXED_SECONDS, budget_text: str = "",
+                 clock: Callable[[], float] = time.monotonic,
+                 time_forward: Callable[[object], float] | None = None,
+                 time_final: Callable[[object], float] | None = None,
+                 announce: bool = False) -> None:
+        self.deadline = deadline
+        self.announce = announce  # print the first plan
+        self.final_images = final_images
+        self.n_valid = n_valid
+        self.fixed_seconds = fixed_seconds
+        self.budget_text = budget_text
+        self.clock = clock
+        self.time_forward = time_forward or measure_forward
+        self.time_final = time_final
+        self.plans: list[Plan] = []
+        self.stopped_at_deadline = False
+        self._step_times: list[float] = []
+        self._epoch_first_step = 0  # index in _step_times of the epoch's first step
+        self._valid_times: list[float] = []
+        self._eval_rate = 0.0  # images per second
+        self._final_rate = 0.0  # images per second of the end's evaluation, TTA included
+        self._last = self._epoch_started = self._forward_seconds = 0.0
+
+    @property
+    def plan(self) -> Plan | None:
+        return self.plans[-1] if self.plans else None
+
+    def before_fit(self, learner) -> None:
+        # until the first plan, a schedule too long to move: its first steps are its start
+        learner.set_total_steps(10**9)
+
+    def before_epoch(self, learner) -> None:
+        self._epoch_first_step = len(self._step_times)
+        self._last = self._epoch_started = self.clock()
+
+    def after_batch(self, learner) -> None:
+        now = self.clock()
+        self._step_times.append(now - self._last)
+        self._last = now
+        if not self.plans and len(self._step_times) == WARMUP_STEPS + TIMED_STEPS:
+            self._measure_evaluation(learner)
+            self._plan(learner, validated=learner.epoch)
+            self._last = self.clock()  # the forward passes are not a step
+            self._forward_seconds = self._last - now
+        if learner.step < learner.n_steps and \
+                now >= self.deadline - self._end_seconds() - self._epoch_valid_seconds():
+            self.stopped_at_deadline = True
+            learner.stop_now = learner.stop = True
+
+    def after_epoch(self, learner) -> None:
+        # this epoch's validation: the epoch's time less its training steps
+        trained = sum(self._step_times[self._epoch_first_step:])
+        if self.n_valid:
+            epoch = self.clock() - self._epoch_started
+            self._valid_times.append(max(epoch - trained - self._forward_seconds, 1e-6))
+            self._forward_seconds = 0.0
+            self._eval_rate = self.n_valid / statistics.median(self._valid_times)
+        elif not self._eval_rate:
+            self._measure_evaluation(learner)
+        if not self._final_rate:
+            self._measure_evaluation(learner)
+        if learner.stop or (self.plans and learner.step >= learner.n_steps):
+            return
+        self._plan(learner, validated=learner.epoch + 1)
+
+    def _measure_evaluation(self, learner) -> None:
+        self._eval_rate = self._eval_rate or self.time_forward(learner)
+        self._final_rate = self.time_final(learner) if self.time_final else self._eval_rate
+
+    def _epoch_valid_seconds(self) -> float:
+        if self._valid_times:
+            return statistics.median(self._valid_times)
+        return self.n_valid / self._eval_rate if self._eval_rate else 0.0
+
+    def _end_seconds(self) -> float:
+        evaluating = self.final_images / self._final_rate if self._final_rate else 0.0
+        return evaluating + self.fixed_seconds
+
+    def _plan(self, learner, validated: int) -> None:
+        # the steps of about the last epoch: a machine that slows down is planned for
+        recent = max(TIMED_STEPS, len(learner.train_loader))
+        timed = (self._step_times[WARMUP_STEPS:] or self._step_times)[-recent:]
+        plan = plan_steps(
+            self.deadline - self.clock(), step_seconds=statistics.median(timed),
+            steps_per_epoch=len(learner.train_loader), steps_done=learner.step,
+            epoch_valid_seconds=self._epoch_valid_seconds(), final_seconds=self._end_seconds(),
+            epochs_validated=validated, eval_images_per_second=self._eval_rate,
+            budget_text=self.budget_text)
+        self.plans.append(plan)
+        learner.set_total_steps(plan.steps)
+        if self.announce and len(self.plans) == 1:
+            print(f"budget {self.budget_text}: {plan.steps} steps planned "
+                  f"({plan.steps / plan.steps_per_epoch:.3g} epochs at "
+                  f"{plan.step_seconds * 1000:.3g} ms a step), then "
+                  f"{format_duration(plan.final_seconds)} to evaluate and report", flush=True)
+
+    def summary(self) -> dict:
+        """What metrics.json records of the planning."""
+        return {"first_plan": self.plans[0].to_dict() if self.plans else None,
+                "plan": self.plan.to_dict() if self.plan else None,
+                "replans": max(len(self.plans) - 1, 0),
+                "stopped_at_deadline": self.stopped_at_deadline}
+
+
+@torch.no_grad()
+def measure_forward(learner) -> float:
+    """Images per second of evaluation: the learner's model in eval mode on the current
+    training batch at the validation batch size (twice the training batch), after one
+    warm-up pass."""
+    model = learner.eval_model
+    x = learner.x.detach()
+    x = torch.cat([x, x])[: 2 * len(x)]
+    was_training = model.training
+    model.eval()
+    forward = learner.forward_model if model is learner.model else model
+    try:
+        times = []
+        for _ in range(3):
+            started = time.perf_counter()
+            with learner._autocast():
+                forward(x)
+            if x.device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - started)
+    finally:
+        model.train(was_training)
+    return len(x) / statistics.median(times[1:])

@@ -1,0 +1,230 @@
+"""--budget: durations, the step planner (with a fake clock and fake speeds), the planned fit
+on a real learner, and the command line."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import imagefit
+from imagefit import ImagefitError
+from imagefit.augment.pipeline import BatchPipeline
+from imagefit.cli import main
+from imagefit.config import AugmentOptions
+from imagefit.cv import cv
+from imagefit.data.loader import Loader
+from imagefit.models.small import SmallCNN
+from imagefit.tasks import Task
+from imagefit.train import budget, schedules
+from imagefit.train.budget import BudgetPlanner, parse_duration, plan_steps
+from imagefit.train.learner import Learner
+
+STEP, VALID, FINAL_FIXED = 0.1, 0.5, 2.0  # fake seconds: a step, a validation, the end
+N_TRAIN, N_VALID, BATCH = 64, 8, 8  # so 8 steps an epoch
+
+
+@pytest.mark.parametrize("text, seconds", [("90s", 90), ("10m", 600), ("2h", 7200),
+                                           ("1h30m", 5400), ("45", 45), ("1.5m", 90)])
+def test_durations(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["5x", "ten minutes", "10m later", "0s", ""])
+def test_a_bad_duration_names_the_option_and_the_format(text):
+    with pytest.raises(ImagefitError, match="option --budget: .* (like 90s, 10m|longer than 0)"):
+        parse_duration(text)
+
+
+def test_plan_fills_the_time_left_with_whole_steps_and_a_partial_epoch():
+    plan = plan_steps(100.0, step_seconds=0.1, steps_per_epoch=100, steps_done=0,
+                      epoch_valid_seconds=2.0, final_seconds=10.0)
+    usable = 100 * budget.SAFETY - 10
+
+    def cost(steps):
+        return steps * 0.1 + math.ceil(steps / 100) * 2.0
+
+    assert cost(plan.steps) <= usable < cost(plan.steps + 1)
+    assert plan.epochs == math.ceil(plan.steps / 100) and plan.steps % 100  # partial last
+    assert plan.to_dict()["steps"] == plan.steps
+
+
+def test_plan_counts_only_what_is_still_to_come():
+    plan = plan_steps(50.0, step_seconds=0.1, steps_per_epoch=100, steps_done=250,
+                      epoch_valid_seconds=2.0, final_seconds=10.0, epochs_validated=2)
+    usable = 50 * budget.SAFETY - 10
+    spent = (plan.steps - 250) * 0.1 + (plan.epochs - 2) * 2.0
+    assert spent <= usable < spent + 0.1 + 2.0
+    assert plan.at_step == 250
+
+
+def test_a_budget_too_small_for_ten_steps_is_an_error_saying_how_much_more():
+    with pytest.raises(ImagefitError, match=r"option --budget 20s: .* not enough for 10 "
+                       r"training steps, a validation and the final evaluation .* give a "
+                       r"budget at least .* longer"):
+        plan_steps(12.0, step_seconds=0.5, steps_per_epoch=100, steps_done=0,
+                   epoch_valid_seconds=2.0, final_seconds=10.0, budget_text="20s")
+
+
+def tiny_learner(callbacks=()) -> Learner:
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (N_TRAIN, 12, 12, 1), dtype=torch.uint8, generator=generator)
+    targets = torch.randint(0, 2, (N_TRAIN,), generator=generator)
+    torch.manual_seed(0)
+    model = SmallCNN(1, 2, widths=(4, 8))
+    train = Loader(images, targets, np.arange(N_TRAIN), BATCH, shuffle=True, drop_last=True,
+                   prefetch=False)
+    valid = Loader(images, targets, np.arange(N_VALID), N_VALID, prefetch=False)
+    return Learner(model, Task("classification", ["a", "b"]), train, valid,
+                   BatchPipeline([0.5], [0.25], AugmentOptions()), callbacks=callbacks)
+
+
+class FakeClock:
+    """Seconds as if each step took STEP (``slow_after``: then ``slow`` each) and each
+    validation VALID."""
+
+    def __init__(self, slow_after: int | None = None, slow: float = STEP) -> None:
+        self.learner = None
+        self.slow_after, self.slow = slow_after, slow
+
+    def __call__(self) -> float:
+        steps = self.learner.step
+        if self.slow_after is not None and steps > self.slow_after:
+            seconds = self.slow_after * STEP + (steps - self.slow_after) * self.slow
+        else:
+            seconds = steps * STEP
+        return seconds + VALID * len(self.learner.history)
+
+
+def planned_fit(budget_seconds: float, clock: FakeClock, schedule=None):
+    planner = BudgetPlanner(budget_seconds, final_images=N_VALID, n_valid=N_VALID,
+                            fixed_seconds=FINAL_FIXED, budget_text=f"{budget_seconds:g}s",
+                            clock=clock, time_forward=lambda learner: N_VALID / VALID)
+    learner = tiny_learner([planner])
+    clock.learner = learner
+    learner.fit(1, schedule or (lambda p: 1.0 - p))  # 1 epoch: the planner decides
+    return learner, planner
+
+
+def test_the_planned_fit_ends_its_schedule_exactly_within_the_budget():
+    learner, planner = planned_fit(30.0, FakeClock())
+    plan = planner.plan
+    final = N_VALID / (N_VALID / VALID) + FINAL_FIXED  # the end's evaluation and report
+    ended = STEP * learner.step + VALID * len(learner.history)
+    assert learner.step == plan.steps == learner.n_steps
+    assert len(learner.history) == plan.epochs == math.ceil(plan.steps / (N_TRAIN // BATCH))
+    assert ended + final <= 30.0  # training, validations and the end fit in the budget
+    assert ended + final > 30.0 * budget.SAFETY - STEP - VALID  # and fill it
+    assert learner.progress_at(learner.step) == 1.0  # the schedule ran to its end
+    lrs = [row["lr"] for row in learner.step_log]
+    assert lrs[-1] == pytest.approx(1 / plan.steps, abs=0.02)
+    assert max(abs(a - b) for a, b in zip(lrs, lrs[1:])) < 0.05  # no jump when re-planned
+    # epochs of 8 steps, shorter than the steps timed: planned after the first one
+    assert planner.plans[0].at_step == N_TRAIN // BATCH
+    assert not planner.stopped_at_deadline
+
+
+def test_every_schedule_is_laid_over_the_planned_steps():
+    for schedule in (schedules.one_cycle(1e-2), schedules.flat_cos(1e-2),
+                     schedules.sgdr(1e-2, 3, cycle_mult=2)):
+        learner, planner = planned_fit(20.0, FakeClock(), schedule)
+        assert learner.step == planner.plan.steps
+        assert learner.step_log[-1]["lr"] == pytest.approx(schedule(1.0), rel=0.5, abs=1e-4)
+
+
+def test_a_slowdown_is_planned_for_after_the_epoch_or_stopped_at_the_deadline():
+    # from step 60 on, steps take 3x as long: the next plan is shorter and still fits
+    learner, planner = planned_fit(30.0, FakeClock(slow_after=60, slow=0.3))
+    assert len(planner.plans) > 2 and planner.plans[-1].steps < planner.plans[1].steps
+    clock_end = 60 * STEP + (learner.step - 60) * 0.3 + VALID * len(learner.history)
+    assert clock_end + N_VALID / (N_VALID / VALID) + FINAL_FIXED <= 30.0
+    # a step suddenly far slower than planned: training stops at the deadline, validated
+    learner, planner = planned_fit(30.0, FakeClock(slow_after=100, slow=5.0))
+    assert planner.stopped_at_deadline and learner.step < planner.plan.steps
+    assert "valid_loss" in learner.history[-1]
+
+
+def test_a_budget_used_up_before_the_first_plan_is_an_error():
+    with pytest.raises(ImagefitError, match="option --budget 4s: .* give a budget at least"):
+        planned_fit(4.0, FakeClock())
+
+
+def test_epochs_and_budget_together_are_an_error(tmp_path, capsys):
+    code = main(["fit", "builtin:digits", "--epochs", "3", "--budget", "1m",
+                 "--runs-dir", str(tmp_path)])
+    assert code == 2
+    error = capsys.readouterr().err
+    assert "--epochs 3 and --budget 1m both set how long training lasts: give one" in error
+    assert not any(tmp_path.iterdir())
+
+
+def test_recipe_and_budget_together_are_an_error():
+    with pytest.raises(ImagefitError, match="leave out --recipe or --budget"):
+        imagefit.fit("builtin:digits", recipe=True, budget="5m")
+
+
+def test_a_budget_fit_on_digits_writes_a_complete_run_with_its_plan(tmp_path, capsys):
+    code = main(["fit", "builtin:digits", "--budget", "45s", "--runs-dir", str(tmp_path),
+                 "--no-progress"])
+    assert code == 0
+    out = capsys.readouterr().out
+    run_dir = next(tmp_path.iterdir())
+    for name in ("model.safetensors", "model.json", "metrics.json", "metrics.csv",
+                 "report.html", "config.yaml", "plots/training.png"):
+        assert (run_dir / name).is_file(), name
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    record = metrics["budget"]
+    assert record["budget"] == "45s" and record["budget_seconds"] == 45
+    plan = record["plan"]
+    assert plan["steps"] >= budget.MIN_STEPS and plan["epochs"] == metrics["epochs"]
+    assert plan["step_seconds"] > 0 and plan["eval_images_per_second"] > 0
+    assert record["used_seconds"] > 0 and metrics["valid_accuracy"] > 0.9
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["budget"] == "45s"
+    assert "budget 45s: the run took" in out
+
+
+def test_cv_shares_its_budget_among_the_folds(tmp_path):
+    result = cv("builtin:digits", folds=2, budget="40s", runs_dir=str(tmp_path),
+                         report=False, tta=False, progress=False)
+    for fold in range(2):
+        metrics = json.loads((result.cv_dir / f"fold_{fold}" / "metrics.json").read_text())
+        assert metrics["budget"]["plan"]["steps"] >= budget.MIN_STEPS
+        assert 0 < metrics["budget"]["budget_seconds"] < 20  # its share
+    assert result.summary["budget"]["budget_seconds"] == 40
+    assert (result.cv_dir / "oof.csv").is_file()
+
+
+class Checkpoints:
+    """Keeps the learner's checkpoint after every epoch, as the run writer saves it."""
+
+    order = 30
+
+    def __init__(self) -> None:
+        self.states = []
+
+    def after_epoch(self, learner) -> None:
+        self.states.append(learner.checkpoint_state())
+
+
+def test_a_resumed_budget_fit_keeps_its_plan_and_schedule():
+    clock, saved = FakeClock(), Checkpoints()
+    planner = BudgetPlanner(30.0, final_images=N_VALID, n_valid=N_VALID,
+                            fixed_seconds=FINAL_FIXED, clock=clock,
+                            time_forward=lambda learner: N_VALID / VALID)
+    learner = tiny_learner([planner, saved])
+    clock.learner = learner
+    learner.fit(1, lambda p: 1.0 - p)
+    resumed = tiny_learner()
+    resumed.load_checkpoint_state(saved.states[4])  # as if killed during the sixth epoch
+    resumed.fit(1, lambda p: 1.0 - p)
+    # it keeps the plan it had when it stopped (no new budget to plan for) ...
+    assert resumed.step == resumed.n_steps == saved.states[4]["plan"][1]
+    # ... and goes on with the schedule exactly where it was
+    done = 5 * (N_TRAIN // BATCH)
+    original = [row["lr"] for row in learner.step_log[done:done + 8]]
+    assert [row["lr"] for row in resumed.step_log[done:done + 8]] == pytest.approx(original)
+    assert resumed.progress_at(resumed.step) == 1.0
