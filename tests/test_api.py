@@ -48,14 +48,19 @@ def test_run_name_is_date_and_data(digits_run):
 
 def test_config_yaml_is_fully_resolved(digits_run):
     config = yaml.safe_load((digits_run.run_dir / "config.yaml").read_text())
-    assert config["model"] == "small_cnn" and config["image_size"] == 8
+    assert config["model"] == "small_cnn_16" and config["image_size"] == 8
     assert config["channels"] == 1 and config["epochs"] == 5
     assert config["data"] == "builtin:digits"
+    # the small-image recipe fills what the user left unset (docs/RECIPES.md); 8 px images
+    # train without augmentation
+    assert (config["opt"], config["lr"], config["wd"]) == ("sgd", 0.1, 5e-4)
+    assert config["augment"] == "none" and config["label_smoothing"] == 0.1
+    assert config["tta"] is False
 
 
 def test_model_files_are_safetensors_and_json(digits_run):
     info = json.loads((digits_run.run_dir / "model.json").read_text())
-    assert info["architecture"] == "small_cnn"
+    assert info["architecture"] == "small_cnn_16"
     assert info["task"]["kind"] == "classification"
     assert info["task"]["names"] == [str(i) for i in range(10)]
     assert len(info["normalization"]["mean"]) == 1 and info["image_size"] == 8

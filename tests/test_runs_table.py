@@ -211,7 +211,7 @@ def test_a_real_fit_is_listed_and_compared(tmp_path):
     row = list_runs(tmp_path).iloc[0]
     assert (row["run"], row["status"], row["epochs"]) == (result.run_dir.name, "done", 1)
     assert (row["data"], row["model"], row["metric"]) == (
-        "builtin:digits", "small_cnn", "valid_accuracy")
+        "builtin:digits", "small_cnn_16", "valid_accuracy")
     assert row["value"] == pytest.approx(result.metrics["valid_accuracy"])
     out = compare_runs([result.run_dir], tmp_path / "compare.png")
     assert out.is_file()

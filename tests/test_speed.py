@@ -166,4 +166,4 @@ def test_fit_with_the_speed_options_records_them(tmp_path, capsys):
     config = yaml.safe_load((result.run_dir / "config.yaml").read_text())
     assert (config["bs"], config["batch_size_used"], config["channels_last"],
             config["compile"]) == ("auto", 8, False, False)
-    assert result.model.stem[0].weight.is_contiguous()
+    assert result.model.stages[0][0].weight.is_contiguous()

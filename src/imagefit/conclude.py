@@ -41,9 +41,18 @@ def conclude(run_dir: Path, cfg: FitConfig, parts: TrainingParts, loaded: Loaded
     bs = max(parts.batch_size, 256)
     splits = {"valid": loaded.valid_rows, "test": loaded.test_rows}
     shard = distributed.shard()
-    outputs = {name: model_outputs(model, parts.pipeline, task, images, rows, bs, size=size,
-                                   **shard)
-               for name, rows in splits.items() if len(rows)}
+    tta = TTA.from_options(cfg, loaded.augment) if cfg.tta_n else None
+    outputs, tta_outputs = {}, {}
+    for name, rows in splits.items():  # with TTA, one pass gives the plain outputs too
+        if not len(rows):
+            continue
+        if tta is None:
+            outputs[name] = model_outputs(model, parts.pipeline, task, images, rows, bs,
+                                          size=size, **shard)
+        else:
+            outputs[name], tta_outputs[name] = model_outputs(
+                model, parts.pipeline, task, images, rows, bs, tta, size, plain_too=True,
+                **shard)
     figures: dict = {}
     if task.kind == "multilabel" and "valid" in outputs:
         threshold, _ = best_threshold(task, outputs["valid"], targets[splits["valid"]])
@@ -54,13 +63,9 @@ def conclude(run_dir: Path, cfg: FitConfig, parts: TrainingParts, loaded: Loaded
     for name, split_outputs in outputs.items():
         figures.update(_prefixed(f"{name}_", score(task, split_outputs,
                                                    targets[splits[name]])))
-    tta = TTA.from_options(cfg, loaded.augment) if cfg.tta_n else None
-    for name, rows in splits.items():
-        if tta is None or not len(rows):
-            continue
-        tta_outputs = model_outputs(model, parts.pipeline, task, images, rows, bs, tta, size,
-                                    **shard)
-        figures.update(_prefixed(f"{name}_tta_", score(task, tta_outputs, targets[rows])))
+    for name, averaged in tta_outputs.items():
+        figures.update(_prefixed(f"{name}_tta_", score(task, averaged,
+                                                       targets[splits[name]])))
     if cfg.report and outputs and distributed.is_main():
         split = "valid" if "valid" in outputs else "test"
         rows = splits[split]

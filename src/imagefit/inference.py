@@ -78,12 +78,17 @@ class TTA:
         training augmentation, which ``--tta-augment auto`` reuses."""
         if not options.tta:
             return None
+        if options.tta_augment == "flip":  # the mirror image: one version is all there is
+            return cls(1, AugmentOptions(flip=1.0))
         return cls(options.tta_n, tta_augment(options.tta_augment, trained))
 
 
 def tta_augment(preset: str, trained: AugmentOptions | dict | None) -> AugmentOptions:
-    """The augmentation of the TTA versions: a preset, or (auto) the label-preserving part of
-    the training augmentation, or light when training used none."""
+    """The augmentation of the TTA versions: a preset, 'flip' (each image mirrored), or
+    (auto) the label-preserving part of the training augmentation, or light when training
+    used none."""
+    if preset == "flip":
+        return AugmentOptions(flip=1.0)
     if preset != "auto":
         return resolve_augment(preset)
     if trained:
@@ -114,13 +119,16 @@ def _as_outputs(task: Task, averaged: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def model_outputs(model: nn.Module, pipeline: BatchPipeline, task: Task, images: torch.Tensor,
                   rows: np.ndarray, batch_size: int, tta: TTA | None = None,
-                  size: int | None = None, rank: int = 0, world_size: int = 1) -> torch.Tensor:
+                  size: int | None = None, rank: int = 0, world_size: int = 1,
+                  plain_too: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Raw outputs of ``model`` for ``images[rows]`` (uint8 NHWC), in order, on the CPU; with
-    ``tta`` the average over the original and the augmented versions. With ``world_size``
-    above 1, each rank computes its share and every rank gets them all."""
+    ``tta`` the average over the original and the augmented versions (and, ``plain_too``,
+    the original's own outputs first: one pass gives both). With ``world_size`` above 1,
+    each rank computes its share and every rank gets them all."""
     device = next(model.parameters(), torch.zeros(0)).device
     if len(rows) == 0:
-        return torch.zeros(0, task.n_out)
+        empty = torch.zeros(0, task.n_out)
+        return (empty, empty) if plain_too else empty
     was_training = model.training
     model.eval()
     loader = Loader(images, torch.zeros(len(images)), rows, batch_size, device=device,
@@ -130,18 +138,21 @@ def model_outputs(model: nn.Module, pipeline: BatchPipeline, task: Task, images:
         augmenter = BatchPipeline(pipeline.mean.flatten().tolist(),
                                   pipeline.std.flatten().tolist(), tta.augment)
         generator = torch.Generator(device).manual_seed(tta.seed)
-    outputs = []
+    outputs, plain = [], []
     for x, _ in loader:
         raw = model(pipeline(x, size=size)).float()
+        plain.append(raw.cpu())
         if augmenter is None:
             outputs.append(raw.cpu())
             continue
-        total = _averageable(task, raw)
+        total = _averageable(task, raw).clone()  # regression's is raw itself, kept above
         for _ in range(tta.n):
             version = augmenter.augment_batch(x.float().div_(255.0), generator, size)
             total += _averageable(task, model(augmenter.normalize(version)).float())
         outputs.append(_as_outputs(task, total / (tta.n + 1)).cpu())
     model.train(was_training)
+    if plain_too:
+        return loader.gather(torch.cat(plain)), loader.gather(torch.cat(outputs))
     return loader.gather(torch.cat(outputs))
 
 

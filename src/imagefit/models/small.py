@@ -28,21 +28,27 @@ class Stage(nn.Sequential):
 
 
 class SmallCNN(nn.Module):
-    """Stem, three pooling stages and a global-max-pool linear head."""
+    """An optional stem convolution, pooling stages and a global-max-pool linear head.
+
+    ``stem=False`` starts with the first stage on the input: its convolution runs at full
+    resolution and pooling follows at once, which is what makes the small-image recipe's
+    nets (``small_cnn_16``, ``small_cnn_32``, ``small_cnn_64``; see docs/RECIPES.md) fast."""
 
     def __init__(self, in_chans: int, num_classes: int,
-                 widths: Sequence[int] = (16, 32, 64, 128)) -> None:
+                 widths: Sequence[int] = (16, 32, 64, 128), stem: bool = True) -> None:
         super().__init__()
-        self.stem = conv_bn(in_chans, widths[0])
-        self.stages = nn.Sequential(
-            *(Stage(c_in, c_out) for c_in, c_out in zip(widths[:-1], widths[1:]))
-        )
+        self.stem = conv_bn(in_chans, widths[0]) if stem else nn.Identity()
+        inputs = widths[:-1] if stem else (in_chans, *widths[:-1])
+        outputs = widths[1:] if stem else widths
+        self.stages = nn.Sequential(*(Stage(c_in, c_out) for c_in, c_out in zip(inputs, outputs)))
         self.pool = nn.AdaptiveMaxPool2d(1)
         self.head = nn.Linear(widths[-1], num_classes)
+        if not stem:  # Grad-CAM's layer: see explain.gradcam_layer
+            self.cam_rule = "deepest_wide_enough"
         self.feature_info = [  # timm's description of the feature maps, input to output
-            {"module": "stem", "num_chs": widths[0], "reduction": 1},
+            *([{"module": "stem", "num_chs": widths[0], "reduction": 1}] if stem else []),
             *({"module": f"stages.{i}", "num_chs": c, "reduction": 2 ** (i + 1)}
-              for i, c in enumerate(widths[1:])),
+              for i, c in enumerate(outputs)),
         ]
 
     def group_matcher(self, coarse: bool = True) -> dict:
@@ -52,3 +58,10 @@ class SmallCNN(nn.Module):
     def forward(self, x):
         x = self.pool(self.stages(self.stem(x))).flatten(1)
         return self.head(x)
+
+
+def small_cnn(widths: Sequence[int], stem: bool = False):
+    """A named SmallCNN of these stage widths, for the model registry."""
+    def create(in_chans: int, num_classes: int) -> SmallCNN:
+        return SmallCNN(in_chans, num_classes, widths, stem=stem)
+    return create

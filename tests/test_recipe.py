@@ -1,0 +1,100 @@
+"""The small-image recipe: the defaults it fills in, what it leaves to the user, the net it
+picks for a budget, and the mirror-image TTA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from imagefit.augment.pipeline import BatchPipeline
+from imagefit.build import apply_small_image_recipe
+from imagefit.config import AugmentOptions, FitConfig, ShowBatchOptions
+from imagefit.inference import TTA, model_outputs
+from imagefit.models import create_model, default_model_name
+from imagefit.tasks import Task
+
+
+def test_small_images_get_the_recipe_for_what_is_unset():
+    cfg = FitConfig()
+    apply_small_image_recipe(cfg, 28)
+    assert (cfg.opt, cfg.lr, cfg.wd) == ("sgd", 0.1, 5e-4)
+    assert (cfg.augment, cfg.label_smoothing, cfg.tta_augment) == ("light", 0.1, "flip")
+
+
+def test_images_under_16_px_train_without_augmentation_or_tta():
+    cfg = FitConfig()
+    apply_small_image_recipe(cfg, 8)
+    assert (cfg.opt, cfg.augment, cfg.tta, cfg.label_smoothing) == ("sgd", "none", False, 0.1)
+    cfg = FitConfig(augment="light", tta=True)
+    apply_small_image_recipe(cfg, 8)
+    assert cfg.augment == "light" and cfg.tta
+
+
+def test_the_users_choices_stand():
+    cfg = FitConfig(opt="adamw", augment="none", label_smoothing=0.0)
+    apply_small_image_recipe(cfg, 28)
+    assert (cfg.opt, cfg.lr, cfg.wd) == ("adamw", 3e-3, 0.05)  # its own optimizer's defaults
+    assert cfg.augment == "none" and cfg.label_smoothing == 0.0
+    assert cfg.tta_augment == "flip"
+
+
+@pytest.mark.parametrize("options, size, kind", [
+    ({}, 64, "classification"), ({"model": "resnet18"}, 28, "classification"),
+    ({"pretrained": "timm"}, 28, "classification"), ({}, 28, "regression"),
+    ({}, 28, "multilabel")])
+def test_no_recipe_for_larger_images_timm_models_pretrained_weights_or_other_tasks(
+        options, size, kind):
+    cfg = FitConfig(**options)
+    apply_small_image_recipe(cfg, size, kind)
+    assert (cfg.opt, cfg.augment, cfg.label_smoothing) == ("adamw", "none", 0.0)
+
+
+def test_show_batch_shows_the_recipes_augmentation():
+    options = ShowBatchOptions()
+    apply_small_image_recipe(options, 28)
+    assert options.augment == "light"
+
+
+def test_the_net_by_image_size_and_budget():
+    assert default_model_name(28) == "small_cnn_16"
+    assert default_model_name(32) == "small_cnn_16"
+    assert default_model_name(64) == "resnet18"
+    assert default_model_name(28, "regression") == default_model_name(28, "multilabel") \
+        == "small_cnn"  # the recipe was measured on classification
+    for name in ("small_cnn_16", "small_cnn_32", "small_cnn_64", "small_cnn"):
+        model = create_model(name, 1, 10)
+        assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_flip_tta_averages_the_image_and_its_mirror_whatever_tta_n():
+    cfg = FitConfig(tta_augment="flip", tta_n=4)
+    tta = TTA.from_options(cfg, AugmentOptions())
+    assert tta.n == 1 and tta.augment == AugmentOptions(flip=1.0)
+    torch.manual_seed(0)
+    model = create_model("small_cnn_16", 1, 3).eval()
+    images = torch.randint(0, 256, (6, 12, 12, 1), dtype=torch.uint8)
+    task = Task("classification", ["a", "b", "c"])
+    pipeline = BatchPipeline([0.5], [0.25])
+    rows = torch.arange(6).numpy()
+    plain, averaged = model_outputs(model, pipeline, task, images, rows, 4, tta,
+                                    plain_too=True)
+    x = pipeline(images.permute(0, 3, 1, 2))
+    with torch.no_grad():
+        expected = (model(x).softmax(1) + model(x.flip(-1)).softmax(1)) / 2
+        assert torch.allclose(plain, model(x), atol=1e-5)
+    assert torch.allclose(averaged.exp(), expected, atol=1e-5)
+
+
+def test_one_tta_pass_gives_regression_its_plain_outputs_unchanged():
+    torch.manual_seed(0)
+    model = create_model("small_cnn_16", 1, 1).eval()
+    images = torch.randint(0, 256, (5, 12, 12, 1), dtype=torch.uint8)
+    task, pipeline = Task("regression", ["age"]), BatchPipeline([0.5], [0.25])
+    rows = torch.arange(5).numpy()
+    tta = TTA(1, AugmentOptions(flip=1.0))
+    plain, averaged = model_outputs(model, pipeline, task, images, rows, 8, tta,
+                                    plain_too=True)
+    assert torch.allclose(plain, model_outputs(model, pipeline, task, images, rows, 8))
+    x = pipeline(images.permute(0, 3, 1, 2))
+    with torch.no_grad():
+        assert torch.allclose(averaged, (model(x) + model(x.flip(-1))) / 2, atol=1e-5)
