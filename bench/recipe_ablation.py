@@ -87,8 +87,9 @@ def main() -> None:
                 noise.append({"seed": seed, **run(args.budget, seed, [], Path(runs_dir))})
                 print(json.dumps(noise[-1]), flush=True)
     spread = [r["valid_tta_accuracy"] for r in noise if "valid_tta_accuracy" in r]
-    write_result("recipe_ablation", {
-        "command": f"bench/recipe_ablation.py --budget {args.budget}",
+    name = "recipe_ablation" if args.rows == "all" else f"recipe_ablation_{args.budget}"
+    write_result(name, {
+        "command": f"bench/recipe_ablation.py --budget {args.budget} --rows {args.rows}",
         "budget": args.budget, "valid_pct": float(VALID_PCT), "rows": rows,
         "recipe_seeds": noise,
         "recipe_median": statistics.median(spread) if spread else None,

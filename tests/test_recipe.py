@@ -15,10 +15,16 @@ from imagefit.tasks import Task
 
 
 def test_small_images_get_the_recipe_for_what_is_unset():
-    cfg = FitConfig()
+    for cfg in (FitConfig(epochs=8), FitConfig(budget="2m")):
+        apply_small_image_recipe(cfg, 28)
+        assert (cfg.opt, cfg.lr, cfg.wd) == ("sgd", 0.1, 5e-4)
+        assert (cfg.augment, cfg.label_smoothing, cfg.tta_augment) == ("light", 0.1, "flip")
+
+
+def test_fits_of_under_8_epochs_train_without_augmentation_or_tta():
+    cfg = FitConfig()  # 5 epochs
     apply_small_image_recipe(cfg, 28)
-    assert (cfg.opt, cfg.lr, cfg.wd) == ("sgd", 0.1, 5e-4)
-    assert (cfg.augment, cfg.label_smoothing, cfg.tta_augment) == ("light", 0.1, "flip")
+    assert (cfg.opt, cfg.augment, cfg.tta, cfg.label_smoothing) == ("sgd", "none", False, 0.1)
 
 
 def test_images_under_16_px_train_without_augmentation_or_tta():
@@ -31,7 +37,7 @@ def test_images_under_16_px_train_without_augmentation_or_tta():
 
 
 def test_the_users_choices_stand():
-    cfg = FitConfig(opt="adamw", augment="none", label_smoothing=0.0)
+    cfg = FitConfig(opt="adamw", augment="none", label_smoothing=0.0, epochs=10)
     apply_small_image_recipe(cfg, 28)
     assert (cfg.opt, cfg.lr, cfg.wd) == ("adamw", 3e-3, 0.05)  # its own optimizer's defaults
     assert cfg.augment == "none" and cfg.label_smoothing == 0.0
