@@ -369,7 +369,8 @@ def _budget_planner(cfg: FitConfig, loaded, parts, deadline: float,
 
     return BudgetPlanner(deadline, final_images=n_valid + n_test,
                          n_valid=n_valid + every_epoch_images, time_final=time_final,
-                         fixed_seconds=budget.FINAL_FIXED_SECONDS if cfg.report else 2.0,
+                         fixed_seconds=budget.EXIT_SECONDS + (
+                             budget.FINAL_FIXED_SECONDS if cfg.report else 2.0),
                          budget_text=cfg.budget or "",
                          announce=cfg.progress and distributed.is_main())
 
