@@ -47,7 +47,7 @@ def hostile_run(tmp_path_factory) -> Path:
         rows.append({"file": file, "label": names[kind]})
     pd.DataFrame(rows).to_csv(root / "labels.csv", index=False)
     result = api.fit(str(root / "labels.csv"), folder=str(root / "images"), epochs=2,
-                     progress=False, runs_dir=str(root / "runs"), tta_n=2)
+                     progress=False, runs_dir=str(root / "runs"), tta=True, tta_n=2)
     return result.run_dir
 
 
