@@ -291,7 +291,7 @@ def test_cache_lives_under_imagefit_cache(tmp_path, isolated_cache):
     assert (other / cache_key(paths, settings)).is_dir()
 
 
-def test_cache_key_changes_with_files_and_settings(tmp_path):
+def test_cache_key_changes_with_the_file_list_and_settings(tmp_path):
     paths = [save(tmp_path / f"im{i}.png", grey(np.full((8, 8), i))) for i in range(3)]
     settings = CacheSettings(size=8, channels=1)
     key = cache_key(paths, settings)
@@ -301,19 +301,16 @@ def test_cache_key_changes_with_files_and_settings(tmp_path):
     assert cache_key(paths, CacheSettings(size=8, channels=1, resize="pad")) != key
     assert cache_key(paths[:2], settings) != key
     assert cache_key(paths[::-1], settings) != key
-    stat = os.stat(paths[1])
-    os.utime(paths[1], ns=(stat.st_atime_ns, stat.st_mtime_ns + 5_000_000_000))
-    assert cache_key(paths, settings) != key
 
 
-def test_cache_key_of_a_vanished_file_is_an_error(tmp_path):
+def test_a_vanished_file_is_an_error(tmp_path):
     path = tmp_path / "gone.png"
     with pytest.raises(ImagefitError, match="gone.png disappeared") as info:
-        cache_key([str(path)], CacheSettings(size=8, channels=1))
+        build([str(path)], CacheSettings(size=8, channels=1))
     assert "restore it or remove it" in str(info.value)
 
 
-def test_changed_file_is_decoded_again(tmp_path, monkeypatch):
+def test_changed_file_alone_is_decoded_again_in_place(tmp_path, monkeypatch, isolated_cache):
     paths = [save(tmp_path / f"im{i}.png", grey(np.full((8, 8), 10 * i))) for i in range(3)]
     settings = CacheSettings(size=8, channels=1)
     assert build(paths, settings).images[1].max() == 10
@@ -323,8 +320,116 @@ def test_changed_file_is_decoded_again(tmp_path, monkeypatch):
     counter = DecodeCounter()
     monkeypatch.setattr(cache_module, "decode_image", counter)
     cache = build(paths, settings)
-    assert counter.paths  # a new cache was built
+    assert counter.paths == [paths[1]]  # one decode, not a new copy of everything
     assert cache.images[1].min() == 99 and cache.images[2].min() == 20
+    assert len(list((isolated_cache / "images").iterdir())) == 1
+
+
+def test_a_rewrite_keeping_size_and_mtime_is_noticed(tmp_path, monkeypatch):
+    """cp then touch -r: same size, same modification time, other pixels; the change time
+    (which no one can set back) tells."""
+    paths = [save(tmp_path / "a.png", grey(np.full((8, 8), 10)))]
+    settings = CacheSettings(size=8, channels=1)
+    assert build(paths, settings).images[0].max() == 10
+    before = os.stat(paths[0])
+    replacement = tmp_path / "b.png"
+    save(replacement, grey(np.full((8, 8), 200)))
+    data = replacement.read_bytes()
+    assert len(data) == before.st_size  # the same size: a constant image compresses alike
+    Path(paths[0]).write_bytes(data)
+    os.utime(paths[0], ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert os.stat(paths[0]).st_mtime_ns == before.st_mtime_ns
+    assert build(paths, settings).images[0].min() == 200
+
+
+def test_a_grown_file_list_borrows_the_rows_it_shares(tmp_path, monkeypatch):
+    paths = [save(tmp_path / f"im{i}.png", grey(np.full((8, 8), i))) for i in range(6)]
+    settings = CacheSettings(size=8, channels=1)
+    build(paths[:5], settings)
+    counter = DecodeCounter()
+    monkeypatch.setattr(cache_module, "decode_image", counter)
+    grown = build(paths, settings)
+    assert counter.paths == [paths[5]]
+    assert [int(grown.images[i].max()) for i in range(6)] == list(range(6))
+    np.testing.assert_array_equal(grown.content_hashes()[:5], build(paths[:5],
+                                                                    settings).content_hashes())
+
+
+def test_content_hashes_tell_equal_pixels(tmp_path):
+    paths = [save(tmp_path / "a.png", grey(np.full((8, 8), 3))),
+             save(tmp_path / "b.png", grey(np.full((8, 8), 3))),
+             save(tmp_path / "c.png", grey(np.full((8, 8), 4)))]
+    hashes = build(paths, CacheSettings(size=8, channels=1)).content_hashes()
+    assert hashes.shape == (3, 16)
+    assert (hashes[0] == hashes[1]).all() and not (hashes[0] == hashes[2]).all()
+    arrays = cache_arrays(np.stack([np.full((8, 8, 1), v, np.uint8) for v in (3, 3, 4)]),
+                          CacheSettings(size=8, channels=1))
+    np.testing.assert_array_equal(arrays.content_hashes(), hashes)
+
+
+# -- the size limit -----------------------------------------------------------------------
+
+
+def _dataset(folder: Path, count: int, side: int = 64) -> list[str]:
+    rng = np.random.default_rng(count)
+    return [save(folder / f"im{i}.png", grey(rng.integers(0, 255, (side, side))))
+            for i in range(count)]
+
+
+def test_caches_over_the_limit_are_evicted_least_recently_used_first(tmp_path, monkeypatch,
+                                                                        isolated_cache):
+    settings = CacheSettings(size=64, channels=1)
+    old, recent = _dataset(tmp_path / "old", 40), _dataset(tmp_path / "recent", 41)
+    first = build(old, settings)
+    second = build(recent, settings)
+    one = cache_module.folder_bytes(first.folder)
+    del first, second  # no longer in use
+    os.utime(cache_module.default_cache_root() / cache_key(old, settings) / "use.lock",
+             (1, 1))  # used long ago
+    monkeypatch.setenv("IMAGEFIT_CACHE_LIMIT", str(int(2.5 * one)))
+    build(_dataset(tmp_path / "new", 42), settings)
+    keys = {e["key"] for e in cache_module.list_caches()}
+    assert cache_key(old, settings) not in keys
+    assert cache_key(recent, settings) in keys and len(keys) == 2
+
+
+def test_a_cache_in_use_is_never_evicted(tmp_path, monkeypatch):
+    settings = CacheSettings(size=64, channels=1)
+    in_use = build(_dataset(tmp_path / "a", 40), settings)  # held open by this test
+    os.utime(in_use.folder / "use.lock", (1, 1))
+    monkeypatch.setenv("IMAGEFIT_CACHE_LIMIT", "1")
+    build(_dataset(tmp_path / "b", 41), settings)
+    assert in_use.folder.is_dir()
+    assert int(in_use.images[3].sum()) > 0
+    assert {e["key"]: e["in_use"] for e in cache_module.list_caches()} == {
+        in_use.folder.name: True, cache_key(_dataset(tmp_path / "b", 41), settings): False}
+
+
+def test_cache_limit_parses_sizes(monkeypatch):
+    for text, expected in [("20G", 20 << 30), ("500M", 500 << 20), ("1.5k", 1536), ("0", 0),
+                           ("4096", 4096), ("2GiB", 2 << 30)]:
+        monkeypatch.setenv("IMAGEFIT_CACHE_LIMIT", text)
+        assert cache_module.cache_limit() == expected
+    monkeypatch.setenv("IMAGEFIT_CACHE_LIMIT", "lots")
+    with pytest.raises(ImagefitError, match=r"IMAGEFIT_CACHE_LIMIT: 'lots' is not a size; "
+                       r"write it like 20G, 500M or 0"):
+        cache_module.cache_limit()
+
+
+def test_cache_command_lists_and_clears(tmp_path, capsys):
+    from imagefit.cli import main
+
+    settings = CacheSettings(size=8, channels=1)
+    paths = [save(tmp_path / f"im{i}.png", grey(np.full((8, 8), i))) for i in range(3)]
+    build(paths, settings, description="my photos")
+    held = build(paths[:2], settings, description="kept open")
+    assert main(["cache", "ls"]) == 0
+    listing = capsys.readouterr().out
+    assert "2 cache(s)" in listing and "my photos" in listing and "in use" in listing
+    assert main(["cache", "clear"]) == 0
+    assert "removed 1 cache(s)" in capsys.readouterr().out  # the other one is in use
+    assert held.folder.is_dir() and held.images.shape == (2, 8, 8, 1)
+    assert [e["description"] for e in cache_module.list_caches()] == ["kept open"]
 
 
 def test_changed_settings_decode_again(tmp_path, monkeypatch):

@@ -607,3 +607,91 @@ def test_fashion_mnist_from_a_folder_named_by_imagefit_data(tmp_path, monkeypatc
     table = builtin.read_builtin("fashion-mnist")
     assert len(table) == 60003 and list(table.split[-3:]) == ["test"] * 3
     assert list(table.targets[-3:]) == [1, 2, 3] and table.task.names[0] == "T-shirt/top"
+
+
+# -- hardening: separators, mixed layouts, silent switches, ranges, contradictions ---------
+
+
+@pytest.mark.parametrize("separator", [";", "\t"])
+def test_semicolon_and_tab_separated_csv_files_are_read(tmp_path, separator):
+    for i in range(4):
+        tiny_png(tmp_path / f"im{i}.png", i)
+    rows = [f"im{i}.png{separator}{'cat' if i % 2 else 'dog'}" for i in range(4)]
+    table = read(write_csv(tmp_path / "data.csv", f"file{separator}label", rows))
+    assert table.task.kind == "classification" and table.task.names == ["cat", "dog"]
+    assert table.targets.tolist() == [1, 0, 1, 0]
+
+
+def test_folder_with_train_and_class_folders_is_an_error(tmp_path):
+    class_tree(tmp_path / "train", {"a": 2, "b": 2})
+    class_tree(tmp_path, {"c": 2})
+    with pytest.raises(ImagefitError, match=r"holds train/ and also other folders \(c\), "
+                       r"which would be ignored: move class folders into train/"):
+        read_source(tmp_path)
+
+
+def test_a_few_decimals_in_whole_numbers_say_regression_was_chosen(tmp_path):
+    labels = [str(i % 3) for i in range(30)]
+    labels[7] = "2.5"
+    path = csv_with_images(tmp_path, "file,grade", labels)
+    with pytest.warns(ImagefitWarning, match=r"column 'grade' holds whole numbers except "
+                      r"'2.5' \(line 9\), so it is read as a regression target; if its values "
+                      r"are classes, fix those rows \(or give --task classification\)"):
+        table = read(path)
+    assert table.task.kind == "regression"
+
+
+def test_decimal_targets_do_not_warn(tmp_path, recwarn):
+    path = csv_with_images(tmp_path, "file,age", [f"{20 + i * 0.5}" for i in range(10)])
+    assert read(path).task.kind == "regression"
+    assert not [w for w in recwarn if issubclass(w.category, ImagefitWarning)]
+
+
+def test_space_separated_tags_are_read_as_multilabel_and_said_so(tmp_path):
+    tags = ["clear primary", "clear water", "haze primary water", "clear", "primary water",
+            "haze"] * 2
+    path = csv_with_images(tmp_path, "image_name,tags", tags)
+    with pytest.warns(ImagefitWarning, match=r"space-separated tags .* read as multi-label; "
+                      r"give --task classification"):
+        table = read(path)
+    assert table.task.kind == "multilabel"
+    assert table.task.names == ["clear", "haze", "primary", "water"]
+    assert table.targets[2].tolist() == [0, 1, 1, 1]
+
+
+def test_class_names_with_spaces_stay_classes(tmp_path, recwarn):
+    names = ["golden retriever", "labrador retriever", "border collie"] * 3
+    table = read(csv_with_images(tmp_path, "file,breed", names))
+    assert table.task.kind == "classification"
+    assert "golden retriever" in table.task.names
+    assert not [w for w in recwarn if issubclass(w.category, ImagefitWarning)]
+
+
+def test_targets_beyond_float32_are_refused_with_the_line(tmp_path):
+    values = [f"{i * 1.5}" for i in range(6)]
+    values[4] = "1e39"
+    with pytest.raises(ImagefitError, match=r"data.csv line 6: regression target 'y' is 1e39, "
+                       r"beyond the range of 32-bit floats .*: rescale the targets"):
+        read(csv_with_images(tmp_path, "file,y", values))
+
+
+def test_array_targets_beyond_float32_are_refused():
+    images = np.zeros((3, 8, 8), dtype=np.uint8)
+    with pytest.raises(ImagefitError, match=r"target 1 \(column 0\) is 1e\+39, beyond the range"):
+        from_arrays(images, np.array([1.0, 1e39, 2.0]))
+    with pytest.raises(ImagefitError, match="NaN or infinite"):
+        from_arrays(images, np.array([1.0, np.nan, 2.0]))
+
+
+def test_one_file_under_two_labels_is_an_error_naming_both_lines(tmp_path):
+    path = csv_with_images(tmp_path, "file,label", ["cat", "dog", "cat"])
+    path.write_text(path.read_text() + "im1.png,cat\n")
+    with pytest.raises(ImagefitError, match=r"im1.png is listed with different labels on line 3 "
+                       r"\('dog'\) and line 5 \('cat'\): give each file one label"):
+        read(path)
+
+
+def test_one_file_listed_twice_with_one_label_is_accepted(tmp_path):
+    path = csv_with_images(tmp_path, "file,label", ["cat", "dog", "cat"])
+    path.write_text(path.read_text() + "im1.png,dog\n")
+    assert len(read(path)) == 4

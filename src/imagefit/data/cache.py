@@ -8,15 +8,19 @@ records its progress; an interrupted build resumes where it stopped.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
+import shutil
 import time
 import warnings
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -26,7 +30,7 @@ from tqdm.auto import tqdm
 
 from ..errors import ImagefitError, ImagefitWarning
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 CHUNK = 256
 PROBE_COUNT = 256
 MAX_AUTO_SIZE = 224
@@ -53,9 +57,18 @@ class ImageCache:
     original_sizes: np.ndarray
     errors: dict[int, str] = field(default_factory=dict)
     built_seconds: float = 0.0  # decoding the images into the cache in this process
+    hashes: np.ndarray | None = None  # (N, 16) digests of the cached pixels, when stored
+    folder: Path | None = None  # where a file cache lives
+    in_use: Any = field(default=None, repr=False)  # the open use lock (see build_cache)
 
     def __len__(self) -> int:
         return len(self.images)
+
+    def content_hashes(self) -> np.ndarray:
+        """(N, 16) uint8 digests of every cached image: equal rows, equal pixels."""
+        if self.hashes is None:
+            self.hashes = hash_images(self.images)
+        return self.hashes
 
     @property
     def failed(self) -> list[int]:
@@ -165,25 +178,90 @@ def _try_decode(path: str, settings: CacheSettings):
 
 
 # -- building -----------------------------------------------------------------------------
+#
+# A cache folder, root/<key>, is named by the file list and the settings alone. It holds
+# images.u8 (N, size, size, C), sizes.i32 (original width and height), hashes.u8 (a 128-bit
+# digest of each cached image, for duplicate checks), stats.npy (each file's size,
+# modification and change times and inode when it was decoded), paths.json, meta.json
+# (written last: the cache is complete) and, while a build runs, progress.json. A file whose
+# stats changed since is decoded again in place, so editing one file costs one decode, and a
+# new file list borrows the rows it shares with another cache of the same settings. Writers
+# take build.lock; every process using a cache holds use.lock shared, which keeps it from
+# being evicted. The whole cache folder is kept under a size limit by evicting the caches
+# used least recently.
+
+CACHE_LIMIT_BYTES = 20 << 30  # default of $IMAGEFIT_CACHE_LIMIT
+META, PROGRESS, BUILD_LOCK, USE_LOCK = "meta.json", "progress.json", "build.lock", "use.lock"
+IMAGES, SIZES, HASHES, STATS, PATHS = "images.u8", "sizes.i32", "hashes.u8", "stats.npy", \
+    "paths.json"
+HASH_BYTES = 16
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
 def cache_key(paths: list[str], settings: CacheSettings) -> str:
-    """Hash of the file list with sizes and modification times, and the settings."""
+    """Hash of the file list and the settings (the files' contents are checked by their
+    stats, row by row, when the cache is opened)."""
     digest = hashlib.sha1(json.dumps([CACHE_FORMAT, asdict(settings)]).encode())
     for path in paths:
+        digest.update(f"{path}\n".encode())
+    return digest.hexdigest()[:20]
+
+
+def file_stats(paths: list[str]) -> np.ndarray:
+    """(N, 4) int64: size, modification time, change time (ns) and inode of each file. The
+    change time moves whenever a file is written, even when its size and modification time
+    are set back, so a rewritten file is noticed."""
+    stats = np.empty((len(paths), 4), dtype=np.int64)
+    for row, path in enumerate(paths):
         try:
             stat = os.stat(path)
         except OSError:
             raise ImagefitError(f"{path} disappeared: restore it or remove it from the data") \
                 from None
-        digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()[:20]
+        stats[row] = (stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)
+    return stats
 
 
-def _write_json(path: Path, data: dict) -> None:
-    partial = path.with_suffix(".tmp")
+def hash_images(images: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+    """The first 128 bits of the SHA-256 digest of each row's pixels, as (len(rows), 16)
+    uint8, read in chunks of about 64 MiB so a memory-mapped cache is never loaded whole."""
+    rows = np.arange(len(images)) if rows is None else np.asarray(rows)
+    row_bytes = max(1, int(np.prod(images.shape[1:])))
+    step = max(1, (64 << 20) // row_bytes)
+    digests = []
+    for begin in range(0, len(rows), step):
+        part = rows[begin:begin + step]
+        consecutive = len(part) and part[-1] - part[0] == len(part) - 1
+        chunk = images[part[0]:part[-1] + 1] if consecutive else images[part]
+        digests += [_digest(image) for image in np.ascontiguousarray(chunk)]
+    return np.frombuffer(b"".join(digests), dtype=np.uint8).reshape(len(rows), HASH_BYTES)
+
+
+def _digest(image: np.ndarray) -> bytes:
+    return hashlib.sha256(np.ascontiguousarray(image)).digest()[:HASH_BYTES]
+
+
+def _write_json(path: Path, data: dict | list) -> None:
+    partial = path.with_name(f".{path.name}.tmp")
     partial.write_text(json.dumps(data))
     partial.replace(path)
+
+
+@contextmanager
+def _build_lock(folder: Path) -> Iterator[None]:
+    """The cache folder's build lock, held exclusively; the folder is made again if an
+    eviction removed it while this process waited."""
+    while True:
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / BUILD_LOCK, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                current = os.stat(folder / BUILD_LOCK).st_ino
+            except FileNotFoundError:
+                continue  # removed while we waited: start again
+            if current == os.fstat(handle.fileno()).st_ino:
+                yield
+                return
 
 
 def build_cache(
@@ -194,59 +272,176 @@ def build_cache(
     strict: bool = False,
     progress: bool = True,
     threads: int | None = None,
+    description: str = "",
 ) -> ImageCache:
-    """Decode ``paths`` once into a memory-mapped cache, or open the cache built before.
+    """Decode ``paths`` once into a memory-mapped cache, or open the cache built before,
+    decoding again only the files that changed since.
 
     Unreadable files are recorded in ``errors`` (and warned about by the caller), or raise an
-    ``ImagefitError`` with ``strict``.
+    ``ImagefitError`` with ``strict``. After a build, caches used least recently are evicted
+    while the cache folder is over its limit (``$IMAGEFIT_CACHE_LIMIT``, default 20G).
     """
     root = Path(root) if root else default_cache_root()
     folder = root / cache_key(paths, settings)
-    shape = (len(paths), settings.size, settings.size, settings.channels)
-    meta_path, progress_path = folder / "meta.json", folder / "progress.json"
-    images_path, sizes_path = folder / "images.u8", folder / "sizes.i32"
-    if meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
-        return _open(images_path, sizes_path, shape, meta["errors"], strict, paths)
-
+    stats = file_stats(paths)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ImagefitError(f"cannot create the image cache in {root} ({error.strerror}): "
+                            "give a writable folder with --cache-dir or $IMAGEFIT_CACHE") \
+            from None
     started = time.perf_counter()
-    folder.mkdir(parents=True, exist_ok=True)
-    state = json.loads(progress_path.read_text()) if progress_path.is_file() else {
-        "done": 0, "errors": {}
-    }
-    mode = "r+" if state["done"] and images_path.is_file() else "w+"
-    images = np.memmap(images_path, dtype=np.uint8, mode=mode, shape=shape)
-    sizes = np.memmap(sizes_path, dtype=np.int32, mode=mode, shape=(len(paths), 2))
-    errors: dict[str, str] = state["errors"]
+    with _build_lock(folder):
+        if (folder / META).is_file():
+            decoded = _refresh(folder, paths, settings, stats, progress, threads)
+        else:
+            decoded = _build(folder, root, paths, settings, stats, progress, threads, strict,
+                             description)
+        cache = _open(folder, paths, settings, strict)  # in use before the build lock goes
+    if decoded:
+        cache.built_seconds = time.perf_counter() - started
+        evict(root, keep=folder)
+    return cache
+
+
+def _new_arrays(folder: Path, count: int, settings: CacheSettings, mode: str):
+    shape = (count, settings.size, settings.size, settings.channels)
+    return (np.memmap(folder / IMAGES, dtype=np.uint8, mode=mode, shape=shape),
+            np.memmap(folder / SIZES, dtype=np.int32, mode=mode, shape=(count, 2)),
+            np.memmap(folder / HASHES, dtype=np.uint8, mode=mode, shape=(count, HASH_BYTES)))
+
+
+def _decode_rows(rows: list[int], paths: list[str], settings: CacheSettings, arrays,
+                 errors: dict[str, str], pool: ThreadPoolExecutor, strict: bool) -> None:
+    """Decode ``rows`` into the cache's arrays; record (or, ``strict``, raise) failures."""
+    images, sizes, hashes = arrays
+    for row, (array, info) in zip(rows, pool.map(lambda r: _try_decode(paths[r], settings),
+                                                 rows)):
+        if array is None:
+            if strict:
+                raise _unreadable(paths[row], info)
+            errors[str(row)] = info
+            images[row], sizes[row], hashes[row] = 0, 0, 0
+            continue
+        errors.pop(str(row), None)
+        images[row], sizes[row] = array, info
+        hashes[row] = np.frombuffer(_digest(array), dtype=np.uint8)
+
+
+def _build(folder: Path, root: Path, paths: list[str], settings: CacheSettings,
+           stats: np.ndarray, progress: bool, threads: int | None, strict: bool,
+           description: str) -> bool:
+    """A new cache in chunks, resuming an interrupted build; rows another cache of the same
+    settings already holds (same path and stats) are copied instead of decoded. True when
+    anything was written."""
+    state = json.loads((folder / PROGRESS).read_text()) if (folder / PROGRESS).is_file() \
+        else {"done": 0, "errors": {}}
     start = state["done"]
+    mode = "r+" if start and (folder / IMAGES).is_file() else "w+"
+    arrays = _new_arrays(folder, len(paths), settings, mode)
+    if start == 0:
+        _write_json(folder / PATHS, paths)
+    errors: dict[str, str] = state["errors"]
+    donors = _borrow_rows(root, folder, paths, settings, stats)
     bar = tqdm(total=len(paths), initial=start, desc="caching images", unit="img",
-               disable=None if progress and len(paths) - start >= CHUNK else True,
-               leave=False)
+               disable=None if progress and len(paths) - start >= CHUNK else True, leave=False)
     with ThreadPoolExecutor(max_workers=threads or os.cpu_count() or 1) as pool:
         for begin in range(start, len(paths), CHUNK):
-            chunk = paths[begin:begin + CHUNK]
-            for offset, (array, info) in enumerate(pool.map(
-                    lambda p: _try_decode(p, settings), chunk)):
-                row = begin + offset
-                if array is None:
-                    if strict:
-                        raise _unreadable(paths[row], info)
-                    errors[str(row)] = info
-                    continue
-                images[row] = array
-                sizes[row] = info
-            images.flush()
-            sizes.flush()
-            _write_json(progress_path, {"done": begin + len(chunk), "errors": errors})
+            chunk = range(begin, min(begin + CHUNK, len(paths)))
+            decode = [row for row in chunk if not _copy_row(row, donors, arrays, errors)]
+            _decode_rows(decode, paths, settings, arrays, errors, pool, strict)
+            for array in arrays:
+                array.flush()
+            _write_json(folder / PROGRESS, {"done": chunk.stop, "errors": errors})
             bar.update(len(chunk))
     bar.close()
-    _write_json(meta_path, {"shape": list(shape), "settings": asdict(settings),
-                            "errors": errors, "count": len(paths)})
-    progress_path.unlink(missing_ok=True)
-    del images, sizes
-    cache = _open(images_path, sizes_path, shape, errors, strict, paths)
-    cache.built_seconds = time.perf_counter() - started
-    return cache
+    _save_stats(folder, stats)
+    _write_json(folder / META, {"shape": [len(paths), settings.size, settings.size,
+                                          settings.channels],
+                                "settings": asdict(settings), "errors": errors,
+                                "count": len(paths), "description": description,
+                                "created": time.time()})
+    (folder / PROGRESS).unlink(missing_ok=True)
+    return True
+
+
+def _refresh(folder: Path, paths: list[str], settings: CacheSettings, stats: np.ndarray,
+             progress: bool, threads: int | None) -> bool:
+    """Decode again, in place, the rows whose file changed since the cache was written.
+    True when any did."""
+    stored = _read_stats(folder, len(paths))
+    changed = np.flatnonzero((stored != stats).any(axis=1)) if stored is not None \
+        else np.arange(len(paths))
+    if not len(changed):
+        return False
+    meta = json.loads((folder / META).read_text())
+    errors = meta["errors"]
+    arrays = _new_arrays(folder, len(paths), settings, "r+")
+    with ThreadPoolExecutor(max_workers=threads or os.cpu_count() or 1) as pool:
+        for begin in tqdm(range(0, len(changed), CHUNK), desc="caching changed images",
+                          unit="chunk", leave=False,
+                          disable=None if progress and len(changed) >= CHUNK else True):
+            _decode_rows(changed[begin:begin + CHUNK].tolist(), paths, settings, arrays,
+                         errors, pool, strict=False)
+    for array in arrays:
+        array.flush()
+    _save_stats(folder, stats)  # after the pixels: a crash in between decodes them again
+    _write_json(folder / META, {**meta, "errors": errors})
+    return True
+
+
+def _save_stats(folder: Path, stats: np.ndarray) -> None:
+    np.save(folder / "stats.tmp.npy", stats, allow_pickle=False)
+    (folder / "stats.tmp.npy").replace(folder / STATS)
+
+
+def _read_stats(folder: Path, count: int) -> np.ndarray | None:
+    try:
+        stats = np.load(folder / STATS, allow_pickle=False)
+    except (OSError, ValueError):
+        return None
+    return stats if stats.shape == (count, 4) else None
+
+
+def _borrow_rows(root: Path, folder: Path, paths: list[str], settings: CacheSettings,
+                 stats: np.ndarray) -> dict[int, tuple]:
+    """Rows of this file list that the fullest other complete cache with the same settings
+    holds for the same file in the same state: row -> (its arrays, row there, error)."""
+    best: dict[int, tuple] = {}
+    wanted = {(path, *row): i for i, (path, row) in enumerate(zip(paths, stats.tolist()))}
+    for other in _cache_folders(root):
+        if other == folder or not (other / META).is_file():
+            continue
+        try:
+            meta = json.loads((other / META).read_text())
+            if meta["settings"] != asdict(settings):
+                continue
+            other_paths = json.loads((other / PATHS).read_text())
+        except (OSError, ValueError, KeyError):
+            continue
+        other_stats = _read_stats(other, len(other_paths))
+        if other_stats is None:
+            continue
+        matches = {}
+        for j, (path, row) in enumerate(zip(other_paths, other_stats.tolist())):
+            i = wanted.get((path, *row))
+            if i is not None:
+                matches[i] = j
+        if len(matches) > len(best):
+            arrays = _new_arrays(other, len(other_paths), settings, "r")
+            best = {i: (arrays, j, meta["errors"].get(str(j))) for i, j in matches.items()}
+    return best
+
+
+def _copy_row(row: int, donors: dict[int, tuple], arrays, errors: dict[str, str]) -> bool:
+    if row not in donors:
+        return False
+    (images, sizes, hashes), source, error = donors[row]
+    arrays[0][row], arrays[1][row], arrays[2][row] = images[source], sizes[source], \
+        hashes[source]
+    if error is not None:
+        errors[str(row)] = error
+    return True
 
 
 def _unreadable(path: str, reason: str) -> ImagefitError:
@@ -254,14 +449,147 @@ def _unreadable(path: str, reason: str) -> ImagefitError:
                          "leave out --strict to skip such files")
 
 
-def _open(images_path, sizes_path, shape, errors, strict, paths) -> ImageCache:
-    errors = {int(k): v for k, v in errors.items()}
+def _open(folder: Path, paths: list[str], settings: CacheSettings, strict: bool) -> ImageCache:
+    """The finished cache, marked as in use (and as just used) for as long as it is open."""
+    meta = json.loads((folder / META).read_text())
+    errors = {int(k): v for k, v in meta["errors"].items()}
     if strict and errors:
         row = min(errors)
         raise _unreadable(paths[row], errors[row])
-    images = np.memmap(images_path, dtype=np.uint8, mode="c", shape=shape)
-    sizes = np.array(np.memmap(sizes_path, dtype=np.int32, mode="r", shape=(shape[0], 2)))
-    return ImageCache(images=images, original_sizes=sizes, errors=errors)
+    in_use = open(folder / USE_LOCK, "a")
+    fcntl.flock(in_use, fcntl.LOCK_SH)
+    os.utime(folder / USE_LOCK)  # the least recently used caches are evicted first
+    count = len(paths)
+    shape = (count, settings.size, settings.size, settings.channels)
+    images = np.memmap(folder / IMAGES, dtype=np.uint8, mode="c", shape=shape)
+    sizes = np.array(np.memmap(folder / SIZES, dtype=np.int32, mode="r", shape=(count, 2)))
+    hashes = np.memmap(folder / HASHES, dtype=np.uint8, mode="r", shape=(count, HASH_BYTES))
+    return ImageCache(images=images, original_sizes=sizes, errors=errors, hashes=hashes,
+                      folder=folder, in_use=in_use)
+
+
+# -- the cache folder as a whole ----------------------------------------------------------
+
+
+def cache_limit() -> int:
+    """The cache folder's size limit in bytes: ``$IMAGEFIT_CACHE_LIMIT`` (e.g. 20G, 500M,
+    0 for no limit), default 20 GiB."""
+    text = os.environ.get("IMAGEFIT_CACHE_LIMIT", "").strip()
+    if not text:
+        return CACHE_LIMIT_BYTES
+    return parse_size(text, "IMAGEFIT_CACHE_LIMIT")
+
+
+def parse_size(text: str, what: str) -> int:
+    """Bytes in a size such as 20G, 500M, 1.5T or a plain number of bytes."""
+    number, unit = text.strip().lower().rstrip("ib").rstrip("b"), ""
+    if number and number[-1] in _SIZE_UNITS:
+        number, unit = number[:-1], number[-1]
+    try:
+        value = float(number) * _SIZE_UNITS[unit]
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float(1 << 60):
+        raise ImagefitError(f"{what}: '{text}' is not a size; write it like 20G, 500M or 0 "
+                            "(no limit)")
+    return int(value)
+
+
+def _cache_folders(root: Path) -> list[Path]:
+    try:
+        return sorted(p for p in Path(root).iterdir() if p.is_dir() and (p / PATHS).is_file())
+    except OSError:
+        return []
+
+
+def folder_bytes(folder: Path) -> int:
+    """Disk space a cache folder takes (blocks actually used)."""
+    total = 0
+    for path in folder.iterdir():
+        try:
+            total += path.stat().st_blocks * 512
+        except OSError:
+            continue
+    return total
+
+
+def _in_use(folder: Path) -> bool:
+    """Whether some process has the cache open (holds its use lock)."""
+    try:
+        with open(folder / USE_LOCK, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def _last_used(folder: Path) -> float:
+    for name in (USE_LOCK, META, PROGRESS, PATHS):
+        try:
+            return (folder / name).stat().st_mtime
+        except OSError:
+            continue
+    return 0.0
+
+
+def list_caches(root: str | Path | None = None) -> list[dict]:
+    """Every cache under ``root``, most recently used first: its key, what it was built
+    from, images, settings, size on disk, when last used, whether it is complete and in use."""
+    root = Path(root) if root else default_cache_root()
+    entries = []
+    for folder in _cache_folders(root):
+        try:
+            meta = json.loads((folder / META).read_text())
+        except (OSError, ValueError):
+            meta = None
+        entries.append({
+            "key": folder.name,
+            "description": (meta or {}).get("description", ""),
+            "images": (meta or {}).get("count"),
+            "settings": (meta or {}).get("settings"),
+            "bytes": folder_bytes(folder),
+            "last_used": _last_used(folder),
+            "complete": meta is not None,
+            "in_use": _in_use(folder),
+        })
+    return sorted(entries, key=lambda e: -e["last_used"])
+
+
+def remove_cache(folder: Path) -> bool:
+    """Delete one cache unless a process is building or using it; True when it was
+    removed. Both locks are held while it goes, so no process can start using it then."""
+    try:
+        with open(folder / BUILD_LOCK, "a") as build, open(folder / USE_LOCK, "a") as use:
+            fcntl.flock(build, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(use, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            shutil.rmtree(folder, ignore_errors=True)
+    except (BlockingIOError, OSError):
+        return False
+    return True
+
+
+def evict(root: str | Path | None = None, limit: int | None = None,
+          keep: Path | None = None) -> list[str]:
+    """Remove the caches used least recently (never ``keep`` or one in use) until the cache
+    folder is within ``limit`` bytes (default ``cache_limit()``, 0: no limit); returns the
+    keys removed."""
+    root = Path(root) if root else default_cache_root()
+    limit = cache_limit() if limit is None else limit
+    if not limit:
+        return []
+    folders = _cache_folders(root)
+    sizes = {folder: folder_bytes(folder) for folder in folders}
+    total = sum(sizes.values())
+    removed = []
+    for folder in sorted(folders, key=_last_used):
+        if total <= limit:
+            break
+        if folder != keep and remove_cache(folder):
+            total -= sizes[folder]
+            removed.append(folder.name)
+    return removed
 
 
 def warn_unreadable(cache: ImageCache, paths: list[str]) -> None:

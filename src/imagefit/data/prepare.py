@@ -35,8 +35,8 @@ def resolve_settings(
         typical, grey = probe_images(table.paths, seed)
         if typical is None and image_size is None:
             raise ImagefitError(
-                f"none of the sampled files of {table.description} is a readable image: "
-                "check the data"
+                f"none of the files of {table.description} sampled is a readable image (one "
+                f"of them: {table.paths[0]}): fix or replace the files"
             )
     return CacheSettings(
         size=image_size or auto_size(typical),
@@ -68,7 +68,8 @@ def prepare_images(
     if table.arrays is not None:
         cache = cache_arrays(table.arrays, settings)
     else:
-        cache = build_cache(table.paths, settings, cache_dir, strict=strict, progress=progress)
+        cache = build_cache(table.paths, settings, cache_dir, strict=strict, progress=progress,
+                            description=table.description)
         warn_unreadable(cache, table.paths)
     usable = np.ones(len(table), dtype=bool)
     usable[cache.failed] = False

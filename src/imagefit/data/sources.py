@@ -23,6 +23,7 @@ SPLIT_ALIASES = {"train": "train", "training": "train", "valid": "valid", "val":
 VALID_FOLDER_NAMES = ("valid", "val", "validation")
 LABEL_DELIMITERS = (";", "|")
 MANY_INTEGER_CLASSES = 50
+MOSTLY_WHOLE = 0.05  # at most this share of decimals in a column of whole numbers is warned of
 
 
 @dataclass
@@ -120,6 +121,15 @@ def read_folder(root: Path) -> Table:
     parts["test"] = root / "test"
     if not parts["train"].is_dir():
         parts = {"train": root}
+    else:
+        split_names = {"train", "test", *VALID_FOLDER_NAMES}
+        others = sorted(p.name for p in root.iterdir()
+                        if p.is_dir() and _visible(p) and p.name not in split_names)
+        if others:
+            raise ImagefitError(
+                f"folder {root} holds train/ and also other folders ({', '.join(others[:3])}"
+                f"{' ...' if len(others) > 3 else ''}), which would be ignored: move class "
+                "folders into train/ (or valid/, test/), or remove train/")
 
     per_split: dict[str, dict[str, list[str]]] = {}
     for split, folder in parts.items():
@@ -239,6 +249,7 @@ def read_csv(path: Path, options: SourceOptions) -> Table:
     task, targets = _read_targets(frame[label_cols], name, options)
     split = _read_split(frame, split_col, name)
     paths = _resolve_paths(frame[path_col].str.strip().tolist(), path, options)
+    _check_repeated_files(paths, task, targets, name)
     return Table(
         task=task,
         targets=targets,
@@ -248,11 +259,53 @@ def read_csv(path: Path, options: SourceOptions) -> Table:
     )
 
 
+def _separator(path: Path) -> str:
+    """The CSV's column separator, read off its header: a comma, else a tab or a semicolon
+    (spreadsheets in many locales write ';')."""
+    try:
+        with open(path, encoding="utf-8-sig", errors="replace") as handle:
+            header = handle.readline()
+    except OSError:
+        return ","
+    if path.suffix.lower() == ".tsv" or ("\t" in header and "," not in header):
+        return "\t"
+    return ";" if ";" in header and "," not in header else ","
+
+
+def _check_repeated_files(paths: list[str], task: Task, targets: np.ndarray, name: str) -> None:
+    """A file listed on several rows must carry one label: two labels contradict each other
+    (a regression target measured twice trains as given, with a warning)."""
+    first_row: dict[str, int] = {}
+    for row, path in enumerate(paths):
+        first = first_row.setdefault(path, row)
+        if first == row or np.array_equal(targets[first], targets[row]):
+            continue
+        labels = [_label_text(task, targets[r]) for r in (first, row)]
+        message = (f"{name}: {Path(path).name} is listed with different labels on "
+                   f"{_line(first)} ('{labels[0]}') and {_line(row)} ('{labels[1]}')")
+        if task.kind == "regression":
+            warnings.warn(message + ": each row trains as given", ImagefitWarning,
+                          stacklevel=3)
+            return
+        raise ImagefitError(message + ": give each file one label (for several labels, one "
+                            "row with them joined by ';')")
+
+
+def _label_text(task: Task, target: np.ndarray) -> str:
+    if task.kind == "classification":
+        return task.names[int(target)]
+    if task.kind == "multilabel":
+        return ";".join(n for n, v in zip(task.names, np.ravel(target)) if v)
+    return ", ".join(f"{v:g}" for v in np.ravel(target))
+
+
 def _read_frame(path: Path) -> pd.DataFrame:
     """A CSV's cells as text, or a clear error when it is unreadable or empty."""
     try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True,
+                            sep=_separator(path), encoding="utf-8-sig")
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError,
+            OSError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else "unreadable"
         raise ImagefitError(f"{path} is not a readable CSV file ({reason}): fix it") from None
     if frame.empty:
@@ -332,6 +385,8 @@ def _read_targets(labels: pd.DataFrame, name: str, options: SourceOptions):
 
     if forced == "regression" or (forced is None and numbers is not None and not binary
                                   and (several or (known % 1 != 0).any())):
+        if forced is None and not several:
+            _warn_if_mostly_whole(numbers[:, 0], cells, name)
         return _regression_targets(cells, name)
     if several:
         if not binary:
@@ -358,6 +413,13 @@ def _read_targets(labels: pd.DataFrame, name: str, options: SourceOptions):
     if delim is None and forced != "classification":
         delim = next((d for d in LABEL_DELIMITERS if cells.str.contains(d, regex=False).any()),
                      None)
+        if delim is None and _holds_tag_lists(cells):
+            delim = " "
+            warnings.warn(
+                f"{name}: column '{column}' holds space-separated tags (e.g. "
+                f"'{cells[cells.str.contains(' ')].iloc[0]}'), so it is read as multi-label; "
+                "give --task classification to take each cell as one class",
+                ImagefitWarning, stacklevel=3)
     if forced == "multilabel" or (forced is None and delim is not None):
         split_cells = [
             [part.strip() for part in cell.split(delim) if part.strip()] if delim else
@@ -381,6 +443,33 @@ def _read_targets(labels: pd.DataFrame, name: str, options: SourceOptions):
     return Task("classification", names), cells.map(index).to_numpy(np.int64)
 
 
+def _holds_tag_lists(cells: pd.Series) -> bool:
+    """Whether cells are lists of space-separated tags (Kaggle's Planet: 'clear primary
+    water'): there are more distinct cells than distinct words, as combinations of a few
+    tags are; class names with spaces each bring words of their own."""
+    whole = {cell for cell in cells.unique() if cell}
+    if not any(" " in cell for cell in whole):
+        return False
+    words = {word for cell in whole for word in cell.split()}
+    return len(whole) > len(words)
+
+
+def _warn_if_mostly_whole(values: np.ndarray, cells: pd.DataFrame, name: str) -> None:
+    """Say so when a column of whole numbers becomes a regression target because of a few
+    values with decimals: they may be typos in a column of classes."""
+    filled = ~np.isnan(values)
+    fractional = np.flatnonzero(filled & (np.mod(values, 1) != 0))
+    if not len(fractional) or len(fractional) > MOSTLY_WHOLE * filled.sum():
+        return
+    row = int(fractional[0])
+    more = f" and {len(fractional) - 1} more" if len(fractional) > 1 else ""
+    warnings.warn(
+        f"{name}: column '{cells.columns[0]}' holds whole numbers except "
+        f"'{cells.iat[row, 0]}' ({_line(row)}){more}, so it is read as a regression target; "
+        "if its values are classes, fix those rows (or give --task classification)",
+        ImagefitWarning, stacklevel=4)
+
+
 def _regression_targets(cells: pd.DataFrame, name: str):
     _first_empty(cells, name, "regression target")
     numbers = cells.map(_number).to_numpy(np.float64)
@@ -391,7 +480,20 @@ def _regression_targets(cells: pd.DataFrame, name: str):
             f"{name} {_line(row)}: regression target '{cells.columns[col]}' is "
             f"'{cells.iat[row, col]}', not a number; fix it or remove the row"
         )
+    _check_float32(numbers, lambda row, col: f"{name} {_line(row)}: regression target "
+                   f"'{cells.columns[col]}' is {cells.iat[row, col]}")
     return Task("regression", list(cells.columns)), numbers.astype(np.float32)
+
+
+def _check_float32(values: np.ndarray, where) -> None:
+    """Refuse targets beyond float32's range (about 3.4e38), which training computes in:
+    they would become infinite and the loss NaN. ``where(row, column)`` names a value."""
+    beyond = np.abs(values) > np.finfo(np.float32).max
+    if beyond.any():
+        row, col = (int(v[0]) for v in np.nonzero(beyond.reshape(len(values), -1)))
+        raise ImagefitError(f"{where(row, col)}, beyond the range of 32-bit floats (about "
+                            "3.4e38) that training uses: rescale the targets (e.g. divide "
+                            "them by a power of ten) or fix the value")
 
 
 # -- arrays -------------------------------------------------------------------------------
@@ -452,6 +554,11 @@ def from_arrays(
         if len(names) < count:
             raise ImagefitError(f"targets reach class {count - 1} but only {len(names)} names")
     else:
+        if not np.isfinite(np.asarray(values, dtype=np.float64)).all():
+            raise ImagefitError("targets hold NaN or infinite values: give finite numbers")
+        _check_float32(np.asarray(values, dtype=np.float64).reshape(len(values), -1),
+                       lambda row, col: f"target {row} (column {col}) is "
+                       f"{np.asarray(values).reshape(len(values), -1)[row, col]}")
         values = values.astype(np.float32).reshape(len(values), -1)
         names = list(names) if names is not None else [
             (f"label_{i}" if task == "multilabel" else f"target_{i}")

@@ -3,7 +3,6 @@ images, normalization statistics and exact duplicates, as a JSON-ready dict and 
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import matplotlib
@@ -14,6 +13,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from ..data.cache import ImageCache  # noqa: E402
+from ..data.duplicates import find_duplicates  # noqa: E402
 from ..data.sources import Table  # noqa: E402
 from .plots import label_text, save_figure, save_image_grid  # noqa: E402
 
@@ -24,9 +24,6 @@ MAX_SAMPLE_CLASSES = 20
 SAMPLE_GRID_ROWS = 4
 MAX_PLOTTED_TARGETS = 4
 MAX_SCATTER_POINTS = 5_000
-HASH_CHUNK_BYTES = 64 << 20
-EXAMPLES_PER_PAIR = 3
-MEMBERS_PER_EXAMPLE = 4
 CHANNEL_NAMES = {1: ("grey",), 3: ("red", "green", "blue")}
 
 
@@ -302,71 +299,3 @@ def _sample_grid(table, cache, train_rows, plots_dir, per_class, seed, notes) ->
     for spine in axis.spines.values():
         spine.set_visible(False)
     return save_figure(figure, path)
-
-
-# -- duplicates ---------------------------------------------------------------------------
-
-
-def hash_images(images: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """The first 128 bits of the SHA-256 digest of each row's cached pixels, as
-    (len(rows), 2) uint64. ``rows`` are sorted; they are read in chunks of about 64 MiB (a
-    run of consecutive rows without a copy), so a memory-mapped cache is never loaded whole."""
-    row_bytes = max(1, int(np.prod(images.shape[1:])))
-    step = max(1, HASH_CHUNK_BYTES // row_bytes)
-    digests = []
-    for begin in range(0, len(rows), step):
-        part = rows[begin:begin + step]
-        consecutive = part[-1] - part[0] == len(part) - 1
-        chunk = images[part[0]:part[-1] + 1] if consecutive else images[part]
-        digests += [hashlib.sha256(image).digest()[:16]
-                    for image in np.ascontiguousarray(chunk)]
-    return np.frombuffer(b"".join(digests), dtype=np.uint64).reshape(-1, 2)
-
-
-def find_duplicates(table: Table, cache: ImageCache, split_of: np.ndarray) -> dict:
-    """Exact duplicates among the used rows (``split_of`` >= 0, an index into SPLITS).
-
-    "Exact" means identical cached pixels: equal after decoding, conversion to the cache's
-    channels and resizing to the cache's size. Two files that differ only in format,
-    compression or size beyond what resizing removes count as duplicates; an image and a
-    shifted or re-encoded lossy copy usually do not. Groups are found by 128 bits of the
-    pixels' SHA-256 digest, where an accidental collision is practically impossible.
-    """
-    rows = np.flatnonzero(split_of >= 0)
-    empty = {"duplicate_images": 0, "duplicate_groups": 0, "duplicate_label_conflicts": 0,
-             "cross_split_duplicates": [], "duplicate_examples": []}
-    if not len(rows):
-        return empty
-    _, group, sizes = np.unique(hash_images(cache.images, rows), axis=0, return_inverse=True,
-                                return_counts=True)
-    group = group.reshape(-1)
-    labels = split_of[rows]
-    present = np.zeros((len(SPLITS), len(sizes)), dtype=bool)
-    for k in range(len(SPLITS)):
-        present[k, group[labels == k]] = True
-    targets = np.asarray(table.targets)[rows].reshape(len(rows), -1)
-    _, target_id = np.unique(targets, axis=0, return_inverse=True)
-    pairs = np.unique(np.stack([group, target_id.reshape(-1)], axis=1), axis=0)
-    conflicts = int((np.bincount(pairs[:, 0], minlength=len(sizes)) > 1).sum())
-
-    cross, examples = [], []
-    for first, second in ((0, 1), (0, 2), (1, 2)):
-        shared = present[first] & present[second]
-        name = f"{SPLITS[first]}-{SPLITS[second]}"
-        cross.append({"splits": name, "groups": int(shared.sum()),
-                      "leaked_images": int((shared[group] & (labels == second)).sum())})
-        for g in np.flatnonzero(shared)[:EXAMPLES_PER_PAIR]:
-            members = rows[group == g][:MEMBERS_PER_EXAMPLE]
-            examples.append({
-                "splits": name,
-                "rows": members.tolist(),
-                "row_splits": [SPLITS[k] for k in split_of[members]],
-                "paths": [table.paths[r] for r in members] if table.paths is not None else [],
-            })
-    return {
-        "duplicate_images": int(len(rows) - len(sizes)),
-        "duplicate_groups": int((sizes > 1).sum()),
-        "duplicate_label_conflicts": conflicts,
-        "cross_split_duplicates": cross,
-        "duplicate_examples": examples,
-    }
