@@ -103,8 +103,10 @@ def test_same_seed_gives_same_metrics(tmp_path):
 
 
 def test_folder_source_trains_and_predicts(class_folder, tmp_path):
+    # fp32 wherever the suite runs: on 54 training images, a bf16 fit (CPUs with AMX) sat at
+    # chance for 5 of its 10 epochs with seed 0 (0.78 at the end; fp32: 1.0 for seeds 0-3)
     result = imagefit.fit(class_folder, epochs=10, runs_dir=str(tmp_path), progress=False,
-                          valid_pct=0.25)
+                          valid_pct=0.25, precision="fp32")
     assert result.metrics["valid_accuracy"] >= 0.8
     frame = imagefit.predict(result.run_dir, [class_folder / "hbar"], progress=False)
     assert (frame["label"] == "hbar").mean() >= 0.8

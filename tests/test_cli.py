@@ -199,3 +199,60 @@ def test_unavailable_device_is_a_clear_error(capsys):
     assert code == 2 and "option --device: CUDA is not available here; use --device cpu" in err
     code, _, err = run_cli(capsys, "fit", "builtin:digits", "--device", "tpu9")
     assert code == 2 and "option --device: unknown device 'tpu9'" in err
+
+
+# -- hardening: fast answers, one-line errors for plain mistakes ---------------------------
+
+NO_TORCH = """
+import sys
+from imagefit.cli import main
+try:
+    code = main(sys.argv[1:])
+except SystemExit as exit:
+    code = exit.code
+heavy = sorted(m for m in ("torch", "timm", "pandas", "matplotlib") if m in sys.modules)
+print("heavy:", ",".join(heavy) or "none", "code:", code)
+"""
+
+
+@pytest.mark.parametrize("argv, code", [
+    (["--help"], 0), (["fit", "--help"], 0), (["fti"], 2),
+    (["fit", "x", "--lr", "abc"], 2), (["fit", "x", "--epochs", "0"], 2),
+    (["fit", "x", "--augment", "rotate"], 2), (["cv", "x", "--folds", "1"], 2),
+])
+def test_help_and_option_errors_answer_without_loading_torch(argv, code):
+    """`imagefit --help` took 5.4 s and 1 GB when every command paid for torch."""
+    done = subprocess.run([sys.executable, "-c", NO_TORCH, *argv], capture_output=True,
+                          text=True, timeout=60)
+    assert done.stdout.strip().endswith(f"heavy: none code: {code}"), done.stdout + done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_a_number_option_given_text_names_the_flag_not_its_types(capsys):
+    assert main(["fit", "builtin:digits", "--lr", "abc"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "imagefit: error: option --lr: give a positive number such as 3e-3, or auto (got 'abc')")
+    assert main(["fit", "builtin:digits", "--tta-augment", "mirror"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("option --tta-augment") == 1 and "input should be 'auto', 'flip'" in err
+
+
+def test_yaml_errors_name_the_file_and_line(tmp_path, capsys):
+    config = tmp_path / "fit.yaml"
+    config.write_text("epochs: 3\naugment_options: {rotate: [\n")
+    assert main(["fit", "builtin:digits", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert f"config file {config} line" in err and "is not valid YAML: fix it" in err
+    config.write_text("- epochs\n")
+    assert main(["fit", "builtin:digits", "--config", str(config)]) == 2
+    assert "must hold a mapping of option: value" in capsys.readouterr().err
+
+
+def test_help_states_when_tta_is_on(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["fit", "--help"])
+    text = " ".join(capsys.readouterr().out.split()).replace("- ", "-")  # wrapped hyphens
+    start = text.index("--tta, --no-tta")
+    tta = text[start:text.index("--tta-n TTA_N", start)]
+    assert "(default: on; off for the small-image recipe's fits of under 8 epochs" in tta
+    assert "True" not in tta

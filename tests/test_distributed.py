@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -84,3 +85,58 @@ def test_two_processes_learn_what_one_does_and_write_one_run(tmp_path):
     assert abs(metrics["valid_accuracy"] - one.metrics["valid_accuracy"]) <= 0.02
     assert "devices: 2" in (run_dir / "config.yaml").read_text()
     assert (run_dir / "checkpoints" / "last.pt").is_file()
+
+
+def test_more_devices_than_cores_is_refused_naming_the_limit(capsys):
+    from imagefit import distributed
+    from imagefit.cli import main
+
+    cores, what = distributed.available_devices("cpu")
+    assert what == "CPU core(s)" and cores == len(os.sched_getaffinity(0))
+    assert main(["fit", "builtin:digits", "--devices", str(cores + 97), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert f"--devices {cores + 97}: this machine has {cores} CPU core(s), and each process " \
+        f"needs one of its own: give --devices {cores} or fewer" in err
+
+
+def _imagefit_processes(marker: str) -> list[int]:
+    """PIDs of live processes whose command line holds ``marker``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if marker in command and state != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signals are "
+                    "Linux's; elsewhere torchrun's own handling applies")
+def test_killing_the_command_kills_its_workers(tmp_path):
+    """kill -9 of `imagefit fit --devices 2` leaves no torchrun or worker process alive: the
+    workers are in sessions of their own, which only the parent-death signals reach."""
+    runs_dir = tmp_path / "runs"
+    marker = str(runs_dir)
+    parent = subprocess.Popen(
+        [sys.executable, "-m", "imagefit", "fit", "builtin:digits", "--devices", "2",
+         "--epochs", "200", "--no-progress", "--no-report", "--runs-dir", marker],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 120
+        while not list(runs_dir.glob("*/metrics.csv")):  # training, in all three processes
+            assert parent.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        assert len(_imagefit_processes(marker)) >= 4  # imagefit, torchrun and two workers
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.monotonic() + 10
+    while _imagefit_processes(marker) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _imagefit_processes(marker) == []

@@ -207,3 +207,84 @@ def test_lite0_into_grey_model_with_few_classes():
 def test_lite0_needs_its_architecture():
     with pytest.raises(ImagefitError, match="tf_efficientnet_lite0, not efficientnet_lite0"):
         load_pretrained(timm.create_model("efficientnet_lite0"), LITE0)
+
+
+# -- new heads and pretrained regression ----------------------------------------------------
+
+
+@pytest.mark.parametrize("pretrained, n_out", [(LITE0, 1), (LITE0, 4), (None, 1)])
+def test_a_new_head_starts_at_zero_so_the_first_loss_is_chance(pretrained, n_out):
+    """timm initialises EfficientNet's classifier for 1,000 classes (uniform in
+    +-1/sqrt(outputs)): a 4-class fine-tune started at a loss of 4.7 where chance is 1.39,
+    and a regression's first predictions sat about 8 target deviations off."""
+    from imagefit.models import create_model
+    from imagefit.tasks import Task
+
+    model = create_model("tf_efficientnet_lite0", 3, n_out, pretrained=pretrained).eval()
+    classifier = model.get_classifier()
+    assert not classifier.weight.any() and not classifier.bias.any()
+    x = torch.randn(6, 3, 32, 32)
+    with torch.no_grad():
+        outputs = model(x)
+    assert not outputs.any()
+    if n_out == 4:
+        loss = Task("classification", list("abcd")).loss(outputs, torch.tensor([0, 1, 2, 3, 0, 1]))
+        assert loss.item() == pytest.approx(np.log(4), abs=1e-6)
+    else:
+        task = Task("regression", ["angle"])
+        task.fit_target_scaling(np.array([[10.0], [30.0], [50.0]]))
+        assert task.activate(outputs).flatten().tolist() == [30.0] * 6  # the training mean
+
+
+def test_a_pretrained_head_of_the_same_size_is_kept(tmp_path):
+    """A checkpoint's classifier that fits the model is its own: not reset."""
+    from imagefit.models import create_model
+
+    source = resnet(num_classes=3, seed=2)
+    path = tmp_path / "weights.pt"
+    torch.save(source.state_dict(), path)
+    model = create_model("resnet18", 3, 3, pretrained=str(path))
+    assert torch.equal(model.get_classifier().weight, source.fc.weight)
+
+
+def brightness_crops(folder, n: int, size: int = 32, seed: int = 0):
+    """Crops of real photos darkened by a known factor (0.2-1.0): the target."""
+    rng = np.random.default_rng(seed)
+    photos = [getattr(skimage.data, name)() for name in ("astronaut", "coffee", "chelsea",
+                                                         "rocket")]
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = ["file,brightness"]
+    for i in range(n):
+        picture = photos[i % len(photos)]
+        height, width = picture.shape[:2]
+        side = int(rng.integers(min(height, width) // 3, min(height, width) // 2))
+        top, left = rng.integers(0, height - side), rng.integers(0, width - side)
+        factor = rng.uniform(0.2, 1.0)
+        crop = (picture[top:top + side, left:left + side] * factor).astype(np.uint8)
+        Image.fromarray(crop).resize((size, size)).save(folder / f"{i}.png")
+        rows.append(f"{i}.png,{factor:.4f}")
+    (folder / "targets.csv").write_text("\n".join(rows) + "\n")
+    return folder / "targets.csv"
+
+
+@needs_lite0
+def test_pretrained_regression_learns_without_straying(tmp_path):
+    """Before zero-initialised heads, fine-tuning Lite0 on a regression went to about 6x the
+    mean predictor's error in its first epoch (and, with the LR finder misled by that start,
+    stayed at the mean predictor). Brightness is a hard target for ImageNet features, which
+    were trained to ignore it: this guards the start, bench/pretrained_regression.py
+    measures how well a fine-tune learns (rotation angles)."""
+    import imagefit
+
+    csv = brightness_crops(tmp_path / "crops", 240)
+    result = imagefit.fit(csv, pretrained=LITE0, image_size=32, epochs=5, valid_pct=0.25,
+                          runs_dir=str(tmp_path / "runs"), progress=False, report=False,
+                          tta=False)
+    targets = imagefit.read_source(csv).targets.ravel()
+    valid = np.zeros(len(targets), dtype=bool)
+    valid[result.outputs["valid"][0]] = True
+    mean_predictor = float(np.abs(targets[valid] - targets[~valid].mean()).mean())
+    maes = [row["valid_mae"] for row in result.history]
+    assert result.history[0]["train_loss"] < 1.5  # standardized targets: about 1 at the start
+    assert max(maes) < 1.25 * mean_predictor
+    assert min(maes) < 0.9 * mean_predictor

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 import imagefit
 import imagefit.models
-from imagefit import ImagefitError
+from imagefit import ImagefitError, ImagefitWarning
 from imagefit.tasks import Task
 from imagefit.train import schedules
 from imagefit.train.lr_finder import suggest
@@ -209,9 +210,67 @@ def test_pretrained_timm_offline_is_a_clear_error(monkeypatch):
 
     original = timm.create_model
     monkeypatch.setattr(timm, "create_model", offline)
+    monkeypatch.delenv("IMAGEFIT_OFFLINE")
     with pytest.raises(ImagefitError, match=r"could not fetch timm's pretrained weights of "
                                             r"resnet18.*connect to the internet once"):
         imagefit.fit("builtin:digits", model="resnet18", pretrained="timm", progress=False)
+
+
+def test_pretrained_timm_with_downloads_off_never_tries_the_network(monkeypatch, tmp_path):
+    """IMAGEFIT_OFFLINE=1 (set for every test) answers at once where the hub's lookup took
+    about 50 s to time out."""
+    import timm
+
+    def no_network(*args, **kwargs):
+        if kwargs.get("pretrained"):
+            raise AssertionError("tried the hub")
+        return original(*args, **kwargs)
+
+    original = timm.create_model
+    monkeypatch.setattr(timm, "create_model", no_network)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty hub cache
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    with pytest.raises(ImagefitError, match=r"timm's pretrained weights of resnet18 are not on "
+                       r"this machine and downloads are off \(IMAGEFIT_OFFLINE is set\): fetch "
+                       r"them once where the network is allowed"):
+        imagefit.fit("builtin:digits", model="resnet18", pretrained="timm", progress=False)
+
+
+class PlainCallback:
+    """A plain object with some of the event methods, as the README shows: no base class, no
+    ``order``."""
+
+    def __init__(self):
+        self.events = []
+
+    def before_fit(self, learner):
+        self.events.append("before_fit")
+
+    def after_epoch(self, learner):
+        self.events.append(f"after_epoch {len(learner.history)}")
+
+
+def test_a_plain_object_with_event_methods_is_a_callback(tmp_path):
+    callback = PlainCallback()
+    imagefit.fit("builtin:digits", epochs=2, runs_dir=str(tmp_path), progress=False,
+                 report=False, callbacks=[callback])
+    assert callback.events == ["before_fit", "after_epoch 1", "after_epoch 2"]
+
+
+def test_progressive_resizing_records_each_epochs_size(tmp_path):
+    result = imagefit.fit("builtin:digits", epochs=4, image_sizes=[8, 16], runs_dir=str(tmp_path),
+                          progress=False, report=False)
+    sizes = pd.read_csv(result.run_dir / "metrics.csv")["image_size"].tolist()
+    assert sizes == [8, 8, 16, 16]
+    log = (result.run_dir / "log.txt").read_text().splitlines()
+    assert "image_size" in log[0] and log[1].split()[-1] == "8" and log[4].split()[-1] == "16"
+
+
+def test_plc_on_a_short_fit_warns(tmp_path):
+    with pytest.warns(ImagefitWarning, match=r"--plc over 3 epochs: .* train for 10 epochs or "
+                      r"more"):
+        imagefit.fit("builtin:digits", epochs=3, plc=True, runs_dir=str(tmp_path),
+                     progress=False, report=False)
 
 
 def test_freeze_leaves_the_body_unchanged_after_a_step():
@@ -337,12 +396,14 @@ def test_ema_accumulation_clipping_and_dropout_train(tmp_path):
         imagefit.fit("builtin:digits", dropout=0.2, progress=False)
 
 
-def test_precision_auto_is_fp32_on_a_cpu_without_amx():
-    from imagefit.build import _cpu_has_amx, resolve_precision
+@pytest.mark.parametrize("cpuinfo, expected", [("flags: avx512f avx512_bf16", "fp32"),
+                                               ("flags: avx512f amx_bf16 amx_tile", "bf16")])
+def test_precision_auto_is_bf16_only_on_cpus_with_amx(cpuinfo, expected, monkeypatch):
+    import imagefit.devices as devices
 
-    expected = "bf16" if _cpu_has_amx() else "fp32"
-    assert resolve_precision("auto", torch.device("cpu")) == expected
-    assert resolve_precision("fp16", torch.device("cpu")) == "fp16"
+    monkeypatch.setattr(devices.Path, "read_text", lambda self, *a, **k: cpuinfo)
+    assert devices.resolve_precision("auto", torch.device("cpu")) == expected
+    assert devices.resolve_precision("fp32", torch.device("cpu")) == "fp32"
 
 
 def test_accumulated_gradients_match_one_big_batch():

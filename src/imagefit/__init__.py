@@ -1,16 +1,38 @@
 """imagefit: train image models from a folder, a CSV file or arrays, with the practitioner's
-recipe built in."""
+recipe built in.
 
-__version__ = "0.1.0"
+The public names load their modules on first use (PEP 562), so ``import imagefit`` and the
+command line's help, option errors and listings do not pay for torch.
+"""
 
-from .api import FitResult, fit, lr_find, resume, show_batch  # noqa: E402
-from .config import EvaluateOptions, FitConfig, PredictOptions  # noqa: E402
-from .data.sources import Table, from_arrays, read_source  # noqa: E402
-from .errors import FitInterrupted, ImagefitError, ImagefitWarning  # noqa: E402
-from .inference import LoadedModel, evaluate, load_model, predict  # noqa: E402
+from importlib import import_module
+
+from .errors import FitInterrupted, ImagefitError, ImagefitWarning
+from .version import __version__
+
+_PUBLIC = {
+    "FitResult": "api", "fit": "api", "lr_find": "api", "resume": "api", "show_batch": "api",
+    "EvaluateOptions": "config", "FitConfig": "config", "PredictOptions": "config",
+    "Table": "data.sources", "from_arrays": "data.sources", "read_source": "data.sources",
+    "LoadedModel": "inference", "evaluate": "inference", "load_model": "inference",
+    "predict": "inference",
+}
 
 __all__ = [
     "EvaluateOptions", "FitConfig", "FitInterrupted", "FitResult", "ImagefitError",
-    "ImagefitWarning", "LoadedModel", "PredictOptions", "Table", "evaluate", "fit",
-    "from_arrays", "load_model", "predict", "lr_find", "read_source", "resume", "show_batch",
+    "ImagefitWarning", "LoadedModel", "PredictOptions", "Table", "__version__", "evaluate",
+    "fit", "from_arrays", "load_model", "lr_find", "predict", "read_source", "resume",
+    "show_batch",
 ]
+
+
+def __getattr__(name: str):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'imagefit' has no attribute {name!r}")
+    value = getattr(import_module(f".{_PUBLIC[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

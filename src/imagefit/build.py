@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from . import __version__, distributed
+from . import distributed
 from .augment.color import pca_statistics
 from .augment.pipeline import BatchPipeline
 from .augment.presets import resolve_augment
@@ -22,11 +22,13 @@ from .config import (
     ImageOptions,
 )
 from .data.cache import CacheSettings
+from .data.checks import check_has_training_rows, check_trainable, leak_notes
 from .data.loader import Loader
 from .data.prepare import PreparedImages, channel_stats, prepare_images, resolve_settings
 from .data.sampling import class_weights, resample_rows, weighted_sampler_rows
 from .data.sources import Table, read_source
 from .data.splits import assign_validation
+from .devices import resolve_precision
 from .errors import ImagefitError
 from .metrics import available_metrics
 from .models import (
@@ -42,25 +44,13 @@ from .train import schedules
 from .train.learner import Learner
 from .train.memory import largest_batch_size
 from .train.schedules import Schedule
+from .version import __version__
 
 MIN_STEPS_PER_EPOCH = 32
 
 
 MIN_BATCH_SIZE = 8
 AUTO_BATCH_START = 1024  # --bs auto tries this first, then halves
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ImagefitError(f"option --device: unknown device '{name}'; use auto, cpu or cuda")\
-            from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ImagefitError("option --device: CUDA is not available here; use --device cpu")
-    return device
 
 
 def training_batch_size(requested: int, n_train: int) -> int:
@@ -85,12 +75,14 @@ class LoadedData:
     augment: AugmentOptions
     lighting: dict | None
     cache_seconds: float
+    notes: dict = field(default_factory=dict)  # for metrics.json: copies across splits
 
 
 def load_data(data: str | Path | Table, cfg: ImageOptions) -> LoadedData:
     """Read ``data``, carve the validation split, decode the images once into the cache and
     resolve the augmentation; fills ``cfg``'s automatic image size and channels."""
     table = data if isinstance(data, Table) else read_source(data, cfg)
+    check_has_training_rows(table)
     table = assign_validation(table, cfg.valid_pct, cfg.seed, cfg.stratify)
     if cfg.image_sizes and cfg.image_size is None:
         cfg.image_size = max(cfg.image_sizes)
@@ -102,8 +94,9 @@ def load_data(data: str | Path | Table, cfg: ImageOptions) -> LoadedData:
     cache_seconds = time.perf_counter() - started
     train_rows, valid_rows, test_rows = (prepared.rows(table, s)
                                          for s in ("train", "valid", "test"))
-    if len(train_rows) == 0:
-        raise ImagefitError(f"{table.description} has no readable training images")
+    check_trainable(table, prepared.cache, train_rows)
+    notes = leak_notes(table, prepared.cache,
+                       {"train": train_rows, "valid": valid_rows, "test": test_rows})
     cfg.image_size, cfg.channels = settings.size, settings.channels
     augment = cfg.augment_options = resolve_augment(cfg.augment, cfg.augment_options)
     lighting = None
@@ -112,7 +105,23 @@ def load_data(data: str | Path | Table, cfg: ImageOptions) -> LoadedData:
                                                         replace=False)
         lighting = pca_statistics(prepared.cache.images[np.sort(sample)], seed=cfg.seed)
     return LoadedData(table, settings, prepared, train_rows, valid_rows, test_rows, augment,
-                      lighting, cache_seconds)
+                      lighting, cache_seconds, notes)
+
+
+def check_data(table: Table, cfg: FitConfig) -> None:
+    """The checks a fit makes of its data, on a whole table at once (cross-validation, before
+    its directory exists): training rows, readable images, classes, targets. The image cache
+    built here is the one the folds then read."""
+    check_has_training_rows(table)
+    cfg = cfg.model_copy()
+    apply_pretrained_source(cfg)
+    settings = resolve_settings(table, cfg.image_size or (max(cfg.image_sizes) if
+                                                          cfg.image_sizes else None),
+                                cfg.channels, cfg.resize, cfg.seed)
+    prepared = prepare_images(table, settings, cache_dir=cfg.cache_dir, strict=cfg.strict,
+                              progress=cfg.progress)
+    check_trainable(table, prepared.cache, np.flatnonzero(prepared.usable &
+                                                          (table.split != "test")))
 
 
 # The small-image recipe (32 px or less, a small_cnn net from scratch), chosen by measurement
@@ -213,6 +222,7 @@ def build_training(cfg: FitConfig, loaded: LoadedData, device: torch.device) -> 
         "resize": settings.resize,
         "normalization": {"mean": mean, "std": std},
         "lighting": loaded.lighting,
+        "precision": resolve_precision(cfg.precision, device),  # predict and evaluate's too
     }
     loaders = {"train": loader(train_rows, train=True),
                "valid": loader(loaded.valid_rows), "test": loader(loaded.test_rows)}
@@ -276,23 +286,6 @@ def apply_pretrained_source(cfg: FitConfig) -> None:
         cfg.image_size = source["image_size"]
     if cfg.channels is None:
         cfg.channels = 3
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """'auto': bf16 on CUDA when supported (fp16 with a grad scaler otherwise) and on CPUs
-    with AMX tiles; fp32 on other CPUs, where bf16 is slower."""
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if _cpu_has_amx() else "fp32"
-
-
-def _cpu_has_amx() -> bool:
-    try:
-        return "amx_bf16" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
 
 
 def make_learner(cfg: FitConfig, parts: TrainingParts, callbacks=(), **extra) -> Learner:

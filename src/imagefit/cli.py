@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 import types
 import typing
 import warnings
+from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import yaml
 
-from . import __version__, api, distributed, inference
 from .config import (
     CVConfig,
     EvaluateOptions,
+    ExplainOptions,
     FitConfig,
     Options,
     PredictOptions,
@@ -28,10 +31,7 @@ from .config import (
     read_yaml_options,
 )
 from .errors import FitInterrupted, ImagefitError, ImagefitWarning
-from .explain import ExplainOptions, explain
-from .report.history import compare_runs, format_runs, list_runs
-from .report.html import regenerate
-from .train import budget
+from .version import __version__
 
 
 def _type_args(annotation: Any) -> tuple:
@@ -208,6 +208,18 @@ def build_parser() -> argparse.ArgumentParser:
                          help="run directories whose loss and metric curves to overlay")
     listing.add_argument("--out", metavar="PNG", default="compare.png",
                          help="where --compare saves its plot (default: compare.png)")
+
+    cache = commands.add_parser(
+        "cache", help="list or clear the decoded-image cache",
+        description="The decoded-image cache ($IMAGEFIT_CACHE, default ~/.cache/imagefit/"
+        "images) keeps each dataset's images decoded at each size; it is held under "
+        "$IMAGEFIT_CACHE_LIMIT (default 20G) by removing the caches used least recently. "
+        "ls lists the caches, clear removes those no running command uses.",
+    )
+    cache.add_argument("action", choices=["ls", "clear"], help="ls: list; clear: remove")
+    cache.add_argument("--cache-dir", metavar="DIR",
+                       help="the cache folder (default: $IMAGEFIT_CACHE or ~/.cache/imagefit/"
+                       "images)")
     return parser
 
 
@@ -239,68 +251,172 @@ def _format_evaluation(results: dict) -> str:
     return "\n".join(lines)
 
 
-def run_command(args: argparse.Namespace, argv: list[str] = ()) -> int:
-    if args.command == "fit":
-        config = None
-        if args.resume:
-            if args.data:
-                raise ImagefitError("--resume RUN takes its data and options from the run: "
-                                    "leave out DATA")
-            devices = make_options(FitConfig, {"devices": getattr(args, "devices", 1)}).devices
-        elif not args.data:
-            raise ImagefitError("give DATA to fit, or --resume RUN")
-        else:
-            config = resolve_options(FitConfig, args, ("data",))
-            devices = config.devices
-        if devices > 1 and not distributed.launched():
-            return distributed.launch(argv, devices)
-        result = api.resume(args.resume) if config is None else api.fit(args.data, config)
-        if not distributed.is_main():
-            return 0
-        shown = list(result.history[-1]) if result.history else []
-        print(_format_metrics(result.metrics, shown))
-        if (result.run_dir / "report.html").is_file():
-            print(f"report: {result.run_dir / 'report.html'}")
-        print(result.run_dir)
-    elif args.command == "predict":
-        options = resolve_options(PredictOptions, args, ("run", "inputs", "out"))
-        frame = inference.predict(args.run, args.inputs, args.out, options)
-        if args.out:
-            print(f"wrote {len(frame)} predictions to {args.out}")
-        else:
-            print(frame.to_csv(index=False), end="")
-    elif args.command == "evaluate":
-        options = resolve_options(EvaluateOptions, args, ("run", "data", "out"))
-        results = inference.evaluate(args.run, args.data, args.out, options)
-        print(_format_evaluation(results))
-    elif args.command == "lr-find":
-        config = resolve_options(FitConfig, args, ("data", "out"))
-        result = api.lr_find(args.data, args.out, config)
-        for name, lr in result.suggestions.items():
-            print(f"{name}: {lr:.2e}")
-        print(args.out)
-    elif args.command == "show-batch":
-        options = resolve_options(ShowBatchOptions, args, ("data", "out"))
-        print(api.show_batch(args.data, args.out, options))
-    elif args.command == "cv":
-        from .cv import cv, format_cv
+def _fit(args: argparse.Namespace, argv: list[str]) -> int:
+    config = None
+    if args.resume:
+        if args.data:
+            raise ImagefitError("--resume RUN takes its data and options from the run: "
+                                "leave out DATA")
+        devices = make_options(FitConfig, {"devices": getattr(args, "devices", 1)}).devices
+    elif not args.data:
+        raise ImagefitError("give DATA to fit, or --resume RUN")
+    else:
+        config = resolve_options(FitConfig, args, ("data",))
+        devices = config.devices
+    from . import api, distributed
 
-        result = cv(args.data, resolve_options(CVConfig, args, ("data",)))
-        print(format_cv(result))
-        print(f"report: {result.cv_dir / 'report.html'}")
-        print(result.cv_dir)
-    elif args.command == "explain":
-        options = resolve_options(ExplainOptions, args, ("run", "images", "out"))
-        written = explain(args.run, args.images, args.out, options)
-        print(f"wrote {len(written)} overlays to {args.out}")
-    elif args.command == "report":
-        print(regenerate(args.run))
-    elif args.command == "runs":
-        if args.compare:
-            print(compare_runs(args.compare, args.out))
-        else:
-            print(format_runs(list_runs(args.dir)))
+    _start_budget_clock(args)
+    if devices > 1 and not distributed.launched():
+        return distributed.launch(argv, devices, device=config.device if config else "auto")
+    result = api.resume(args.resume) if config is None else api.fit(args.data, config)
+    if not distributed.is_main():
+        return 0
+    shown = list(result.history[-1]) if result.history else []
+    print(_format_metrics(result.metrics, shown))
+    if (result.run_dir / "report.html").is_file():
+        print(f"report: {result.run_dir / 'report.html'}")
+    print(result.run_dir)
     return 0
+
+
+def _start_budget_clock(args: argparse.Namespace) -> None:
+    """A --budget counts from the process's start (``imagefit`` from a shell), else from the
+    call of ``main``."""
+    from .train import budget
+
+    budget.mark_command_start(process=args.whole_process, now=args.called_at)
+
+
+def _predict(args: argparse.Namespace, argv: list[str]) -> int:
+    from . import inference
+
+    options = resolve_options(PredictOptions, args, ("run", "inputs", "out"))
+    frame = inference.predict(args.run, args.inputs, args.out, options)
+    if args.out:
+        print(f"wrote {len(frame)} predictions to {args.out}")
+    else:
+        print(frame.to_csv(index=False), end="")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace, argv: list[str]) -> int:
+    from . import inference
+
+    options = resolve_options(EvaluateOptions, args, ("run", "data", "out"))
+    results = inference.evaluate(args.run, args.data, args.out, options)
+    print(_format_evaluation(results))
+    return 0
+
+
+def _lr_find(args: argparse.Namespace, argv: list[str]) -> int:
+    from . import api
+
+    config = resolve_options(FitConfig, args, ("data", "out"))
+    result = api.lr_find(args.data, args.out, config)
+    for name, lr in result.suggestions.items():
+        print(f"{name}: {lr:.2e}")
+    print(args.out)
+    return 0
+
+
+def _show_batch(args: argparse.Namespace, argv: list[str]) -> int:
+    from . import api
+
+    options = resolve_options(ShowBatchOptions, args, ("data", "out"))
+    print(api.show_batch(args.data, args.out, options))
+    return 0
+
+
+def _cv(args: argparse.Namespace, argv: list[str]) -> int:
+    config = resolve_options(CVConfig, args, ("data",))
+    from .cv import cv, format_cv
+
+    _start_budget_clock(args)
+    result = cv(args.data, config)
+    print(format_cv(result))
+    print(f"report: {result.cv_dir / 'report.html'}")
+    print(result.cv_dir)
+    return 0
+
+
+def _explain(args: argparse.Namespace, argv: list[str]) -> int:
+    from .explain import explain
+
+    options = resolve_options(ExplainOptions, args, ("run", "images", "out"))
+    written = explain(args.run, args.images, args.out, options)
+    print(f"wrote {len(written)} overlays to {args.out}")
+    return 0
+
+
+def _report(args: argparse.Namespace, argv: list[str]) -> int:
+    from .report.html import regenerate
+
+    print(regenerate(args.run))
+    return 0
+
+
+def _runs(args: argparse.Namespace, argv: list[str]) -> int:
+    from .report.history import compare_runs, format_runs, list_runs
+
+    if args.compare:
+        print(compare_runs(args.compare, args.out))
+    else:
+        print(format_runs(list_runs(args.dir)))
+    return 0
+
+
+def _cache(args: argparse.Namespace, argv: list[str]) -> int:
+    from .data import cache
+
+    root = Path(args.cache_dir) if args.cache_dir else cache.default_cache_root()
+    if args.action == "clear":
+        entries = cache.list_caches(root)
+        removed = [e for e in entries if cache.remove_cache(root / e["key"])]
+        kept = len(entries) - len(removed)
+        freed = sum(e["bytes"] for e in removed)
+        print(f"removed {len(removed)} cache(s) from {root}, {_size(freed)} freed"
+              + (f"; {kept} in use kept" if kept else ""))
+        return 0
+    print(_format_caches(root, cache.list_caches(root), cache.cache_limit()))
+    return 0
+
+
+def _format_caches(root: Path, entries: list[dict], limit: int) -> str:
+    """The caches as a table, most recently used first, with the total against the limit."""
+    total = sum(e["bytes"] for e in entries)
+    head = (f"{root}: {len(entries)} cache(s), {_size(total)} of "
+            f"{_size(limit) if limit else 'no'} limit")
+    if not entries:
+        return head
+    lines = [head, f"{'key':<20}  {'last used':<16}  {'images':>7}  {'size':>6}  "
+                   f"{'px':>4}  {'ch':>2}  {'state':<8}  data"]
+    for e in entries:
+        settings = e["settings"] or {}
+        state = "in use" if e["in_use"] else "ready" if e["complete"] else "partial"
+        used = datetime.fromtimestamp(e["last_used"]).strftime("%Y-%m-%d %H:%M")
+        lines.append(f"{e['key']:<20}  {used:<16}  {e['images'] or '-':>7}  "
+                     f"{_size(e['bytes']):>6}  {settings.get('size', '-'):>4}  "
+                     f"{settings.get('channels', '-'):>2}  {state:<8}  {e['description']}")
+    return "\n".join(lines)
+
+
+def _size(count: float) -> str:
+    for unit in ("B", "K", "M", "G"):
+        if count < 1024:
+            return f"{count:.0f}{unit}" if unit == "B" else f"{count:.1f}{unit}"
+        count /= 1024
+    return f"{count:.1f}T"
+
+
+COMMANDS = {"fit": _fit, "predict": _predict, "evaluate": _evaluate, "lr-find": _lr_find,
+            "show-batch": _show_batch, "cv": _cv, "explain": _explain, "report": _report,
+            "runs": _runs, "cache": _cache}
+
+
+def run_command(args: argparse.Namespace, argv: list[str] = ()) -> int:
+    """Dispatch to the command's function; each imports what it uses, so that help and
+    option errors answer without loading torch."""
+    return COMMANDS[args.command](args, list(argv))
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -311,9 +427,11 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    budget.mark_command_start(process=argv is None)  # a budget counts from here
+    called_at = time.monotonic()
+    whole_process = argv is None
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.called_at, args.whole_process = called_at, whole_process
     warnings.showwarning = _show_warning
     try:
         return run_command(args, argv)
@@ -321,6 +439,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"imagefit: error: {error}", file=sys.stderr)
         return 2
     except FitInterrupted as interrupted:
+        if interrupted.run_dir is None:
+            print("imagefit: interrupted before the first epoch finished: nothing was kept "
+                  "(the run directory was removed)", file=sys.stderr)
+            return 130
         print(f"imagefit: {interrupted}; the run directory keeps its model and metrics",
               file=sys.stderr)
         print(interrupted.run_dir)

@@ -48,11 +48,11 @@ def conclude(run_dir: Path, cfg: FitConfig, parts: TrainingParts, loaded: Loaded
             continue
         if tta is None:
             outputs[name] = model_outputs(model, parts.pipeline, task, images, rows, bs,
-                                          size=size, **shard)
+                                          size=size, precision=cfg.precision, **shard)
         else:
             outputs[name], tta_outputs[name] = model_outputs(
                 model, parts.pipeline, task, images, rows, bs, tta, size, plain_too=True,
-                **shard)
+                precision=cfg.precision, **shard)
     figures: dict = {}
     if task.kind == "multilabel" and "valid" in outputs:
         threshold, _ = best_threshold(task, outputs["valid"], targets[splits["valid"]])

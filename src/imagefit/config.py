@@ -6,6 +6,7 @@ The command line and YAML files are generated from and checked against these mod
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,7 +19,7 @@ from .errors import ImagefitError
 class Options(BaseModel):
     """Base of the option groups: unknown keys are errors, values are checked on assignment."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class SourceOptions(Options):
@@ -118,11 +119,15 @@ class AugmentOptions(Options):
 
 AugmentPreset = Literal["none", "light", "side_on", "top_down", "randaugment", "trivial",
                         "imagenet"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+# What makes test-time augmentation's versions: a preset, or auto / flip (see _tta_augment).
+TTAAugment = Literal["auto", "flip", "none", "light", "side_on", "top_down", "randaugment",
+                     "trivial", "imagenet"]
 
 
-def _tta_flag(default: bool, what: str) -> Any:
+def _tta_flag(default: bool, what: str, when: str = "") -> Any:
     return Field(default, description=f"{what} with test-time augmentation too: the average "
-                 "of the original and --tta-n augmented versions")
+                 f"of the original and --tta-n augmented versions{when}")
 
 
 def _tta_n() -> Any:
@@ -241,7 +246,7 @@ class FitConfig(ImageOptions):
     train_bn: bool = Field(
         True, description="while frozen, keep training the body's BatchNorm weights"
     )
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+    precision: Precision = Field(
         "auto",
         description="arithmetic: 'auto' is bf16 autocast on CUDA GPUs that support it (fp16 "
         "with a grad scaler on older ones) and on CPUs with AMX, else fp32",
@@ -417,9 +422,12 @@ class FitConfig(ImageOptions):
         "log_loss; regression: mae, rmse, r2, mape (default: accuracy,error_rate / "
         "accuracy,f1 / mae,rmse)",
     )
-    tta: bool = _tta_flag(True, "end the fit by measuring the final model")
+    tta: bool = _tta_flag(
+        True, "end the fit by measuring the final model",
+        " (default: on; off for the small-image recipe's fits of under 8 epochs and for "
+        "images under 16 px, which measured better without it: docs/RECIPES.md)")
     tta_n: int = _tta_n()
-    tta_augment: Literal["auto", "flip"] | AugmentPreset = _tta_augment()
+    tta_augment: TTAAugment = _tta_augment()
     report: bool = Field(
         True, description="end the fit with the interpretation plots and report.html"
     )
@@ -434,6 +442,20 @@ class FitConfig(ImageOptions):
         if not pairs or any(not sep or not name.strip() for name, sep, _ in pairs):
             raise ValueError("give CLASS=FACTOR pairs, comma-separated, e.g. scab=3,rust=2")
         return {name.strip(): factor.strip() for name, _, factor in pairs}
+
+    @field_validator("lr", mode="before")
+    @classmethod
+    def _learning_rate(cls, value: Any) -> Any:
+        """A positive, finite number or 'auto', in one message (not one per union member)."""
+        if value == "auto":
+            return value
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = math.nan
+        if isinstance(value, bool) or not math.isfinite(number) or number <= 0:
+            raise ValueError("give a positive number such as 3e-3, or auto")
+        return number
 
     @field_validator("bs", mode="before")
     @classmethod
@@ -489,6 +511,12 @@ class ShowBatchOptions(ImageOptions):
     )
 
 
+def _inference_precision() -> Any:
+    return Field("auto", description="arithmetic of the forward passes: 'auto' is the model's "
+                 "own (model.json: what it was trained and measured in) where this device runs "
+                 "it fast, else what auto means for fit")
+
+
 class EvaluateOptions(SourceOptions):
     """Options of ``evaluate``."""
 
@@ -497,9 +525,10 @@ class EvaluateOptions(SourceOptions):
     )
     bs: int = Field(256, ge=1, description="batch size")
     device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'")
+    precision: Precision = _inference_precision()
     tta: bool = _tta_flag(False, "measure")
     tta_n: int = _tta_n()
-    tta_augment: Literal["auto", "flip"] | AugmentPreset = _tta_augment()
+    tta_augment: TTAAugment = _tta_augment()
 
 
 class InputOptions(Options):
@@ -512,6 +541,7 @@ class InputOptions(Options):
     suffix: str = Field("", description="CSV input: appended to every path")
     bs: int = Field(256, ge=1, description="batch size")
     device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'")
+    precision: Precision = _inference_precision()
     cache_dir: str | None = Field(None, description="folder of the decoded-image cache")
     progress: bool = Field(True, description="show progress bars")
 
@@ -521,7 +551,7 @@ class PredictOptions(InputOptions):
 
     tta: bool = _tta_flag(False, "predict")
     tta_n: int = _tta_n()
-    tta_augment: Literal["auto", "flip"] | AugmentPreset = _tta_augment()
+    tta_augment: TTAAugment = _tta_augment()
     snapshots: bool = Field(
         False, description="average the run's SGDR snapshot models (a snapshot ensemble; "
         "needs a fit with --snapshots)"
@@ -535,16 +565,74 @@ class PredictOptions(InputOptions):
     id_col: str = Field("id", description="kaggle formats: the name of the id column")
 
 
-def describe_validation_error(error: ValidationError) -> str:
-    """One line naming each bad option and what was wrong with it."""
-    parts = []
+SaliencyMethod = Literal["gradcam", "guided-backprop"]
+MIN_CAM_SIDE = 7  # Grad-CAM's smallest useful feature map side, in cells
+
+
+class ExplainOptions(InputOptions):
+    """Options of ``explain``."""
+
+    method: SaliencyMethod = Field(
+        "gradcam",
+        description="gradcam: where the evidence lies (coarse, class-specific); "
+        "guided-backprop: which pixels move the output (fine; on models without ReLU, "
+        "such as the small CNN, the plain gradient)",
+    )
+    target: str | None = Field(
+        None,
+        description="class (or regression target) to explain (default: each image's "
+        "predicted class; the first target for regression)",
+    )
+    layer: str | None = Field(
+        None,
+        description="Grad-CAM: the module whose feature map is explained, e.g. layer3 "
+        f"(default: the last feature block, or an earlier one when its map is under "
+        f"{MIN_CAM_SIDE} px)",
+    )
+    alpha: float = Field(0.5, gt=0, le=1, description="opacity of the heat map over the image")
+    bs: int = Field(32, ge=1, description="batch size (gradients need more memory than predict)")
+
+
+def _options_model(annotation: Any) -> type[BaseModel] | None:
+    """The options model a field holds (``augment_options``), if any."""
+    for arg in (annotation, *getattr(annotation, "__args__", ())):
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg
+    return None
+
+
+def _option_name(model: type[BaseModel], location: tuple, unknown: bool = False) -> str:
+    """The dotted option name in an error's location, without the union members and list
+    positions pydantic adds (``lr.float``, ``zoom.0``); ``unknown``: the last part is a key
+    the options do not have, named as given."""
+    names, current = [], model
+    for position, part in enumerate(location):
+        fields = getattr(current, "model_fields", {})
+        if unknown and position == len(location) - 1:
+            names.append(str(part))
+            break
+        if isinstance(part, int) or part not in fields:
+            continue
+        names.append(part)
+        current = _options_model(fields[part].annotation)
+    return ".".join(names) or "options"
+
+
+def describe_validation_error(model: type[BaseModel], error: ValidationError) -> str:
+    """One line naming each bad option and what was wrong with it (one reason per option,
+    even when pydantic tried several types)."""
+    reasons: dict[str, list[str]] = {}
+    shown: dict[str, str] = {}
     for item in error.errors():
-        name = ".".join(str(p) for p in item["loc"] if not isinstance(p, int)) or "options"
-        flag = "--" + name.replace("_", "-")
+        name = _option_name(model, item["loc"], unknown=item["type"] == "extra_forbidden")
+        message = item["msg"].removeprefix("Value error, ").lower()
+        if message not in reasons.setdefault(name, []):
+            reasons[name].append(message)
         value = item.get("input")
-        shown = f" (got {value!r})" if not isinstance(value, dict) else ""
-        parts.append(f"option {flag}: {item['msg'].lower()}{shown}")
-    return "; ".join(parts)
+        if not isinstance(value, dict) and name not in shown:
+            shown[name] = f" (got {value!r})"
+    return "; ".join(f"option --{name.replace('_', '-')}: {' or '.join(messages)}"
+                     f"{shown.get(name, '')}" for name, messages in reasons.items())
 
 
 def make_options(model: type[Options], values: dict[str, Any]) -> Options:
@@ -552,7 +640,7 @@ def make_options(model: type[Options], values: dict[str, Any]) -> Options:
     try:
         return model(**values)
     except ValidationError as error:
-        raise ImagefitError(describe_validation_error(error)) from None
+        raise ImagefitError(describe_validation_error(model, error)) from None
 
 
 def merge_options(model: type[Options], base: Options | None,
@@ -576,3 +664,4 @@ def read_yaml_options(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ImagefitError(f"config file {path} must hold a mapping of option: value")
     return {str(k).replace("-", "_"): v for k, v in data.items()}
+

@@ -22,7 +22,7 @@ import torch
 
 from . import runs
 from .api import FitResult, _fit, budget_window
-from .build import apply_recipe
+from .build import apply_recipe, check_data
 from .config import CVConfig, FitConfig, merge_options
 from .data.folds import (
     NOT_IN_FOLDS,
@@ -71,6 +71,7 @@ def cv(data: str | Path | Table, config: CVConfig | None = None, **options: Any)
     deadline = None if window is None else window[1]
     table = data if isinstance(data, Table) else read_source(data, cfg)
     folds = _folds(table, cfg, data)
+    check_data(table, cfg)  # before the CV directory: the folds' fits find the cache made
     name = (cfg.name or _source_name(data)) + "_cv"
     cv_dir = runs.new_run_dir(cfg.runs_dir, name)
     runs.save_yaml(cv_dir / "config.yaml", {

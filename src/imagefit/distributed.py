@@ -10,10 +10,13 @@ gathered back into one process's order. Only rank 0 writes the run directory and
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
+import signal
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -31,6 +34,11 @@ def launched() -> bool:
 
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def local_world_size() -> int:
+    """The processes on this machine (torchrun's --nproc_per_node)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", world_size()))
 
 
 def rank() -> int:
@@ -147,9 +155,70 @@ def lost_peer(error: BaseException) -> bool:
     return isinstance(error, dist.DistError) or "/gloo/transport/" in str(error)
 
 
-def launch(argv: Sequence[str], processes: int) -> int:
+LAUNCHER_PID = "IMAGEFIT_LAUNCHER_PID"  # set for torchrun's processes by ``launch``
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def available_devices(device: str = "auto") -> tuple[int, str]:
+    """How many training processes this machine holds for ``--device``: one per CUDA GPU,
+    else one per CPU core this process may run on; and what they are."""
+    if device != "cpu" and torch.cuda.is_available():
+        return torch.cuda.device_count(), "CUDA GPU(s)"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return cores or 1, "CPU core(s)"
+
+
+def check_devices(processes: int, device: str = "auto") -> None:
+    """Refuse more processes on this machine than it has devices: each holds a copy of the
+    model and data, and more of them than cores only thrash (``--devices 99`` on 2 cores
+    exhausted the memory)."""
+    limit, what = available_devices(device)
+    if processes > limit:
+        raise ImagefitError(f"--devices {processes}: this machine has {limit} {what}, and "
+                            f"each process needs one of its own: give --devices {limit} or "
+                            "fewer")
+
+
+def _death_signal_setter() -> Callable[[int], None] | None:
+    """``prctl(PR_SET_PDEATHSIG, signal)`` of Linux's C library, loaded now (a forked child
+    must not load libraries); None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    return lambda signum: prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0)
+
+
+def die_with_launcher() -> None:
+    """In a process torchrun started: be killed when torchrun dies, whatever killed it
+    (torchrun puts its processes in sessions of their own, so nothing else would reach
+    them), and exit at once if the imagefit command that started torchrun is already gone."""
+    set_death_signal = _death_signal_setter()
+    if set_death_signal is not None:
+        set_death_signal(signal.SIGKILL)
+    launcher = os.environ.get(LAUNCHER_PID)
+    if launcher and not _alive(int(launcher)):
+        os._exit(1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def launch(argv: Sequence[str], processes: int, device: str = "auto") -> int:
     """Run ``imagefit ARGV`` (less its --devices) in ``processes`` processes on this machine
-    under torchrun; returns its exit status, raises when a process failed."""
+    under torchrun; returns its exit status, raises when a process failed. torchrun dies
+    with this process (a parent-death signal), and its processes with torchrun
+    (``die_with_launcher``), so none outlives the command, even after a kill -9."""
+    check_devices(processes, device)
     rest, args = [], iter(argv)
     for arg in args:
         if arg == "--devices":
@@ -158,7 +227,11 @@ def launch(argv: Sequence[str], processes: int) -> int:
             rest.append(arg)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={processes}", "-m", "imagefit", *rest]
-    launcher = subprocess.Popen(command)
+    set_death_signal = _death_signal_setter()
+    launcher = subprocess.Popen(
+        command, env={**os.environ, LAUNCHER_PID: str(os.getpid())},
+        preexec_fn=None if set_death_signal is None else lambda: set_death_signal(
+            signal.SIGKILL))
     try:
         status = launcher.wait()
     except KeyboardInterrupt:  # torchrun got Ctrl-C too and stops its processes

@@ -13,9 +13,15 @@ class ImagefitWarning(UserWarning):
 
 
 class FitInterrupted(KeyboardInterrupt):
-    """Ctrl-C during a fit: the run directory keeps the last finished epoch."""
+    """Ctrl-C during a fit: the run directory keeps the last finished epoch (``run_dir`` is
+    None when none had finished: the directory was removed)."""
 
     def __init__(self, run_dir, epochs_done: int) -> None:
         super().__init__(f"interrupted after {epochs_done} finished epoch(s)")
         self.run_dir = run_dir
         self.epochs_done = epochs_done
+
+
+class TrainingDiverged(ImagefitError):
+    """The loss (or the weights) stopped being finite: training stops at once, and the run
+    is marked failed with the last finished epoch kept."""

@@ -9,49 +9,24 @@ import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 from captum.attr import GuidedBackprop, LayerAttribution, LayerGradCam
-from pydantic import Field
 from torch import nn
 
-from .config import InputOptions, merge_options
+from . import runs
+from .config import MIN_CAM_SIDE, ExplainOptions, SaliencyMethod, merge_options
 from .data.cache import build_cache, warn_unreadable
+from .devices import autocast
 from .errors import ImagefitError
 from .inference import LoadedModel, expand_inputs, load_model
 from .models.heads import WithHead
 from .report.overlays import save_saliency_overlays
 from .tasks import Task
 
-Method = Literal["gradcam", "guided-backprop"]
 METHOD_TITLES = {"gradcam": "Grad-CAM", "guided-backprop": "guided backprop"}
-MIN_CAM_SIDE = 7
-
-
-class ExplainOptions(InputOptions):
-    """Options of ``explain``."""
-
-    method: Method = Field(
-        "gradcam",
-        description="gradcam: where the evidence lies (coarse, class-specific); "
-        "guided-backprop: which pixels move the output (fine; on models without ReLU, "
-        "such as the small CNN, the plain gradient)",
-    )
-    target: str | None = Field(
-        None,
-        description="class (or regression target) to explain (default: each image's "
-        "predicted class; the first target for regression)",
-    )
-    layer: str | None = Field(
-        None,
-        description="Grad-CAM: the module whose feature map is explained, e.g. layer3 "
-        f"(default: the last feature block, or an earlier one when its map is under "
-        f"{MIN_CAM_SIDE} px)",
-    )
-    alpha: float = Field(0.5, gt=0, le=1, description="opacity of the heat map over the image")
-    bs: int = Field(32, ge=1, description="batch size (gradients need more memory than predict)")
 
 
 def target_index(task: Task, name: str) -> int:
@@ -141,7 +116,7 @@ def default_targets(task: Task, outputs: torch.Tensor) -> torch.Tensor:
     return outputs.argmax(dim=1).cpu()
 
 
-def saliency_maps(loaded: LoadedModel, images: torch.Tensor, method: Method = "gradcam",
+def saliency_maps(loaded: LoadedModel, images: torch.Tensor, method: SaliencyMethod = "gradcam",
                   targets: Sequence[int] | torch.Tensor | None = None, *,
                   layer: str | None = None, batch_size: int = 32) -> torch.Tensor:
     """Maps (N, H, W) in [0, 1] of uint8 images (N, C, H, W, as the loader gives them) for
@@ -210,7 +185,7 @@ def describe_outputs(task: Task, outputs: torch.Tensor, targets: torch.Tensor) -
 
 
 def explain_images(loaded: LoadedModel, images: torch.Tensor, titles: Sequence[str] | None,
-                   method: Method, out_path: str | Path,
+                   method: SaliencyMethod, out_path: str | Path,
                    targets: Sequence[int] | torch.Tensor | None = None, *,
                    layer: str | None = None, alpha: float = 0.5) -> Path:
     """One PNG with a saliency overlay beside each uint8 image (N, C, H, W); ``titles``
@@ -227,7 +202,7 @@ def explain_images(loaded: LoadedModel, images: torch.Tensor, titles: Sequence[s
 @torch.no_grad()
 def model_outputs(loaded: LoadedModel, images: torch.Tensor) -> torch.Tensor:
     device = next(loaded.model.parameters()).device
-    with _evaluating(loaded.model):
+    with _evaluating(loaded.model), autocast(loaded.precision, device):
         return loaded.model(loaded.pipeline(images.to(device))).float().cpu()
 
 
@@ -236,7 +211,8 @@ def explain(run: str | Path, inputs: list[str | Path], out: str | Path,
     """A saliency overlay PNG per readable image of files, folders or CSVs of paths, written
     to the folder ``out`` as STEM_METHOD.png; returns their paths."""
     options = merge_options(ExplainOptions, options, overrides)
-    loaded = load_model(run, options.device)
+    out = runs.output_folder(out, "--out")
+    loaded = load_model(run, options.device, options.precision)
     target = None if options.target is None else target_index(loaded.task, options.target)
     paths = expand_inputs(list(inputs), options)
     cache = build_cache(paths, loaded.settings, options.cache_dir, progress=options.progress)

@@ -17,7 +17,6 @@ from torch import nn
 from . import runs
 from .augment.pipeline import BatchPipeline
 from .augment.presets import resolve_augment
-from .build import resolve_device
 from .config import (
     AugmentOptions,
     EvaluateOptions,
@@ -31,6 +30,7 @@ from .data.loader import Loader
 from .data.prepare import prepare_images
 from .data.sources import IMAGE_EXTENSIONS, Table, read_csv_paths, read_source
 from .data.splits import assign_validation
+from .devices import autocast, inference_precision, resolve_device
 from .errors import ImagefitError, ImagefitWarning
 from .metrics import all_metrics
 from .models import (
@@ -48,19 +48,41 @@ class LoadedModel:
     settings: CacheSettings
     pipeline: BatchPipeline
     info: dict
+    precision: str = "fp32"  # the autocast its forward passes run in
 
 
-def load_model(run: str | Path, device: str = "auto") -> LoadedModel:
-    """The model of a run directory, from safetensors + JSON (no code is unpickled)."""
+def load_model(run: str | Path, device: str = "auto", precision: str = "auto") -> LoadedModel:
+    """The model of a run directory, from safetensors + JSON (no code is unpickled), to run
+    in ``precision`` (auto: as it was trained, where this device runs that fast)."""
     info = runs.read_model_info(run)
-    task = Task.from_dict(info["task"])
-    model = create_model(info["architecture"], info["channels"], task.n_out,
-                         head=info.get("head", "timm"))
+    task = Task.from_dict({k: v for k, v in info["task"].items()
+                           if k in Task.__dataclass_fields__ and not k.startswith("_")})
+    try:
+        model = create_model(info["architecture"], info["channels"], task.n_out,
+                             head=info.get("head", "timm"))
+    except ImagefitError as error:
+        raise ImagefitError(f"{Path(run) / runs.MODEL_INFO} names a model that cannot be "
+                            f"made ({error})") from None
     runs.load_weights(model, run)
-    model = model.to(resolve_device(device), memory_format=torch.channels_last).eval()
+    _warn_if_failed(Path(run))
+    target = resolve_device(device)
+    model = model.to(target, memory_format=torch.channels_last).eval()
     settings = CacheSettings(info["image_size"], info["channels"], info["resize"])
     norm = info["normalization"]
-    return LoadedModel(model, task, settings, BatchPipeline(norm["mean"], norm["std"]), info)
+    return LoadedModel(model, task, settings, BatchPipeline(norm["mean"], norm["std"]), info,
+                       inference_precision(precision, info.get("precision"), target))
+
+
+def _warn_if_failed(run: Path) -> None:
+    """A model kept from a run that ended in failure is its last finished epoch: say so."""
+    try:
+        metrics = runs.load_json(run / "metrics.json")
+    except (OSError, ValueError):
+        return
+    if isinstance(metrics, dict) and metrics.get("status") == "failed":
+        warnings.warn(f"{run} failed ({str(metrics.get('error', ''))[:160]}); its model is "
+                      f"from epoch {metrics.get('epochs', '?')}, the last that finished",
+                      ImagefitWarning, stacklevel=3)
 
 
 @dataclass
@@ -120,11 +142,13 @@ def _as_outputs(task: Task, averaged: torch.Tensor) -> torch.Tensor:
 def model_outputs(model: nn.Module, pipeline: BatchPipeline, task: Task, images: torch.Tensor,
                   rows: np.ndarray, batch_size: int, tta: TTA | None = None,
                   size: int | None = None, rank: int = 0, world_size: int = 1,
-                  plain_too: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                  plain_too: bool = False, precision: str = "fp32"
+                  ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Raw outputs of ``model`` for ``images[rows]`` (uint8 NHWC), in order, on the CPU; with
     ``tta`` the average over the original and the augmented versions (and, ``plain_too``,
     the original's own outputs first: one pass gives both). With ``world_size`` above 1,
-    each rank computes its share and every rank gets them all."""
+    each rank computes its share and every rank gets them all. ``precision``: the autocast
+    the model was trained in, so that these outputs are the ones its validation saw."""
     device = next(model.parameters(), torch.zeros(0)).device
     if len(rows) == 0:
         empty = torch.zeros(0, task.n_out)
@@ -139,8 +163,14 @@ def model_outputs(model: nn.Module, pipeline: BatchPipeline, task: Task, images:
                                   pipeline.std.flatten().tolist(), tta.augment)
         generator = torch.Generator(device).manual_seed(tta.seed)
     outputs, plain = [], []
+    memory_format = _memory_format(model)
+
+    def forward(batch: torch.Tensor) -> torch.Tensor:
+        with autocast(precision, device):
+            return model(batch.contiguous(memory_format=memory_format)).float()
+
     for x, _ in loader:
-        raw = model(pipeline(x, size=size)).float()
+        raw = forward(pipeline(x, size=size))
         plain.append(raw.cpu())
         if augmenter is None:
             outputs.append(raw.cpu())
@@ -148,7 +178,7 @@ def model_outputs(model: nn.Module, pipeline: BatchPipeline, task: Task, images:
         total = _averageable(task, raw).clone()  # regression's is raw itself, kept above
         for _ in range(tta.n):
             version = augmenter.augment_batch(x.float().div_(255.0), generator, size)
-            total += _averageable(task, model(augmenter.normalize(version)).float())
+            total += _averageable(task, forward(augmenter.normalize(version)))
         outputs.append(_as_outputs(task, total / (tta.n + 1)).cpu())
     model.train(was_training)
     if plain_too:
@@ -156,10 +186,19 @@ def model_outputs(model: nn.Module, pipeline: BatchPipeline, task: Task, images:
     return loader.gather(torch.cat(outputs))
 
 
+def _memory_format(model: nn.Module) -> torch.memory_format:
+    """The memory order of the model's first convolution's weights: batches go in the same."""
+    weight = next((p for p in model.parameters() if p.dim() == 4), None)
+    if weight is not None and weight.is_contiguous(memory_format=torch.channels_last) and \
+            not weight.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 def _outputs(loaded: LoadedModel, images: torch.Tensor, rows: np.ndarray, batch_size: int,
              tta: TTA | None = None) -> torch.Tensor:
     return model_outputs(loaded.model, loaded.pipeline, loaded.task, images, rows,
-                         batch_size, tta)
+                         batch_size, tta, precision=loaded.precision)
 
 
 def expand_inputs(inputs: list[str | Path], options: InputOptions) -> list[str]:
@@ -188,7 +227,9 @@ def predict(run: str | Path, inputs: list[str | Path], out: str | Path | None = 
     """Predictions for image files, folders or CSVs of paths: a row per readable image with
     the path, the predicted label(s) or value(s) and the class probabilities."""
     options = merge_options(PredictOptions, options, overrides)
-    members = load_models(run, options.device, options.snapshots)
+    if out is not None:
+        out = runs.output_file(out, "--out")
+    members = load_models(run, options.device, options.snapshots, options.precision)
     loaded = members[0][1]
     paths = expand_inputs(list(inputs), options)
     cache = build_cache(paths, loaded.settings, options.cache_dir, progress=options.progress)
@@ -199,8 +240,7 @@ def predict(run: str | Path, inputs: list[str | Path], out: str | Path | None = 
     activated = task.activate(outputs)
     frame = _prediction_frame(task, [paths[r] for r in rows], activated, options)
     if out is not None:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        runs.write_atomic(Path(out), frame.to_csv(index=False))
+        runs.write_atomic(out, frame.to_csv(index=False))
     return frame
 
 
@@ -227,8 +267,8 @@ def _prediction_frame(task: Task, paths: list[str], activated: torch.Tensor,
     return frame
 
 
-def load_models(run: str | Path, device: str = "auto",
-                snapshots: bool = False) -> list[tuple[Path, LoadedModel]]:
+def load_models(run: str | Path, device: str = "auto", snapshots: bool = False,
+                precision: str = "auto") -> list[tuple[Path, LoadedModel]]:
     """The model(s) behind ``run``: a run's own model, a CV directory's fold models, or (with
     ``snapshots``) a run's SGDR snapshot models; each with its run directory."""
     run = Path(run)
@@ -239,16 +279,28 @@ def load_models(run: str | Path, device: str = "auto",
             raise ImagefitError(f"{run} has no snapshot models (checkpoints/snapshot_K): fit "
                                 "with --schedule sgdr --snapshots")
     elif (run / "cv.json").is_file():
-        folders = [run / name for name in runs.load_json(run / "cv.json")["runs"]]
+        folders = [run / name for name in _cv_runs(run / "cv.json")]
     else:
-        return [(run, load_model(run, device))]
-    members = [(folder, load_model(folder, device)) for folder in folders]
+        return [(run, load_model(run, device, precision))]
+    members = [(folder, load_model(folder, device, precision)) for folder in folders]
     first = members[0][1]
     for folder, member in members[1:]:
         if (member.settings, member.task.names) != (first.settings, first.task.names):
             raise ImagefitError(f"{folder} sees images or classes differently from "
                                 f"{folders[0]}: an ensemble needs models of one fit setup")
     return members
+
+
+def _cv_runs(path: Path) -> list[str]:
+    """The fold runs a CV directory's cv.json lists, or one clear error when it is damaged."""
+    try:
+        names = runs.load_json(path).get("runs")
+    except (OSError, ValueError, AttributeError):
+        names = None
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise ImagefitError(f"{path} is damaged (no list of fold runs): restore it from a copy, "
+                            "or predict with one fold's run directory")
+    return names
 
 
 def ensemble_outputs(members: list[tuple[Path, LoadedModel]], images: torch.Tensor,
@@ -300,7 +352,9 @@ def evaluate(run: str | Path, data: str | Path | Table, out: str | Path | None =
     """Loss and metrics of a run's model on a split of ``data``: the test split when there is
     one, else the validation split carved as the run carved it."""
     options = merge_options(EvaluateOptions, options, overrides)
-    loaded = load_model(run, options.device)
+    if out is not None:
+        out = runs.output_file(out, "--out")
+    loaded = load_model(run, options.device, options.precision)
     run_config = _read_run_config(Path(run))
     table = data if isinstance(data, Table) else read_source(data, options)
     split = options.split or ("test" if table.has_split("test") else "valid")
@@ -324,7 +378,7 @@ def evaluate(run: str | Path, data: str | Path | Table, out: str | Path | None =
                         for name, value in score(loaded.task, tta_outputs,
                                                  targets[rows]).items()})
     if out is not None:
-        runs.save_json(Path(out), results)
+        runs.save_json(out, results)
     return results
 
 

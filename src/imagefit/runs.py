@@ -4,19 +4,25 @@ weights. A model is ``model.safetensors`` + ``model.json``; loading never unpick
 from __future__ import annotations
 
 import csv
+import fcntl
 import json
 import os
+import pickle
 import re
+import shutil
 import signal
+import sys
 import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from safetensors import SafetensorError
 from safetensors.torch import load_model as load_safetensors_model
 from safetensors.torch import save_model as save_safetensors_model
 from torch import nn
@@ -29,10 +35,9 @@ MODEL_INFO = "model.json"
 
 def new_run_dir(root: str | Path, name: str) -> Path:
     """A fresh ``root/<YYYY-MM-DD_HH-MM-SS>_<name>`` directory (suffixed if taken)."""
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "run"
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.")[:80] or "run"
     stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
+    root = output_folder(root, "--runs-dir")
     for attempt in range(1000):
         path = root / (f"{stamp}_{slug}" + (f"_{attempt}" if attempt else ""))
         try:
@@ -60,12 +65,54 @@ def interrupts_deferred() -> Iterator[None]:
 
 
 def write_atomic(path: Path, data: str | bytes) -> None:
-    """Write through a temporary file and rename, so a crash never leaves half a file."""
+    """Write through a temporary file and rename, so a crash never leaves half a file (nor
+    the temporary one)."""
     path = Path(path)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(handle, "wb") as out:
-        out.write(data.encode() if isinstance(data, str) else data)
-    os.replace(temporary, path)
+    try:
+        with os.fdopen(handle, "wb") as out:
+            out.write(data.encode() if isinstance(data, str) else data)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def output_file(path: str | Path, option: str) -> Path:
+    """``path`` checked before any work as a file a command may write (its folder is made):
+    not a folder, not inside a file."""
+    path = Path(path)
+    if path.is_dir():
+        raise ImagefitError(f"{option} {path} is a folder: give a file name, e.g. "
+                            f"{path / ('out' + (path.suffix or '.csv'))}")
+    _make_folder(path.parent, option, path)
+    return path
+
+
+def output_folder(path: str | Path, option: str, create: bool = True) -> Path:
+    """``path`` made (with its parents) as a folder a command writes into; ``create=False``
+    only checks that it can be (a check before long work that must leave nothing behind)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ImagefitError(f"{option} {path} is a file: give a folder")
+    blocking = next((parent for parent in path.parents if parent.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise ImagefitError(f"{option} {path}: {blocking} is a file, not a folder: give "
+                            "another path")
+    if create:
+        _make_folder(path, option, path)
+    return path
+
+
+def _make_folder(folder: Path, option: str, given: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ImagefitError(f"{option} {given}: {folder} is a file, not a folder: give "
+                            "another path") from None
+    except OSError as error:
+        raise ImagefitError(f"{option} {given}: cannot create {folder} ({error.strerror}): "
+                            "give a writable path") from None
 
 
 def save_json(path: Path, data: Any) -> None:
@@ -110,8 +157,37 @@ def _unwrapped(model: nn.Module) -> nn.Module:
     return getattr(model, "_orig_mod", getattr(model, "module", model))
 
 
+class _TaskRecord(BaseModel):
+    kind: Literal["classification", "multilabel", "regression"]
+    names: list[str] = Field(min_length=1)
+    threshold: float = 0.5
+    target_mean: list[float] = []
+    target_std: list[float] = []
+
+
+class _Normalization(BaseModel):
+    mean: list[float] = Field(min_length=1)
+    std: list[Annotated[float, Field(gt=0)]] = Field(min_length=1)
+
+
+class ModelRecord(BaseModel):
+    """What model.json must hold for a model to be rebuilt (other keys are kept as they
+    are): checked on loading, so an edited or damaged file is one clear line."""
+
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+
+    architecture: str = Field(min_length=1)
+    head: Literal["timm", "concat_pool"] = "timm"
+    task: _TaskRecord
+    image_size: int = Field(ge=1, le=8192)
+    channels: Literal[1, 3]
+    resize: Literal["crop", "squish", "pad"]
+    normalization: _Normalization
+
+
 def read_model_info(run_dir: str | Path) -> dict:
-    """model.json of a run directory, or a clear error when it holds no model."""
+    """model.json of a run directory, checked to describe a model, or a clear error when the
+    run holds no model or the file is damaged."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ImagefitError(f"run {run_dir} not found: give a run directory made by imagefit fit")
@@ -120,16 +196,114 @@ def read_model_info(run_dir: str | Path) -> dict:
             f"{run_dir} holds no model ({MODEL_WEIGHTS} and {MODEL_INFO}): give a run "
             "directory made by imagefit fit"
         )
-    return json.loads((run_dir / MODEL_INFO).read_text())
+    path = run_dir / MODEL_INFO
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        reason = "it is empty" if not path.stat().st_size else f"not JSON: {_first_line(error)}"
+        raise ImagefitError(f"{path} is damaged ({reason}): restore it from a copy of the run, "
+                            "or train the model again") from None
+    try:
+        record = ModelRecord.model_validate(info)
+    except ValidationError as error:
+        problem = error.errors()[0]
+        where = ".".join(str(p) for p in problem["loc"]) or "the file"
+        raise ImagefitError(f"{path} does not describe a model ({where}: "
+                            f"{problem['msg'].lower()}): restore it from a copy of the run, "
+                            "or train the model again") from None
+    channels = record.channels
+    norm = record.normalization
+    if len(norm.mean) != channels or len(norm.std) != channels:
+        raise ImagefitError(f"{path} does not describe a model (normalization has "
+                            f"{len(norm.mean)} mean(s) for {channels} channel(s)): restore it "
+                            "from a copy of the run, or train the model again")
+    return info
 
 
 def load_weights(model: nn.Module, run_dir: str | Path) -> nn.Module:
-    """Fill ``model`` with the run's safetensors weights (no pickle involved)."""
-    load_safetensors_model(model, Path(run_dir) / MODEL_WEIGHTS, strict=True)
+    """Fill ``model`` with the run's safetensors weights (no pickle involved); a damaged
+    file, weights of another model and non-finite weights are each one clear error."""
+    import torch
+
+    path = Path(run_dir) / MODEL_WEIGHTS
+    try:
+        load_safetensors_model(model, path, strict=True)
+    except (SafetensorError, OSError) as error:
+        raise ImagefitError(f"{path} is damaged ({_first_line(error)}): restore it from a "
+                            "copy of the run, or train the model again") from None
+    except RuntimeError as error:
+        raise ImagefitError(f"{path} does not hold the weights model.json describes "
+                            f"({_first_line(error)}): the two files come from different "
+                            "fits; restore them together from one run") from None
+    if not all(torch.isfinite(t).all() for t in model.state_dict().values()
+               if t.is_floating_point()):
+        raise ImagefitError(f"{path} holds NaN or infinite weights: its fit diverged; train "
+                            "again with a lower --lr")
     return model
 
 
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return (text.splitlines()[0] if text else type(error).__name__)[:200]
+
+
+LOCK = ".lock"
+
+
+class RunLock:
+    """An exclusive lock on a run directory while a fit writes it, so that a live run
+    cannot be resumed or written by a second process. The operating system drops the lock
+    when its process ends, however it ends (kill -9 included), so a stale lock never blocks
+    a resume; the file holds the owner's pid and command for the message."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.path = Path(run_dir) / LOCK
+        self.handle = None
+
+    def __enter__(self) -> RunLock:
+        handle = open(self.path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            owner = handle.read().strip() or "another process"
+            handle.close()
+            raise ImagefitError(
+                f"{self.path.parent} is being written by {owner}: wait for that fit to end, "
+                "or stop it, before resuming or writing this run") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"process {os.getpid()} ({' '.join(sys.argv[:4])[:200]})\n")
+        handle.flush()
+        self.handle = handle
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.handle is not None:
+            self.handle.close()  # closing drops the lock
+            self.handle = None
+
+
+def is_locked(run_dir: str | Path) -> bool:
+    """Whether a live process is writing the run directory (holds its lock)."""
+    try:
+        with open(Path(run_dir) / LOCK) as handle:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def remove_run_dir(run_dir: Path) -> None:
+    """Delete a run directory that holds nothing worth keeping (no finished epoch)."""
+    shutil.rmtree(run_dir, ignore_errors=True)
+
+
 CHECKPOINT = "checkpoints/last.pt"
+CHECKPOINT_KEYS = {"model", "optimizer", "history", "phase", "phase_ends", "epoch_in_phase",
+                   "torch_rng", "step_log", "lr_factor", "train_seconds", "train_images"}
 
 
 def save_checkpoint(run_dir: Path, state: dict) -> None:
@@ -145,17 +319,35 @@ def save_checkpoint(run_dir: Path, state: dict) -> None:
     os.replace(temporary, path)
 
 
-def load_checkpoint(run_dir: Path) -> dict:
-    """The last training checkpoint of a run, read with weights_only=True (no code runs)."""
-    import torch
-
+def require_checkpoint(run_dir: Path) -> Path:
+    """The path of a run's training checkpoint, or an error saying there is none."""
     path = Path(run_dir) / CHECKPOINT
     if not path.is_file():
         raise ImagefitError(
             f"{run_dir} has no training checkpoint ({CHECKPOINT}): it finished no epoch, or "
             "was not made by imagefit fit; start a new fit"
         )
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return path
+
+
+def load_checkpoint(run_dir: Path) -> dict:
+    """The last training checkpoint of a run, read with weights_only=True (no code runs)."""
+    import torch
+
+    path = require_checkpoint(run_dir)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many kinds; none is the user's to read
+        # torch's own message suggests weights_only=False, which would run pickled code
+        reason = "it holds Python objects, which are never unpickled" if isinstance(
+            error, pickle.UnpicklingError) else f"{type(error).__name__}"
+        raise ImagefitError(f"{path} is not a training checkpoint imagefit can read ({reason}):"
+                            " it cannot be resumed; the run's model.safetensors still holds its"
+                            " last finished epoch, or start a new fit") from None
+    if not isinstance(state, dict) or not CHECKPOINT_KEYS <= state.keys():
+        raise ImagefitError(f"{path} is not a training checkpoint of imagefit (keys missing): "
+                            "it cannot be resumed; start a new fit")
+    return state
 
 
 def write_metrics_rows(run_dir: Path, rows: list[dict]) -> None:

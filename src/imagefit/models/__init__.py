@@ -10,7 +10,12 @@ from torch import nn
 
 from ..errors import ImagefitError
 from .heads import WithHead
-from .pretrained import PRETRAINED_SOURCES, load_pretrained
+from .pretrained import (
+    PRETRAINED_SOURCES,
+    load_pretrained,
+    offline,
+    require_cached_timm_weights,
+)
 from .small import SmallCNN, small_cnn
 
 SMALL_IMAGE_MAX = 32
@@ -80,6 +85,8 @@ def create_model(name: str, in_chans: int, n_out: int, *, pretrained: str | None
             f"unknown model '{name}': {hint}give small_cnn or a timm model name "
             "(`python -c 'import timm; print(timm.list_models())'` lists them)"
         )
+    if pretrained == "timm" and offline():
+        require_cached_timm_weights(name)
     try:
         regularization = {"drop_rate": dropout} if dropout else {}
         if drop_path:
@@ -94,8 +101,26 @@ def create_model(name: str, in_chans: int, n_out: int, *, pretrained: str | None
             f"({str(error).splitlines()[0]}): connect to the internet once, or give a "
             "weights file or package with --pretrained"
         ) from None
+    head_loaded = pretrained == "timm" and n_out == (
+        getattr(model, "pretrained_cfg", None) or {}).get("num_classes")
     if pretrained and pretrained != "timm":
-        load_pretrained(model, pretrained)
+        head_loaded = not load_pretrained(model, pretrained)["skipped"]
+    if not head_loaded:
+        zero_init_classifier(model)
     if head == "concat_pool":
         model = WithHead(model, n_out, dropout=dropout or 0.5)
     return model
+
+
+def zero_init_classifier(model: nn.Module) -> None:
+    """Start a new classifier at zero: the first outputs are then the uniform distribution
+    (classes), one half (labels) or the training targets' mean (regression, whose targets
+    are standardized), whatever the body's features. Some timm families initialise it for
+    1,000 classes (EfficientNet: uniform in +-1/sqrt(outputs)), which for one regression
+    output put the first predictions about 8 target deviations off and wrecked the
+    pretrained body before the head recovered."""
+    classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if isinstance(classifier, (nn.Linear, nn.Conv2d)):
+        nn.init.zeros_(classifier.weight)
+        if classifier.bias is not None:
+            nn.init.zeros_(classifier.bias)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.resources
 import importlib.util
+import os
 import pickle
 import re
 from pathlib import Path
@@ -69,6 +70,37 @@ def load_pretrained(model: nn.Module, source: str) -> dict:
     model.load_state_dict(state)
     return {"method": method, "loaded": len(loaded), "skipped": skipped + unused_heads,
             "notes": notes}
+
+
+def offline() -> bool:
+    """Whether downloads are forbidden (``IMAGEFIT_OFFLINE`` set): then nothing tries the
+    network, so nothing waits for it to time out."""
+    return bool(os.environ.get("IMAGEFIT_OFFLINE"))
+
+
+def require_cached_timm_weights(name: str) -> None:
+    """Offline, timm's pretrained weights must already be on this machine: refuse at once
+    when they are not, and keep the hub from looking online when they are."""
+    import huggingface_hub
+    import timm
+
+    config = timm.models.get_pretrained_cfg(name)
+    found = None
+    if config is not None and config.hf_hub_id:
+        repo = config.hf_hub_id.split("@")[0]
+        found = next((path for filename in ("model.safetensors", "pytorch_model.bin")
+                      if isinstance(path := huggingface_hub.try_to_load_from_cache(repo, filename),
+                                    str)), None)
+    elif config is not None and config.url:
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(config.url).name
+        found = str(cached) if cached.is_file() else None
+    if found is None:
+        raise ImagefitError(
+            f"timm's pretrained weights of {name} are not on this machine and downloads are off "
+            "(IMAGEFIT_OFFLINE is set): fetch them once where the network is allowed, or give "
+            "a weights file or package with --pretrained")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    huggingface_hub.constants.HF_HUB_OFFLINE = True
 
 
 def _source_path(source: str) -> Path:

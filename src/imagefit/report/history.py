@@ -21,6 +21,7 @@ import pandas as pd
 import yaml
 from matplotlib.ticker import MaxNLocator
 
+from .. import runs
 from ..errors import ImagefitError
 from ..tasks import DEFAULT_METRICS, MAIN_METRIC, TASK_KINDS
 from .plots import plt, save_figure
@@ -120,6 +121,7 @@ def compare_curves(run_dirs: Sequence[str | Path]) -> dict[str, dict[str, pd.Ser
 def compare_runs(run_dirs: Sequence[str | Path], out: str | Path) -> Path:
     """One PNG at ``out`` with a panel per curve of ``compare_curves`` against epoch, one
     colour per run, the legend naming the runs; returns the path written."""
+    out = runs.output_file(out, "--out")
     curves = compare_curves(run_dirs)
     labels = list(dict.fromkeys(label for series in curves.values() for label in series))
     colours = {label: f"C{i % 10}" for i, label in enumerate(labels)}
@@ -173,10 +175,20 @@ def _describe_run(run_dir: Path) -> dict[str, Any]:
         metric=metric,
         value=final[metric] if metric else math.nan,
         seconds=seconds if _is_number(seconds) else math.nan,
-        status=("incomplete" if metrics is None else
-                "interrupted" if metrics.get("interrupted") else "done"),
+        status="running" if metrics is None and runs.is_locked(run_dir) else _status(metrics),
     )
     return row
+
+
+def _status(metrics: dict | None) -> str:
+    """done, interrupted, failed (diverged or stopped by an error: metrics.json says why) or
+    incomplete (no metrics.json: killed; a run still training is 'running')."""
+    if metrics is None:
+        return "incomplete"
+    status = metrics.get("status")
+    if status in ("done", "interrupted", "failed"):
+        return status
+    return "interrupted" if metrics.get("interrupted") else "done"  # written before 'status'
 
 
 def _run_date(run_dir: Path, stamp: re.Match | None) -> datetime:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import math
 import time
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -18,10 +19,12 @@ from typing import Any
 import jinja2
 import pandas as pd
 import yaml
+from safetensors import SafetensorError
 
-from .. import __version__, runs
-from ..errors import ImagefitError
+from .. import runs
+from ..errors import ImagefitError, ImagefitWarning
 from ..tasks import MAIN_METRIC
+from ..version import __version__
 from .plots import save_metrics_plot, save_training_plot
 
 REPORT = "report.html"
@@ -73,9 +76,13 @@ def _figure(run_dir: Path, file: str, title: str) -> dict | None:
 
 
 def _read(path: Path, reader) -> Any:
+    """A run file's content; None when it is missing, and a warning when it is damaged (the
+    page leaves out what it held)."""
     try:
         return reader(path) if path.is_file() else None
-    except (OSError, ValueError, yaml.YAMLError):
+    except (OSError, ValueError, yaml.YAMLError) as error:
+        warnings.warn(f"{path} is damaged ({type(error).__name__}): the report leaves out "
+                      "what it held", ImagefitWarning, stacklevel=2)
         return None
 
 
@@ -180,14 +187,18 @@ def build_context(run_dir: Path) -> dict:
     }
 
 
-def write_report(run_dir: str | Path) -> Path:
-    """Render report.html from the files in ``run_dir``."""
-    run_dir = Path(run_dir)
+def _check_run_dir(run_dir: Path) -> None:
     if not run_dir.is_dir():
         raise ImagefitError(f"run {run_dir} not found: give a run directory made by imagefit fit")
     if not (run_dir / "config.yaml").is_file() and not (run_dir / "metrics.json").is_file():
         raise ImagefitError(f"{run_dir} is not a run directory (no config.yaml or "
                             "metrics.json): give a folder made by imagefit fit")
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Render report.html from the files in ``run_dir``."""
+    run_dir = Path(run_dir)
+    _check_run_dir(run_dir)
     html = _environment.get_template("report.html").render(**build_context(run_dir))
     path = run_dir / REPORT
     runs.write_atomic(path, html)
@@ -199,6 +210,7 @@ def regenerate(run_dir: str | Path) -> Path:
     from ..conclude import redraw_interpretation
 
     run_dir = Path(run_dir)
+    _check_run_dir(run_dir)
     history = _read(run_dir / "metrics.csv", pd.read_csv)
     steps = _read(run_dir / "steps.csv", pd.read_csv)
     if history is not None and len(history):
@@ -208,5 +220,10 @@ def regenerate(run_dir: str | Path) -> Path:
             steps = steps.astype(object).where(steps.notna(), None)
             save_training_plot(steps.to_dict("records"), rows,
                                run_dir / "plots" / "training.png")
-    redraw_interpretation(run_dir)
+    try:
+        redraw_interpretation(run_dir)
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as error:
+        warnings.warn(f"the interpretation files of {run_dir} are damaged "
+                      f"({type(error).__name__}): the report leaves the interpretation out; a "
+                      "new fit writes them again", ImagefitWarning, stacklevel=2)
     return write_report(run_dir)

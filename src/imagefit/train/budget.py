@@ -64,8 +64,8 @@ def parse_duration(text: str | float | int) -> float:
                 raise ImagefitError(f"option --budget: '{text}' is not a duration; write it "
                                     "like 90s, 10m, 2h or 1h30m") from None
             seconds = sum(float(value) * _UNITS[unit.lower()] for value, unit in parts)
-    if not seconds > 0:
-        raise ImagefitError(f"option --budget: '{text}' must be longer than 0 s")
+    if not 0 < seconds < math.inf:
+        raise ImagefitError(f"option --budget: '{text}' must be a finite time longer than 0 s")
     return seconds
 
 
@@ -83,11 +83,15 @@ def process_age() -> float:
         return 0.0
 
 
-def mark_command_start(process: bool = True) -> None:
+def mark_command_start(process: bool = True, now: float | None = None) -> None:
     """The command's start, from which a budget counts: the process's start (interpreter and
-    imports included) for ``imagefit`` run from a shell, else now."""
+    imports included) for ``imagefit`` run from a shell, else ``now`` (default: now), a
+    ``time.monotonic`` reading."""
     global _command_started
-    _command_started = time.monotonic() - (process_age() if process else 0.0)
+    if process:
+        _command_started = time.monotonic() - process_age()
+    else:
+        _command_started = time.monotonic() if now is None else now
 
 
 def command_start() -> float:

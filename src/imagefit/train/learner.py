@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 import warnings
@@ -15,14 +14,19 @@ from torch import nn
 from .. import distributed
 from ..augment.pipeline import BatchPipeline
 from ..data.loader import Loader
-from ..errors import ImagefitError, ImagefitWarning
+from ..devices import autocast
+from ..errors import ImagefitError, ImagefitWarning, TrainingDiverged
 from ..metrics import compute_metrics
 from ..models.groups import layer_groups, set_trainable
 from ..tasks import Task
-from .callbacks.base import EVENTS, Callback
+from .callbacks.base import EVENTS, Callback, callback_order
 from .memory import is_out_of_memory
 from .optim import geometric_scales, make_optimizer
 from .schedules import Schedule, one_cycle, one_cycle_momentum
+
+# On a GPU, reading whether the loss is finite waits for the GPU, so it is read every this
+# many steps (the first bad step is remembered on the device); on a CPU at every step.
+FINITE_CHECK_STEPS = 16
 
 
 class Learner:
@@ -80,7 +84,7 @@ class Learner:
         self.pipeline = pipeline
         self.optimizer_name = optimizer
         self.weight_decay = weight_decay
-        self.callbacks = sorted(callbacks, key=lambda cb: cb.order)
+        self.callbacks = sorted(callbacks, key=callback_order)
         self.seed = seed
         self.device = next(model.parameters()).device
         self.optimizer: torch.optim.Optimizer | None = None
@@ -107,6 +111,7 @@ class Learner:
         self.lr_scales: list[float] | None = None  # per layer group, for discriminative lrs
         # set by --bs auto, out-of-memory halving and controllers such as reduce-on-plateau
         self.lr_factor = lr_factor
+        self._first_bad_step = torch.full((), -1, device=self.device)
 
     def emit(self, event: str) -> None:
         assert event in EVENTS, event
@@ -211,6 +216,7 @@ class Learner:
             for name, loader in self.extra_loaders.items():
                 row.update(self.evaluate(loader, prefix=f"{name}_"))
             row["time"] = time.perf_counter() - started
+            self.check_epoch_finite(row)
             self.history.append(row)
             self.emit("after_epoch")
             if self.stop:
@@ -313,6 +319,7 @@ class Learner:
                 self.outputs = self.forward_model(self.x)
                 self.loss = self.task.loss(self.outputs.float(), self.y, weighted=True)
             self.emit("after_loss")
+            self._watch_loss()
             self._backward_and_step()
             self.step_log[-1]["loss"] = self.loss.detach()
             return True
@@ -327,6 +334,54 @@ class Learner:
                                     "--model or --image-size, or --precision bf16") from error
         self._halve_batch()  # outside the handler, once its frames no longer hold tensors
         return False
+
+    def _watch_loss(self) -> None:
+        """Stop at the first step whose loss is NaN or infinite: stepping on it would make
+        every weight NaN. On a GPU the first bad step is kept on the device and read every
+        ``FINITE_CHECK_STEPS`` steps and at the end of the epoch."""
+        bad = ~torch.isfinite(self.loss.detach())
+        if self.device.type == "cpu":
+            if bad:
+                raise self.diverged(self.step, "the training loss")
+            return
+        self._first_bad_step = torch.where(bad & (self._first_bad_step < 0),
+                                           torch.full_like(self._first_bad_step, self.step),
+                                           self._first_bad_step)
+        if self.step % FINITE_CHECK_STEPS == 0:
+            self._raise_if_diverged()
+
+    def _raise_if_diverged(self) -> None:
+        step = int(self._first_bad_step)
+        if step >= 0:
+            raise self.diverged(step, "the training loss")
+
+    def check_epoch_finite(self, row: dict) -> None:
+        """Before an epoch is recorded (and its model saved): its losses and the weights are
+        finite."""
+        self._raise_if_diverged()
+        for column in ("train_loss", "valid_loss"):
+            if column in row and not math.isfinite(row[column]):
+                raise self.diverged(self.step, f"the epoch's {column.replace('_', ' ')}")
+        totals = torch.stack([p.detach().float().sum() for p in self.eval_model.parameters()])
+        if not bool(torch.isfinite(totals).all()):
+            raise self.diverged(self.step, "the weights")
+
+    def diverged(self, step: int, what: str) -> TrainingDiverged:
+        """The error for a non-finite loss or weight, with the likely cause and what to do."""
+        epoch = len(self.history) + 1
+        steps = max(len(self.train_loader), 1)
+        where = f"at step {step % steps + 1} of epoch {epoch}" if what == "the training loss" \
+            else f"in epoch {epoch}"
+        if self.precision == "fp16":
+            cause = ("fp16 arithmetic overflowed (its largest number is 65504): train with "
+                     "--precision bf16 or fp32")
+        else:
+            lr = max(group["lr"] for group in self.optimizer.param_groups) \
+                if self.optimizer is not None else float("nan")
+            cause = (f"the learning rate ({lr:.3g} at that step) is most likely too high: "
+                     "give a lower --lr (e.g. a tenth) or --lr auto")
+        return TrainingDiverged(f"training diverged: {what} became NaN or infinite {where}; "
+                                f"{cause}")
 
     def _halve_batch(self) -> None:
         """After running out of memory: half the batch size and the learning rate (the
@@ -355,10 +410,7 @@ class Learner:
         return find_lr(self, start_lr, end_lr, steps, progress=progress)
 
     def _autocast(self):
-        if self.precision == "fp32":
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-        return torch.autocast(self.device.type, dtype=dtype)
+        return autocast(self.precision, self.device)
 
     def _backward_and_step(self) -> None:
         """Backward pass; every ``accumulate`` batches: unscale, clip, step, zero, EMA."""

@@ -18,18 +18,54 @@ from .optim import make_optimizer
 class LRFinderResult:
     """Learning rates tried, their smoothed losses, and the suggested rates by rule:
     'steepest' (fastest fall of the loss), 'valley' (inside the longest fall) and
-    'minimum/10' (a tenth of the rate at the lowest loss)."""
+    'minimum/10' (a tenth of the rate at the lowest loss). ``flat``: the loss did not fall
+    during the sweep (a task slow to show progress, such as many regressions), so the valley
+    is taken a decade below the rate where the loss starts to rise."""
 
     lrs: list[float]
     losses: list[float]
     suggestions: dict[str, float] = field(default_factory=dict)
+    flat: bool = False
+
+
+# A sweep whose smoothed loss never falls this share below its usual level is flat (the
+# smoothed loss of a regression on standardized targets wanders by about 5-10% with batches
+# of 32); its edge is where the loss rises this much above that level for good.
+FLAT_FALL = 0.15
+RISE = 0.10
+
+
+def _level(values: np.ndarray) -> tuple[int, float]:
+    """Points to leave out at the start (estimates from few batches) and the loss's usual
+    level: the median over the first half of the sweep after them."""
+    skip = max(1, len(values) // 20)
+    return skip, float(np.median(values[skip:max(skip + 3, len(values) // 2)]))
+
+
+def is_flat(losses: list[float]) -> bool:
+    """Whether the smoothed loss never fell meaningfully below its usual level."""
+    values = np.asarray(losses)
+    skip, level = _level(values)
+    return bool(values[skip:].min() > level * (1 - FLAT_FALL))
+
+
+def edge(lrs: list[float], losses: list[float]) -> float:
+    """The rate from which on the loss stays above its usual level by ``RISE`` (the last rate
+    tried when it never does)."""
+    values = np.asarray(losses)
+    skip, level = _level(values)
+    below = np.flatnonzero(values[skip:] <= level * (1 + RISE))
+    last = skip + int(below[-1]) + 1 if len(below) else skip
+    return float(lrs[min(last, len(lrs) - 1)])
 
 
 def suggest(lrs: list[float], losses: list[float]) -> dict[str, float]:
-    """Read the suggestions off a smoothed loss curve."""
+    """Read the suggestions off a smoothed loss curve; on a flat curve the valley is a tenth
+    of the edge where the loss starts to rise (the longest fall there would be noise)."""
     log_lrs = np.log10(lrs)
     values = np.asarray(losses)
-    minimum = int(np.argmin(values))
+    skip = max(1, len(values) // 20)
+    minimum = skip + int(np.argmin(values[skip:]))
     # slope over a window of 5% of the points, so that early noise does not win
     k = max(1, len(values) // 20)
     centres = np.arange(k, max(minimum, k + 1))
@@ -47,8 +83,10 @@ def suggest(lrs: list[float], losses: list[float]) -> dict[str, float]:
         runs[i] = 1 + max(earlier, default=0)
     end = int(np.argmax(runs))
     start = max(end - runs[end] + 1, 0)
-    valley = start + (end - start) * 2 // 3
-    return {"steepest": float(lrs[steepest]), "valley": float(lrs[valley]),
+    valley = float(lrs[start + (end - start) * 2 // 3])
+    if is_flat(losses):
+        valley = edge(lrs, losses) / 10
+    return {"steepest": float(lrs[steepest]), "valley": valley,
             "minimum/10": float(lrs[minimum] / 10)}
 
 
@@ -88,7 +126,9 @@ def find_lr(learner, start_lr: float = 1e-7, end_lr: float = 10.0, steps: int = 
         bar.close()
         model.load_state_dict(saved)
     lrs, losses = _finite(lrs, losses)
-    return LRFinderResult(lrs, losses, suggest(lrs, losses) if len(lrs) > 2 else {})
+    if len(lrs) <= 2:
+        return LRFinderResult(lrs, losses)
+    return LRFinderResult(lrs, losses, suggest(lrs, losses), flat=is_flat(losses))
 
 
 def _endless(loader):

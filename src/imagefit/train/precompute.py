@@ -4,6 +4,7 @@ products instead of full forward passes."""
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -71,7 +72,10 @@ def fit_head_on_features(learner, epochs: int, lr: float) -> float:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            loss_sum += loss.item() * len(index)
+            value = loss.item()
+            if not math.isfinite(value):
+                raise learner.diverged(epoch * steps_per_epoch + step, "the training loss")
+            loss_sum += value * len(index)
             seen += len(index)
         row = {"epoch": len(learner.history) + 1, "train_loss": loss_sum / max(seen, 1)}
         if valid is not None:
@@ -81,6 +85,7 @@ def fit_head_on_features(learner, epochs: int, lr: float) -> float:
             scores = learner.score(outputs, valid[1])
             row.update({f"valid_{k}": v for k, v in scores.items()})
         row["time"] = time.perf_counter() - epoch_started
+        learner.check_epoch_finite(row)
         learner.history.append(row)
         learner.epoch, learner.n_epochs = epoch, epochs
         learner.emit("after_epoch")

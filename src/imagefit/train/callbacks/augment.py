@@ -9,7 +9,8 @@ from .base import Callback
 
 class ProgressiveResize(Callback):
     """Trains on ``sizes`` in turn, each for an equal share of the epochs (64 -> 128 -> 224);
-    validation follows the current size."""
+    validation follows the current size, and each epoch's row records it (``image_size`` in
+    metrics.csv and log.txt)."""
 
     def __init__(self, sizes: Sequence[int]) -> None:
         self.sizes = list(sizes)
@@ -19,6 +20,9 @@ class ProgressiveResize(Callback):
 
     def before_epoch(self, learner) -> None:
         learner.image_size = self.size_at(learner.epoch, learner.n_epochs)
+
+    def after_epoch(self, learner) -> None:  # before the progress line and the run writer
+        learner.history[-1]["image_size"] = learner.image_size
 
 
 class MixOff(Callback):

@@ -11,3 +11,9 @@ class Callback:
     Callbacks run in increasing ``order``."""
 
     order: int = 0
+
+
+def callback_order(callback: object) -> int:
+    """Where a callback runs among the others: its ``order``, or 0 for any object that has
+    some of the event methods and nothing else (as the README promises)."""
+    return getattr(callback, "order", 0)
