@@ -54,10 +54,9 @@ from imagefit.build import (
     load_data,
     make_learner,
     make_schedule,
-    resolve_device,
-    resolve_precision,
 )
 from imagefit.config import FitConfig
+from imagefit.devices import resolve_device, resolve_precision
 from imagefit.tasks import Task
 from imagefit.train.callbacks.base import Callback
 from imagefit.train.optim import make_optimizer

@@ -333,6 +333,69 @@ def recipe_ablation(result: dict) -> list[str]:
     return lines
 
 
+def pretrained_regression(result: dict) -> list[str]:
+    lines = ["## Pretrained regression: the rotation angle of photo crops", ""] + header(result)
+    low, high = result["angle_range"]
+    lines += [
+        f"{result['train_images']} training and {result['test_images']} test crops of "
+        f"scikit-image's photos at {result['image_size']} px, each rotated by an angle drawn "
+        f"from {low:g} to {high:g} degrees (the target). Each side takes its learning rate "
+        "from the LR finder (a flat sweep: a tenth of the rate where the loss starts to "
+        "rise). The mean predictor (the training angles' mean for every test crop) has a "
+        f"test MAE of **{result['mean_predictor_test_mae']:.2f}** degrees.",
+        "",
+        "| side | test MAE per seed | median | spread | of the mean predictor's | lr per seed |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, side in result["sides"].items():
+        share = side["median"] / result["mean_predictor_test_mae"]
+        lines.append(f"| {name} | {', '.join(f'{v:.2f}' for v in side['test_mae'])} | "
+                     f"**{side['median']:.2f}** | {side['spread']:.2f} | {share:.0%} | "
+                     f"{', '.join(f'{v:.2g}' for v in side['lr'])} |")
+    return lines
+
+
+def precision(result: dict) -> list[str]:
+    lines = ["## fp32 against bf16 autocast on this CPU", ""] + header(result)
+    lines += [
+        f"AMX on this CPU: {'yes' if result['cpu_has_amx'] else 'no'}, so `--precision auto` "
+        f"means **{result['auto_means']}** here. Default Fashion-MNIST fits of "
+        f"{result['epochs']} epochs, the two precisions alternating; bf16 trains "
+        f"**{result['bf16_speedup']:.2f}x** as many images per second.",
+        "",
+        "| precision | training images/s per run | median | test accuracy per run | median |",
+        "|---|---|---|---|---|",
+    ]
+    for name, side in result["precisions"].items():
+        speeds = ", ".join(f"{r['train_images_per_second']:.0f}" for r in side["runs"])
+        accuracies = ", ".join(f"{r['test_accuracy']:.4f}" for r in side["runs"])
+        lines.append(f"| {name} | {speeds} | **{side['median_images_per_second']:.0f}** | "
+                     f"{accuracies} | **{side['median_test_accuracy']:.4f}** |")
+    return lines
+
+
+def budget_regression(result: dict) -> list[str]:
+    lines = ["## --budget on Fashion-MNIST: the regression check", ""] + header(result)
+    lines += [
+        f"`{result['imagefit_command']}`, the imagefit side of the time-to-accuracy "
+        "benchmark alone. Accuracy: the official test set's, with test-time augmentation "
+        "where the run used it; wall seconds from outside the process, start to exit.",
+        "",
+        "| budget | test accuracy per seed | median | wall seconds per seed | all within budget "
+        "| epochs (median) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for summary in result["budgets"]:
+        walls = ", ".join(f"{r['wall_seconds']:.1f}" for r in result["runs"]
+                          if r["budget"] == summary["budget"])
+        lines.append(
+            f"| {summary['budget']} | {', '.join(f'{a:.4f}' for a in summary['accuracies'])} | "
+            f"**{summary['median_accuracy']:.4f}** | {walls} | "
+            f"{'yes' if summary['all_within_budget'] else 'no'} | "
+            f"{summary['median_epochs']:.1f} |")
+    return lines
+
+
 SECTIONS = {"time_to_accuracy": time_to_accuracy,
             "recipe_ablation": recipe_ablation,
             "fashion_mnist_default": fashion_mnist_default,
@@ -343,7 +406,10 @@ SECTIONS = {"time_to_accuracy": time_to_accuracy,
             "saliency_focus": saliency_focus,
             "compute_floor": compute_floor,
             "cache_memory": cache_memory,
-            "noisy_labels": noisy_labels}
+            "noisy_labels": noisy_labels,
+            "pretrained_regression": pretrained_regression,
+            "precision": precision,
+            "budget_regression": budget_regression}
 
 
 def section_of(benchmark: str) -> str | None:
