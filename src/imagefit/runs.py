@@ -284,16 +284,22 @@ class RunLock:
             self.handle = None
 
 
-def is_locked(run_dir: str | Path) -> bool:
-    """Whether a live process is writing the run directory (holds its lock)."""
+def lock_held(path: str | Path, exclusive: bool = True) -> bool:
+    """Whether another process holds a lock on the file ``path`` (an exclusive one, or with
+    ``exclusive``, any): tried without waiting, and let go at once."""
     try:
-        with open(Path(run_dir) / LOCK) as handle:
-            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        with open(path) as handle:
+            fcntl.flock(handle, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
     except BlockingIOError:
         return True
-    except OSError:
+    except OSError:  # no such file: nobody holds it
         return False
     return False
+
+
+def is_locked(run_dir: str | Path) -> bool:
+    """Whether a live process is writing the run directory (holds its lock)."""
+    return lock_held(Path(run_dir) / LOCK, exclusive=False)
 
 
 def remove_run_dir(run_dir: Path) -> None:

@@ -29,6 +29,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from ..errors import ImagefitError, ImagefitWarning
+from ..runs import lock_held
 
 CACHE_FORMAT = 2
 CHUNK = 256
@@ -515,14 +516,7 @@ def folder_bytes(folder: Path) -> int:
 
 def _in_use(folder: Path) -> bool:
     """Whether some process has the cache open (holds its use lock)."""
-    try:
-        with open(folder / USE_LOCK, "a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    except OSError:
-        return False
-    return False
+    return lock_held(folder / USE_LOCK)
 
 
 def _last_used(folder: Path) -> float:
