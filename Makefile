@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: install data browser demo test lint bench-docs clean
+.PHONY: install system data demo test lint bench-docs clean
 
 # torch and torchvision first, at the exact versions this machine holds as wheels, so that
 # nothing that follows pulls another torch build.
@@ -17,21 +17,31 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# Fashion-MNIST from Debian's package when we are root on Debian; otherwise imagefit looks in
-# $$IMAGEFIT_DATA or downloads it when the network allows.
-data:
-	@if [ ! -d $(FASHION_MNIST) ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		(apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null) \
-		|| echo "make: could not install dataset-fashion-mnist; tests that need it will skip"; \
-	fi
+# What the tests need beyond Python packages, from Debian when root on Debian: Fashion-MNIST,
+# Chromium (report.html rendered headless) and a C++ compiler (torch.compile on the CPU).
+# A failed install stops make; where nothing can be installed (not root, not Debian) the
+# tests that need it skip with the reason, and under CI=true (.ci/run) a skip fails.
+DATASET_NEEDED = $(if $(wildcard $(FASHION_MNIST)),,dataset-fashion-mnist)
+SYSTEM_NEEDED = $(DATASET_NEEDED) $(if $(shell command -v chromium),,chromium) \
+	$(if $(shell command -v g++),,g++)
 
-# Chromium renders report.html in the report tests (headless); installed from Debian when
-# missing and we are root, as the data is.
-browser:
-	@if ! command -v chromium >/dev/null && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		(apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
-		|| echo "make: could not install chromium; the browser tests will skip"; \
+define apt_install
+	@if [ -n "$(strip $(1))" ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			echo "make: installing $(strip $(1)) from Debian"; \
+			(apt-get update -qq && apt-get install -y -qq $(1) >/dev/null) \
+			|| { echo "make: could not install $(strip $(1)) with apt-get"; exit 1; }; \
+		else \
+			echo "make: $(strip $(1)) missing, and not installable here (not root on Debian): what needs it will skip"; \
+		fi; \
 	fi
+endef
+
+data:
+	$(call apt_install,$(DATASET_NEEDED))
+
+system:
+	$(call apt_install,$(SYSTEM_NEEDED))
 
 demo: install data
 	@$(BIN)/imagefit fit builtin:fashion-mnist; status=$$?; \
@@ -40,7 +50,7 @@ demo: install data
 		$(BIN)/imagefit fit builtin:digits; \
 	else exit $$status; fi
 
-test: install data browser
+test: install system
 	$(BIN)/python -m pytest -q
 
 lint: install
