@@ -113,6 +113,7 @@ def budget_window(cfg: FitConfig) -> tuple[float, float] | None:
     checking that the options go with a budget; None without one."""
     if not cfg.budget:
         return None
+    started = budget.command_start()  # taken first: an error below must not leave it behind
     seconds = budget.parse_duration(cfg.budget)
     if "epochs" in cfg.model_fields_set:
         raise ImagefitError(f"--epochs {cfg.epochs} and --budget {cfg.budget} both set how long "
@@ -120,7 +121,6 @@ def budget_window(cfg: FitConfig) -> tuple[float, float] | None:
     if cfg.recipe:
         raise ImagefitError("--recipe trains SGDR cycles until validation stops improving, "
                             "which a budget cannot plan: leave out --recipe or --budget")
-    started = budget.command_start()
     return started, started + seconds
 
 

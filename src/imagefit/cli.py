@@ -265,9 +265,10 @@ def _fit(args: argparse.Namespace, argv: list[str]) -> int:
         devices = config.devices
     from . import api, distributed
 
-    _start_budget_clock(args)
     if devices > 1 and not distributed.launched():
         return distributed.launch(argv, devices, device=config.device if config else "auto")
+    if config is not None and config.budget:
+        _start_budget_clock(args)
     result = api.resume(args.resume) if config is None else api.fit(args.data, config)
     if not distributed.is_main():
         return 0
@@ -331,7 +332,8 @@ def _cv(args: argparse.Namespace, argv: list[str]) -> int:
     config = resolve_options(CVConfig, args, ("data",))
     from .cv import cv, format_cv
 
-    _start_budget_clock(args)
+    if config.budget:
+        _start_budget_clock(args)
     result = cv(args.data, config)
     print(format_cv(result))
     print(f"report: {result.cv_dir / 'report.html'}")
