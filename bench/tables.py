@@ -396,6 +396,22 @@ def budget_regression(result: dict) -> list[str]:
     return lines
 
 
+def mutation_check(result: dict) -> list[str]:
+    lines = ["## Mutation check of the option tests", ""] + header(result)
+    lines += [
+        f"Each option's effect disabled by changing one line of the source; the option tests "
+        f"then run. Caught: **{result['caught']} of {result['total']}**.",
+        "",
+        "| option | file | line | changed to | failing tests |",
+        "|---|---|---|---|---|",
+    ]
+    for m in result["mutations"]:
+        failed = ", ".join(f"`{name}`" for name in m["tests_failed"]) or "**none**"
+        lines.append(f"| {m['option']} | `{m['file']}` | `{m['line']}` | `{m['mutant']}` | "
+                     f"{failed} |")
+    return lines
+
+
 SECTIONS = {"time_to_accuracy": time_to_accuracy,
             "recipe_ablation": recipe_ablation,
             "fashion_mnist_default": fashion_mnist_default,
@@ -409,7 +425,8 @@ SECTIONS = {"time_to_accuracy": time_to_accuracy,
             "noisy_labels": noisy_labels,
             "pretrained_regression": pretrained_regression,
             "precision": precision,
-            "budget_regression": budget_regression}
+            "budget_regression": budget_regression,
+            "mutation_check": mutation_check}
 
 
 def section_of(benchmark: str) -> str | None:

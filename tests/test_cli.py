@@ -11,9 +11,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from PIL import Image
 
 from imagefit.cli import build_parser, main
 from imagefit.config import EvaluateOptions, FitConfig, PredictOptions
+from imagefit.data.sources import read_source
 
 
 def run_cli(capsys, *args: str) -> tuple[int, str, str]:
@@ -31,10 +33,15 @@ def last_line(text: str) -> str:
 def test_help_documents_every_option(command, model, capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args([command, "--help"])
-    text = capsys.readouterr().out
+    text = " ".join(capsys.readouterr().out.split()).replace("- ", "-")  # wrapped lines
     for name, field in model.model_fields.items():
-        assert "--" + name.replace("_", "-") in text, name
-        assert field.description.split()[0] in text, name
+        flag = "--" + name.replace("_", "-")
+        shown = f"{flag}, --no-{flag[2:]} " if field.annotation is bool else \
+            f"{flag} {name.upper()} "
+        assert shown in text, name
+        description = " ".join(field.description.split()).replace("- ", "-")
+        start = text.index(shown) + len(shown)
+        assert text[start:].startswith(description), name
 
 
 def test_fit_prints_the_run_directory_last(tmp_path, capsys):
@@ -190,11 +197,10 @@ def test_resume_and_data_together_or_neither_are_refused(tmp_path, capsys):
     assert code == 2 and "give DATA to fit, or --resume RUN" in err
 
 
-def test_unavailable_device_is_a_clear_error(capsys):
+def test_unavailable_device_is_a_clear_error(capsys, monkeypatch):
     import torch
 
-    if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA; the error is for machines without it")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a CPU machine
     code, _, err = run_cli(capsys, "fit", "builtin:digits", "--device", "cuda")
     assert code == 2 and "option --device: CUDA is not available here; use --device cpu" in err
     code, _, err = run_cli(capsys, "fit", "builtin:digits", "--device", "tpu9")
@@ -256,3 +262,37 @@ def test_help_states_when_tta_is_on(capsys):
     tta = text[start:text.index("--tta-n TTA_N", start)]
     assert "(default: on; off for the small-image recipe's fits of under 8 epochs" in tta
     assert "True" not in tta
+
+
+def test_lr_find_explain_and_compare_through_the_command_line(tmp_path, capsys):
+    plot = tmp_path / "sweep.png"
+    assert main(["lr-find", "builtin:digits", "--out", str(plot), "--no-progress"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split(":")[0] for line in lines[:3]] == ["steepest", "valley", "minimum/10"]
+    assert all(float(line.split(": ")[1]) > 0 for line in lines[:3])
+    assert lines[-1] == str(plot) and plot.stat().st_size > 10_000
+
+    runs_dir = tmp_path / "runs"
+    for seed in (0, 1):
+        assert main(["fit", "builtin:digits", "--epochs", "2", "--seed", str(seed),
+                     "--runs-dir", str(runs_dir), "--no-progress", "--no-report"]) == 0
+    first, second = sorted(runs_dir.iterdir())
+    capsys.readouterr()
+
+    images = tmp_path / "images"
+    images.mkdir()
+    digits = read_source("builtin:digits")
+    for i in range(3):
+        Image.fromarray(digits.arrays[i, ..., 0]).save(images / f"digit_{i}.png")
+    overlays = tmp_path / "overlays"
+    assert main(["explain", str(first), str(images), "--out", str(overlays),
+                 "--no-progress"]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote 3 overlays to {overlays}"
+    assert sorted(p.name for p in overlays.iterdir()) == [
+        f"digit_{i}_gradcam.png" for i in range(3)]
+
+    compare = tmp_path / "compare.png"
+    assert main(["runs", "--compare", str(first), str(second), "--out", str(compare)]) == 0
+    assert capsys.readouterr().out.strip() == str(compare)
+    with Image.open(compare) as picture:
+        assert picture.width > 2 * picture.height

@@ -115,15 +115,23 @@ def test_cv_directory_predicts_with_the_fold_average_in_kaggle_formats(digits_cv
     labels = inference.predict(digits_cv.cv_dir, [digit_pngs], progress=False,
                                format="kaggle-label")
     assert list(labels.columns) == ["id", "label"]
+    averaged = sum(f.to_numpy() for f in each) / 3
+    assert labels["label"].tolist() == [str(i) for i in averaged.argmax(1)]  # the average's
+    assert labels["id"].tolist() == frame["image_id"].tolist()
 
 
 def test_snapshot_ensemble_predicts_with_the_cycle_models(tmp_path, digit_pngs):
     run = api.fit("builtin:digits", schedule="sgdr", sgdr_cycles=2, cycle_len=1,
                   snapshots=True, progress=False, runs_dir=str(tmp_path), report=False,
                   tta=False).run_dir
-    assert len(inference.load_models(run, snapshots=True)) == 2
+    members = inference.load_models(run, snapshots=True)
+    assert [folder.name for folder, _ in members] == ["snapshot_1", "snapshot_2"]
     frame = inference.predict(run, [digit_pngs], progress=False, snapshots=True)
-    assert len(frame) == 8
+    each = [inference.predict(folder, [digit_pngs], progress=False).filter(like="prob_")
+            for folder, _ in members]
+    assert np.allclose(frame.filter(like="prob_").to_numpy(),
+                       (each[0].to_numpy() + each[1].to_numpy()) / 2, atol=1e-5)
+    assert not np.allclose(each[0].to_numpy(), each[1].to_numpy(), atol=1e-3)
     plain = api.fit("builtin:digits", epochs=1, progress=False, runs_dir=str(tmp_path),
                     report=False, tta=False).run_dir
     with pytest.raises(ImagefitError, match="has no snapshot models .* --snapshots"):
@@ -195,3 +203,29 @@ def test_an_ensemble_of_different_setups_is_refused(digits_cv, tmp_path):
     with pytest.raises(ImagefitError, match="sees images or classes differently from .*: an "
                                             "ensemble needs models of one fit setup"):
         inference.load_models(mixed)
+
+
+def test_ensemble_tta_is_each_members_own_tta_averaged(tmp_path, digit_pngs):
+    """predict --tta with real (random) augmentation: each member of a CV directory averages
+    its own versions, made with the augmentation it trained with (--tta-augment auto), and
+    the ensemble averages those."""
+    runs = {}
+    for name, augment in (("plain", "none"), ("flipped", "side_on")):
+        runs[name] = api.fit("builtin:digits", epochs=1, augment=augment, progress=False,
+                             runs_dir=str(tmp_path / name), report=False, tta=False).run_dir
+    ensemble = tmp_path / "ensemble"
+    for index, run in enumerate(runs.values()):
+        shutil.copytree(run, ensemble / f"fold_{index}")
+    (ensemble / "cv.json").write_text(json.dumps({"runs": ["fold_0", "fold_1"]}))
+
+    def probabilities(run, **options):
+        frame = inference.predict(run, [digit_pngs], progress=False, **options)
+        return frame.filter(like="prob_").to_numpy()
+
+    own = [probabilities(run, tta=True) for run in runs.values()]
+    plain = [probabilities(run) for run in runs.values()]
+    assert not np.allclose(own[0], plain[0], atol=1e-4)  # the versions were averaged in
+    assert not np.allclose(own[1], plain[1], atol=1e-4)
+    assert np.allclose(probabilities(ensemble, tta=True), (own[0] + own[1]) / 2, atol=1e-5)
+    flipped_with_lights = probabilities(runs["flipped"], tta=True, tta_augment="light")
+    assert not np.allclose(flipped_with_lights, own[1], atol=1e-4)  # its own, not light's

@@ -61,17 +61,17 @@ def test_two_processes_learn_what_one_does_and_write_one_run(tmp_path):
     --bs (the global batch) and seed. The ranks step through the same global batches (with
     BatchNorm swapped for GroupNorm, the weights after each first step agreed to float
     rounding, checked by hand), but BatchNorm normalizes each rank's half batch and the
-    differences grow over the steps, so the runs end apart. Measured on
-    builtin:digits after 3 epochs: 0.9805 against 0.9777 validation accuracy (one image of
-    360); after only 2 epochs, still far from converged, 0.986 against 0.958. The tolerance,
-    0.02, is about the spread between seeds of 1-process runs."""
-    common = dict(epochs=3, progress=False, tta=False, report=False, seed=0)
+    differences grow over the steps, so the runs end apart. Measured on builtin:digits after
+    3 epochs in fp32: 0.9805 against 0.9777 validation accuracy on a CPU without AMX (one
+    image of 360), 0.9861 against 0.9972 on this one with AMX (4 images; in bf16 0.9805
+    against 0.9916). The tolerance, 0.015, is 5 images."""
+    common = dict(epochs=3, progress=False, tta=False, report=False, seed=0, precision="fp32")
     one = api.fit("builtin:digits", runs_dir=str(tmp_path / "one"), **common)
     runs_dir = tmp_path / "two"
     done = subprocess.run(
         [sys.executable, "-m", "imagefit", "fit", "builtin:digits", "--epochs", "3",
          "--runs-dir", str(runs_dir), "--no-progress", "--no-tta", "--no-report", "--seed", "0",
-         "--devices", "2"],
+         "--precision", "fp32", "--devices", "2"],
         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
         timeout=300)
     assert done.returncode == 0, done.stderr
@@ -82,7 +82,7 @@ def test_two_processes_learn_what_one_does_and_write_one_run(tmp_path):
     assert done.stdout.count("train_loss") == 1  # rank 0 alone prints
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["n_train"] == one.metrics["n_train"]
-    assert abs(metrics["valid_accuracy"] - one.metrics["valid_accuracy"]) <= 0.02
+    assert abs(metrics["valid_accuracy"] - one.metrics["valid_accuracy"]) <= 0.015
     assert "devices: 2" in (run_dir / "config.yaml").read_text()
     assert (run_dir / "checkpoints" / "last.pt").is_file()
 
@@ -140,3 +140,32 @@ def test_killing_the_command_kills_its_workers(tmp_path):
     while _imagefit_processes(marker) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert _imagefit_processes(marker) == []
+
+
+def test_a_one_process_fit_resumes_in_two_processes(tmp_path, capfd):
+    """--resume RUN --devices 2 continues a fit stopped after its first epoch, on another
+    number of processes than it started with."""
+    from imagefit.cli import main
+    from imagefit.errors import FitInterrupted
+    from imagefit.train.callbacks import Callback
+
+    class StopInSecondEpoch(Callback):
+        def after_batch(self, learner):
+            if learner.epoch == 1:
+                raise KeyboardInterrupt
+
+    with pytest.raises(FitInterrupted) as caught:
+        api.fit("builtin:digits", epochs=3, runs_dir=str(tmp_path), progress=False,
+                report=False, tta=False, callbacks=[StopInSecondEpoch()])
+    run_dir = caught.value.run_dir
+    first = (run_dir / "metrics.csv").read_text().splitlines()
+    assert len(first) == 2  # header and epoch 1
+    capfd.readouterr()
+    assert main(["fit", "--resume", str(run_dir), "--devices", "2", "--no-progress"]) == 0
+    out = capfd.readouterr().out
+    assert f"resuming {run_dir} after epoch 1" in out and out.count("train_loss") == 1
+    rows = (run_dir / "metrics.csv").read_text().splitlines()
+    assert rows[:2] == first and len(rows) == 4  # epoch 1 kept, epochs 2 and 3 added
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "done" and metrics["epochs"] == 3
+    assert metrics["valid_accuracy"] > 0.9

@@ -114,7 +114,12 @@ def test_explain_writes_one_png_per_image(shapes_run, test_images, tmp_path, met
 def test_explain_images_draws_one_grid(shapes_run, test_images, tmp_path):
     path = explain_images(load_model(shapes_run, "cpu"), test_images[:4], None, "gradcam",
                           tmp_path / "grid.png")
-    assert path.is_file() and list(tmp_path.iterdir()) == [path]
+    assert list(tmp_path.iterdir()) == [path]
+    with Image.open(path) as picture:
+        pixels = np.asarray(picture.convert("RGB")).astype(int)
+    assert pixels.std() > 20  # drawn
+    warm = (pixels[..., 0] - pixels[..., 2] > 60).mean()  # the heat map's reds over the images
+    assert 0.005 < warm < 0.5
 
 
 def test_model_is_left_as_it_was(shapes_run, test_images):

@@ -199,9 +199,13 @@ def test_closing_an_unfinished_iterator_stops_the_thread():
     images, targets = indexed_images(100)
 
     def consume():
-        iterator = iter(Loader(images, targets, np.arange(100), batch_size=1))
+        iterator = iter(Loader(images, targets, np.arange(100), batch_size=1, prefetch=True))
         next(iterator)
-        time.sleep(0.05)  # the producer fills its queue and blocks
+        queue = iterator.gi_frame.f_locals["queue"]
+        deadline = time.monotonic() + 30
+        while not queue.full() and time.monotonic() < deadline:  # the producer blocks on it
+            time.sleep(0.001)
+        assert queue.full()
         iterator.close()
         assert wait_for_no_loader_threads()
 

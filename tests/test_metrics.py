@@ -48,6 +48,26 @@ def test_single_label_metrics_match_hand_computed_values():
     assert values["quadratic_kappa"] == pytest.approx(0.75)
 
 
+def test_ece_and_pr_auc_match_hand_computed_values():
+    """Four items, two classes; the probabilities are chosen so that each top confidence
+    falls in a bin of its own (15 bins) and each class ranks one negative above a
+    positive."""
+    task = Task("classification", ["a", "b"])
+    probabilities = torch.tensor([[0.91, 0.09], [0.23, 0.77], [0.42, 0.58], [0.31, 0.69]])
+    targets = torch.tensor([0, 1, 1, 0])
+    values = all_metrics(task, probabilities.log(), targets)
+    # right, right, right, wrong: |1-0.91| + |1-0.77| + |1-0.58| + |0-0.69|, over 4
+    assert values["ece"] == pytest.approx((0.09 + 0.23 + 0.42 + 0.69) / 4, abs=1e-6)
+    # each class: a positive first, a negative, then its other positive: AP = (1 + 2/3) / 2
+    assert values["pr_auc"] == pytest.approx((1 + 2 / 3) / 2, abs=1e-6)
+    labels = Task("multilabel", ["x", "y"])
+    scores = torch.tensor([[0.9, 0.2], [0.6, 0.8], [0.4, 0.7], [0.1, 0.3]])
+    truth = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
+    # x: 1, 0, 1 in score order -> (1 + 2/3) / 2; y: 1, 0, 1 -> (1 + 2/3) / 2
+    assert all_metrics(labels, torch.logit(scores), truth)["pr_auc"] == pytest.approx(
+        (1 + 2 / 3) / 2, abs=1e-6)
+
+
 def test_log_loss_top_k_and_ranking_metrics():
     outputs = torch.tensor([[2.0, 1.0, 0.0], [0.0, 2.0, 1.0], [1.0, 0.0, 2.0],
                             [2.0, 0.0, 1.0]])
@@ -224,7 +244,10 @@ def test_evaluate_with_tta_reports_both_figures(tmp_path):
     shifted = inference.evaluate(run, "builtin:digits", tta=True, tta_augment="light",
                                  progress=False)
     assert shifted["accuracy"] == results["accuracy"]
-    assert shifted["tta_accuracy"] != results["accuracy"]
+    assert shifted["tta_loss"] != pytest.approx(results["loss"], rel=1e-4)  # versions averaged
+    again = inference.evaluate(run, "builtin:digits", tta=True, tta_augment="light",
+                               progress=False)
+    assert again["tta_loss"] == shifted["tta_loss"]  # seeded: the same versions each time
 
 
 def test_cli_evaluate_tta_prints_both_columns_and_predict_takes_tta(tmp_path, capsys):

@@ -288,3 +288,28 @@ def test_pretrained_regression_learns_without_straying(tmp_path):
     assert result.history[0]["train_loss"] < 1.5  # standardized targets: about 1 at the start
     assert max(maes) < 1.25 * mean_predictor
     assert min(maes) < 0.9 * mean_predictor
+
+
+def test_a_weights_file_starts_the_fit(tmp_path):
+    """--pretrained FILE in a fit: the body starts from the file's weights; its classifier,
+    for 5 classes where the data has 10, is left out and the new one starts at zero."""
+    import imagefit
+
+    source = resnet(num_classes=5, seed=3)
+    path = tmp_path / "weights.pt"
+    torch.save(source.state_dict(), path)
+
+    class Start:
+        def before_fit(self, learner):
+            self.state = {k: v.clone() for k, v in learner.model.state_dict().items()}
+
+    start = Start()
+    imagefit.fit("builtin:digits", model="resnet18", pretrained=str(path), epochs=1,
+                 freeze_epochs=0, image_size=32, runs_dir=str(tmp_path / "runs"),
+                 progress=False, report=False, callbacks=[start])
+    expected = source.state_dict()
+    expected["conv1.weight"] = expected["conv1.weight"].sum(dim=1, keepdim=True)  # grey input
+    for name, tensor in start.state.items():
+        if not name.startswith("fc.") and "num_batches" not in name:
+            assert torch.equal(tensor, expected[name]), name
+    assert not start.state["fc.weight"].any() and start.state["fc.weight"].shape == (10, 512)

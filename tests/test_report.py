@@ -12,10 +12,20 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
+from safetensors.torch import load_file
+from sklearn.metrics import (
+    balanced_accuracy_score,
+    cohen_kappa_score,
+    log_loss,
+    r2_score,
+    roc_auc_score,
+)
 
 from conftest import shape_image, write_image
 from imagefit import api, cli
 from imagefit.data.sources import from_arrays
+from imagefit.metrics import best_threshold
+from imagefit.tasks import Task
 
 HOSTILE = "<script>alert(1)</script>"
 HOSTILE_IMG = "<img src=x onerror=\"document.title='pwned'\">"
@@ -59,10 +69,25 @@ def test_every_run_writes_the_report_and_its_parts(hostile_run):
                  "plots/epochs.png", "plots/data_classes.png", "plots/data_samples.png"):
         assert (run / name).is_file(), name
     metrics = json.loads((run / "metrics.json").read_text())
-    for key in ("valid_accuracy", "valid_tta_accuracy", "valid_balanced_accuracy",
-                "valid_roc_auc", "valid_log_loss", "valid_quadratic_kappa"):
-        assert key in metrics
+    saved = load_file(run / "interpretation.safetensors")  # the validation outputs it used
+    probabilities = saved["outputs"].softmax(1).numpy()
+    targets = saved["targets"].long().numpy()
+    predicted = probabilities.argmax(1)
+    assert metrics["valid_accuracy"] == pytest.approx((predicted == targets).mean())
+    assert metrics["valid_balanced_accuracy"] == pytest.approx(
+        balanced_accuracy_score(targets, predicted))
+    assert metrics["valid_roc_auc"] == pytest.approx(
+        roc_auc_score(targets, probabilities, multi_class="ovr"), abs=1e-4)
+    assert metrics["valid_log_loss"] == pytest.approx(
+        log_loss(targets, probabilities, labels=[0, 1, 2]), rel=1e-4)
+    assert metrics["valid_quadratic_kappa"] == pytest.approx(
+        cohen_kappa_score(targets, predicted, weights="quadratic"), abs=1e-6)
+    assert metrics["valid_tta_accuracy"] != metrics["valid_accuracy"] or \
+        metrics["valid_tta_loss"] != metrics["valid_loss"]  # TTA's own figures
     page = (run / "report.html").read_text()
+    for name, value in (("valid_accuracy", metrics["valid_accuracy"]),
+                        ("valid_tta_accuracy", metrics["valid_tta_accuracy"])):
+        assert f"{value:.4f}" in page, name  # the figures reach the page
     for section in ("config", "dataset", "training", "metrics", "interpretation"):
         assert f'<section id="{section}">' in page
 
@@ -102,9 +127,11 @@ def test_a_hostile_class_name_is_shown_as_text_and_runs_nothing(hostile_run, tmp
     assert '<img src="x"' not in dom  # the img name stayed text: no element, no handler
 
 
-def test_report_command_regenerates_from_the_run_files(hostile_run, capsys):
-    run = hostile_run
+def test_report_command_regenerates_from_the_run_files(hostile_run, tmp_path, capsys):
+    run = tmp_path / hostile_run.name  # a copy: the other tests read the fixture's files
+    shutil.copytree(hostile_run, run)
     before = (run / "interpretation.json").read_text()
+    confusion = np.asarray(Image.open(run / "plots" / "confusion.png").convert("RGB"))
     for name in ("report.html", "plots/confusion.png", "plots/top_losses.png",
                  "plots/training.png", "plots/epochs.png"):
         (run / name).unlink()
@@ -115,6 +142,12 @@ def test_report_command_regenerates_from_the_run_files(hostile_run, capsys):
         assert (run / name).is_file(), name
     again = json.loads((run / "interpretation.json").read_text())
     assert again["top_losses"] == json.loads(before)["top_losses"]
+    assert again["per_class"] == json.loads(before)["per_class"]
+    redrawn = np.asarray(Image.open(run / "plots" / "confusion.png").convert("RGB"))
+    assert redrawn.shape == confusion.shape and np.abs(
+        redrawn.astype(int) - confusion).mean() < 1.0  # the same counts, drawn again
+    page = (run / "report.html").read_text()
+    assert page.count('src="data:image/png;base64,') >= 8
 
 
 def test_report_command_errors_name_the_folder(tmp_path, capsys):
@@ -145,7 +178,10 @@ def test_multilabel_fit_stores_the_best_threshold(tmp_path):
     interpretation = json.loads((run / "interpretation.json").read_text())
     best = interpretation["best_threshold"]
     assert info["task"]["threshold"] == best["threshold"] == best["threshold_used"]
-    assert 0.05 <= best["threshold"] <= 0.95
+    saved = load_file(run / "interpretation.safetensors")  # the validation outputs
+    chosen, f1 = best_threshold(Task.from_dict(info["task"]), saved["outputs"],
+                                saved["targets"])
+    assert best["threshold"] == pytest.approx(chosen)  # chosen on validation, as it says
     assert (run / "plots" / "threshold.png").is_file()
     metrics = json.loads((run / "metrics.json").read_text())
     assert {"valid_subset_accuracy", "valid_hamming_loss", "valid_f1"} <= set(metrics)
@@ -157,11 +193,20 @@ def test_regression_fit_draws_predictions_and_worst_images(tmp_path):
     images = np.clip(values[:, None, None] * 3 + rng.normal(0, 5, (80, 10, 10)), 0, 255)
     table = from_arrays(images.astype(np.uint8), values, names=["age"])
     run = api.fit(table, epochs=2, progress=False, runs_dir=str(tmp_path), tta=False).run_dir
-    assert (run / "plots" / "regression.png").is_file()
-    assert (run / "plots" / "top_losses.png").is_file()
-    assert (run / "plots" / "data_targets.png").is_file()
+    for name in ("regression.png", "top_losses.png", "data_targets.png"):
+        picture = np.asarray(Image.open(run / "plots" / name).convert("L"))
+        assert picture.std() > 10, name  # drawn, not blank
     interpretation = json.loads((run / "interpretation.json").read_text())
     losses = [row["loss"] for row in interpretation["top_losses"]]
     assert losses == sorted(losses, reverse=True)
     metrics = json.loads((run / "metrics.json").read_text())
-    assert {"valid_mae", "valid_rmse", "valid_r2", "valid_mape"} <= set(metrics)
+    task = Task.from_dict(json.loads((run / "model.json").read_text())["task"])
+    saved = load_file(run / "interpretation.safetensors")
+    predicted = task.activate(saved["outputs"]).numpy().ravel()
+    truth = task.activate(saved["targets"]).numpy().ravel()  # stored standardized too
+    assert metrics["valid_mae"] == pytest.approx(np.abs(predicted - truth).mean(), rel=1e-4)
+    assert metrics["valid_rmse"] == pytest.approx(
+        np.sqrt(((predicted - truth) ** 2).mean()), rel=1e-4)
+    assert metrics["valid_r2"] == pytest.approx(r2_score(truth, predicted), abs=1e-4)
+    worst = np.sort(np.abs(predicted - truth))[::-1][:len(losses)]  # in the targets' units
+    assert losses == pytest.approx(worst.tolist(), rel=1e-4)

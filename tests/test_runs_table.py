@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from imagefit import runs
 from imagefit.errors import ImagefitError
@@ -214,4 +216,10 @@ def test_a_real_fit_is_listed_and_compared(tmp_path):
         "builtin:digits", "small_cnn_16", "valid_accuracy")
     assert row["value"] == pytest.approx(result.metrics["valid_accuracy"])
     out = compare_runs([result.run_dir], tmp_path / "compare.png")
-    assert out.is_file()
+    with Image.open(out) as picture:
+        assert picture.width > 2 * picture.height  # one panel per curve, side by side
+        assert np.asarray(picture.convert("L")).std() > 10
+    curves = compare_curves([result.run_dir])
+    assert set(curves) == {"train_loss", "valid_loss", "valid_accuracy"}
+    assert curves["valid_accuracy"][result.run_dir.name].tolist() == pytest.approx(
+        [row["valid_accuracy"] for row in result.history])
