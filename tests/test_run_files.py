@@ -251,3 +251,12 @@ def test_predict_out_naming_a_folder_is_refused_and_leaves_nothing(run_copy, tmp
 
 def test_config_yaml_is_still_plain_yaml(trained):
     assert yaml.safe_load((trained / "config.yaml").read_text())["data"] == "builtin:digits"
+
+
+def test_resuming_removes_what_a_killed_write_left(run_copy):
+    (run_copy / ".model.k2j3.safetensors").write_bytes(b"half a model")
+    (run_copy / "checkpoints" / ".last.x8f1").write_bytes(b"half a checkpoint")
+    (run_copy / "metrics.json").unlink()
+    imagefit.resume(run_copy)
+    left = [p.name for p in [*run_copy.glob(".*"), *(run_copy / "checkpoints").glob(".*")]]
+    assert left == [".lock"]

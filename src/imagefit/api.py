@@ -175,6 +175,8 @@ def resume(run: str | Path, callbacks: list[Callback] | tuple = ()) -> FitResult
                             "imagefit fit")
     runs.require_checkpoint(run_dir)  # before the lock file: a folder of another kind stays
     with runs.RunLock(run_dir) if distributed.is_main() else contextlib.nullcontext():
+        if distributed.is_main():
+            runs.remove_partial_files(run_dir)  # of a write the stopped fit was killed in
         state = runs.load_checkpoint(run_dir)
         data, cfg = _resume_options(run_dir)
         return _fit(data, cfg, callbacks, run_dir=run_dir, resume_state=state)

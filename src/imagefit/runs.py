@@ -302,6 +302,19 @@ def is_locked(run_dir: str | Path) -> bool:
     return lock_held(Path(run_dir) / LOCK, exclusive=False)
 
 
+def remove_partial_files(run_dir: Path) -> list[str]:
+    """The temporary files an atomic write leaves when its process is killed mid-write
+    (``.NAME.*`` beside NAME); removed when the run is taken up again. Returns their names."""
+    run_dir = Path(run_dir)
+    removed = []
+    for folder in (run_dir, run_dir / "checkpoints"):
+        for path in folder.glob(".*"):
+            if path.is_file() and path.name != LOCK:
+                path.unlink(missing_ok=True)
+                removed.append(path.name)
+    return removed
+
+
 def remove_run_dir(run_dir: Path) -> None:
     """Delete a run directory that holds nothing worth keeping (no finished epoch)."""
     shutil.rmtree(run_dir, ignore_errors=True)

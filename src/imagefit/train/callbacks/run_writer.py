@@ -22,10 +22,13 @@ class RunWriter(Callback):
         self.epochs_saved = 0
 
     def after_epoch(self, learner) -> None:
+        # the row last: once metrics.csv shows an epoch, its model and checkpoint are on disk
+        # (a kill -9 in between leaves a checkpoint ahead of metrics.csv, which resuming
+        # rewrites from the checkpoint)
         with runs.interrupts_deferred():
-            runs.append_metrics_row(self.run_dir, learner.history[-1])
             runs.save_model(self.run_dir, learner.eval_model,
                             {**self.model_info, "epochs_trained": len(learner.history)})
             if learner.optimizer is not None:  # head training on precomputed features
                 runs.save_checkpoint(self.run_dir, learner.checkpoint_state())  # has none
+            runs.append_metrics_row(self.run_dir, learner.history[-1])
             self.epochs_saved = len(learner.history)
