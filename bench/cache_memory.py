@@ -92,8 +92,8 @@ def build_in_child(data: str) -> None:
     """The child process: build the cache of ``data`` and print what it did as JSON."""
     import numpy as np
 
-    from imagefit.build import load_data
     from imagefit.config import ImageOptions
+    from imagefit.workflows.build import load_data
 
     anon_after_imports, _ = status_bytes(os.getpid())
     started = time.perf_counter()

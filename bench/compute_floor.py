@@ -49,17 +49,17 @@ import torch
 from common import RESULTS, write_result
 from photos import write_photo_folder
 
-from imagefit.build import (
-    build_training,
-    load_data,
-    make_learner,
-    make_schedule,
-)
 from imagefit.config import FitConfig
 from imagefit.devices import resolve_device, resolve_precision
 from imagefit.tasks import Task
 from imagefit.train.callbacks.base import Callback
 from imagefit.train.optim import make_optimizer
+from imagefit.workflows.build import (
+    build_training,
+    load_data,
+    make_learner,
+    make_schedule,
+)
 
 ROWS = {
     "small_cnn-28": {"data": "builtin:fashion-mnist", "model": "small_cnn", "image_size": None,

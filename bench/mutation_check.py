@@ -20,7 +20,7 @@ SRC = ROOT / "src" / "imagefit"
 
 # option: (file, the line as it is, the line that disables the option)
 MUTATIONS = {
-    "lr auto": ("api.py", 'cfg.lr = distributed.from_main(finder.suggestions["valley"])',
+    "lr auto": ("workflows/fit.py", 'cfg.lr = distributed.from_main(finder.suggestions["valley"])',
                 "cfg.lr = 0.1"),
     "early stop": ("train/callbacks/checkpoint.py", "        learner.stop = True",
                    "        learner.stop = False"),
@@ -31,21 +31,21 @@ MUTATIONS = {
     "grad clip": ("train/learner.py",
                   "            torch.nn.utils.clip_grad_norm_(self.model.parameters(), "
                   "self.grad_clip)", "            pass"),
-    "label smoothing": ("tasks.py", "                                   label_smoothing="
+    "label smoothing": ("tasks.py", "                               label_smoothing="
                         "self.label_smoothing)",
-                        "                                   label_smoothing=0.0)"),
+                        "                               label_smoothing=0.0)"),
     "plateau": ("train/callbacks/checkpoint.py", "        learner.lr_factor *= self.factor",
                 "        learner.lr_factor *= 1.0"),
     "lr groups": ("train/learner.py",
                   "        self.lr_scales = [rate / rates[-1] for rate in rates]",
                   "        self.lr_scales = None"),
-    "freeze epochs": ("api.py", "        learner.freeze(cfg.train_bn)",
+    "freeze epochs": ("workflows/phases.py", "        learner.freeze(cfg.train_bn)",
                       "        learner.unfreeze()"),
-    "TTA": ("inference.py", "        for _ in range(tta.n):", "        for _ in range(0):"),
+    "TTA": ("forward.py", "        for _ in range(tta.n):", "        for _ in range(0):"),
     "image sizes": ("train/callbacks/augment.py",
                     "        learner.image_size = self.size_at(learner.epoch, learner.n_epochs)",
                     "        learner.image_size = None"),
-    "threshold": ("conclude.py", '        info["task"]["threshold"] = threshold',
+    "threshold": ("workflows/conclude.py", '        info["task"]["threshold"] = threshold',
                   '        info["task"]["threshold"] = 0.5'),
 }
 

@@ -26,8 +26,8 @@ from common import write_result
 
 import imagefit
 from imagefit.config import SourceOptions
-from imagefit.cv import cv
 from imagefit.data.sources import read_source
+from imagefit.workflows.cv import cv
 
 NOISE = 0.4
 
@@ -58,7 +58,7 @@ def plc_quality(run_dir: Path, clean: np.ndarray, flipped: np.ndarray) -> dict:
     if not path.is_file():
         return {}
     frame = pd.read_csv(path)
-    names = imagefit.inference.load_model(run_dir, "cpu").task.names
+    names = imagefit.evaluation.inference.load_model(run_dir, "cpu").task.names
     corrected = frame["corrected"].map(names.index).to_numpy()
     right = corrected == clean[frame["row"].to_numpy()]
     return {"changed": len(frame), "changed_to_clean": int(right.sum()),

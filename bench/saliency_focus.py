@@ -20,15 +20,15 @@ from common import RESULTS, write_result
 
 import imagefit
 from imagefit.data.builtin import read_builtin
-from imagefit.explain import (
+from imagefit.evaluation.inference import load_model
+from imagefit.evaluation.saliency import (
     default_targets,
-    explain_images,
     feature_blocks,
     gradcam_layer,
     model_outputs,
     saliency_maps,
 )
-from imagefit.inference import load_model
+from imagefit.report.overlays import explain_images
 
 
 def focus(maps: torch.Tensor, objects: torch.Tensor) -> dict:

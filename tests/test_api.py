@@ -59,6 +59,36 @@ def test_config_yaml_is_fully_resolved(digits_run):
     assert (config["opt"], config["lr"], config["wd"]) == ("sgd", 0.1, 5e-4)
     assert config["augment"] == "none" and config["label_smoothing"] == 0.1
     assert config["tta"] is False
+    # what ran, not what was asked for: the precision autocast used, the loss trained with
+    info = json.loads((digits_run.run_dir / "model.json").read_text())
+    assert config["precision"] == info["precision"] and config["precision"] in ("fp32", "bf16")
+    assert config["loss"] == "cross_entropy"
+    assert config["normalize"] == "data" and config["freeze_epochs"] == 0
+    assert "auto" not in {config[k] for k in ("model", "precision", "loss", "normalize", "lr")}
+
+
+def test_refitting_from_a_runs_config_repeats_its_epochs(tmp_path):
+    """``imagefit fit --config RUN/config.yaml`` (no DATA: the file names it) trains the same
+    model: the same per-epoch figures, with --lr auto's rate taken from the file."""
+    first = tmp_path / "first"
+    imagefit.fit("builtin:digits", epochs=2, lr="auto", runs_dir=str(first), progress=False,
+                 report=False, tta=False)
+    run = next(first.iterdir())
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert isinstance(config["lr"], float)  # the valley the finder chose
+    from imagefit.cli import main
+
+    again = tmp_path / "again"
+    assert main(["fit", "--config", str(run / "config.yaml"), "--runs-dir", str(again)]) == 0
+    rerun = next(again.iterdir())
+    assert not (rerun / "plots" / "lr_find.png").exists()  # no second sweep
+    columns = ["epoch", "train_loss", "valid_loss", "valid_accuracy"]
+    before = pd.read_csv(run / "metrics.csv")[columns]
+    after = pd.read_csv(rerun / "metrics.csv")[columns]
+    pd.testing.assert_frame_equal(before, after)
+    rerun_config = yaml.safe_load((rerun / "config.yaml").read_text())
+    assert {k: v for k, v in rerun_config.items() if k != "runs_dir"} == \
+        {k: v for k, v in config.items() if k != "runs_dir"}
 
 
 def test_model_files_are_safetensors_and_json(digits_run):

@@ -19,13 +19,13 @@ from imagefit import ImagefitError
 from imagefit.augment.pipeline import BatchPipeline
 from imagefit.cli import main
 from imagefit.config import AugmentOptions
-from imagefit.cv import cv
 from imagefit.data.loader import Loader
 from imagefit.models.small import SmallCNN
 from imagefit.tasks import Task
 from imagefit.train import budget, schedules
 from imagefit.train.budget import BudgetPlanner, parse_duration, plan_steps
 from imagefit.train.learner import Learner
+from imagefit.workflows.cv import cv
 
 STEP, VALID, FINAL_FIXED = 0.1, 0.5, 2.0  # fake seconds: a step, a validation, the end
 N_TRAIN, N_VALID, BATCH = 64, 8, 8  # so 8 steps an epoch

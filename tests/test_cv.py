@@ -12,12 +12,13 @@ import torch
 from sklearn.datasets import load_digits
 
 from conftest import write_image
-from imagefit import api, cli, inference
-from imagefit.cv import cv
+from imagefit import api, cli
 from imagefit.data.soft import soft_targets
-from imagefit.data.sources import from_arrays
+from imagefit.data.table import from_arrays
 from imagefit.errors import ImagefitError
+from imagefit.evaluation import inference
 from imagefit.tasks import Task
+from imagefit.workflows.cv import cv
 
 
 @pytest.fixture(scope="module")

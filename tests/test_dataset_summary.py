@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from imagefit.data.cache import CacheSettings, build_cache, cache_arrays
-from imagefit.data.sources import from_arrays, read_folder
+from imagefit.data.sources import read_folder
+from imagefit.data.table import from_arrays
 from imagefit.report.dataset import summarize_dataset
 
 MEAN, STD = [0.5], [0.25]

@@ -16,8 +16,9 @@ from imagefit.data.folds import (
     split_for_fold,
 )
 from imagefit.data.sampling import class_weights, resample_rows, weighted_sampler_rows
-from imagefit.data.sources import Table, read_source
+from imagefit.data.sources import read_source
 from imagefit.data.splits import assign_validation
+from imagefit.data.table import Table
 from imagefit.errors import ImagefitError
 from imagefit.tasks import Task
 

@@ -12,12 +12,12 @@ import torch.nn.functional as F
 
 import imagefit
 from imagefit import cli
-from imagefit.build import build_training, load_data
 from imagefit.config import FitConfig, make_options
-from imagefit.data.sources import Table, from_arrays
+from imagefit.data.table import Table, from_arrays
 from imagefit.errors import ImagefitError
 from imagefit.tasks import Task
 from imagefit.train.callbacks.base import Callback
+from imagefit.workflows.build import build_training, load_data
 
 NAMES = ["healthy", "rust", "multiple_diseases"]
 

@@ -9,12 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from imagefit import inference
 from imagefit.augment.pipeline import BatchPipeline
 from imagefit.augment.presets import resolve_augment
 from imagefit.config import AugmentOptions
 from imagefit.errors import ImagefitError
-from imagefit.inference import TTA, model_outputs, tta_augment
+from imagefit.evaluation import inference
+from imagefit.forward import TTA, model_outputs, tta_augment
 from imagefit.metrics import all_metrics, best_threshold, compute_metrics, per_class_metrics
 from imagefit.report.interpret import item_losses, most_confused, top_losses
 from imagefit.tasks import Task
@@ -173,7 +173,7 @@ def test_top_losses_are_ordered_largest_first():
 
 
 def test_metrics_option_chooses_the_per_epoch_columns_and_rejects_unknown_names():
-    from imagefit.build import epoch_metrics
+    from imagefit.workflows.build import epoch_metrics
 
     assert epoch_metrics("classification", ["kappa", "f1"]) == ["accuracy", "kappa", "f1"]
     assert epoch_metrics("regression", None) == []

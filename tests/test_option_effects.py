@@ -24,7 +24,7 @@ from imagefit.augment.pipeline import BatchPipeline
 from imagefit.config import AugmentOptions
 from imagefit.data.loader import Loader
 from imagefit.data.sources import read_source
-from imagefit.inference import load_model
+from imagefit.evaluation.inference import load_model
 from imagefit.metrics import best_threshold
 from imagefit.tasks import Task
 from imagefit.train.learner import Learner

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from imagefit.augment.pipeline import BatchPipeline
-from imagefit.build import apply_small_image_recipe
 from imagefit.config import AugmentOptions, FitConfig, ShowBatchOptions
-from imagefit.inference import TTA, model_outputs
+from imagefit.forward import TTA, model_outputs
 from imagefit.models import create_model, default_model_name
 from imagefit.tasks import Task
+from imagefit.workflows.build import apply_small_image_recipe
 
 
 def test_small_images_get_the_recipe_for_what_is_unset():

@@ -23,7 +23,7 @@ from sklearn.metrics import (
 
 from conftest import shape_image, write_image
 from imagefit import api, cli
-from imagefit.data.sources import from_arrays
+from imagefit.data.table import from_arrays
 from imagefit.metrics import best_threshold
 from imagefit.tasks import Task
 

@@ -10,8 +10,9 @@ import torch
 from PIL import Image
 
 from imagefit.config import SourceOptions
-from imagefit.data.sources import from_arrays, read_source, to_uint8_images
+from imagefit.data.sources import read_source
 from imagefit.data.splits import assign_validation
+from imagefit.data.table import from_arrays, to_uint8_images
 from imagefit.errors import ImagefitError, ImagefitWarning
 
 

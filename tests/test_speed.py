@@ -13,13 +13,13 @@ import yaml
 import imagefit
 from imagefit import ImagefitError, ImagefitWarning
 from imagefit.augment.pipeline import BatchPipeline
-from imagefit.build import choose_batch_size
 from imagefit.config import AugmentOptions, FitConfig
 from imagefit.data.loader import Loader
 from imagefit.models.small import SmallCNN
 from imagefit.tasks import Task
 from imagefit.train.learner import Learner
 from imagefit.train.memory import largest_batch_size
+from imagefit.workflows.build import choose_batch_size
 
 N_IMAGES = 32
 

@@ -104,8 +104,8 @@ def test_suggestions_read_a_typical_curve():
 
 
 def test_lr_finder_restores_the_weights_and_plots(tmp_path):
-    from imagefit.api import build_training, load_data, make_learner
     from imagefit.config import FitConfig
+    from imagefit.workflows.build import build_training, load_data, make_learner
 
     cfg = FitConfig(progress=False)
     parts = build_training(cfg, load_data("builtin:digits", cfg), torch.device("cpu"))
@@ -307,8 +307,8 @@ def test_plc_on_a_short_fit_warns(tmp_path):
 
 
 def test_freeze_leaves_the_body_unchanged_after_a_step():
-    from imagefit.api import build_training, load_data, make_learner
     from imagefit.config import FitConfig
+    from imagefit.workflows.build import build_training, load_data, make_learner
 
     cfg = FitConfig(progress=False)
     parts = build_training(cfg, load_data("builtin:digits", cfg), torch.device("cpu"))
@@ -542,8 +542,8 @@ def test_every_step_records_lr_momentum_and_loss(tmp_path):
 
 
 def test_frozen_batchnorm_statistics_stay_without_train_bn():
-    from imagefit.api import build_training, load_data, make_learner
     from imagefit.config import FitConfig
+    from imagefit.workflows.build import build_training, load_data, make_learner
 
     cfg = FitConfig(progress=False)
     parts = build_training(cfg, load_data("builtin:digits", cfg), torch.device("cpu"))

@@ -11,18 +11,19 @@ from .errors import FitInterrupted, ImagefitError, ImagefitWarning
 from .version import __version__
 
 _PUBLIC = {
-    "FitResult": "api", "fit": "api", "lr_find": "api", "resume": "api", "show_batch": "api",
+    "CVResult": "api", "FitResult": "api", "cv": "api", "evaluate": "api", "explain": "api",
+    "fit": "api", "load_model": "api", "lr_find": "api", "predict": "api", "resume": "api",
+    "show_batch": "api",
     "EvaluateOptions": "config", "FitConfig": "config", "PredictOptions": "config",
-    "Table": "data.sources", "from_arrays": "data.sources", "read_source": "data.sources",
-    "LoadedModel": "inference", "evaluate": "inference", "load_model": "inference",
-    "predict": "inference",
+    "Table": "data.table", "from_arrays": "data.table", "read_source": "data.sources",
+    "LoadedModel": "evaluate.inference",
 }
 
 __all__ = [
-    "EvaluateOptions", "FitConfig", "FitInterrupted", "FitResult", "ImagefitError",
-    "ImagefitWarning", "LoadedModel", "PredictOptions", "Table", "__version__", "evaluate",
-    "fit", "from_arrays", "load_model", "lr_find", "predict", "read_source", "resume",
-    "show_batch",
+    "CVResult", "EvaluateOptions", "FitConfig", "FitInterrupted", "FitResult",
+    "ImagefitError", "ImagefitWarning", "LoadedModel", "PredictOptions", "Table",
+    "__version__", "cv", "evaluate", "explain", "fit", "from_arrays", "load_model", "lr_find",
+    "predict", "read_source", "resume", "show_batch",
 ]
 
 

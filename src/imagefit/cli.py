@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from .config import (
+    RECORDED_KEYS,
     CVConfig,
     EvaluateOptions,
     ExplainOptions,
@@ -98,7 +99,7 @@ def resolve_options(model: type[Options], args: argparse.Namespace,
                     positional: tuple[str, ...]) -> Options:
     """Defaults, then the --config file, then the flags."""
     values = read_yaml_options(args.config) if args.config else {}
-    for key in positional:
+    for key in (*positional, *RECORDED_KEYS):  # a run's config.yaml records them too
         values.pop(key, None)
     for name in model.model_fields:
         if hasattr(args, name):
@@ -258,9 +259,11 @@ def _fit(args: argparse.Namespace, argv: list[str]) -> int:
             raise ImagefitError("--resume RUN takes its data and options from the run: "
                                 "leave out DATA")
         devices = make_options(FitConfig, {"devices": getattr(args, "devices", 1)}).devices
-    elif not args.data:
-        raise ImagefitError("give DATA to fit, or --resume RUN")
     else:
+        if not args.data and args.config:  # a run's config.yaml names its data
+            args.data = read_yaml_options(args.config).get("data")
+        if not args.data:
+            raise ImagefitError("give DATA to fit, or --resume RUN")
         config = resolve_options(FitConfig, args, ("data",))
         devices = config.devices
     from . import api, distributed
@@ -289,10 +292,10 @@ def _start_budget_clock(args: argparse.Namespace) -> None:
 
 
 def _predict(args: argparse.Namespace, argv: list[str]) -> int:
-    from . import inference
+    from . import api
 
     options = resolve_options(PredictOptions, args, ("run", "inputs", "out"))
-    frame = inference.predict(args.run, args.inputs, args.out, options)
+    frame = api.predict(args.run, args.inputs, args.out, options)
     if args.out:
         print(f"wrote {len(frame)} predictions to {args.out}")
     else:
@@ -301,10 +304,10 @@ def _predict(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def _evaluate(args: argparse.Namespace, argv: list[str]) -> int:
-    from . import inference
+    from . import api
 
     options = resolve_options(EvaluateOptions, args, ("run", "data", "out"))
-    results = inference.evaluate(args.run, args.data, args.out, options)
+    results = api.evaluate(args.run, args.data, args.out, options)
     print(_format_evaluation(results))
     return 0
 
@@ -330,7 +333,7 @@ def _show_batch(args: argparse.Namespace, argv: list[str]) -> int:
 
 def _cv(args: argparse.Namespace, argv: list[str]) -> int:
     config = resolve_options(CVConfig, args, ("data",))
-    from .cv import cv, format_cv
+    from .api import cv, format_cv
 
     if config.budget:
         _start_budget_clock(args)
@@ -342,7 +345,7 @@ def _cv(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def _explain(args: argparse.Namespace, argv: list[str]) -> int:
-    from .explain import explain
+    from .api import explain
 
     options = resolve_options(ExplainOptions, args, ("run", "images", "out"))
     written = explain(args.run, args.images, args.out, options)

@@ -396,8 +396,10 @@ class FitConfig(ImageOptions):
         "'pretrained' uses those the pretrained weights were trained with (e.g. ImageNet's); "
         "'auto' is 'pretrained' with --pretrained, else 'data'",
     )
-    loss: Literal["mse", "l1", "huber"] = Field(
-        "mse", description="regression loss (on standardized targets)"
+    loss: Literal["auto", "cross_entropy", "bce", "mse", "l1", "huber"] = Field(
+        "auto", description="the loss: cross_entropy (single-label), bce (multi-label), or "
+        "for regression mse, l1 or huber (on standardized targets); 'auto' is the task's own "
+        "(mse for regression)"
     )
     device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'")
     devices: int = Field(
@@ -633,6 +635,27 @@ def describe_validation_error(model: type[BaseModel], error: ValidationError) ->
             shown[name] = f" (got {value!r})"
     return "; ".join(f"option --{name.replace('_', '-')}: {' or '.join(messages)}"
                      f"{shown.get(name, '')}" for name, messages in reasons.items())
+
+
+class RunOptions(FitConfig):
+    """A fit's options as they run: every ``auto`` and every default that depends on the data
+    resolved (model, image size, channels, precision, loss, normalization, the learning rate
+    of ``--lr auto``, the recipes' choices), then frozen. Every step after ``prepare`` reads
+    these, and config.yaml records them, so ``imagefit fit --config RUN/config.yaml`` repeats
+    the run."""
+
+    model_config = ConfigDict(frozen=True)
+
+
+# Keys config.yaml records beside the options (what was trained on, the batch size a
+# --bs auto chose): a --config file may hold them, and they are not options.
+RECORDED_KEYS = ("data", "data_description", "batch_size_used")
+
+
+def freeze_options(cfg: FitConfig) -> RunOptions:
+    """``cfg`` (resolved) as the frozen options every later step reads; the fields the user
+    set stay marked as set."""
+    return RunOptions.model_construct(_fields_set=set(cfg.model_fields_set), **dict(cfg))
 
 
 def make_options(model: type[Options], values: dict[str, Any]) -> Options:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ImagefitError
-from .sources import Table, from_arrays
+from .table import Table, from_arrays
 
 FASHION_MNIST_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",

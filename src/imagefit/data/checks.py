@@ -13,7 +13,7 @@ import numpy as np
 from ..errors import ImagefitError, ImagefitWarning
 from .cache import ImageCache
 from .duplicates import find_duplicates
-from .sources import SPLITS, Table
+from .table import SPLITS, Table
 
 SHOWN = 3  # names or files listed in one message
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from .cache import ImageCache
-from .sources import SPLITS, Table
+from .table import SPLITS, Table
 
 EXAMPLES_PER_PAIR = 3
 MEMBERS_PER_EXAMPLE = 4

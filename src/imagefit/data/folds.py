@@ -19,7 +19,8 @@ from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
 from sklearn.model_selection import KFold, StratifiedGroupKFold, StratifiedKFold
 
 from ..errors import ImagefitError
-from .sources import Table, _read_frame, _require_column
+from .sources import read_frame, require_column
+from .table import Table
 
 FOLD_METHODS = ("auto", "kfold", "stratified", "multilabel", "group")
 NOT_IN_FOLDS = -1
@@ -147,8 +148,8 @@ def _group_folds(targets: np.ndarray, groups: np.ndarray, table: Table, k: int,
 def read_groups(csv_path: str | Path, column: str, table: Table) -> np.ndarray:
     """The ``column`` of the CSV file that ``table`` was read from, one value per row."""
     csv_path = Path(csv_path)
-    frame = _read_frame(csv_path)
-    _require_column(frame, column, "--group-col", csv_path.name)
+    frame = read_frame(csv_path)
+    require_column(frame, column, "--group-col", csv_path.name)
     if len(frame) != len(table):
         raise ImagefitError(
             f"{csv_path.name} has {len(frame)} rows but the data has {len(table)}: "
@@ -190,10 +191,10 @@ def load_folds(path: str | Path, table: Table) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise ImagefitError(f"--folds-file {path} not found: give a file written by a fold run")
-    frame = _read_frame(path)
+    frame = read_frame(path)
     name = path.name
     for column in ("row", "fold"):
-        _require_column(frame, column, "--folds-file", name)
+        require_column(frame, column, "--folds-file", name)
 
     def mismatch(reason: str) -> ImagefitError:
         return ImagefitError(

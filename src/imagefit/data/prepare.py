@@ -18,7 +18,7 @@ from .cache import (
     probe_images,
     warn_unreadable,
 )
-from .sources import Table
+from .table import Table
 
 STATS_MAX_IMAGES = 10_000
 STATS_CHUNK = 1_000

@@ -12,7 +12,7 @@ import torch
 
 from ..errors import ImagefitError
 from ..tasks import Task
-from .sources import Table
+from .table import Table
 
 
 def read_oof(source: str | Path) -> tuple[Path, pd.DataFrame]:

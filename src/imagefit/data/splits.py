@@ -8,7 +8,7 @@ import numpy as np
 from sklearn.model_selection import train_test_split
 
 from ..errors import ImagefitError
-from .sources import Table
+from .table import Table
 
 
 def assign_validation(table: Table, valid_pct: float, seed: int, stratify: bool = True) -> Table:

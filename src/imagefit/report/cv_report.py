@@ -10,23 +10,23 @@ import yaml
 
 from .. import runs
 from ..tasks import MAIN_METRIC
-from .html import _environment, _read, _sections_of, _table
+from .html import environment, read_run_file, sections_of, table_section
 
 
 def write_cv_report(cv_dir: str | Path) -> Path:
     cv_dir = Path(cv_dir)
     info = runs.load_json(cv_dir / "cv.json")
-    config = _read(cv_dir / "config.yaml", lambda p: yaml.safe_load(p.read_text())) or {}
+    config = read_run_file(cv_dir / "config.yaml", lambda p: yaml.safe_load(p.read_text())) or {}
     folds = pd.read_csv(cv_dir / "cv_metrics.csv").to_dict("records")
     main = MAIN_METRIC[info["task"]]
     shown = ["fold", "n_train", "n_valid", "epochs", f"valid_{main}", "valid_loss",
              f"test_{main}", "seconds"]
-    fold_table = _table("Folds", folds, [c for c in shown if c in folds[0]])
+    fold_table = table_section("Folds", folds, [c for c in shown if c in folds[0]])
     names = list(info["mean"])
     summary_rows = [{"figure": name, "mean": info["mean"][name], "std": info["std"][name],
                      "out-of-fold": info["oof"].get(name.removeprefix("valid_"))
                      if name.startswith("valid_") else None} for name in names]
-    interpretation = _read(cv_dir / "interpretation.json", runs.load_json) or {}
+    interpretation = read_run_file(cv_dir / "interpretation.json", runs.load_json) or {}
     shown_interpretation = {k: v for k, v in interpretation.items()
                             if k not in ("metrics", "confusion", "split", "n_images",
                                          "top_losses", "top_paths")}
@@ -35,12 +35,12 @@ def write_cv_report(cv_dir: str | Path) -> Path:
     if column in info["mean"]:
         headline = (f"{column} {info['mean'][column]:.4f} ± {info['std'][column]:.4f} over "
                     f"{info['folds']} folds")
-    html = _environment.get_template("cv_report.html").render(
+    html = environment.get_template("cv_report.html").render(
         title=cv_dir.name, data=config.get("data_description") or config.get("data") or "-",
         task_kind=info["task"], k=info["folds"], method=info["fold_method"],
         seconds=f"{info.get('seconds', 0):.0f} s", headline=headline, folds=fold_table,
-        runs=info["runs"], summary=_table("Summary", summary_rows),
-        interpretation=_sections_of(shown_interpretation, cv_dir))
+        runs=info["runs"], summary=table_section("Summary", summary_rows),
+        interpretation=sections_of(shown_interpretation, cv_dir))
     path = cv_dir / "report.html"
     runs.write_atomic(path, html)
     return path

@@ -34,7 +34,7 @@ TRAINING_PLOTS = (("training.png", "Learning rate, momentum and loss per step"),
                   ("epochs.png", "Loss and metrics per epoch"),
                   ("lr_find.png", "LR finder"))
 
-_environment = jinja2.Environment(
+environment = jinja2.Environment(
     loader=jinja2.PackageLoader("imagefit.report", "templates"),
     autoescape=True, trim_blocks=True, lstrip_blocks=True,
     undefined=jinja2.StrictUndefined,
@@ -58,7 +58,7 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
-def _table(title: str, rows: list[dict], columns: Iterable[str] | None = None) -> dict:
+def table_section(title: str, rows: list[dict], columns: Iterable[str] | None = None) -> dict:
     columns = list(columns or dict.fromkeys(key for row in rows for key in row))
     numeric = [all(isinstance(row.get(c), (int, float)) and not isinstance(row.get(c), bool)
                    for row in rows if row.get(c) is not None) for c in columns]
@@ -75,7 +75,7 @@ def _figure(run_dir: Path, file: str, title: str) -> dict | None:
     return {"title": title, "src": f"data:image/png;base64,{data}"}
 
 
-def _read(path: Path, reader) -> Any:
+def read_run_file(path: Path, reader) -> Any:
     """A run file's content; None when it is missing, and a warning when it is damaged (the
     page leaves out what it held)."""
     try:
@@ -86,7 +86,7 @@ def _read(path: Path, reader) -> Any:
         return None
 
 
-def _sections_of(summary: dict, run_dir: Path) -> dict:
+def sections_of(summary: dict, run_dir: Path) -> dict:
     """A summary dict (dataset or interpretation) as facts, tables and figures: scalars and
     small mappings become facts, lists of mappings become tables."""
     facts, tables, figures = [], [], []
@@ -96,11 +96,11 @@ def _sections_of(summary: dict, run_dir: Path) -> dict:
         if key == "plots":
             figures = [f for f in (_figure(run_dir, p["file"], p["title"]) for p in value) if f]
         elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
-            tables.append(_table(key.replace("_", " ").capitalize(), value))
+            tables.append(table_section(key.replace("_", " ").capitalize(), value))
         elif isinstance(value, dict):
             if value and all(isinstance(v, dict) for v in value.values()):
                 rows = [{"": k, **v} for k, v in value.items()]
-                tables.append(_table(key.replace("_", " ").capitalize(), rows))
+                tables.append(table_section(key.replace("_", " ").capitalize(), rows))
             else:
                 facts.append((key.replace("_", " "), format_value(value)))
         elif not isinstance(value, list) or len(value) <= 12:
@@ -120,7 +120,7 @@ def _metrics_table(metrics: dict) -> dict:
         and isinstance(metrics[k], (int, float))))
     rows = [{"metric": name, **{label: metrics.get(p + name) for p, label in present}}
             for name in names]
-    table = _table("Final metrics", rows, ["metric", *(label for _, label in present)])
+    table = table_section("Final metrics", rows, ["metric", *(label for _, label in present)])
     table["note"] = ("valid: the validation split carved from the training data; test: the "
                      "source's own test split. TTA: the average of each image and its "
                      "augmented versions.")
@@ -144,18 +144,18 @@ def _headline(metrics: dict, kind: str | None) -> str | None:
 
 
 def build_context(run_dir: Path) -> dict:
-    config = _read(run_dir / "config.yaml", lambda p: yaml.safe_load(p.read_text())) or {}
-    metrics = _read(run_dir / "metrics.json", runs.load_json) or {}
-    info = _read(run_dir / runs.MODEL_INFO, runs.load_json) or {}
+    config = read_run_file(run_dir / "config.yaml", lambda p: yaml.safe_load(p.read_text())) or {}
+    metrics = read_run_file(run_dir / "metrics.json", runs.load_json) or {}
+    info = read_run_file(run_dir / runs.MODEL_INFO, runs.load_json) or {}
     task = info.get("task") or {}
     kind = task.get("kind") or metrics.get("task")
-    history = _read(run_dir / "metrics.csv", pd.read_csv)
-    dataset = _read(run_dir / DATA_SUMMARY, runs.load_json)
-    interpretation = _read(run_dir / INTERPRETATION, runs.load_json)
+    history = read_run_file(run_dir / "metrics.csv", pd.read_csv)
+    dataset = read_run_file(run_dir / DATA_SUMMARY, runs.load_json)
+    interpretation = read_run_file(run_dir / INTERPRETATION, runs.load_json)
 
     epochs_table = None
     if history is not None and len(history):
-        epochs_table = _table("Per epoch", history.to_dict("records"))
+        epochs_table = table_section("Per epoch", history.to_dict("records"))
     training_plots = [f for f in (_figure(run_dir, f"plots/{name}", title)
                                   for name, title in TRAINING_PLOTS) if f]
     interpretation_context = None
@@ -164,7 +164,7 @@ def build_context(run_dir: Path) -> dict:
                  if k not in ("metrics", "confusion", "split", "n_images", "top_paths")}
         interpretation_context = {"split": interpretation.get("split", "valid"),
                                   "n_images": interpretation.get("n_images", 0),
-                                  **_sections_of(shown, run_dir)}
+                                  **sections_of(shown, run_dir)}
     seconds = metrics.get("seconds")
     return {
         "title": run_dir.name,
@@ -179,7 +179,7 @@ def build_context(run_dir: Path) -> dict:
         "headline": _headline(metrics, kind),
         "interrupted": bool(metrics.get("interrupted")),
         "config": [(k, format_value(v)) for k, v in config.items()],
-        "dataset": _sections_of(dataset, run_dir) if dataset else None,
+        "dataset": sections_of(dataset, run_dir) if dataset else None,
         "training": {"plots": training_plots, "epochs": epochs_table},
         "metrics": _metrics_table(metrics),
         "interpretation": interpretation_context,
@@ -199,7 +199,7 @@ def write_report(run_dir: str | Path) -> Path:
     """Render report.html from the files in ``run_dir``."""
     run_dir = Path(run_dir)
     _check_run_dir(run_dir)
-    html = _environment.get_template("report.html").render(**build_context(run_dir))
+    html = environment.get_template("report.html").render(**build_context(run_dir))
     path = run_dir / REPORT
     runs.write_atomic(path, html)
     return path
@@ -207,12 +207,12 @@ def write_report(run_dir: str | Path) -> Path:
 
 def regenerate(run_dir: str | Path) -> Path:
     """Redraw the training and interpretation plots from the run's files, then the page."""
-    from ..conclude import redraw_interpretation
+    from .interpretation import redraw_interpretation
 
     run_dir = Path(run_dir)
     _check_run_dir(run_dir)
-    history = _read(run_dir / "metrics.csv", pd.read_csv)
-    steps = _read(run_dir / "steps.csv", pd.read_csv)
+    history = read_run_file(run_dir / "metrics.csv", pd.read_csv)
+    steps = read_run_file(run_dir / "steps.csv", pd.read_csv)
     if history is not None and len(history):
         rows = history.to_dict("records")
         save_metrics_plot(rows, run_dir / "plots" / "epochs.png")

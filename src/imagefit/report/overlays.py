@@ -8,6 +8,15 @@ from pathlib import Path
 
 import torch
 
+from ..config import SaliencyMethod
+from ..evaluation.inference import LoadedModel
+from ..evaluation.saliency import (
+    METHOD_TITLES,
+    default_targets,
+    describe_outputs,
+    model_outputs,
+    saliency_maps,
+)
 from .plots import plt, save_figure
 
 
@@ -36,3 +45,18 @@ def save_saliency_overlays(images: torch.Tensor, maps: torch.Tensor, titles: Seq
         original.set_title(titles[index], fontsize=8)
         overlay.set_title(map_title, fontsize=8)
     return save_figure(figure, path)
+
+
+def explain_images(loaded: LoadedModel, images: torch.Tensor, titles: Sequence[str] | None,
+                   method: SaliencyMethod, out_path: str | Path,
+                   targets: Sequence[int] | torch.Tensor | None = None, *,
+                   layer: str | None = None, alpha: float = 0.5) -> Path:
+    """One PNG with a saliency overlay beside each uint8 image (N, C, H, W); ``titles``
+    default to the model's prediction for each image."""
+    if titles is None or targets is None:
+        outputs = model_outputs(loaded, images)
+        targets = default_targets(loaded.task, outputs) if targets is None else targets
+        titles = titles or describe_outputs(loaded.task, outputs, torch.as_tensor(targets))
+    maps = saliency_maps(loaded, images, method, targets, layer=layer)
+    return save_saliency_overlays(images, maps, titles, out_path, alpha=alpha,
+                                  map_title=METHOD_TITLES[method])

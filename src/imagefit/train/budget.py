@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ImagefitError
+from ..forward import run_model
 from .callbacks.base import Callback
 
 _DURATION = re.compile(r"(\d+(?:\.\d*)?)\s*(h|m|s)", re.IGNORECASE)
@@ -100,6 +101,63 @@ def command_start() -> float:
     global _command_started
     started, _command_started = _command_started, None
     return started if started is not None else time.monotonic()
+
+
+@dataclass
+class Budget:
+    """A --budget's clock, which fit and cv both ask: when the command started and must end
+    (``time.monotonic`` readings) and the seconds not counted against it (building the image
+    cache the first time). A CV hands each fit a ``share`` of what is left."""
+
+    text: str
+    started: float
+    end: float
+    not_counted: float = 0.0
+
+    @classmethod
+    def from_options(cls, options) -> Budget | None:
+        """The budget ``options`` ask for (None without one), after checking that the other
+        options go with a budget. The command's start is taken first, so that an error here
+        does not leave it for the next command in the process."""
+        if not options.budget:
+            return None
+        started = command_start()
+        seconds = parse_duration(options.budget)
+        if "epochs" in options.model_fields_set:
+            raise ImagefitError(f"--epochs {options.epochs} and --budget {options.budget} both "
+                                "set how long training lasts: give one of them")
+        if options.recipe:
+            raise ImagefitError("--recipe trains SGDR cycles until validation stops improving, "
+                                "which a budget cannot plan: leave out --recipe or --budget")
+        return cls(str(options.budget), started, started + seconds)
+
+    @property
+    def seconds(self) -> float:
+        return self.end - self.started
+
+    @property
+    def deadline(self) -> float:
+        """When the work must end: the end, moved on by the time not counted."""
+        return self.end + self.not_counted
+
+    def exclude(self, seconds: float) -> None:
+        """Leave ``seconds`` (a first image-cache build) out of the budget."""
+        self.not_counted += seconds
+
+    def used(self) -> float:
+        """Seconds counted against the budget so far."""
+        return time.monotonic() - self.started - self.not_counted
+
+    def share(self, fits_left: int, reserve: float = 0.0) -> Budget:
+        """A budget from now for the next of ``fits_left`` fits: an equal part of what is
+        left before the deadline, less ``reserve`` seconds kept for the end."""
+        now = time.monotonic()
+        return Budget(self.text, now, now + (self.deadline - reserve - now) / fits_left)
+
+    def record(self) -> dict:
+        """What metrics.json records of the budget itself."""
+        return {"budget": self.text, "budget_seconds": round(self.seconds, 3),
+                "not_counted_seconds": round(self.not_counted, 3)}
 
 
 @dataclass
@@ -285,8 +343,7 @@ def measure_forward(learner) -> float:
         times = []
         for _ in range(3):
             started = time.perf_counter()
-            with learner._autocast():
-                forward(x)
+            run_model(forward, x, learner.precision, learner.memory_format)
             if x.device.type == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - started)

@@ -16,6 +16,7 @@ from ..augment.pipeline import BatchPipeline
 from ..data.loader import Loader
 from ..devices import autocast
 from ..errors import ImagefitError, ImagefitWarning, TrainingDiverged
+from ..forward import loader_outputs
 from ..metrics import compute_metrics
 from ..models.groups import layer_groups, set_trainable
 from ..tasks import Task
@@ -191,6 +192,7 @@ class Learner:
             start = resume["epoch_in_phase"]
         self.optimizer = make_optimizer(self.model, self.optimizer_name, lr(0.0),
                                         self.weight_decay, self.groups, self.lr_scales)
+        self.model.zero_grad(set_to_none=True)  # nothing from before this fit joins step one
         if resume is not None and start:
             self.optimizer.load_state_dict(resume["optimizer"])
             torch.set_rng_state(resume["torch_rng"])
@@ -437,19 +439,15 @@ class Learner:
         """The model validation and prediction use: the EMA of the weights when kept."""
         return self.ema.module if self.ema is not None else self.model
 
-    @torch.no_grad()
     def predict(self, loader: Loader) -> tuple[torch.Tensor, torch.Tensor]:
-        """Raw outputs and targets of every batch of ``loader``, on the CPU, in its order."""
+        """Raw outputs and targets of every batch of ``loader``, on the CPU, in its order:
+        the forward pass evaluate, predict and explain run too (``forward.loader_outputs``)."""
         model = self.eval_model
-        model.eval()
-        forward = self.forward_model if model is self.model else model
-        outputs, targets = [], []
-        for x, y in loader:
-            x = self.pipeline(x, size=self.image_size).contiguous(memory_format=self.memory_format)
-            with self._autocast():
-                outputs.append(forward(x).float().cpu())
-            targets.append(y.cpu())
-        return loader.gather(torch.cat(outputs)), loader.gather(torch.cat(targets))
+        result = loader_outputs(model, self.pipeline, self.task, loader, size=self.image_size,
+                                precision=self.precision, memory_format=self.memory_format,
+                                call=self.forward_model if model is self.model else model)
+        model.eval()  # as validation has always left it; fit() sets the mode per epoch
+        return result["outputs"], result["targets"]
 
     def score(self, outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
         """Loss and the task's metrics of raw ``outputs`` against ``targets``."""

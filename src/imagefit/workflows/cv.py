@@ -20,11 +20,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import runs
-from .api import FitResult, _fit, budget_window
-from .build import apply_recipe, check_data
-from .config import CVConfig, FitConfig, merge_options
-from .data.folds import (
+from .. import runs
+from ..config import CVConfig, FitConfig, merge_options
+from ..data.folds import (
     NOT_IN_FOLDS,
     assign_folds,
     load_folds,
@@ -32,12 +30,16 @@ from .data.folds import (
     save_folds,
     split_for_fold,
 )
-from .data.sources import Table, read_source
-from .errors import ImagefitError
-from .metrics import all_metrics
-from .report.interpret import interpret
-from .tasks import HIGHER_IS_BETTER, MAIN_METRIC, Task
-from .train import budget
+from ..data.sources import read_source
+from ..data.table import Table
+from ..errors import ImagefitError
+from ..metrics import all_metrics
+from ..report.interpret import interpret
+from ..tasks import HIGHER_IS_BETTER, MAIN_METRIC, Task
+from ..train.budget import Budget
+from .build import apply_recipe, check_data
+from .fit import run_fit
+from .record import FitResult
 
 CV_INFO = "cv.json"
 OOF = "oof.csv"
@@ -67,8 +69,7 @@ def cv(data: str | Path | Table, config: CVConfig | None = None, **options: Any)
     """Train one model per fold of ``data``'s training rows and write a CV directory."""
     cfg: CVConfig = merge_options(CVConfig, config, options)
     started = time.perf_counter()
-    window = budget_window(cfg)
-    deadline = None if window is None else window[1]
+    budget = Budget.from_options(cfg)
     table = data if isinstance(data, Table) else read_source(data, cfg)
     folds = _folds(table, cfg, data)
     check_data(table, cfg)  # before the CV directory: the folds' fits find the cache made
@@ -84,14 +85,14 @@ def cv(data: str | Path | Table, config: CVConfig | None = None, **options: Any)
         print(f"fold {fold + 1}/{cfg.folds}")
         fold_cfg = _fit_options(cfg, name=f"fold_{fold}", runs_dir=str(cv_dir))
         apply_recipe(fold_cfg)
-        fold_window = None
-        if deadline is not None:  # what is left, shared by the fits still to run
-            now, fits_left = time.monotonic(), cfg.folds - fold + int(cfg.train_on_all)
-            fold_window = (now, now + (deadline - CV_END_SECONDS - now) / fits_left)
-        result = _fit(split_for_fold(table, folds, fold), fold_cfg,
-                      run_dir=cv_dir / f"fold_{fold}", budget_window=fold_window)
-        if deadline is not None:  # building the image cache is not counted
-            deadline += result.metrics["budget"]["not_counted_seconds"]
+        fold_budget = None  # what is left, shared by the fits still to run
+        if budget is not None:
+            fold_budget = budget.share(cfg.folds - fold + int(cfg.train_on_all),
+                                       reserve=CV_END_SECONDS)
+        result = run_fit(split_for_fold(table, folds, fold), fold_cfg,
+                         run_dir=cv_dir / f"fold_{fold}", budget=fold_budget)
+        if budget is not None:  # building the image cache is not counted
+            budget.exclude(result.metrics["budget"]["not_counted_seconds"])
         rows.append(_fold_row(fold, result))
         oof_parts.append((fold, *result.outputs["valid"]))
         _print_fold(rows[-1], task_kind)
@@ -104,24 +105,21 @@ def cv(data: str | Path | Table, config: CVConfig | None = None, **options: Any)
     all_run = None
     if cfg.train_on_all:
         epochs = summary["epochs_for_all"]
-        length = f"for {epochs} epochs" if deadline is None else "in the rest of the budget"
+        length = f"for {epochs} epochs" if budget is None else "in the rest of the budget"
         print(f"all: training on every training row {length}")
-        changes = {"epochs": epochs} if deadline is None else {}
+        changes = {"epochs": epochs} if budget is None else {}
         all_cfg = _fit_options(cfg, **changes, valid_pct=0.0, early_stop=None,
                                keep_best=False, plateau=None, name="all",
                                runs_dir=str(cv_dir))
-        all_window = None if deadline is None else (time.monotonic(),
-                                                     deadline - CV_END_SECONDS)
-        all_run = _fit(_all_training(table, folds), all_cfg, run_dir=cv_dir / "all",
-                       budget_window=all_window).run_dir
+        all_budget = None if budget is None else budget.share(1, reserve=CV_END_SECONDS)
+        all_run = run_fit(_all_training(table, folds), all_cfg, run_dir=cv_dir / "all",
+                          budget=all_budget).run_dir
         summary["all_run"] = "all"
-    if deadline is not None:
-        summary["budget"] = {"budget": cfg.budget,
-                             "budget_seconds": budget.parse_duration(cfg.budget),
-                             "used_seconds_before_report": round(
-                                 time.monotonic() - window[0] - (deadline - window[1]), 3)}
+    if budget is not None:
+        summary["budget"] = {"budget": budget.text, "budget_seconds": budget.seconds,
+                             "used_seconds_before_report": round(budget.used(), 3)}
     runs.save_json(cv_dir / CV_INFO, summary)
-    from .report.cv_report import write_cv_report
+    from ..report.cv_report import write_cv_report
 
     write_cv_report(cv_dir)
     return CVResult(cv_dir, rows, summary, oof, all_run)
@@ -187,7 +185,7 @@ def _oof_frame(table: Table, task: Task, parts: list) -> pd.DataFrame:
         frame = pd.DataFrame({"row": rows, "fold": fold})
         if table.paths is not None:
             frame["path"] = [table.paths[r] for r in rows]
-        if task.kind == "classification":
+        if task.single_label:
             frame["label"] = [task.names[i] for i in np.asarray(table.targets)[rows]]
             frame["predicted"] = task.decode(activated)
             for i, name in enumerate(task.names):

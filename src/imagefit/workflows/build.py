@@ -12,26 +12,27 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import distributed
-from .augment.color import pca_statistics
-from .augment.pipeline import BatchPipeline
-from .augment.presets import resolve_augment
-from .config import (
+from .. import distributed
+from ..augment.color import pca_statistics
+from ..augment.pipeline import BatchPipeline
+from ..augment.presets import resolve_augment
+from ..config import (
     AugmentOptions,
     FitConfig,
     ImageOptions,
 )
-from .data.cache import CacheSettings
-from .data.checks import check_has_training_rows, check_trainable, leak_notes
-from .data.loader import Loader
-from .data.prepare import PreparedImages, channel_stats, prepare_images, resolve_settings
-from .data.sampling import class_weights, resample_rows, weighted_sampler_rows
-from .data.sources import Table, read_source
-from .data.splits import assign_validation
-from .devices import resolve_precision
-from .errors import ImagefitError
-from .metrics import available_metrics
-from .models import (
+from ..data.cache import CacheSettings
+from ..data.checks import check_has_training_rows, check_trainable, leak_notes
+from ..data.loader import Loader
+from ..data.prepare import PreparedImages, channel_stats, prepare_images, resolve_settings
+from ..data.sampling import class_weights, resample_rows, weighted_sampler_rows
+from ..data.sources import read_source
+from ..data.splits import assign_validation
+from ..data.table import Table
+from ..devices import resolve_precision
+from ..errors import ImagefitError
+from ..metrics import available_metrics
+from ..models import (
     PRETRAINED_SOURCES,
     SMALL_IMAGE_MAX,
     create_model,
@@ -39,12 +40,12 @@ from .models import (
     is_small_net,
     pretrained_statistics,
 )
-from .tasks import HIGHER_IS_BETTER, MAIN_METRIC, Task
-from .train import schedules
-from .train.learner import Learner
-from .train.memory import largest_batch_size
-from .train.schedules import Schedule
-from .version import __version__
+from ..tasks import HIGHER_IS_BETTER, MAIN_METRIC, Regression, Task, resolve_loss
+from ..train import schedules
+from ..train.learner import Learner
+from ..train.memory import largest_batch_size
+from ..train.schedules import Schedule
+from ..version import __version__
 
 MIN_STEPS_PER_EPOCH = 32
 
@@ -182,7 +183,12 @@ def build_training(cfg: FitConfig, loaded: LoadedData, device: torch.device) -> 
     table, settings = loaded.table, loaded.settings
     if cfg.model == "auto":
         cfg.model = default_model_name(settings.size, table.task.kind)
-    task = Task(table.task.kind, list(table.task.names), regression_loss=cfg.loss,
+    try:
+        cfg.loss = resolve_loss(table.task.kind, cfg.loss)
+    except ValueError as error:
+        raise ImagefitError(f"option --loss: {error}") from None
+    task = Task(table.task.kind, list(table.task.names),
+                regression_loss=cfg.loss if cfg.loss in Regression.losses else "mse",
                 label_smoothing=cfg.label_smoothing,
                 metrics=epoch_metrics(table.task.kind, cfg.metrics))
     task.fit_target_scaling(table.targets[loaded.train_rows])
@@ -211,7 +217,7 @@ def build_training(cfg: FitConfig, loaded: LoadedData, device: torch.device) -> 
                       sampler=sampler if train else None, **distributed.shard())
 
     pipeline = BatchPipeline(mean, std, loaded.augment, lighting=loaded.lighting,
-                             n_classes=task.n_out if task.kind == "classification" else None)
+                             n_classes=task.n_out if task.single_label else None)
     model_info = {
         "imagefit_version": __version__,
         "architecture": cfg.model,
@@ -290,10 +296,9 @@ def apply_pretrained_source(cfg: FitConfig) -> None:
 
 def make_learner(cfg: FitConfig, parts: TrainingParts, callbacks=(), **extra) -> Learner:
     device = next(parts.model.parameters()).device
-    cfg.precision = resolve_precision(cfg.precision, device)
     return Learner(parts.model, parts.task, parts.loaders["train"], parts.loaders["valid"],
                    parts.pipeline, optimizer=cfg.opt, weight_decay=cfg.wd, seed=cfg.seed,
-                   precision=cfg.precision, grad_clip=cfg.grad_clip,
+                   precision=resolve_precision(cfg.precision, device), grad_clip=cfg.grad_clip,
                    accumulate=cfg.accumulate, ema_decay=cfg.ema, compile=cfg.compile,
                    channels_last=cfg.channels_last, lr_factor=parts.lr_factor,
                    callbacks=callbacks, **extra)

@@ -4,7 +4,7 @@ and CSVs, and evaluating it on a dataset split."""
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,29 +14,28 @@ import torch
 import yaml
 from torch import nn
 
-from . import runs
-from .augment.pipeline import BatchPipeline
-from .augment.presets import resolve_augment
-from .config import (
-    AugmentOptions,
+from .. import runs
+from ..augment.pipeline import BatchPipeline
+from ..config import (
     EvaluateOptions,
     InputOptions,
     PredictOptions,
     SourceOptions,
     merge_options,
 )
-from .data.cache import CacheSettings, build_cache, warn_unreadable
-from .data.loader import Loader
-from .data.prepare import prepare_images
-from .data.sources import IMAGE_EXTENSIONS, Table, read_csv_paths, read_source
-from .data.splits import assign_validation
-from .devices import autocast, inference_precision, resolve_device
-from .errors import ImagefitError, ImagefitWarning
-from .metrics import all_metrics
-from .models import (
+from ..data.cache import CacheSettings, build_cache, warn_unreadable
+from ..data.prepare import prepare_images
+from ..data.sources import IMAGE_EXTENSIONS, read_csv_paths, read_source
+from ..data.splits import assign_validation
+from ..data.table import Table
+from ..devices import inference_precision, resolve_device
+from ..errors import ImagefitError, ImagefitWarning
+from ..forward import TTA, model_outputs
+from ..metrics import all_metrics
+from ..models import (
     create_model,
 )
-from .tasks import Task
+from ..tasks import Task
 
 
 @dataclass
@@ -55,8 +54,7 @@ def load_model(run: str | Path, device: str = "auto", precision: str = "auto") -
     """The model of a run directory, from safetensors + JSON (no code is unpickled), to run
     in ``precision`` (auto: as it was trained, where this device runs that fast)."""
     info = runs.read_model_info(run)
-    task = Task.from_dict({k: v for k, v in info["task"].items()
-                           if k in Task.__dataclass_fields__ and not k.startswith("_")})
+    task = Task.from_dict(info["task"])
     try:
         model = create_model(info["architecture"], info["channels"], task.n_out,
                              head=info.get("head", "timm"))
@@ -83,116 +81,6 @@ def _warn_if_failed(run: Path) -> None:
         warnings.warn(f"{run} failed ({str(metrics.get('error', ''))[:160]}); its model is "
                       f"from epoch {metrics.get('epochs', '?')}, the last that finished",
                       ImagefitWarning, stacklevel=3)
-
-
-@dataclass
-class TTA:
-    """Test-time augmentation: ``n`` versions of each image made with ``augment``, averaged
-    with the original (probabilities for classes, values for regression)."""
-
-    n: int = 4
-    augment: AugmentOptions = field(default_factory=lambda: resolve_augment("light"))
-    seed: int = 0
-
-    @classmethod
-    def from_options(cls, options: Any, trained: AugmentOptions | dict | None) -> TTA | None:
-        """The TTA that ``options`` ask for (None when off); ``trained`` is the model's
-        training augmentation, which ``--tta-augment auto`` reuses."""
-        if not options.tta:
-            return None
-        if options.tta_augment == "flip":  # the mirror image: one version is all there is
-            return cls(1, AugmentOptions(flip=1.0))
-        return cls(options.tta_n, tta_augment(options.tta_augment, trained))
-
-
-def tta_augment(preset: str, trained: AugmentOptions | dict | None) -> AugmentOptions:
-    """The augmentation of the TTA versions: a preset, 'flip' (each image mirrored), or
-    (auto) the label-preserving part of the training augmentation, or light when training
-    used none."""
-    if preset == "flip":
-        return AugmentOptions(flip=1.0)
-    if preset != "auto":
-        return resolve_augment(preset)
-    if trained:
-        options = AugmentOptions.model_validate(trained) if isinstance(trained, dict) \
-            else trained
-        options = options.model_copy(update={"mixup": 0.0, "cutmix": 0.0, "erase_p": 0.0,
-                                             "mix_off_epochs": 0, "lighting": 0.0})
-        if options != AugmentOptions():
-            return options
-    return resolve_augment("light")
-
-
-def _averageable(task: Task, raw: torch.Tensor) -> torch.Tensor:
-    """What TTA averages: probabilities for classes and labels, outputs for regression."""
-    return raw if task.kind == "regression" else task.activate(raw)
-
-
-def _as_outputs(task: Task, averaged: torch.Tensor) -> torch.Tensor:
-    """Averaged activations back to raw outputs, which the loss and metrics take:
-    log-probabilities for classes (their softmax is the average), logits for labels."""
-    if task.kind == "classification":
-        return averaged.clamp_min(1e-12).log()
-    if task.kind == "multilabel":
-        return torch.logit(averaged, eps=1e-6)
-    return averaged
-
-
-@torch.no_grad()
-def model_outputs(model: nn.Module, pipeline: BatchPipeline, task: Task, images: torch.Tensor,
-                  rows: np.ndarray, batch_size: int, tta: TTA | None = None,
-                  size: int | None = None, rank: int = 0, world_size: int = 1,
-                  plain_too: bool = False, precision: str = "fp32"
-                  ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Raw outputs of ``model`` for ``images[rows]`` (uint8 NHWC), in order, on the CPU; with
-    ``tta`` the average over the original and the augmented versions (and, ``plain_too``,
-    the original's own outputs first: one pass gives both). With ``world_size`` above 1,
-    each rank computes its share and every rank gets them all. ``precision``: the autocast
-    the model was trained in, so that these outputs are the ones its validation saw."""
-    device = next(model.parameters(), torch.zeros(0)).device
-    if len(rows) == 0:
-        empty = torch.zeros(0, task.n_out)
-        return (empty, empty) if plain_too else empty
-    was_training = model.training
-    model.eval()
-    loader = Loader(images, torch.zeros(len(images)), rows, batch_size, device=device,
-                    rank=rank, world_size=world_size)
-    augmenter = generator = None
-    if tta is not None and tta.n:
-        augmenter = BatchPipeline(pipeline.mean.flatten().tolist(),
-                                  pipeline.std.flatten().tolist(), tta.augment)
-        generator = torch.Generator(device).manual_seed(tta.seed)
-    outputs, plain = [], []
-    memory_format = _memory_format(model)
-
-    def forward(batch: torch.Tensor) -> torch.Tensor:
-        with autocast(precision, device):
-            return model(batch.contiguous(memory_format=memory_format)).float()
-
-    for x, _ in loader:
-        raw = forward(pipeline(x, size=size))
-        plain.append(raw.cpu())
-        if augmenter is None:
-            outputs.append(raw.cpu())
-            continue
-        total = _averageable(task, raw).clone()  # regression's is raw itself, kept above
-        for _ in range(tta.n):
-            version = augmenter.augment_batch(x.float().div_(255.0), generator, size)
-            total += _averageable(task, forward(augmenter.normalize(version)))
-        outputs.append(_as_outputs(task, total / (tta.n + 1)).cpu())
-    model.train(was_training)
-    if plain_too:
-        return loader.gather(torch.cat(plain)), loader.gather(torch.cat(outputs))
-    return loader.gather(torch.cat(outputs))
-
-
-def _memory_format(model: nn.Module) -> torch.memory_format:
-    """The memory order of the model's first convolution's weights: batches go in the same."""
-    weight = next((p for p in model.parameters() if p.dim() == 4), None)
-    if weight is not None and weight.is_contiguous(memory_format=torch.channels_last) and \
-            not weight.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 def _outputs(loaded: LoadedModel, images: torch.Tensor, rows: np.ndarray, batch_size: int,
@@ -250,20 +138,8 @@ def _prediction_frame(task: Task, paths: list[str], activated: torch.Tensor,
         frame = pd.DataFrame({"path": paths})
     else:
         frame = pd.DataFrame({options.id_col: [Path(p).stem for p in paths]})
-    if task.kind == "regression":
-        for i, name in enumerate(task.names):
-            frame[name] = activated[:, i].numpy()
-        return frame
-    label = "labels" if task.kind == "multilabel" else "label"
-    if options.format != "kaggle":
-        frame[label] = task.decode(activated)
-    if options.format == "kaggle-label":
-        if task.kind == "multilabel":  # Kaggle's multi-label convention: space-separated
-            frame[label] = [text.replace(";", " ") for text in frame[label]]
-        return frame
-    prefix = "" if options.format == "kaggle" else "prob_"
-    for i, name in enumerate(task.names):
-        frame[f"{prefix}{name}"] = activated[:, i].numpy()
+    for name, column in task.prediction_columns(activated, options.format).items():
+        frame[name] = column
     return frame
 
 
@@ -314,9 +190,9 @@ def ensemble_outputs(members: list[tuple[Path, LoadedModel]], images: torch.Tens
     total = None
     for folder, loaded in members:
         tta = TTA.from_options(options, _trained_augment(folder))
-        part = _averageable(loaded.task, _outputs(loaded, images, rows, batch_size, tta))
+        part = loaded.task.averageable(_outputs(loaded, images, rows, batch_size, tta))
         total = part if total is None else total + part
-    return _as_outputs(members[0][1].task, total / len(members))
+    return members[0][1].task.from_average(total / len(members))
 
 
 def _align_targets(table: Table, task: Task) -> np.ndarray:
@@ -340,7 +216,7 @@ def _align_targets(table: Table, task: Task) -> np.ndarray:
             f"the data has classes the model was not trained on: {', '.join(unknown[:5])}"
         )
     position = np.array([task.names.index(n) for n in names])
-    if task.kind == "classification":
+    if task.single_label:
         return position[table.targets]
     aligned = np.zeros((len(table), task.n_out), dtype=np.float32)
     aligned[:, position] = table.targets

@@ -1,0 +1,1 @@
+"""Using a trained model: loading it, predicting, evaluating, ensembles and saliency maps."""

@@ -1,0 +1,101 @@
+"""The interpretation's files: the plots and tables of the validation split (the test split
+when there is none) and the tensors they are drawn from, so that ``imagefit report`` redraws
+every plot without the data."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from .. import runs
+from ..errors import ImagefitError, ImagefitWarning
+from ..evaluation.inference import load_model
+from ..tasks import Task
+from .interpret import interpret, top_losses
+from .overlays import explain_images
+
+INTERPRETATION = "interpretation.json"
+INTERPRETATION_TENSORS = "interpretation.safetensors"
+TOP_LOSSES = 16
+SALIENCY_PLOT = "plots/top_losses_gradcam.png"
+
+
+def list_saliency(run_dir: Path) -> None:
+    """Add the top losses' Grad-CAM to the interpretation's plots when it was drawn."""
+    path = Path(run_dir) / INTERPRETATION
+    if not (Path(run_dir) / SALIENCY_PLOT).is_file() or not path.is_file():
+        return
+    result = runs.load_json(path)
+    if all(plot["file"] != SALIENCY_PLOT for plot in result["plots"]):
+        result["plots"].append({"name": "saliency", "file": SALIENCY_PLOT,
+                                "title": "Grad-CAM of the top losses (the predicted class)"})
+        runs.save_json(path, result)
+
+
+def save_interpretation(run_dir: Path, task: Task, outputs: torch.Tensor,
+                        targets: torch.Tensor, images_for, paths, split: str) -> dict:
+    """Interpretation plots and tables, and the tensors to redraw them without the data."""
+    worst = top_losses(task, outputs, targets, TOP_LOSSES)
+    top_images = images_for(worst) if len(worst) else torch.zeros(0, dtype=torch.uint8)
+    save_file({"outputs": outputs.float().contiguous(),
+               "targets": targets.float().contiguous(),
+               "top_positions": torch.as_tensor(worst, dtype=torch.int64),
+               "top_images": top_images.contiguous()},
+              str(Path(run_dir) / INTERPRETATION_TENSORS))
+    result = interpret(task, outputs, targets, _lookup(worst, top_images),
+                       Path(run_dir) / "plots", paths, split, TOP_LOSSES)
+    result["top_paths"] = [paths[p] for p in worst] if paths is not None else None
+    runs.save_json(Path(run_dir) / INTERPRETATION, result)
+    return result
+
+
+def redraw_interpretation(run_dir: Path) -> dict | None:
+    """The interpretation again from the run's saved tensors (no data needed); None when the
+    run has none."""
+    run_dir = Path(run_dir)
+    tensors_path = run_dir / INTERPRETATION_TENSORS
+    if not tensors_path.is_file() or not (run_dir / runs.MODEL_INFO).is_file():
+        return None
+    tensors = load_file(str(tensors_path))
+    task = Task.from_dict(runs.read_model_info(run_dir)["task"])
+    previous = runs.load_json(run_dir / INTERPRETATION) if (
+        run_dir / INTERPRETATION).is_file() else {}
+    targets = tensors["targets"]
+    if task.single_label:
+        targets = targets.long()
+    worst = tensors["top_positions"].numpy()
+    top_paths = previous.get("top_paths")
+    paths = None
+    if top_paths is not None:  # only the top items' paths are kept
+        paths = [""] * len(tensors["outputs"])
+        for position, path in zip(worst.tolist(), top_paths):
+            paths[position] = path
+    result = interpret(task, tensors["outputs"], targets, _lookup(worst, tensors["top_images"]),
+                       run_dir / "plots", paths, previous.get("split", "valid"), TOP_LOSSES)
+    result["top_paths"] = top_paths
+    runs.save_json(run_dir / INTERPRETATION, result)
+    if task.single_label and len(worst):
+        order = [row["position"] for row in result["top_losses"]]
+        images = _lookup(worst, tensors["top_images"])(np.asarray(order))
+        try:
+            explain_images(load_model(run_dir, "cpu"), images, None, "gradcam",
+                           run_dir / SALIENCY_PLOT)
+        except ImagefitError as error:
+            warnings.warn(f"no Grad-CAM of the top losses: {error}", ImagefitWarning,
+                          stacklevel=2)
+    list_saliency(run_dir)
+    return runs.load_json(run_dir / INTERPRETATION)
+
+
+def _lookup(positions: np.ndarray, images: torch.Tensor):
+    """images_for() over the saved top-loss images."""
+    index = {int(p): i for i, p in enumerate(np.asarray(positions).tolist())}
+
+    def images_for(wanted: np.ndarray) -> torch.Tensor:
+        return images[[index[int(p)] for p in np.asarray(wanted).tolist()]]
+
+    return images_for

@@ -1,0 +1,74 @@
+"""The explain command: a saliency overlay PNG per image of files, folders or CSVs of paths."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import runs
+from ..config import ExplainOptions, merge_options
+from ..data.cache import build_cache, warn_unreadable
+from ..evaluation.inference import expand_inputs, load_model
+from ..evaluation.saliency import (
+    METHOD_TITLES,
+    default_targets,
+    describe_outputs,
+    gradcam_layer,
+    model_outputs,
+    saliency_maps,
+    target_index,
+)
+from ..report.overlays import save_saliency_overlays
+
+
+def explain(run: str | Path, inputs: list[str | Path], out: str | Path,
+            options: ExplainOptions | None = None, **overrides: Any) -> list[Path]:
+    """A saliency overlay PNG per readable image of files, folders or CSVs of paths, written
+    to the folder ``out`` as STEM_METHOD.png; returns their paths."""
+    options = merge_options(ExplainOptions, options, overrides)
+    out = runs.output_folder(out, "--out")
+    loaded = load_model(run, options.device, options.precision)
+    target = None if options.target is None else target_index(loaded.task, options.target)
+    paths = expand_inputs(list(inputs), options)
+    cache = build_cache(paths, loaded.settings, options.cache_dir, progress=options.progress)
+    warn_unreadable(cache, paths)
+    rows = np.setdiff1d(np.arange(len(paths)), cache.failed)
+    names = _file_names([paths[row] for row in rows], options.method)
+    layer = options.layer
+    if options.method == "gradcam" and layer is None:
+        layer = gradcam_layer(loaded.model, loaded.settings.size, loaded.settings.channels)
+    out = Path(out)
+    written = []
+    for start in range(0, len(rows), options.bs):
+        chunk = torch.as_tensor(rows[start:start + options.bs])
+        images = cache.tensor().index_select(0, chunk).permute(0, 3, 1, 2)
+        outputs = model_outputs(loaded, images)
+        targets = (default_targets(loaded.task, outputs) if target is None
+                   else torch.full((len(chunk),), target))
+        maps = saliency_maps(loaded, images, options.method, targets, layer=layer,
+                             batch_size=options.bs)
+        titles = describe_outputs(loaded.task, outputs, targets)
+        for index in range(len(chunk)):
+            written.append(save_saliency_overlays(
+                images[index:index + 1], maps[index:index + 1], titles[index:index + 1],
+                out / names[start + index], alpha=options.alpha,
+                map_title=METHOD_TITLES[options.method]))
+    return written
+
+
+def _file_names(paths: list[str], method: str) -> list[str]:
+    """STEM_METHOD.png per path, numbered STEM-2_METHOD.png and on where stems repeat."""
+    used: set[str] = set()
+    names = []
+    for path in paths:
+        stem, number = Path(path).stem, 1
+        name = f"{stem}_{method}.png"
+        while name in used:
+            number += 1
+            name = f"{stem}-{number}_{method}.png"
+        used.add(name)
+        names.append(name)
+    return names

@@ -1,0 +1,280 @@
+"""A fit as named steps: ``prepare`` (read, check and cache the data, resolve every option
+and build the model, loaders and schedule: all that can fail on the user's input fails here,
+before a run directory exists), ``open_run_dir`` (config.yaml with the options as they run),
+``train_in_run_dir`` (callbacks, phases, and what a stop or failure leaves) and ``finish``
+(in ``record``). Under torchrun each rank runs the same steps on its share of the data."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from .. import distributed, runs
+from ..config import FitConfig, RunOptions, freeze_options, make_options
+from ..data.soft import soft_targets
+from ..data.table import Table
+from ..devices import resolve_device, resolve_precision
+from ..errors import FitInterrupted, ImagefitError, ImagefitWarning, TrainingDiverged
+from ..models.groups import layer_groups
+from ..report.html import DATA_SUMMARY
+from ..report.plots import save_lr_finder_plot
+from ..train.budget import Budget
+from ..train.callbacks import RunWriter
+from ..train.callbacks.label_correction import check_label_correction
+from ..train.lr_finder import LRFinderResult
+from ..train.precompute import supports_precompute
+from ..train.schedules import Schedule
+from .build import (
+    LoadedData,
+    TrainingParts,
+    apply_pretrained_source,
+    build_training,
+    load_data,
+    make_learner,
+    make_schedule,
+    monitor_column,
+)
+from .phases import budget_planner, own_callbacks, train_phases
+from .record import (
+    FitResult,
+    finish,
+    record_failure,
+    run_source,
+    run_summary,
+    summarize_data,
+    write_final_metrics,
+    write_report,
+)
+
+PLC_MIN_EPOCHS = 10  # the fit length at which --plc was measured to help (noisy_labels)
+
+
+def run_name(data: str | Path | Table) -> str:
+    if isinstance(data, Table):
+        return data.description or "arrays"
+    text = str(data)
+    return text.removeprefix("builtin:") if text.startswith("builtin:") else Path(text).stem
+
+
+def resume_options(run_dir: Path) -> tuple[str, FitConfig]:
+    """The data and options a run was started with, from its config.yaml."""
+    path = run_dir / "config.yaml"
+    try:
+        values = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ImagefitError(f"{run_dir} has no config.yaml: it was not made by imagefit fit; "
+                            "start a new fit") from None
+    except (yaml.YAMLError, UnicodeDecodeError, OSError):
+        raise ImagefitError(f"{path} is damaged (not readable YAML): restore it from a copy, "
+                            "or start a new fit") from None
+    if not isinstance(values, dict) or "data" not in values:
+        raise ImagefitError(f"{path} does not hold the options of a fit (no 'data' key): "
+                            "restore it from a copy, or start a new fit")
+    data = values.pop("data")
+    described = values.pop("data_description", None)
+    for recorded_only in ("batch_size_used", "devices"):  # it resumes on the processes given
+        values.pop(recorded_only, None)
+    if data is None:
+        raise ImagefitError(f"{run_dir} was trained on an in-memory table ({described}), "
+                            "which cannot be read again: start a new fit")
+    try:
+        return str(data), make_options(FitConfig, values)
+    except ImagefitError as error:
+        raise ImagefitError(f"{path}: {error}; fix the file or start a new fit") from None
+
+
+def run_fit(data: str | Path | Table, cfg: FitConfig, callbacks=(), run_dir: Path | None = None,
+            resume_state: dict | None = None, budget: Budget | None = None) -> FitResult:
+    """The fit in this process; under torchrun, this rank's part of it (see ``distributed``)."""
+    if cfg.devices > 1 and not distributed.launched():
+        raise ImagefitError(f"devices={cfg.devices} trains in {cfg.devices} processes: run "
+                            f"imagefit fit --devices {cfg.devices}, or start this script with "
+                            f"torchrun --nproc_per_node {cfg.devices}")
+    cfg = cfg.model_copy()  # resolved in prepare(); the caller's own stays as it was
+    if distributed.launched():
+        distributed.die_with_launcher()
+        distributed.check_devices(distributed.local_world_size(), cfg.device)
+        cfg.devices = distributed.world_size()  # as config.yaml records it
+    with distributed.process_group(resolve_device(cfg.device)) as device:
+        started = time.perf_counter()
+        prepared = prepare(device, data, cfg, budget)
+        main = distributed.is_main()
+        if resume_state is None and main:
+            run_dir = open_run_dir(run_dir, data, prepared)
+        run_dir = distributed.from_main(run_dir)
+        lock = runs.RunLock(run_dir) if main and resume_state is None else \
+            contextlib.nullcontext()
+        with lock:
+            return train_in_run_dir(run_dir, data, prepared, callbacks, resume_state, started)
+
+
+@dataclass
+class Prepared:
+    """A fit assembled and checked, before its run directory exists: the options as they
+    run (frozen), the data, the model and loaders, the schedule, the LR sweep of --lr auto
+    and the --budget clock."""
+
+    options: RunOptions
+    loaded: LoadedData
+    parts: TrainingParts
+    epochs: int
+    lr_schedule: Schedule
+    momentum: Schedule | None
+    finder: LRFinderResult | None
+    budget: Budget | None
+    notes: dict
+
+
+def prepare(device: torch.device, data: str | Path | Table, cfg: FitConfig,
+            budget: Budget | None) -> Prepared:
+    """Data read, checked and cached; every option resolved (``cfg`` is changed here and
+    nowhere after); model, loaders and schedule built; every option checked that can be: all
+    that can fail on the user's input fails here, before a run directory is made."""
+    if not distributed.is_main():
+        cfg.progress = False
+    else:
+        runs.output_folder(cfg.runs_dir, "--runs-dir", create=False)
+    apply_pretrained_source(cfg)
+    with distributed.main_first():  # rank 0 builds the image cache, the others then read it
+        loaded = load_data(data, cfg)
+    if budget is not None:
+        budget.exclude(loaded.prepared.cache.built_seconds)  # decoding into the cache, once
+    cfg.precision = resolve_precision(cfg.precision, device)
+    parts = build_training(cfg, loaded, device)
+    check_options_against(cfg, parts)
+    if cfg.soft_labels:
+        parts.loaders["train"].targets = soft_targets(
+            cfg.soft_labels, cfg.soft_alpha, loaded.table, parts.task, loaded.train_rows)
+    finder = None
+    if cfg.lr == "auto":
+        finder = make_learner(cfg, parts).lr_find(progress=cfg.progress)
+        cfg.lr = distributed.from_main(finder.suggestions["valley"])
+        if distributed.is_main():
+            how = ("the loss did not fall during the sweep: a tenth of the rate where it "
+                   "starts to rise") if finder.flat else "the LR finder's valley"
+            print(f"lr auto: {cfg.lr:.2e} ({how})")
+    epochs, lr_schedule, momentum = make_schedule(cfg, planned=budget is not None)
+    if cfg.recipe and "precompute_epochs" not in cfg.model_fields_set:
+        # the recipe's step 2, where the model has a separate body and classifier
+        cfg.precompute_epochs = 2 if supports_precompute(parts.model) else 0
+    if cfg.freeze_epochs is None:  # a pretrained body is frozen for an epoch first
+        cfg.freeze_epochs = int(bool(cfg.pretrained))
+    if cfg.lr_low is None and (cfg.pretrained or cfg.recipe):  # the body at a 100th
+        cfg.lr_low = float(cfg.lr) / 100
+    return Prepared(freeze_options(cfg), loaded, parts, epochs, lr_schedule, momentum, finder,
+                    budget, notes=loaded.notes)
+
+
+def check_options_against(cfg: FitConfig, parts: TrainingParts) -> None:
+    """The options that can only be checked against the data and model built from them."""
+    if parts.batch_size < distributed.world_size():
+        raise ImagefitError(f"a batch of {parts.batch_size} cannot be shared by "
+                            f"{distributed.world_size()} processes: give --bs of at least "
+                            f"{distributed.world_size()}")
+    if cfg.soft_labels and cfg.plc:
+        raise ImagefitError("--soft-labels and --plc both change the training labels: "
+                            "choose one")
+    if cfg.plc:
+        check_label_correction(parts.task, parts.pipeline)
+        if not cfg.budget and cfg.epochs < PLC_MIN_EPOCHS:
+            warnings.warn(f"--plc over {cfg.epochs} epochs: its corrections help once the "
+                          "model has learned the clean majority of the labels (+3.6 points at "
+                          f"40% noise over {PLC_MIN_EPOCHS} epochs, docs/BENCHMARKS.md); on "
+                          "shorter fits they can change more right labels than wrong ones: "
+                          f"train for {PLC_MIN_EPOCHS} epochs or more", ImagefitWarning,
+                          stacklevel=3)
+        if distributed.world_size() > 1:
+            raise ImagefitError("--plc corrects labels from the batches of one process: "
+                                "train in one process (without --devices)")
+    if cfg.recipe and parts.loaders["valid"] is None:
+        raise ImagefitError("--recipe stops when validation stops improving: give --valid-pct "
+                            "above 0 or a validation split")
+    if cfg.early_stop or cfg.keep_best or cfg.plateau:
+        monitor_column(cfg, parts)
+    if cfg.lr_groups and len(cfg.lr_groups) != len(layer_groups(parts.model)):
+        raise ImagefitError(f"option --lr-groups: give {len(layer_groups(parts.model))} rates, "
+                            f"one per layer group of {cfg.model} (got {len(cfg.lr_groups)})")
+
+
+def open_run_dir(run_dir: Path | None, data: str | Path | Table, prepared: Prepared) -> Path:
+    """A new run directory (or a fold's, named by the caller) with config.yaml: the options
+    as they run, the data, and the batch size --bs auto chose."""
+    cfg = prepared.options
+    if run_dir is None:
+        run_dir = runs.new_run_dir(Path(cfg.runs_dir), cfg.name or run_name(data))
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    source = None if isinstance(data, Table) else str(data)
+    runs.save_yaml(run_dir / "config.yaml", {"data": source, "data_description": run_source(data),
+                                             **cfg.model_dump(),
+                                             "batch_size_used": prepared.parts.batch_size})
+    return run_dir
+
+
+def train_in_run_dir(run_dir: Path, data: str | Path | Table, prepared: Prepared, callbacks,
+                     resume_state: dict | None, started: float) -> FitResult:
+    """Train, then conclude; Ctrl-C keeps the finished epochs (or, before the first one,
+    removes the directory), and any other failure is recorded in metrics.json as
+    ``status: failed`` with its message before it is raised."""
+    main = distributed.is_main()
+    cfg, loaded, parts = prepared.options, prepared.loaded, prepared.parts
+    summary = run_summary(data, loaded, parts, prepared.notes)
+    writer = RunWriter(run_dir, parts.model_info)
+    learner = None
+    try:
+        if prepared.finder is not None and main:
+            save_lr_finder_plot(prepared.finder, run_dir / "plots" / "lr_find.png")
+        if main and cfg.report and not (run_dir / DATA_SUMMARY).is_file():
+            summarize_data(run_dir, loaded, parts, cfg.seed)
+        own, best = own_callbacks(run_dir, cfg, loaded, parts, writer)
+        test_loader = parts.loaders["test"]
+        extra = {"test": test_loader} if cfg.test_every_epoch and test_loader else {}
+        planner = None
+        if prepared.budget is not None and resume_state is None:  # a resumed fit keeps it
+            planner = budget_planner(cfg, loaded, parts, prepared.budget.deadline,
+                                     len(extra) * len(loaded.test_rows))
+        learner = make_learner(cfg, parts, [*own, *callbacks], extra_loaders=extra)
+        if resume_state is not None:
+            learner.load_checkpoint_state(resume_state)
+            writer.epochs_saved = len(learner.history)
+            if main:
+                runs.write_metrics_rows(run_dir, learner.history)
+                print(f"resuming {run_dir} after epoch {len(learner.history)}")
+        train_phases(learner, cfg, prepared.epochs, prepared.lr_schedule, prepared.momentum,
+                     summary, resuming=resume_state is not None, planner=planner)
+        return finish(run_dir, prepared, learner, best, planner, summary, started)
+    except KeyboardInterrupt:
+        if not main:
+            raise
+        if writer.epochs_saved == 0 and resume_state is None:
+            runs.remove_run_dir(run_dir)
+            raise FitInterrupted(None, 0) from None
+        del learner.history[writer.epochs_saved:]  # an epoch not on disk did not finish
+        write_final_metrics(run_dir, learner, summary, started, status="interrupted")
+        write_report(run_dir, learner, cfg)
+        raise FitInterrupted(run_dir, writer.epochs_saved) from None
+    except RuntimeError as error:
+        if not distributed.lost_peer(error):
+            record_failure(run_dir, learner, writer, summary, started, error)
+            raise
+        failure = ImagefitError(
+            f"rank {distributed.rank()} lost contact with the others (a process died?): "
+            f"{run_dir} keeps the last finished epoch; resume with imagefit fit --resume "
+            f"{run_dir} --devices {cfg.devices}")
+        record_failure(run_dir, learner, writer, summary, started, failure)
+        raise failure from error
+    except TrainingDiverged as error:
+        kept = (f"{run_dir} keeps epoch {writer.epochs_saved}, the last finished one"
+                if writer.epochs_saved else f"{run_dir} is marked failed (no epoch finished)")
+        failure = TrainingDiverged(f"{error}; {kept}")
+        record_failure(run_dir, learner, writer, summary, started, failure)
+        raise failure from None
+    except BaseException as error:
+        record_failure(run_dir, learner, writer, summary, started, error)
+        raise

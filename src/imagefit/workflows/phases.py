@@ -1,0 +1,147 @@
+"""The training phases of a fit (head on precomputed features, frozen body, everything at
+spread rates, or the recipe's SGDR cycles), the callbacks its options ask for, and the planner
+of a --budget fit."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .. import distributed
+from ..config import FitConfig
+from ..forward import TTA, model_outputs
+from ..tasks import HIGHER_IS_BETTER
+from ..train import budget, schedules
+from ..train.budget import BudgetPlanner
+from ..train.callbacks import (
+    BestCheckpoint,
+    Callback,
+    EarlyStopping,
+    MixOff,
+    ProgressCallback,
+    ProgressiveLabelCorrection,
+    ProgressiveResize,
+    ReduceOnPlateau,
+    RunWriter,
+    SnapshotSaver,
+)
+from ..train.callbacks.base import callback_order
+from ..train.learner import Learner
+from ..train.precompute import fit_head_on_features
+from ..train.schedules import Schedule
+from .build import LoadedData, TrainingParts, monitor_column
+
+FINAL_SAMPLE = 1024  # images timed to plan a --budget fit's final evaluation
+
+
+def train_phases(learner: Learner, cfg: FitConfig, epochs: int, lr_schedule: Schedule,
+           momentum: Schedule | None, summary: dict, resuming: bool,
+           planner: BudgetPlanner | None = None) -> None:
+    """The phases of a fit: head on precomputed features, frozen head, then everything
+    (with discriminative rates), as one schedule or, with --recipe, SGDR cycles until the
+    validation metric stops improving."""
+    lr = float(cfg.lr)
+    if cfg.precompute_epochs and not resuming:
+        summary["feature_seconds"] = round(
+            fit_head_on_features(learner, cfg.precompute_epochs, lr), 3)
+    if cfg.freeze_epochs:
+        learner.freeze(cfg.train_bn)
+        learner.fit(cfg.freeze_epochs, schedules.one_cycle(lr, cfg.pct_start),
+                    schedules.one_cycle_momentum(pct_start=cfg.pct_start))
+        learner.unfreeze()
+    if cfg.lr_groups:
+        learner.group_lrs(cfg.lr_groups)
+    elif cfg.lr_low:
+        learner.discriminative(cfg.lr_low, lr)
+    if not cfg.recipe:
+        if planner is not None:  # the budget plans the main fit, after the phases before it
+            learner.callbacks = sorted([*learner.callbacks, planner], key=callback_order)
+        learner.fit(epochs, lr_schedule, momentum)
+        return
+    column = f"valid_{learner.task.main_metric}"
+    higher = HIGHER_IS_BETTER[learner.task.main_metric]
+    best = None
+    for cycle in range(cfg.recipe_max_cycles):
+        history = learner.fit(cfg.cycle_len * cfg.cycle_mult**cycle,
+                              schedules.cosine(lr, lr / 1e3))
+        value = history[-1][column]
+        if best is not None and (value <= best if higher else value >= best):
+            summary["recipe_cycles"] = cycle + 1
+            return
+        best = value
+    summary["recipe_cycles"] = cfg.recipe_max_cycles
+
+
+def own_callbacks(run_dir: Path, cfg: FitConfig, loaded: LoadedData, parts: TrainingParts,
+                   writer: RunWriter) -> tuple[list[Callback], BestCheckpoint | None]:
+    """The callbacks the options ask for (rank 0 alone writes), and the best-epoch keeper."""
+    main = distributed.is_main()
+    own: list[Callback] = [ProgressCallback(cfg.progress, run_dir / "log.txt"), writer] \
+        if main else []
+    if cfg.image_sizes:
+        own.append(ProgressiveResize(cfg.image_sizes))
+    if loaded.augment.mix_off_epochs:
+        own.append(MixOff(loaded.augment.mix_off_epochs))
+    if cfg.plc:
+        own.append(ProgressiveLabelCorrection(
+            cfg.plc_warmup, cfg.plc_theta_start, cfg.plc_theta_end, cfg.plc_schedule,
+            run_dir=run_dir, paths=loaded.table.paths))
+    if cfg.schedule == "sgdr" and cfg.snapshots and main:
+        ends = schedules.sgdr_cycle_ends(cfg.sgdr_cycles, cfg.cycle_len, cfg.cycle_mult)
+        own.append(SnapshotSaver(run_dir, parts.model_info, ends))
+    best = None
+    if cfg.early_stop or cfg.keep_best or cfg.plateau:
+        monitor, mode = monitor_column(cfg, parts)
+        if cfg.plateau:
+            own.append(ReduceOnPlateau(monitor, mode, cfg.plateau, cfg.plateau_factor,
+                                       cfg.min_delta))
+        if cfg.early_stop:
+            own.append(EarlyStopping(monitor, mode, cfg.early_stop, cfg.min_delta))
+        if cfg.keep_best and main:  # the other ranks take rank 0's final weights
+            best = BestCheckpoint(run_dir, parts.model_info, monitor, mode, restore=True)
+            own.append(best)
+    return own, best
+
+
+def budget_planner(cfg: FitConfig, loaded, parts, deadline: float,
+                    every_epoch_images: int) -> BudgetPlanner:
+    """The planner of a --budget fit: the end evaluates the validation and test splits (timed
+    on a sample, test-time augmentation included, as ``conclude`` will) and every epoch
+    validates."""
+    n_valid, n_test = len(loaded.valid_rows), len(loaded.test_rows)
+    sample = np.concatenate([loaded.test_rows, loaded.valid_rows])[:FINAL_SAMPLE]
+    tta = TTA.from_options(cfg, loaded.augment) if cfg.tta_n else None
+    images = loaded.prepared.cache.tensor()
+
+    def time_final(learner: Learner) -> float:
+        if not len(sample):
+            return float("inf")
+        model = learner.eval_model
+        batch = max(parts.batch_size, 256)
+        model_outputs(model, parts.pipeline, parts.task, images, sample[:batch], batch, tta,
+                      precision=cfg.precision)
+        started = time.perf_counter()  # after a warm-up batch
+        model_outputs(model, parts.pipeline, parts.task, images, sample, batch, tta,
+                      plain_too=tta is not None, precision=cfg.precision)
+        return len(sample) / (time.perf_counter() - started)
+
+    return BudgetPlanner(deadline, final_images=n_valid + n_test,
+                         n_valid=n_valid + every_epoch_images, time_final=time_final,
+                         fixed_seconds=budget.EXIT_SECONDS + (
+                             budget.FINAL_FIXED_SECONDS if cfg.report else 2.0),
+                         budget_text=cfg.budget or "",
+                         announce=cfg.progress and distributed.is_main())
+
+
+def budget_line(record: dict) -> str:
+    plan = record.get("plan")
+    line = (f"budget {record['budget']}: the run took "
+            f"{budget.format_duration(record['used_seconds'])}")
+    if plan:
+        line += (f"; trained {plan['steps']} steps ({plan['steps'] / plan['steps_per_epoch']:.3g}"
+                 f" epochs) at {plan['step_seconds'] * 1000:.3g} ms a step")
+    if record.get("stopped_at_deadline"):
+        line += "; stopped at the deadline before the planned end"
+    return line

@@ -1,0 +1,182 @@
+"""The package's floors (docs/DESIGN.md, "Layers"): every import of every module goes down
+or across its floor, never round in a cycle and never to another module's private names;
+the command line imports only the modules the design names."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "src" / "imagefit"
+DESIGN = ROOT / "docs" / "DESIGN.md"
+
+
+def floors() -> dict[str, int]:
+    """Top-level module or package name -> floor, from the table in docs/DESIGN.md."""
+    text = DESIGN.read_text()
+    table = text.split("<!-- layers -->")[1].split("<!-- /layers -->")[0]
+    result = {}
+    for line in table.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) < 2 or not cells[0].isdigit():
+            continue
+        for name in re.findall(r"`([\w.]+)`", cells[1]):
+            result[name] = int(cells[0])
+    return result
+
+
+def cli_imports() -> set[str]:
+    text = DESIGN.read_text().split("<!-- cli-imports -->")[1].split("<!-- /cli-imports -->")[0]
+    return set(re.findall(r"`([\w.]+)`", text))
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def imports_of(path: Path) -> list[tuple[str, list[str], int]]:
+    """(imported module inside the package, names taken from it, line) for every import,
+    relative ones resolved; imports under ``if TYPE_CHECKING`` are left out."""
+    tree = ast.parse(path.read_text())
+    package = module_name(path).split(".") if path.name == "__init__.py" else \
+        module_name(path).split(".")[:-1]
+    typing_only = {id(node) for guard in ast.walk(tree) if isinstance(guard, ast.If)
+                   and "TYPE_CHECKING" in ast.unparse(guard.test)
+                   for node in ast.walk(guard)}
+    found = []
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[:len(package) - node.level + 1]
+                target = ".".join([*base, *(node.module.split(".") if node.module else [])])
+            elif node.module and node.module.split(".")[0] == "imagefit":
+                target = node.module.removeprefix("imagefit").lstrip(".")
+            else:
+                continue
+            names = [alias.name for alias in node.names]
+            submodules = [name for name in names
+                          if (PACKAGE / target.replace(".", "/") / f"{name}.py").is_file()
+                          or (PACKAGE / target.replace(".", "/") / name).is_dir()]
+            if submodules:  # from . import runs: the module runs itself
+                found += [(f"{target}.{name}".strip("."), [], node.lineno) for name in submodules]
+                names = [name for name in names if name not in submodules]
+            if names:
+                found.append((target, names, node.lineno))
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] == "imagefit":
+                    found.append((alias.name.removeprefix("imagefit").lstrip("."), [],
+                                  node.lineno))
+    return found
+
+
+def floor_of(module: str, table: dict[str, int]) -> int | None:
+    """The floor of a module: its own entry, else its top-level package's."""
+    parts = module.split(".")
+    for end in range(len(parts), 0, -1):
+        if ".".join(parts[:end]) in table:
+            return table[".".join(parts[:end])]
+    return None
+
+
+MODULES = sorted(p for p in PACKAGE.rglob("*.py"))
+
+
+def test_every_module_has_a_floor():
+    table = floors()
+    missing = [module_name(p) for p in MODULES
+               if module_name(p) and floor_of(module_name(p), table) is None]
+    assert not missing, f"modules not in docs/DESIGN.md's layers table: {missing}"
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_imports_go_down_or_across_and_take_no_private_names(path):
+    table = floors()
+    name = module_name(path)
+    if not name:  # the package's __init__: public names loaded on first use
+        return
+    own = floor_of(name, table)
+    problems = []
+    for target, names, line in imports_of(path):
+        floor = floor_of(target, table) if target else None
+        if floor is not None and floor > own:
+            problems.append(f"line {line}: {name} (floor {own}) imports {target} "
+                            f"(floor {floor})")
+        private = [n for n in names if n.startswith("_") and not n.startswith("__")]
+        if private and target != name:
+            problems.append(f"line {line}: {name} imports private {private} from {target}")
+    assert not problems, "\n".join(problems)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the package's modules it imports (the package __init__ files left out)."""
+    graph: dict[str, set[str]] = {}
+    modules = {module_name(p) for p in MODULES}
+    for path in MODULES:
+        if path.name == "__init__.py":
+            continue
+        targets = set()
+        for target, _, _ in imports_of(path):
+            while target and target not in modules:  # a name inside a module
+                target = target.rpartition(".")[0]
+            if target and target != module_name(path) and \
+                    not (PACKAGE / target.replace(".", "/")).is_dir():
+                targets.add(target)
+        graph[module_name(path)] = targets
+    return graph
+
+
+def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Cycles of a directed graph, each as the path round it (depth-first search)."""
+    cycles, state = [], {}
+
+    def visit(node: str, trail: list[str]) -> None:
+        state[node] = "open"
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                cycles.append(trail[trail.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt, [*trail, nxt])
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    return cycles
+
+
+def test_no_import_cycles():
+    cycles = find_cycles(import_graph())
+    assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
+
+
+def test_the_command_line_imports_only_the_modules_the_design_names():
+    allowed = cli_imports()
+    used = {target for target, _, _ in imports_of(PACKAGE / "cli.py")}
+    assert used <= allowed, f"cli.py imports {sorted(used - allowed)}, which docs/DESIGN.md " \
+                            "does not name: call them through api"
+
+
+def test_the_checker_sees_a_violation(tmp_path, monkeypatch):
+    """The checks above can fail: an upward import, a private name and a cycle are found."""
+    table = floors()
+    assert floor_of("train.learner", table) < floor_of("report.html", table)
+    assert floor_of("data.sources", table) == table["data"]
+    fake = PACKAGE / "train" / "learner.py"
+    source = "from ..report.html import write_report\nfrom ..data.sources import _visible\n"
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: source
+                        if self == fake else Path.read_bytes(self).decode())
+    found = imports_of(fake)
+    assert ("report.html", ["write_report"], 1) in found
+    assert ("data.sources", ["_visible"], 2) in found
+    assert find_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]
+    assert find_cycles({"a": {"b"}, "b": set()}) == []
