@@ -176,6 +176,15 @@ class Task:
             columns[f"{prefix}{name}"] = activated[:, i].numpy()
         return columns
 
+    def item_losses(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Each item's own loss (unweighted), to rank the worst predictions."""
+        raise NotImplementedError
+
+    def describe_item(self, activated: torch.Tensor, target: torch.Tensor) -> dict:
+        """One item's prediction and truth as text (``activated``: its activated outputs,
+        ``target``: its encoded target), for the table of the worst predictions."""
+        raise NotImplementedError
+
     def to_dict(self) -> dict:
         return {
             "kind": self.kind,
@@ -220,6 +229,18 @@ class Classification(Task):
     def from_average(self, averaged):
         return averaged.clamp_min(1e-12).log()  # log-probabilities: their softmax is it
 
+    def item_losses(self, outputs, targets):
+        if targets.ndim == 2:  # soft targets: judged against their most likely class
+            targets = targets.argmax(dim=1)
+        return F.cross_entropy(outputs.float(), targets.long(), reduction="none")
+
+    def describe_item(self, activated, target):
+        actual = int(target.argmax()) if target.ndim else int(target)
+        predicted = int(activated.argmax())
+        return {"predicted": self.names[predicted], "actual": self.names[actual],
+                "probability": float(activated[predicted]),
+                "probability_actual": float(activated[actual])}
+
     def describe_targets(self, targets):
         if targets.ndim == 1:
             return [self.names[i] for i in targets.tolist()]
@@ -251,6 +272,15 @@ class MultiLabel(Task):
 
     def from_average(self, averaged):
         return torch.logit(averaged, eps=1e-6)
+
+    def item_losses(self, outputs, targets):
+        return F.binary_cross_entropy_with_logits(outputs.float(), targets.float(),
+                                                  reduction="none").mean(dim=1)
+
+    def describe_item(self, activated, target):
+        chosen = [n for n, p in zip(self.names, activated.tolist()) if p >= self.threshold]
+        actual = [n for n, t in zip(self.names, target.tolist()) if t >= 0.5]
+        return {"predicted": ";".join(chosen) or "(none)", "actual": ";".join(actual) or "(none)"}
 
     def describe_targets(self, targets):
         labels = []
@@ -302,6 +332,17 @@ class Regression(Task):
 
     def averageable(self, raw):
         return raw
+
+    def item_losses(self, outputs, targets):
+        """The absolute error in the targets' units, summed over the targets."""
+        predicted = self.unscale(outputs.float().reshape(len(outputs), -1))
+        actual = self.unscale(targets.float().reshape(len(targets), -1))
+        return (predicted - actual).abs().sum(dim=1)
+
+    def describe_item(self, activated, target):
+        actual = self.unscale(target.float().reshape(1, -1))[0]
+        return {"predicted": ", ".join(f"{v:.4g}" for v in activated.tolist()),
+                "actual": ", ".join(f"{v:.4g}" for v in actual.tolist())}
 
     def from_average(self, averaged):
         return averaged

@@ -42,17 +42,7 @@ ImagesFor = Callable[[np.ndarray], torch.Tensor]
 def item_losses(task: Task, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Each item's loss: cross-entropy, mean binary cross-entropy over its labels, or the
     absolute error in the targets' units (summed over targets) for regression."""
-    outputs = outputs.float()
-    if task.kind == "classification":
-        if targets.ndim == 2:
-            targets = targets.argmax(dim=1)
-        return F.cross_entropy(outputs, targets.long(), reduction="none")
-    if task.kind == "multilabel":
-        return F.binary_cross_entropy_with_logits(outputs, targets.float(),
-                                                  reduction="none").mean(dim=1)
-    predicted = task.unscale(outputs.reshape(len(outputs), -1))
-    actual = task.unscale(targets.float().reshape(len(targets), -1))
-    return (predicted - actual).abs().sum(dim=1)
+    return task.item_losses(outputs, targets)
 
 
 def top_losses(task: Task, outputs: torch.Tensor, targets: torch.Tensor,
@@ -85,7 +75,7 @@ def interpret(task: Task, outputs: torch.Tensor, targets: torch.Tensor, images_f
     result: dict = {"split": split, "n_images": len(outputs), "plots": []}
     if len(outputs) == 0:
         return result
-    if task.kind == "multilabel":
+    if task.chooses_threshold:
         threshold, f1 = best_threshold(task, outputs, targets)
         result["best_threshold"] = {"threshold": threshold, "f1": f1,
                                     "threshold_used": task.threshold}
@@ -150,29 +140,13 @@ def _describe_items(task: Task, outputs: torch.Tensor, targets: torch.Tensor,
         row: dict = {"position": position, "loss": float(losses[position])}
         if paths is not None:
             row["path"] = str(paths[position])
-        if task.kind == "classification":
-            target = targets[position]
-            actual = int(target.argmax()) if target.ndim else int(target)
-            predicted = int(activated[position].argmax())
-            row.update(predicted=task.names[predicted], actual=task.names[actual],
-                       probability=float(activated[position, predicted]),
-                       probability_actual=float(activated[position, actual]))
-        elif task.kind == "multilabel":
-            probs = activated[position]
-            chosen = [n for n, p in zip(task.names, probs.tolist()) if p >= task.threshold]
-            actual = [n for n, t in zip(task.names, targets[position].tolist()) if t >= 0.5]
-            row.update(predicted=";".join(chosen) or "(none)",
-                       actual=";".join(actual) or "(none)")
-        else:
-            actual = task.unscale(targets[position].float().reshape(1, -1))[0]
-            row.update(predicted=", ".join(f"{v:.4g}" for v in activated[position].tolist()),
-                       actual=", ".join(f"{v:.4g}" for v in actual.tolist()))
+        row.update(task.describe_item(activated[position], targets[position]))
         rows.append(row)
     return rows
 
 
 def _grid_title(task: Task, row: dict) -> str:
-    if task.kind == "classification":
+    if "probability" in row:
         return (f"{_short(row['predicted'])} / {_short(row['actual'])}\n"
                 f"loss {row['loss']:.2f} p {row['probability']:.2f}")
     return f"{_short(row['predicted'])} / {_short(row['actual'])}\nloss {row['loss']:.3g}"
