@@ -481,6 +481,18 @@ class FitConfig(ImageOptions):
                                 "give one of them")
         return self
 
+    @model_validator(mode="after")
+    def _options_that_go_together(self) -> FitConfig:
+        """Options that contradict each other, refused before any data is read."""
+        if self.soft_labels and self.plc:
+            raise ImagefitError("--soft-labels and --plc both change the training labels: "
+                                "choose one")
+        if self.recipe and self.budget:
+            raise ImagefitError("--recipe trains SGDR cycles until validation stops "
+                                "improving, which a budget cannot plan: leave out --recipe "
+                                "or --budget")
+        return self
+
 
 class CVConfig(FitConfig):
     """Options of ``cv``: every fit option, and how the folds are made."""

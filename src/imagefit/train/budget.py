@@ -126,9 +126,6 @@ class Budget:
         if "epochs" in options.model_fields_set:
             raise ImagefitError(f"--epochs {options.epochs} and --budget {options.budget} both "
                                 "set how long training lasts: give one of them")
-        if options.recipe:
-            raise ImagefitError("--recipe trains SGDR cycles until validation stops improving, "
-                                "which a budget cannot plan: leave out --recipe or --budget")
         return cls(str(options.budget), started, started + seconds)
 
     @property

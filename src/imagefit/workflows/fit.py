@@ -177,9 +177,6 @@ def check_options_against(cfg: FitConfig, parts: TrainingParts) -> None:
         raise ImagefitError(f"a batch of {parts.batch_size} cannot be shared by "
                             f"{distributed.world_size()} processes: give --bs of at least "
                             f"{distributed.world_size()}")
-    if cfg.soft_labels and cfg.plc:
-        raise ImagefitError("--soft-labels and --plc both change the training labels: "
-                            "choose one")
     if cfg.plc:
         check_label_correction(parts.task, parts.pipeline)
         if not cfg.budget and cfg.epochs < PLC_MIN_EPOCHS:
