@@ -505,8 +505,11 @@ def test_concat_pool_head_trains_saves_loads_and_precomputes(tmp_path):
     assert model(torch.randn(4, 1, 32, 32)).shape == (4, 5)
     groups = layer_groups(model)
     assert groups[-1] == list(model.head.parameters())
+    # lr 1e-3, as in the precompute test above: at the default rate ResNet-18's full epoch
+    # on 16 px digits diverged (a NaN loss at step 26 of epoch 2, reported as such) in 1 of
+    # 5 full suites here, bf16 on this AMX CPU not being bit-for-bit repeatable
     result = imagefit.fit("builtin:digits", model="resnet18", head="concat_pool",
-                          image_size=16, precompute_epochs=1, epochs=1,
+                          image_size=16, precompute_epochs=1, epochs=1, lr=1e-3,
                           runs_dir=str(tmp_path), progress=False)
     scores = imagefit.evaluate(result.run_dir, "builtin:digits", progress=False)
     assert scores["accuracy"] == pytest.approx(result.metrics["valid_accuracy"], abs=1e-6)
