@@ -354,3 +354,11 @@ def test_normalization_statistics_come_from_the_training_split_only(tmp_path):
     train = images[:80].astype(np.float64) / 255
     assert norm["mean"] == pytest.approx([train.mean()], rel=1e-6)
     assert norm["std"] == pytest.approx([train.std()], rel=1e-5)
+
+
+def test_a_loss_that_does_not_suit_the_task_names_the_option(tmp_path):
+    with pytest.raises(ImagefitError, match=r"option --loss: mse does not train classification: "
+                                            r"give --loss cross_entropy \(or auto\)"):
+        imagefit.fit("builtin:digits", loss="mse", epochs=1, runs_dir=str(tmp_path),
+                     progress=False)
+    assert not any(tmp_path.iterdir())  # refused before a run directory

@@ -115,7 +115,7 @@ def test_lr_finder_restores_the_weights_and_plots(tmp_path):
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert len(result.lrs) == len(result.losses) > 10
     assert set(result.suggestions) == {"steepest", "valley", "minimum/10"}
-    out = imagefit.api.lr_find("builtin:digits", tmp_path / "lr.png", progress=False)
+    out = imagefit.lr_find("builtin:digits", tmp_path / "lr.png", progress=False)
     assert (tmp_path / "lr.png").is_file() and out.suggestions
 
 

@@ -409,7 +409,11 @@ class Learner:
         """Sweep the learning rate (see ``lr_finder.find_lr``); the model is left as it was."""
         from .lr_finder import find_lr
 
-        return find_lr(self, start_lr, end_lr, steps, progress=progress)
+        # the random state stays too (dropout draws from it), so that the fit after the sweep
+        # trains as one at the rate it found: `fit --config RUN/config.yaml` repeats it
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            return find_lr(self, start_lr, end_lr, steps, progress=progress)
 
     def _autocast(self):
         return autocast(self.precision, self.device)

@@ -98,10 +98,6 @@ def find_lr(learner, start_lr: float = 1e-7, end_lr: float = 10.0, steps: int = 
     state are restored after."""
     model = learner.model
     saved = copy.deepcopy(model.state_dict())
-    # the random state too (dropout draws from it), so that a fit after the sweep trains as
-    # one at the rate it found: `imagefit fit --config RUN/config.yaml` repeats a --lr auto run
-    rng_state = torch.get_rng_state()
-    cuda_state = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
     optimizer = make_optimizer(model, learner.optimizer_name, start_lr, learner.weight_decay)
     generator = torch.Generator(learner.device).manual_seed(learner.seed)
     ratio = (end_lr / start_lr) ** (1 / max(steps - 1, 1))
@@ -131,9 +127,6 @@ def find_lr(learner, start_lr: float = 1e-7, end_lr: float = 10.0, steps: int = 
         bar.close()
         model.load_state_dict(saved)
         model.zero_grad(set_to_none=True)  # the sweep's last gradients would join step one
-        torch.set_rng_state(rng_state)
-        if cuda_state is not None:
-            torch.cuda.set_rng_state_all(cuda_state)
     lrs, losses = _finite(lrs, losses)
     if len(lrs) <= 2:
         return LRFinderResult(lrs, losses)
