@@ -412,6 +412,49 @@ def mutation_check(result: dict) -> list[str]:
     return lines
 
 
+def check_speed(result: dict) -> list[str]:
+    lines = ["## imagefit check on Fashion-MNIST", ""] + header(result)
+    first = result["runs"][0]
+    pairs = ", ".join(f"{e['pairs']} {e['splits']}" for e in first["near_by_split"]
+                      if e["pairs"])
+    lines += [
+        f"`{result['imagefit_command']}`: every check of docs/CHECKS.md on the 70,000 images. "
+        "Wall seconds from outside the process, start to exit (imports and the page "
+        "included); check seconds: the checks themselves.",
+        "",
+        "| run | wall seconds | check seconds | exit | near-duplicate pairs |",
+        "|---|---|---|---|---|",
+    ]
+    for k, run in enumerate(result["runs"], start=1):
+        lines.append(f"| {k} | {run['wall_seconds']:.1f} | {run['check_seconds']:.1f} | "
+                     f"{run['exit_code']} | {run['near_pairs']} |")
+    lines += ["", f"Median wall **{result['median_wall_seconds']:.1f} s** (target: under 60 s). "
+              f"Near-duplicates at dHash distance <= {first['thresholds']['hamming']} of 64 "
+              f"and mean pixel difference <= {first['thresholds']['pixel_diff']:g} of 255: "
+              f"{pairs}. Verdicts: " + ", ".join(f"{k} {v}" for k, v in
+                                                first["verdicts"].items()) + "."]
+    return lines
+
+
+def sweep_fashion_mnist(result: dict) -> list[str]:
+    lines = ["## imagefit sweep on Fashion-MNIST", ""] + header(result)
+    lines += [
+        f"`{result['imagefit_command']}`; wall {result['wall_seconds']:.0f} s from outside "
+        f"the process (budget {result['budget_seconds']:.0f} s). Figure: "
+        f"`bench/results/{result['figure']}`.",
+        "",
+        "| model | params | best valid accuracy | best epoch | gap at best | epochs | seconds |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in result["rows"]:
+        best = "-" if row["best"] is None else f"{row['best']:.4f}"
+        gap = "-" if row["gap_at_best"] is None else f"{row['gap_at_best']:+.4f}"
+        params = "-" if row["params"] is None else f"{row['params']:,}"
+        lines.append(f"| {row['model']} | {params} | {best} | "
+                     f"{row['best_epoch']} | {gap} | {row['epochs']} | {row['seconds']:.0f} |")
+    return lines
+
+
 SECTIONS = {"time_to_accuracy": time_to_accuracy,
             "recipe_ablation": recipe_ablation,
             "fashion_mnist_default": fashion_mnist_default,
@@ -426,7 +469,9 @@ SECTIONS = {"time_to_accuracy": time_to_accuracy,
             "pretrained_regression": pretrained_regression,
             "precision": precision,
             "budget_regression": budget_regression,
-            "mutation_check": mutation_check}
+            "mutation_check": mutation_check,
+            "check_speed": check_speed,
+            "sweep_fashion_mnist": sweep_fashion_mnist}
 
 
 def section_of(benchmark: str) -> str | None:

@@ -13,17 +13,19 @@ from .version import __version__
 _PUBLIC = {
     "CVResult": "api", "FitResult": "api", "cv": "api", "evaluate": "api", "explain": "api",
     "fit": "api", "load_model": "api", "lr_find": "api", "predict": "api", "resume": "api",
-    "show_batch": "api",
+    "show_batch": "api", "SweepResult": "api", "sweep": "api", "check": "api",
+    "CheckResult": "api", "CheckConfig": "config",
     "EvaluateOptions": "config", "FitConfig": "config", "PredictOptions": "config",
     "Table": "data.table", "from_arrays": "data.table", "read_source": "data.sources",
-    "LoadedModel": "evaluate.inference",
+    "LoadedModel": "evaluation.inference",
 }
 
 __all__ = [
-    "CVResult", "EvaluateOptions", "FitConfig", "FitInterrupted", "FitResult",
-    "ImagefitError", "ImagefitWarning", "LoadedModel", "PredictOptions", "Table",
-    "__version__", "cv", "evaluate", "explain", "fit", "from_arrays", "load_model", "lr_find",
-    "predict", "read_source", "resume", "show_batch",
+    "CVResult", "CheckConfig", "CheckResult", "EvaluateOptions", "FitConfig", "FitInterrupted",
+    "FitResult", "ImagefitError", "ImagefitWarning", "LoadedModel", "PredictOptions",
+    "SweepResult", "Table", "__version__", "check", "cv", "evaluate", "explain", "fit",
+    "from_arrays", "load_model", "lr_find", "predict", "read_source", "resume", "show_batch",
+    "sweep",
 ]
 
 

@@ -1,7 +1,7 @@
-"""The public functions: ``fit``, ``resume``, ``cv``, ``lr_find``, ``show_batch``, and for a
-trained model ``load_model``, ``predict``, ``evaluate`` and ``explain``. Each is a thin entry
-into ``workflows`` (a fit as named steps, cross-validation, the tools) or ``evaluate``; the
-command line calls these and nothing else."""
+"""The public functions: ``fit``, ``resume``, ``cv``, ``sweep``, ``lr_find``, ``show_batch``,
+and for a trained model ``load_model``, ``predict``, ``evaluate`` and ``explain``. Each is a
+thin entry into ``workflows`` (a fit as named steps, cross-validation, the model-size sweep,
+the tools) or ``evaluate``; the command line calls these and nothing else."""
 
 from __future__ import annotations
 
@@ -10,21 +10,25 @@ from pathlib import Path
 from typing import Any
 
 from . import distributed, runs
-from .config import FitConfig, merge_options
+from .config import CheckConfig, FitConfig, merge_options
 from .data.table import Table, from_arrays
 from .errors import ImagefitError
 from .evaluation.inference import evaluate, load_model, predict
 from .train.budget import Budget
 from .train.callbacks import Callback
 from .workflows.build import apply_recipe
+from .workflows.check import CheckResult, format_check
+from .workflows.check import check as run_checks
 from .workflows.cv import CVResult, cv, format_cv
 from .workflows.explain import explain
 from .workflows.fit import resume_options, run_fit
 from .workflows.record import FitResult
+from .workflows.sweep import SweepInterrupted, SweepResult, format_sweep, sweep
 from .workflows.tools import lr_find, show_batch
 
-__all__ = ["CVResult", "FitResult", "cv", "evaluate", "explain", "fit", "format_cv",
-           "from_arrays", "load_model", "lr_find", "predict", "resume", "show_batch"]
+__all__ = ["CVResult", "CheckResult", "FitResult", "SweepInterrupted", "SweepResult", "check",
+           "cv", "evaluate", "explain", "fit", "format_check", "format_cv", "format_sweep",
+           "from_arrays", "load_model", "lr_find", "predict", "resume", "show_batch", "sweep"]
 
 
 def fit(data: str | Path | Table, config: FitConfig | None = None, *,
@@ -52,3 +56,13 @@ def resume(run: str | Path, callbacks: list[Callback] | tuple = ()) -> FitResult
         state = runs.load_checkpoint(run_dir)
         data, cfg = resume_options(run_dir)
         return run_fit(data, cfg, callbacks, run_dir=run_dir, resume_state=state)
+
+
+def check(data: str | Path | Table, config: CheckConfig | None = None,
+          **options: Any) -> CheckResult:
+    """Check ``data`` and the pipeline before training: duplicates and leakage across splits,
+    labels, image statistics, one batch overfitted by the model and options a fit would use,
+    and a short fit on shuffled labels; writes check.json and check.html into a new folder
+    of --runs-dir (``result.check_dir``). ``result.failed`` lists the failed checks."""
+    cfg: CheckConfig = merge_options(CheckConfig, config, options)
+    return run_checks(data, cfg)

@@ -21,6 +21,7 @@ import yaml
 
 from .config import (
     RECORDED_KEYS,
+    CheckConfig,
     CVConfig,
     EvaluateOptions,
     ExplainOptions,
@@ -28,10 +29,11 @@ from .config import (
     Options,
     PredictOptions,
     ShowBatchOptions,
+    SweepConfig,
     make_options,
     read_yaml_options,
 )
-from .errors import FitInterrupted, ImagefitError, ImagefitWarning
+from .errors import ChecksFailed, FitInterrupted, ImagefitError, ImagefitWarning
 from .version import __version__
 
 
@@ -168,6 +170,18 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--out", metavar="PNG", required=True, help="where to save the grid")
     add_options(show, ShowBatchOptions)
 
+    checking = commands.add_parser(
+        "check", help="check the data and the pipeline before training",
+        description="Check DATA with the model and options a fit would use: exact and near "
+        "duplicates within and across splits, leakage into validation and test, label "
+        "balance and folds, a label written into the pixels, image statistics, unreadable "
+        "and blank images, one batch overfitted, and a short fit on shuffled labels. Prints "
+        "a verdict table, writes check.json and check.html into a new folder of --runs-dir "
+        "(the last line printed) and exits 1 when a check fails (rules: docs/CHECKS.md).",
+    )
+    checking.add_argument("data", metavar="DATA", help="folder, CSV file or builtin:NAME")
+    add_options(checking, CheckConfig)
+
     crossval = commands.add_parser(
         "cv", help="k-fold cross-validation: a model per fold, out-of-fold predictions",
         description="Train a model on each of --folds folds of DATA's training rows (each "
@@ -177,6 +191,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     crossval.add_argument("data", metavar="DATA", help="folder, CSV file or builtin:NAME")
     add_options(crossval, CVConfig)
+
+    sweeping = commands.add_parser(
+        "sweep", help="overfit on purpose: the same fit for several model sizes, compared",
+        description="Train each model of --models (any --model of fit) or --widths (the "
+        "small nets small_cnn_W) on DATA with the same options and early stopping; write a "
+        "run directory per model, sweep.csv and sweep.json (a row per model: parameters, "
+        "best validation figure, its epoch, the gap between validation and training loss "
+        "there) and sweep.png (the losses and the gap per epoch). With --budget the models "
+        "share the time. The last line printed is the sweep directory; the exit status is 1 "
+        "when a model failed.",
+    )
+    sweeping.add_argument("data", metavar="DATA", help="folder, CSV file or builtin:NAME")
+    add_options(sweeping, SweepConfig)
 
     explainer = commands.add_parser(
         "explain", help="saliency maps: where the model looks",
@@ -344,6 +371,37 @@ def _cv(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
+def _sweep(args: argparse.Namespace, argv: list[str]) -> int:
+    config = resolve_options(SweepConfig, args, ("data",))
+    from .api import SweepInterrupted, format_sweep, sweep
+
+    if config.budget:
+        _start_budget_clock(args)
+    try:
+        result = sweep(args.data, config)
+    except SweepInterrupted as interrupted:
+        print(format_sweep(interrupted.result))
+        print(f"imagefit: {interrupted}; the sweep directory keeps their runs, table and "
+              "figure", file=sys.stderr)
+        print(interrupted.result.sweep_dir)
+        return 130
+    print(format_sweep(result))
+    print(f"figure: {result.sweep_dir / 'sweep.png'}")
+    print(result.sweep_dir)
+    return 1 if result.failed else 0
+
+
+def _check(args: argparse.Namespace, argv: list[str]) -> int:
+    config = resolve_options(CheckConfig, args, ("data",))
+    from .api import check, format_check
+
+    result = check(args.data, config)
+    print(format_check(result))
+    print(f"report: {result.check_dir / 'check.html'}")
+    print(result.check_dir)
+    return 1 if result.failed else 0
+
+
 def _explain(args: argparse.Namespace, argv: list[str]) -> int:
     from .api import explain
 
@@ -414,8 +472,9 @@ def _size(count: float) -> str:
 
 
 COMMANDS = {"fit": _fit, "predict": _predict, "evaluate": _evaluate, "lr-find": _lr_find,
-            "show-batch": _show_batch, "cv": _cv, "explain": _explain, "report": _report,
-            "runs": _runs, "cache": _cache}
+            "show-batch": _show_batch, "check": _check, "cv": _cv, "explain": _explain,
+            "report": _report,
+            "runs": _runs, "cache": _cache, "sweep": _sweep}
 
 
 def run_command(args: argparse.Namespace, argv: list[str] = ()) -> int:
@@ -440,6 +499,9 @@ def main(argv: list[str] | None = None) -> int:
     warnings.showwarning = _show_warning
     try:
         return run_command(args, argv)
+    except ChecksFailed as failed:
+        print(f"imagefit: {failed}", file=sys.stderr)
+        return 1
     except ImagefitError as error:
         print(f"imagefit: error: {error}", file=sys.stderr)
         return 2

@@ -21,6 +21,15 @@ class Options(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _paths_as_text(cls, values: Any) -> Any:
+        """A ``pathlib.Path`` (``runs_dir=tmp_path``) is taken as the path it names."""
+        if isinstance(values, dict):
+            return {key: str(value) if isinstance(value, Path) else value
+                    for key, value in values.items()}
+        return values
+
 
 class SourceOptions(Options):
     """How to read a folder or CSV into items and targets."""
@@ -433,6 +442,10 @@ class FitConfig(ImageOptions):
     report: bool = Field(
         True, description="end the fit with the interpretation plots and report.html"
     )
+    check: bool = Field(
+        False, description="first run the fast checks of imagefit check (leakage, labels, "
+        "unreadable and blank images, one batch overfitted) and stop when one fails"
+    )
 
     @field_validator("oversample", mode="before")
     @classmethod
@@ -514,6 +527,87 @@ class CVConfig(FitConfig):
         description="then train one model on all the training data for the epochs the folds "
         "used (their median best epoch with --keep-best or --early-stop)",
     )
+
+
+class CheckConfig(FitConfig):
+    """Options of ``check``: every fit option (the model, optimizer and rate it checks), and
+    the checks' own thresholds (docs/CHECKS.md)."""
+
+    folds: int = Field(5, ge=2, le=50, description="the folds whose feasibility is checked "
+                       "(a failure when given and some class has fewer images)")
+    min_class_count: int = Field(10, ge=1, description="training images a class needs "
+                                 "before it is warned about")
+    overfit_steps: int = Field(100, ge=10, description="steps of the one-batch check (its "
+                               "loss must fall under 5% of its start)")
+    sanity_steps: int = Field(100, ge=1, description="steps of the short fit on shuffled "
+                              "labels (validation must stay at chance)")
+    near_hamming: int = Field(4, ge=0, le=32, description="near-duplicates: most bits of the "
+                              "64-bit dHash that may differ")
+    near_pixels: float = Field(3.0, ge=0, le=255, description="near-duplicates: largest mean "
+                               "absolute pixel difference (of 255) of the cached images")
+
+
+class SweepConfig(FitConfig):
+    """Options of ``sweep``: the models to compare, and every fit option, which applies to
+    each of them. Early stopping is on unless set (``--early-stop null`` turns it off), so
+    that each model trains past its best epoch by the patience and no further. Every model
+    trains without augmentation or label smoothing unless they are given (the same for all:
+    the small-image recipe would add them to imagefit's small nets only, and their losses
+    would not compare with the others'), and without a report of its own."""
+
+    models: list[str] | None = Field(
+        None,
+        description="the models to compare, comma-separated: any --model of imagefit fit, "
+        "e.g. resnet10t,resnet18,resnet34",
+    )
+    widths: list[int] | None = Field(
+        None,
+        description="instead of --models, imagefit's small nets by width, comma-separated: W "
+        "trains small_cnn_W, e.g. 16,32,64",
+    )
+    epochs: int = Field(
+        20, ge=1, description="most epochs per model (early stopping usually ends one sooner)"
+    )
+    early_stop: int | None = Field(
+        3, ge=1,
+        description="stop each model after this many epochs without improvement of --monitor "
+        "(patience; null: train every epoch)",
+    )
+    augment: AugmentPreset = Field(
+        "none", description="augmentation preset of every model (none: a sweep looks for the "
+        "size at which a model overfits, which augmentation hides)",
+    )
+    label_smoothing: float = Field(
+        0.0, ge=0.0, lt=1.0, description="label smoothing of every model (0: the losses of "
+        "all models mean the same)",
+    )
+    report: bool = Field(
+        False, description="write each model's report.html (the time goes to training "
+        "otherwise)",
+    )
+
+    @model_validator(mode="after")
+    def _one_list_of_models(self) -> SweepConfig:
+        """Exactly one way of naming the models, refused before any data is read."""
+        if self.models and self.widths:
+            raise ImagefitError("--models and --widths both name the models to compare: give "
+                                "one of them")
+        if not self.models and not self.widths:
+            raise ImagefitError("give the models to compare: --models NAME,NAME,... (e.g. "
+                                "resnet10t,resnet18,resnet34) or --widths 16,32,64")
+        if "model" in self.model_fields_set:
+            raise ImagefitError("--model names one model: give the models to compare with "
+                                "--models")
+        if self.devices > 1:
+            raise ImagefitError("imagefit sweep trains in one process: leave out --devices")
+        return self
+
+
+def fit_options(cfg: FitConfig, **changes: Any) -> FitConfig:
+    """The options of one fit of a command that runs several (``cv``, ``sweep``): the fit
+    options the user set in ``cfg``, with ``changes`` on top."""
+    own = set(type(cfg).model_fields) - set(FitConfig.model_fields)
+    return FitConfig(**{**cfg.model_dump(exclude_unset=True, exclude=own), **changes})
 
 
 class ShowBatchOptions(ImageOptions):

@@ -25,3 +25,9 @@ class FitInterrupted(KeyboardInterrupt):
 class TrainingDiverged(ImagefitError):
     """The loss (or the weights) stopped being finite: training stops at once, and the run
     is marked failed with the last finished epoch kept."""
+
+
+class ChecksFailed(ImagefitError):
+    """``fit --check``: a check of the data or the pipeline failed, so the fit did not
+    start. The command line prints the message and exits with status 1, as
+    ``imagefit check`` does."""

@@ -63,11 +63,15 @@ def tta_augment(preset: str, trained: AugmentOptions | dict | None) -> AugmentOp
 
 
 def memory_format_of(model: nn.Module) -> torch.memory_format:
-    """The memory order of the model's first convolution's weights: batches go in the same."""
-    weight = next((p for p in model.parameters() if p.dim() == 4), None)
-    if weight is not None and weight.is_contiguous(memory_format=torch.channels_last) and \
-            not weight.is_contiguous():
-        return torch.channels_last
+    """The memory order of the model's convolution weights: batches go in the same. The
+    first weight whose order can be told is asked: one of a single input channel (a grey
+    model's first convolution) is contiguous in both orders."""
+    for weight in model.parameters():
+        if weight.dim() != 4:
+            continue
+        last = weight.is_contiguous(memory_format=torch.channels_last)
+        if last != weight.is_contiguous():
+            return torch.channels_last if last else torch.contiguous_format
     return torch.contiguous_format
 
 

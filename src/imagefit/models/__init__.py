@@ -25,6 +25,9 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "small_cnn_32": small_cnn((32, 64, 128)),
     "small_cnn_64": small_cnn((64, 128, 256)),
 }
+# small_cnn_W by its first stage's width W (imagefit sweep --widths)
+SMALL_CNN_WIDTHS = {int(name.removeprefix("small_cnn_")): name for name in MODELS
+                    if name.startswith("small_cnn_")}
 
 
 def default_model_name(image_size: int, kind: str = "classification") -> str:
@@ -39,6 +42,19 @@ def default_model_name(image_size: int, kind: str = "classification") -> str:
 
 def is_small_net(name: str) -> bool:
     return name in MODELS
+
+
+def check_model_name(name: str) -> None:
+    """Refuse a name that is neither one of imagefit's nets nor a timm model, with the close
+    matches (before anything is built or trained)."""
+    if name in MODELS or timm.is_model(name):
+        return
+    close = difflib.get_close_matches(name, list(MODELS) + timm.list_models(), n=4, cutoff=0.6)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    raise ImagefitError(
+        f"unknown model '{name}': {hint}give small_cnn or a timm model name "
+        "(`python -c 'import timm; print(timm.list_models())'` lists them)"
+    )
 
 
 def pretrained_statistics(model: nn.Module, channels: int,
@@ -77,14 +93,7 @@ def create_model(name: str, in_chans: int, n_out: int, *, pretrained: str | None
             raise ImagefitError(f"model {name} has no dropout or drop path: leave out "
                                 "--dropout and --drop-path, or choose a timm model")
         return MODELS[name](in_chans, n_out)
-    if not timm.is_model(name):
-        known = list(MODELS) + timm.list_models()
-        close = difflib.get_close_matches(name, known, n=4, cutoff=0.6)
-        hint = f"did you mean {', '.join(close)}? " if close else ""
-        raise ImagefitError(
-            f"unknown model '{name}': {hint}give small_cnn or a timm model name "
-            "(`python -c 'import timm; print(timm.list_models())'` lists them)"
-        )
+    check_model_name(name)
     if pretrained == "timm" and offline():
         require_cached_timm_weights(name)
     try:

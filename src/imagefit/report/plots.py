@@ -128,3 +128,32 @@ def save_metrics_plot(history: list[dict], path: str | Path) -> Path:
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.legend(fontsize=8)
     return save_figure(figure, path)
+
+
+def save_sweep_plot(curves: dict[str, dict[str, list]], path: str | Path) -> Path:
+    """Models compared by their losses per epoch (``curves``: model -> its ``epoch``,
+    ``train_loss`` and ``valid_loss`` lists): training (solid) and validation (dashed) loss
+    on one axes, one colour per model, and beside them the generalization gap (validation
+    loss less training loss)."""
+    figure, (losses, gaps) = plt.subplots(1, 2, figsize=(12, 4.2))
+    colours = plt.get_cmap("tab10")
+    for index, (model, curve) in enumerate(curves.items()):
+        colour = colours(index % 10)
+        epochs = curve["epoch"]
+        train, valid = np.asarray(curve["train_loss"]), np.asarray(curve["valid_loss"])
+        losses.plot(epochs, train, "-", marker=".", color=colour, label=label_text(model))
+        losses.plot(epochs, valid, "--", marker=".", color=colour)
+        gaps.plot(epochs, valid - train, "o-", color=colour, label=label_text(model))
+    styles = [plt.Line2D([], [], color="black", linestyle=s) for s in ("-", "--")]
+    if curves:
+        legend = losses.legend(loc="upper right", fontsize=8)
+        losses.add_artist(legend)
+        losses.legend(styles, ["train", "valid"], loc="upper center", fontsize=8)
+        gaps.legend(fontsize=8)
+    gaps.axhline(0.0, color="grey", linewidth=0.8)
+    losses.set_title("loss: train (solid), valid (dashed)")
+    gaps.set_title("generalization gap: valid loss - train loss")
+    for axis in (losses, gaps):
+        axis.set_xlabel("epoch")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    return save_figure(figure, path)

@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 
 from .. import runs
-from ..config import CVConfig, FitConfig, merge_options
+from ..config import CVConfig, fit_options, merge_options
 from ..data.folds import (
     NOT_IN_FOLDS,
     assign_folds,
@@ -58,13 +58,6 @@ class CVResult:
     all_run: Path | None = None
 
 
-def _fit_options(cfg: CVConfig, **changes: Any) -> FitConfig:
-    values = cfg.model_dump(exclude_unset=True, exclude=set(CVConfig.model_fields)
-                            - set(FitConfig.model_fields))
-    values.update(changes)
-    return FitConfig(**values)
-
-
 def cv(data: str | Path | Table, config: CVConfig | None = None, **options: Any) -> CVResult:
     """Train one model per fold of ``data``'s training rows and write a CV directory."""
     cfg: CVConfig = merge_options(CVConfig, config, options)
@@ -83,7 +76,7 @@ def cv(data: str | Path | Table, config: CVConfig | None = None, **options: Any)
     rows, oof_parts = [], []
     for fold in range(cfg.folds):
         print(f"fold {fold + 1}/{cfg.folds}")
-        fold_cfg = _fit_options(cfg, name=f"fold_{fold}", runs_dir=str(cv_dir))
+        fold_cfg = fit_options(cfg, name=f"fold_{fold}", runs_dir=str(cv_dir))
         apply_recipe(fold_cfg)
         fold_budget = None  # what is left, shared by the fits still to run
         if budget is not None:
@@ -108,7 +101,7 @@ def cv(data: str | Path | Table, config: CVConfig | None = None, **options: Any)
         length = f"for {epochs} epochs" if budget is None else "in the rest of the budget"
         print(f"all: training on every training row {length}")
         changes = {"epochs": epochs} if budget is None else {}
-        all_cfg = _fit_options(cfg, **changes, valid_pct=0.0, early_stop=None,
+        all_cfg = fit_options(cfg, **changes, valid_pct=0.0, early_stop=None,
                                keep_best=False, plateau=None, name="all",
                                runs_dir=str(cv_dir))
         all_budget = None if budget is None else budget.share(1, reserve=CV_END_SECONDS)

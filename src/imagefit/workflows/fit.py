@@ -20,7 +20,13 @@ from ..config import FitConfig, RunOptions, freeze_options, make_options
 from ..data.soft import soft_targets
 from ..data.table import Table
 from ..devices import resolve_device, resolve_precision
-from ..errors import FitInterrupted, ImagefitError, ImagefitWarning, TrainingDiverged
+from ..errors import (
+    ChecksFailed,
+    FitInterrupted,
+    ImagefitError,
+    ImagefitWarning,
+    TrainingDiverged,
+)
 from ..models.groups import layer_groups
 from ..report.html import DATA_SUMMARY
 from ..report.plots import save_lr_finder_plot
@@ -40,6 +46,7 @@ from .build import (
     make_schedule,
     monitor_column,
 )
+from .check import CheckResult, fast_checks, format_check
 from .phases import budget_planner, own_callbacks, train_phases
 from .record import (
     FitResult,
@@ -148,6 +155,8 @@ def prepare(device: torch.device, data: str | Path | Table, cfg: FitConfig,
     cfg.precision = resolve_precision(cfg.precision, device)
     parts = build_training(cfg, loaded, device)
     check_options_against(cfg, parts)
+    if cfg.check:
+        run_fast_checks(cfg, loaded, parts)
     if cfg.soft_labels:
         parts.loaders["train"].targets = soft_targets(
             cfg.soft_labels, cfg.soft_alpha, loaded.table, parts.task, loaded.train_rows)
@@ -169,6 +178,26 @@ def prepare(device: torch.device, data: str | Path | Table, cfg: FitConfig,
         cfg.lr_low = float(cfg.lr) / 100
     return Prepared(freeze_options(cfg), loaded, parts, epochs, lr_schedule, momentum, finder,
                     budget, notes=loaded.notes)
+
+
+def run_fast_checks(cfg: FitConfig, loaded: LoadedData, parts: TrainingParts) -> None:
+    """--check: the checks of ``imagefit check`` that take seconds, printed as its table;
+    a failure stops the fit before its run directory exists."""
+    started = time.perf_counter()
+    findings = fast_checks(cfg, loaded, parts, resolve_precision(cfg.precision,
+                                                                 parts_device(parts)))
+    result = CheckResult(None, findings, time.perf_counter() - started)
+    if distributed.is_main():
+        print(format_check(result))
+    if result.failed:
+        reasons = "; ".join(f"{f.check}: {f.result}" for f in result.failed)
+        raise ChecksFailed(f"--check: {len(result.failed)} check(s) failed, so the fit did "
+                           f"not start ({reasons}); see the table above, or run imagefit "
+                           "check DATA for every check")
+
+
+def parts_device(parts: TrainingParts) -> torch.device:
+    return next(parts.model.parameters(), torch.zeros(0)).device
 
 
 def check_options_against(cfg: FitConfig, parts: TrainingParts) -> None:

@@ -1,0 +1,481 @@
+"""Checks of a dataset before training (``imagefit check``): what the labels, the images and
+their statistics say, each as a ``Finding`` with a pass / warn / fail verdict, what was
+measured and what to do. The rules are in docs/CHECKS.md; the checks that train a model are
+in ``workflows/check.py``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+
+from .cache import DECODE_ERRORS, ImageCache
+from .near_duplicates import near_duplicate_pairs, summarize_pairs
+from .table import SPLITS, Table
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+MIN_CLASS_COUNT = 10  # training images a class needs before it is warned about
+IMBALANCE_WARN = 10.0  # largest over smallest class
+LEAK_FAIL = 0.01  # evaluated images that copy a training image, as a share of their split
+UPSCALED_WARN = 0.10  # share of images enlarged more than twice to the cache's size
+MODE_SAMPLE = 2000  # file headers read for the colour modes
+PROBE_ROWS = 4000  # training (and validation) images the one-pixel probe reads
+PROBE_VALUES = 200_000_000  # pixel values read per split, at most (fewer images when large)
+PROBE_BINS = 32
+PROBE_FAIL = 0.90  # balanced accuracy of the best single pixel
+OUTLIER_Z = 5.0  # robust z-score (median / MAD) of a regression target
+SHOWN = 5
+
+
+@dataclass
+class Finding:
+    """One check's verdict: ``status`` is 'pass', 'warn' or 'fail' (or 'skip' when it does
+    not apply); ``result`` what was measured, ``advice`` what to do, ``details`` the numbers
+    for check.json."""
+
+    check: str
+    status: str
+    result: str
+    advice: str = ""
+    details: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"check": self.check, "status": self.status, "result": self.result,
+                "advice": self.advice, "details": self.details}
+
+
+def split_labels(n: int, rows: dict[str, np.ndarray]) -> np.ndarray:
+    """Per table row the index of its split in SPLITS, or -1 (unreadable, unused)."""
+    split_of = np.full(n, -1, dtype=np.int8)
+    for k, name in enumerate(SPLITS):
+        split_of[rows[name]] = k
+    return split_of
+
+
+def _names(table: Table, rows) -> list[str]:
+    return [table.paths[r] if table.paths is not None else f"row {r}" for r in rows]
+
+
+# ---- duplicates ----
+
+def duplicates(table: Table, cache: ImageCache, rows: dict[str, np.ndarray], *,
+               hamming: int, pixel_diff: float) -> tuple[list[Finding], dict]:
+    """Exact copies (identical cached pixels) and near-duplicates (see ``near_duplicates``),
+    within and across splits; a fail when more than 1% of the validation or test images
+    copy a training image. Returns the findings and the near pairs for the page."""
+    split_of = split_labels(len(table), rows)
+    used = np.flatnonzero(split_of >= 0)
+    _, group = np.unique(cache.content_hashes()[used], axis=0, return_inverse=True)
+    group = group.reshape(-1)
+    first_of = {}
+    for row, g in zip(used.tolist(), group.tolist()):
+        first_of.setdefault(g, row)
+    representatives = np.array(sorted(first_of.values()), dtype=np.int64)
+    in_train = np.zeros(group.max() + 1 if len(group) else 0, dtype=bool)
+    in_train[group[split_of[used] == 0]] = True
+    exact_leaked = {s: set(used[(split_of[used] == k) & in_train[group]].tolist())
+                    for k, s in enumerate(SPLITS) if k}
+    sizes = np.bincount(group) if len(group) else np.zeros(0, dtype=np.int64)
+    targets = np.asarray(table.targets)[used].reshape(len(used), -1)
+    _, target_id = np.unique(targets, axis=0, return_inverse=True)
+    label_pairs = np.unique(np.stack([group, target_id.reshape(-1)], axis=1), axis=0)
+    conflicts = int((np.bincount(label_pairs[:, 0], minlength=len(sizes)) > 1).sum())
+    exact_details = {"duplicate_images": int(len(used) - len(sizes)),
+                     "groups": int((sizes > 1).sum()), "label_conflicts": conflicts,
+                     "evaluated_with_train_copy": {s: len(v) for s, v in exact_leaked.items()}}
+
+    pairs, diffs = near_duplicate_pairs(cache.images, representatives, hamming=hamming,
+                                        pixel_diff=pixel_diff)
+    pairs = pairs[diffs > 0] if len(pairs) else pairs  # identical ones are the exact check's
+    diffs = diffs[diffs > 0] if len(diffs) else diffs
+    near = summarize_pairs(pairs, diffs, split_of)
+    near_leaked = {s: set() for s in SPLITS[1:]}
+    for a, b in pairs.tolist():
+        for x, y in ((a, b), (b, a)):
+            if split_of[x] == 0 and split_of[y] > 0:
+                near_leaked[SPLITS[split_of[y]]].add(y)
+    findings = [_exact_finding(table, exact_details, rows, exact_leaked),
+                _near_finding(table, near, rows, near_leaked, hamming, pixel_diff)]
+    leaked = {s: len(exact_leaked[s] | near_leaked[s]) for s in SPLITS[1:]}
+    findings.append(_leak_finding(leaked, rows))
+    return findings, {"pairs": [(a, b, d) for a, b, d in near["examples"]], "near": near}
+
+
+def _exact_finding(table, details, rows, leaked) -> Finding:
+    count, conflicts = details["duplicate_images"], details["label_conflicts"]
+    across = ", ".join(f"{len(v)} {s}" for s, v in leaked.items() if v)
+    result = (f"{count} exact copies in {details['groups']} groups" if count
+              else "no two images are identical")
+    if across:
+        example = sorted(next(v for v in leaked.values() if v))[0]
+        result += f"; {across} image(s) copy a training image (e.g. {_names(table, [example])[0]})"
+    if conflicts:
+        result += f"; {conflicts} group(s) carry different labels"
+        return Finding("exact duplicates", "warn", result,
+                       "identical images with different labels contradict each other: fix "
+                       "the labels or remove the copies", details)
+    if count:
+        return Finding("exact duplicates", "warn", result,
+                       "copies weigh twice in training and inflate figures across splits: "
+                       "remove them, or keep each in one split", details)
+    return Finding("exact duplicates", "pass", result, "", details)
+
+
+def _near_finding(table, near, rows, leaked, hamming, pixel_diff) -> Finding:
+    by_split = ", ".join(f"{e['pairs']} {e['splits']}" for e in near["by_split"] if e["pairs"])
+    rule = f"dHash within {hamming} of 64 bits and pixels within {pixel_diff:g} of 255"
+    details = {**near, "hamming": hamming, "pixel_diff": pixel_diff,
+               "evaluated_with_train_copy": {s: len(v) for s, v in leaked.items()}}
+    if not near["pairs"]:
+        return Finding("near duplicates", "pass", f"no near-duplicate pairs ({rule})", "",
+                       details)
+    cross = sum(e["pairs"] for e in near["by_split"] if "-" in e["splits"])
+    result = f"{near['pairs']} pairs ({by_split}; {rule})"
+    if near["examples"]:
+        a, b, _ = near["examples"][0]
+        result += f", e.g. {' ~ '.join(_names(table, [a, b]))}"
+    advice = ("near copies across splits make validation figures optimistic: remove one of "
+              "each pair, or split by source (a group column)" if cross else
+              "near copies weigh twice in training: remove one of each pair if they are "
+              "the same picture")
+    return Finding("near duplicates", "warn", result, advice, details)
+
+
+def _leak_finding(leaked: dict, rows: dict) -> Finding:
+    shares = {s: leaked[s] / max(len(rows[s]), 1) for s in leaked if len(rows[s])}
+    text = ", ".join(f"{leaked[s]} of {len(rows[s])} {s} images ({shares[s]:.2%})"
+                     for s in shares)
+    details = {"copies": leaked, "shares": shares, "fail_above": LEAK_FAIL}
+    if not shares:
+        return Finding("leakage across splits", "skip", "no validation or test split", "",
+                       details)
+    worst = max(shares.values())
+    if worst > LEAK_FAIL:
+        return Finding("leakage across splits", "fail", f"{text} copy a training image",
+                       "their figures measure memory, not generalization: remove the copies "
+                       "from validation and test (or from training)", details)
+    if worst > 0:
+        return Finding("leakage across splits", "warn", f"{text} copy a training image",
+                       "under 1%: figures barely change; remove them for clean numbers",
+                       details)
+    return Finding("leakage across splits", "pass", "no validation or test image copies a "
+                   "training image", "", details)
+
+
+# ---- labels ----
+
+def label_balance(table: Table, train_rows: np.ndarray, folds: int, folds_asked: bool,
+                  min_count: int = MIN_CLASS_COUNT) -> list[Finding]:
+    """Class counts, small classes and whether ``folds`` stratified folds are possible;
+    label frequencies and co-occurrence for multi-label data."""
+    kind, names = table.task.kind, list(table.task.names)
+    if kind == "regression":
+        return []
+    if kind == "multilabel":
+        return _multilabel(table, train_rows, folds, folds_asked)
+    counts = np.bincount(np.asarray(table.targets)[train_rows].astype(np.int64),
+                         minlength=len(names))
+    details = {"counts": {n: int(c) for n, c in zip(names, counts)}}
+    smallest, largest = int(counts.min()), int(counts.max())
+    ratio = largest / max(smallest, 1)
+    text = (f"{len(names)} classes, {smallest} to {largest} training images "
+            f"(ratio {ratio:.1f})")
+    findings = []
+    if ratio > IMBALANCE_WARN:
+        findings.append(Finding("label balance", "warn", text,
+                                "the model will favour the large classes: --class-weights, "
+                                "--balance over or --weighted-sampler, and watch the balanced "
+                                "accuracy", details))
+    else:
+        findings.append(Finding("label balance", "pass", text, "", details))
+    small = [(n, int(c)) for n, c in zip(names, counts) if c < min_count]
+    if small:
+        listed = ", ".join(f"'{n}' ({c})" for n, c in small[:SHOWN])
+        findings.append(Finding("small classes", "fail" if any(c == 0 for _, c in small)
+                                else "warn",
+                                f"{len(small)} class(es) under {min_count} training images: "
+                                f"{listed}", "add images of them, or merge them into a "
+                                "related class", {"small": dict(small)}))
+    else:
+        findings.append(Finding("small classes", "pass", f"every class has at least "
+                                f"{min_count} training images", "", {}))
+    findings.append(_folds(names, counts, folds, folds_asked))
+    return findings
+
+
+def _folds(names, counts, folds: int, asked: bool) -> Finding:
+    short = [(n, int(c)) for n, c in zip(names, counts) if c < folds]
+    details = {"folds": folds, "classes_too_small": dict(short)}
+    if not short:
+        return Finding("folds", "pass", f"{folds} stratified folds: every class has at least "
+                       f"{folds} images", "", details)
+    listed = ", ".join(f"'{n}' ({c})" for n, c in short[:SHOWN])
+    possible = int(min(c for _, c in short))
+    return Finding("folds", "fail" if asked else "warn",
+                   f"{folds} stratified folds need {folds} images of each class: {listed}",
+                   f"use --folds {max(possible, 2)} at most, or add images of "
+                   f"{'those classes' if len(short) > 1 else 'it'}", details)
+
+
+def _multilabel(table: Table, train_rows, folds: int, folds_asked: bool) -> list[Finding]:
+    names = list(table.task.names)
+    y = np.asarray(table.targets)[train_rows].astype(np.float32) > 0.5
+    counts = y.sum(0)
+    together = y.T.astype(np.int64) @ y.astype(np.int64)
+    pairs = []
+    for i in range(len(names)):
+        for j in range(i + 1, len(names)):
+            if together[i, j]:
+                union = counts[i] + counts[j] - together[i, j]
+                pairs.append({"labels": f"{names[i]} + {names[j]}",
+                              "together": int(together[i, j]),
+                              "jaccard": round(float(together[i, j] / union), 3)})
+    pairs.sort(key=lambda p: -p["jaccard"])
+    details = {"counts": {n: int(c) for n, c in zip(names, counts)},
+               "no_label": int((~y.any(1)).sum()), "co_occurrence": pairs[:20]}
+    findings = [Finding("label frequency", "pass", f"{len(names)} labels, "
+                        f"{int(counts.min())} to {int(counts.max())} training images each; "
+                        f"{details['no_label']} images with none", "", details)]
+    if counts.min() < MIN_CLASS_COUNT:
+        rare = [f"'{n}' ({int(c)})" for n, c in zip(names, counts) if c < MIN_CLASS_COUNT]
+        findings[0] = Finding("label frequency", "warn", findings[0].result + "; rare: "
+                              + ", ".join(rare[:SHOWN]), "add images of the rare labels, or "
+                              "drop them: their per-label figures will be noise", details)
+    same = [p for p in pairs if p["jaccard"] == 1.0]
+    if same:
+        findings.append(Finding("co-occurrence", "warn", f"{len(same)} pair(s) of labels are "
+                                f"always together: {', '.join(p['labels'] for p in same[:SHOWN])}",
+                                "labels that always co-occur cannot be told apart: merge "
+                                "them, or add images that have one without the other",
+                                {"always_together": same}))
+    else:
+        top = pairs[0] if pairs else None
+        findings.append(Finding("co-occurrence", "pass", "no two labels always co-occur" +
+                                (f" (most: {top['labels']}, Jaccard {top['jaccard']})"
+                                 if top else ""), "", {}))
+    short = int(counts.min()) < folds
+    findings.append(Finding("folds", ("fail" if folds_asked else "warn") if short else "pass",
+                            f"{folds} folds: the rarest label has {int(counts.min())} images",
+                            f"use --folds {max(int(counts.min()), 2)} at most" if short
+                            else "", {"folds": folds}))
+    return findings
+
+
+def regression_targets(table: Table, rows: np.ndarray) -> list[Finding]:
+    """Target range, non-finite values and outliers (robust z-score above 5) over ``rows``
+    (every split: a typo in validation misleads too)."""
+    train_rows = np.sort(rows)
+    if table.task.kind != "regression":
+        return []
+    values = np.asarray(table.targets, dtype=np.float64).reshape(len(table), -1)[train_rows]
+    findings = []
+    for column, name in enumerate(table.task.names):
+        v = values[:, column]
+        bad = ~np.isfinite(v)
+        finite = v[~bad]
+        median = float(np.median(finite)) if len(finite) else float("nan")
+        mad = float(np.median(np.abs(finite - median))) * 1.4826 if len(finite) else 0.0
+        z = np.abs(finite - median) / mad if mad > 0 else np.zeros_like(finite)
+        outliers = np.flatnonzero(~bad)[z > OUTLIER_Z]
+        details = {"min": float(finite.min()) if len(finite) else None,
+                   "max": float(finite.max()) if len(finite) else None,
+                   "mean": float(finite.mean()) if len(finite) else None,
+                   "std": float(finite.std()) if len(finite) else None,
+                   "median": median, "non_finite": int(bad.sum()),
+                   "outliers": [_names(table, [train_rows[i]])[0] for i in outliers[:SHOWN]],
+                   "n_outliers": int(len(outliers))}
+        text = (f"'{name}': {details['min']:.4g} to {details['max']:.4g}, mean "
+                f"{details['mean']:.4g}, std {details['std']:.4g}") if len(finite) else \
+            f"'{name}': no finite value"
+        if bad.any():
+            findings.append(Finding(f"target {name}", "fail", f"{text}; {int(bad.sum())} "
+                                    "missing or non-finite", "fill in or remove those rows",
+                                    details))
+        elif len(outliers):
+            shown = ", ".join(details["outliers"][:3])
+            findings.append(Finding(f"target {name}", "warn",
+                                    f"{text}; {len(outliers)} outlier(s) more than "
+                                    f"{OUTLIER_Z:g} robust deviations from the median "
+                                    f"(e.g. {shown})", "check them for typos or units; "
+                                    "--loss huber or l1 is less pulled by outliers", details))
+        else:
+            findings.append(Finding(f"target {name}", "pass", text, "", details))
+    return findings
+
+
+def label_in_pixels(table: Table, cache: ImageCache, train_rows: np.ndarray,
+                    valid_rows: np.ndarray, seed: int = 0) -> Finding:
+    """Whether one pixel position alone tells the class: a lookup from each position's value
+    (32 levels) to the class most frequent there in training, scored on validation by
+    balanced accuracy. A label written into the images (a marker, a burnt-in tag, a corner
+    pixel) scores near 1; real images score far lower at any single pixel."""
+    name = "label in pixels"
+    if table.task.kind != "classification":
+        return Finding(name, "skip", "single-label classification only")
+    if not len(valid_rows):
+        return Finding(name, "skip", "no validation rows")
+    rng = np.random.default_rng(seed)
+    positions = int(np.prod(cache.images.shape[1:]))
+    n = max(200, min(PROBE_ROWS, PROBE_VALUES // positions))
+    train = np.sort(rng.choice(train_rows, min(len(train_rows), n), replace=False))
+    valid = np.sort(rng.choice(valid_rows, min(len(valid_rows), n), replace=False))
+    targets = np.asarray(table.targets).astype(np.int64)
+    n_classes = len(table.task.names)
+    x_train = cache.images[train].reshape(len(train), -1) // (256 // PROBE_BINS)
+    x_valid = cache.images[valid].reshape(len(valid), -1) // (256 // PROBE_BINS)
+    best, where = 0.0, 0
+    y_train, y_valid = targets[train], targets[valid]
+    weights = 1.0 / np.maximum(np.bincount(y_valid, minlength=n_classes), 1)
+    chunk = max(1, 2_000_000 // max(len(train), 1))
+    for start in range(0, positions, chunk):
+        cols = np.arange(start, min(start + chunk, positions))
+        levels = x_train[:, cols].T.astype(np.int64)
+        cells = (np.arange(len(cols))[:, None] * PROBE_BINS + levels) * n_classes + y_train
+        counts = np.bincount(cells.reshape(-1), minlength=len(cols) * PROBE_BINS * n_classes
+                             ).reshape(len(cols), PROBE_BINS, n_classes)
+        lookup = counts.argmax(-1)  # (cols, bins)
+        guess = np.take_along_axis(lookup, x_valid[:, cols].T.astype(np.int64), axis=1)
+        right = guess == y_valid[None, :]
+        scores = (right * weights[y_valid][None, :]).sum(1) / n_classes
+        k = int(scores.argmax())
+        if scores[k] > best:
+            best, where = float(scores[k]), int(cols[k])
+    size, channels = cache.images.shape[1], cache.images.shape[3]
+    y, x, c = where // (size * channels), (where // channels) % size, where % channels
+    details = {"balanced_accuracy": best, "pixel": {"x": x, "y": y, "channel": c},
+               "chance": 1 / n_classes, "fail_at": PROBE_FAIL}
+    text = f"the best single pixel (x {x}, y {y}) tells the class with balanced accuracy " \
+        f"{best:.3f} (chance {1 / n_classes:.3f})"
+    if best >= PROBE_FAIL:
+        return Finding(name, "fail", text, "the label is written into the images (a marker "
+                       "or tag at that pixel?): the model will read it instead of learning; "
+                       "crop or mask it", details)
+    return Finding(name, "pass", text, "", details)
+
+
+# ---- images ----
+
+def image_statistics(table: Table, cache: ImageCache, train_rows: np.ndarray,
+                     mean: list[float], std: list[float], normalize: str) -> list[Finding]:
+    """Normalization statistics against ImageNet's, the colour modes of the files, the
+    spread of image sizes, unreadable files and constant images."""
+    findings = []
+    channels = cache.images.shape[3]
+    ref_mean = IMAGENET_MEAN if channels == 3 else (float(np.mean(IMAGENET_MEAN)),)
+    ref_std = IMAGENET_STD if channels == 3 else (float(np.mean(IMAGENET_STD)),)
+    gap = max(abs(a - b) for a, b in zip(mean, ref_mean))
+    spread = max(max(a / b, b / a) for a, b in zip(std, ref_std))
+    text = (f"mean {_joined(mean)}, std {_joined(std)} (ImageNet {_joined(ref_mean)} / "
+            f"{_joined(ref_std)})")
+    details = {"mean": mean, "std": std, "imagenet_mean": list(ref_mean),
+               "imagenet_std": list(ref_std), "normalize": normalize}
+    far = gap > 0.15 or spread > 1.5
+    if far and normalize == "pretrained":
+        findings.append(Finding("normalization", "warn", text, "these images are far from "
+                                "ImageNet's statistics: --normalize data normalizes with "
+                                "their own", details))
+    else:
+        findings.append(Finding("normalization", "pass", text + (
+            "; normalized with these" if normalize == "data" else ""), "", details))
+    findings.append(_modes(table, cache))
+    findings.append(_sizes(cache, train_rows))
+    findings.append(_unreadable(table, cache))
+    findings.append(_constant(table, cache))
+    return findings
+
+
+def _joined(values) -> str:
+    return ", ".join(f"{v:.3f}" for v in values)
+
+
+def _modes(table: Table, cache: ImageCache) -> Finding:
+    name = "colour modes"
+    if table.paths is None:
+        shape = table.arrays.shape if table.arrays is not None else cache.images.shape
+        channels = 1 if len(shape) == 3 else shape[-1]
+        return Finding(name, "pass", f"in-memory array of {channels} channel(s)", "",
+                       {"modes": {f"{channels} channels": len(table)}})
+    paths = table.paths
+    sample = np.random.default_rng(0).choice(len(paths), min(len(paths), MODE_SAMPLE),
+                                             replace=False)
+    modes: dict[str, int] = {}
+    for row in sample.tolist():
+        try:
+            with Image.open(paths[row]) as image:
+                modes[image.mode] = modes.get(image.mode, 0) + 1
+        except DECODE_ERRORS:
+            continue
+    grey = sum(n for m, n in modes.items() if m in ("1", "L", "LA", "I", "I;16", "F"))
+    text = ", ".join(f"{m} {n}" for m, n in sorted(modes.items(), key=lambda t: -t[1]))
+    text += f" (of {len(sample)} files read)" if len(sample) < len(paths) else ""
+    channels = cache.images.shape[3]
+    details = {"modes": modes, "cached_channels": channels}
+    if grey and grey < sum(modes.values()):
+        return Finding(name, "warn", text, f"grey and colour files are mixed: all are cached "
+                       f"with {channels} channel(s); if colour matters, check the grey ones "
+                       "(scanned differently?)", details)
+    return Finding(name, "pass", text, "", details)
+
+
+def _sizes(cache: ImageCache, train_rows: np.ndarray) -> Finding:
+    sizes = np.asarray(cache.original_sizes)[train_rows].reshape(-1, 2).astype(np.float64)
+    name = "image sizes"
+    if not len(sizes) or not sizes.any():
+        return Finding(name, "skip", "no sizes recorded")
+    side = cache.images.shape[1]
+    short = sizes.min(1)
+    aspect = sizes.max(1) / np.maximum(short, 1)
+    upscaled = float((short * 2 < side).mean())
+    details = {"width": _quantiles(sizes[:, 0]), "height": _quantiles(sizes[:, 1]),
+               "cache_side": side, "upscaled_over_2x": upscaled,
+               "aspect_over_2": float((aspect > 2).mean())}
+    text = (f"width {details['width']['min']:.0f}-{details['width']['max']:.0f} (median "
+            f"{details['width']['median']:.0f}), height {details['height']['min']:.0f}-"
+            f"{details['height']['max']:.0f} (median {details['height']['median']:.0f}); "
+            f"cached at {side}x{side}")
+    if upscaled > UPSCALED_WARN:
+        return Finding(name, "warn", f"{text}; {upscaled:.0%} enlarged more than twice",
+                       "enlarged images add no detail and cost time: give a smaller "
+                       "--image-size", details)
+    if details["aspect_over_2"] > UPSCALED_WARN:
+        return Finding(name, "warn", f"{text}; {details['aspect_over_2']:.0%} are more than "
+                       "twice as long as wide", "a centre crop loses their ends: --resize "
+                       "pad or squish keeps them", details)
+    return Finding(name, "pass", text, "", details)
+
+
+def _quantiles(values: np.ndarray) -> dict:
+    return {"min": float(values.min()), "median": float(np.median(values)),
+            "max": float(values.max())}
+
+
+def _unreadable(table: Table, cache: ImageCache) -> Finding:
+    failed = cache.failed
+    if not failed:
+        return Finding("unreadable files", "pass", "every image decodes", "", {"count": 0})
+    shown = [f"{_names(table, [r])[0]} ({cache.errors[r]})" for r in failed[:3]]
+    share = len(failed) / max(len(table), 1)
+    return Finding("unreadable files", "fail" if share > 0.5 else "warn",
+                   f"{len(failed)} of {len(table)} images cannot be read: {'; '.join(shown)}",
+                   "fix or remove them (training leaves them out)",
+                   {"count": len(failed), "files": _names(table, failed[:50])})
+
+
+def _constant(table: Table, cache: ImageCache) -> Finding:
+    usable = np.setdiff1d(np.arange(len(table)), cache.failed)
+    chunk = max(1, 32_000_000 // int(np.prod(cache.images.shape[1:])))
+    constant = []
+    for start in range(0, len(usable), chunk):
+        rows = usable[start:start + chunk]
+        flat = cache.images[rows].reshape(len(rows), -1)
+        constant += rows[flat.min(1) == flat.max(1)].tolist()
+    if not constant:
+        return Finding("constant images", "pass", "no image is a single colour", "",
+                       {"count": 0})
+    return Finding("constant images", "warn", f"{len(constant)} image(s) are one colour "
+                   f"throughout, e.g. {', '.join(_names(table, constant[:3]))}",
+                   "blank or failed exports teach nothing: remove them or fix the export",
+                   {"count": len(constant), "files": _names(table, constant[:50])})
+
