@@ -362,3 +362,10 @@ def test_a_loss_that_does_not_suit_the_task_names_the_option(tmp_path):
         imagefit.fit("builtin:digits", loss="mse", epochs=1, runs_dir=str(tmp_path),
                      progress=False)
     assert not any(tmp_path.iterdir())  # refused before a run directory
+
+
+def test_every_public_name_of_the_package_resolves():
+    import imagefit
+
+    for name in imagefit.__all__:
+        assert getattr(imagefit, name) is not None, name

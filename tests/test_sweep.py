@@ -269,3 +269,15 @@ def test_help_documents_the_sweep_options(capsys):
     assert "--widths WIDTHS instead of --models, imagefit's small nets by width" in text
     assert "(patience; null: train every epoch) (default: 3)" in text
     assert "--epochs EPOCHS most epochs per model" in text
+
+
+def test_imagefit_runs_lists_a_sweep_as_one_row_with_its_best_figure(digits_sweep):
+    from imagefit.report.history import format_runs, list_runs
+
+    frame = list_runs(digits_sweep.sweep_dir.parent)
+    row = frame[frame["run"] == digits_sweep.sweep_dir.name].iloc[0]
+    assert row["model"] == "sweep: small_cnn_16,small_cnn_32"
+    assert row["status"] == "done" and row["metric"] == "valid_accuracy"
+    assert row["value"] == max(r["best"] for r in digits_sweep.rows)
+    assert row["epochs"] == sum(r["epochs"] for r in digits_sweep.rows)
+    assert "incomplete" not in format_runs(frame)

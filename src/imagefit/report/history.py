@@ -152,6 +152,8 @@ def _describe_run(run_dir: Path) -> dict[str, Any]:
         "metric": None,
         "status": "unreadable",
     }
+    if (run_dir / "sweep.json").is_file():
+        return _describe_sweep(run_dir, row)
     try:
         config = _read_mapping(run_dir / "config.yaml", yaml.safe_load) or {}
         metrics = _read_mapping(run_dir / "metrics.json", json.loads)
@@ -178,6 +180,26 @@ def _describe_run(run_dir: Path) -> dict[str, Any]:
         status="running" if metrics is None and runs.is_locked(run_dir) else _status(metrics),
     )
     return row
+
+
+def _describe_sweep(sweep_dir: Path, row: dict) -> dict:
+    """A sweep directory (``imagefit sweep``): its models, and the best of their figures."""
+    try:
+        config = _read_mapping(sweep_dir / "config.yaml", yaml.safe_load) or {}
+        info = _read_mapping(sweep_dir / "sweep.json", json.loads) or {}
+    except _Unreadable:
+        return row
+    metric = info.get("metric")
+    values = [r["best"] for r in info.get("rows", []) if _is_number(r.get("best"))]
+    best = (max if info.get("higher_is_better", True) else min)(values) if values else math.nan
+    seconds = info.get("seconds")
+    return row | {"name": config.get("name") or row["name"],
+                  "data": config.get("data_description") or config.get("data"),
+                  "model": "sweep: " + ",".join(info.get("models", [])),
+                  "epochs": sum(r.get("epochs") or 0 for r in info.get("rows", [])),
+                  "metric": metric if values else None, "value": best,
+                  "seconds": seconds if _is_number(seconds) else math.nan,
+                  "status": info.get("status", "incomplete")}
 
 
 def _status(metrics: dict | None) -> str:
