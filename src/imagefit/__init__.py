@@ -14,7 +14,7 @@ _PUBLIC = {
     "CVResult": "api", "FitResult": "api", "cv": "api", "evaluate": "api", "explain": "api",
     "fit": "api", "load_model": "api", "lr_find": "api", "predict": "api", "resume": "api",
     "show_batch": "api", "SweepResult": "api", "sweep": "api", "check": "api",
-    "CheckResult": "api", "CheckConfig": "config",
+    "CheckResult": "api", "CheckConfig": "config", "label_issues": "api",
     "EvaluateOptions": "config", "FitConfig": "config", "PredictOptions": "config",
     "Table": "data.table", "from_arrays": "data.table", "read_source": "data.sources",
     "LoadedModel": "evaluation.inference",
@@ -24,8 +24,8 @@ __all__ = [
     "CVResult", "CheckConfig", "CheckResult", "EvaluateOptions", "FitConfig", "FitInterrupted",
     "FitResult", "ImagefitError", "ImagefitWarning", "LoadedModel", "PredictOptions",
     "SweepResult", "Table", "__version__", "check", "cv", "evaluate", "explain", "fit",
-    "from_arrays", "load_model", "lr_find", "predict", "read_source", "resume", "show_batch",
-    "sweep",
+    "from_arrays", "label_issues", "load_model", "lr_find", "predict", "read_source",
+    "resume", "show_batch", "sweep",
 ]
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from . import distributed, runs
-from .config import CheckConfig, FitConfig, merge_options
+from .config import CheckConfig, FitConfig, LabelIssuesOptions, merge_options
 from .data.table import Table, from_arrays
 from .errors import ImagefitError
 from .evaluation.inference import evaluate, load_model, predict
@@ -22,13 +22,16 @@ from .workflows.check import check as run_checks
 from .workflows.cv import CVResult, cv, format_cv
 from .workflows.explain import explain
 from .workflows.fit import resume_options, run_fit
+from .workflows.label_issues import LabelIssuesResult, format_issues
+from .workflows.label_issues import label_issues as run_label_issues
 from .workflows.record import FitResult
 from .workflows.sweep import SweepInterrupted, SweepResult, format_sweep, sweep
 from .workflows.tools import lr_find, show_batch
 
-__all__ = ["CVResult", "CheckResult", "FitResult", "SweepInterrupted", "SweepResult", "check",
-           "cv", "evaluate", "explain", "fit", "format_check", "format_cv", "format_sweep",
-           "from_arrays", "load_model", "lr_find", "predict", "resume", "show_batch", "sweep"]
+__all__ = ["CVResult", "CheckResult", "FitResult", "LabelIssuesResult", "SweepInterrupted",
+           "SweepResult", "check", "cv", "evaluate", "explain", "fit", "format_check",
+           "format_cv", "format_issues", "format_sweep", "from_arrays", "label_issues",
+           "load_model", "lr_find", "predict", "resume", "show_batch", "sweep"]
 
 
 def fit(data: str | Path | Table, config: FitConfig | None = None, *,
@@ -66,3 +69,12 @@ def check(data: str | Path | Table, config: CheckConfig | None = None,
     of --runs-dir (``result.check_dir``). ``result.failed`` lists the failed checks."""
     cfg: CheckConfig = merge_options(CheckConfig, config, options)
     return run_checks(data, cfg)
+
+
+def label_issues(cv_dir: str | Path, out: str | Path | None = None,
+                 options: LabelIssuesOptions | None = None, **values: Any) -> LabelIssuesResult:
+    """The training images of a CV most likely mislabelled (cleanlab's confident learning on
+    its out-of-fold probabilities), ranked, with outliers and near-duplicates; writes
+    label_issues.csv (and ``out``), label_issues.json and the CV report's section. Needs
+    ``imagefit[labels]``."""
+    return run_label_issues(cv_dir, out, merge_options(LabelIssuesOptions, options, values))

@@ -26,6 +26,7 @@ from .config import (
     EvaluateOptions,
     ExplainOptions,
     FitConfig,
+    LabelIssuesOptions,
     Options,
     PredictOptions,
     ShowBatchOptions,
@@ -204,6 +205,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sweeping.add_argument("data", metavar="DATA", help="folder, CSV file or builtin:NAME")
     add_options(sweeping, SweepConfig)
+
+    issues = commands.add_parser(
+        "label-issues", help="the training images most likely mislabelled, from a CV",
+        description="Rank the training images of CV_DIR (written by imagefit cv) most likely "
+        "mislabelled, by confident learning (cleanlab) on the out-of-fold probabilities; "
+        "find outliers and near-duplicates on the fold models' features; write "
+        "label_issues.csv (rank, row, fold, path, given, suggested, score) and a section of "
+        "the CV report. imagefit fit DATA --drop-rows or --relabel CSV acts on it. Needs "
+        "imagefit[labels].",
+    )
+    issues.add_argument("cv_dir", metavar="CV_DIR", help="CV directory written by imagefit cv")
+    issues.add_argument("--out", metavar="CSV", help="also write the issues to this file "
+                        "(default: CV_DIR/label_issues.csv only)")
+    add_options(issues, LabelIssuesOptions)
 
     explainer = commands.add_parser(
         "explain", help="saliency maps: where the model looks",
@@ -402,6 +417,17 @@ def _check(args: argparse.Namespace, argv: list[str]) -> int:
     return 1 if result.failed else 0
 
 
+def _label_issues(args: argparse.Namespace, argv: list[str]) -> int:
+    options = resolve_options(LabelIssuesOptions, args, ("cv_dir", "out"))
+    from .api import format_issues, label_issues
+
+    result = label_issues(args.cv_dir, args.out, options)
+    print(format_issues(result))
+    print(f"report: {Path(args.cv_dir) / 'report.html'}")
+    print(result.csv)
+    return 0
+
+
 def _explain(args: argparse.Namespace, argv: list[str]) -> int:
     from .api import explain
 
@@ -472,7 +498,8 @@ def _size(count: float) -> str:
 
 
 COMMANDS = {"fit": _fit, "predict": _predict, "evaluate": _evaluate, "lr-find": _lr_find,
-            "show-batch": _show_batch, "check": _check, "cv": _cv, "explain": _explain,
+            "show-batch": _show_batch, "check": _check, "cv": _cv,
+            "label-issues": _label_issues, "explain": _explain,
             "report": _report,
             "runs": _runs, "cache": _cache, "sweep": _sweep}
 

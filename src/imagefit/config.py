@@ -368,6 +368,22 @@ class FitConfig(ImageOptions):
     soft_alpha: float = Field(
         0.5, ge=0, le=1, description="--soft-labels: weight of the given label"
     )
+    drop_rows: str | None = Field(
+        None, description="CSV of label issues (imagefit label-issues): leave the training "
+        "images it lists out (validation and test rows are kept)"
+    )
+    relabel: str | None = Field(
+        None, description="CSV of label issues (imagefit label-issues): give the training "
+        "images it lists their suggested label"
+    )
+    top: int | None = Field(
+        None, ge=1, description="with --drop-rows or --relabel: act on the N most suspect "
+        "rows only"
+    )
+    min_score: float | None = Field(
+        None, ge=0, le=1, description="with --drop-rows or --relabel: act on the rows whose "
+        "score (1: most suspect) is at least this only"
+    )
     bs: int | Literal["auto"] = Field(
         128,
         description="batch size (lowered for small training sets); 'auto' on a CUDA GPU: the "
@@ -504,6 +520,14 @@ class FitConfig(ImageOptions):
             raise ImagefitError("--recipe trains SGDR cycles until validation stops "
                                 "improving, which a budget cannot plan: leave out --recipe "
                                 "or --budget")
+        if self.drop_rows and self.relabel:
+            raise ImagefitError("--drop-rows and --relabel both act on the listed rows: "
+                                "choose one")
+        if (self.top is not None or self.min_score is not None) and not (
+                self.drop_rows or self.relabel):
+            flag = "--top" if self.top is not None else "--min-score"
+            raise ImagefitError(f"{flag} chooses among the rows of --drop-rows or --relabel: "
+                                "give one of them")
         return self
 
 
@@ -526,6 +550,10 @@ class CVConfig(FitConfig):
         False,
         description="then train one model on all the training data for the epochs the folds "
         "used (their median best epoch with --keep-best or --early-stop)",
+    )
+    find_label_issues: bool = Field(
+        False, description="end with imagefit label-issues on the out-of-fold predictions "
+        "(needs imagefit[labels])"
     )
 
 
@@ -608,6 +636,24 @@ def fit_options(cfg: FitConfig, **changes: Any) -> FitConfig:
     options the user set in ``cfg``, with ``changes`` on top."""
     own = set(type(cfg).model_fields) - set(FitConfig.model_fields)
     return FitConfig(**{**cfg.model_dump(exclude_unset=True, exclude=own), **changes})
+
+
+class LabelIssuesOptions(Options):
+    """Options of ``label-issues``."""
+
+    method: Literal["self_confidence", "normalized_margin", "confidence_weighted_entropy"] = \
+        Field("self_confidence", description="cleanlab's label quality score that ranks the "
+              "flagged images")
+    data_issues: bool = Field(
+        True, description="also find outliers and near-duplicates (cleanlab's Datalab on the "
+        "fold models' penultimate features: one forward pass)"
+    )
+    shown: int = Field(24, ge=0, le=200, description="suspects drawn in the CV report")
+    cache_dir: str | None = Field(
+        None, description="the decoded-image cache (default: $IMAGEFIT_CACHE or "
+        "~/.cache/imagefit/images)"
+    )
+    progress: bool = Field(True, description="show progress")
 
 
 class ShowBatchOptions(ImageOptions):

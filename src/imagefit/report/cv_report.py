@@ -35,12 +35,38 @@ def write_cv_report(cv_dir: str | Path) -> Path:
     if column in info["mean"]:
         headline = (f"{column} {info['mean'][column]:.4f} ± {info['std'][column]:.4f} over "
                     f"{info['folds']} folds")
+    issues = label_issues_section(cv_dir)
     html = environment.get_template("cv_report.html").render(
         title=cv_dir.name, data=config.get("data_description") or config.get("data") or "-",
         task_kind=info["task"], k=info["folds"], method=info["fold_method"],
         seconds=f"{info.get('seconds', 0):.0f} s", headline=headline, folds=fold_table,
         runs=info["runs"], summary=table_section("Summary", summary_rows),
-        interpretation=sections_of(shown_interpretation, cv_dir))
+        interpretation=sections_of(shown_interpretation, cv_dir), issues=issues)
     path = cv_dir / "report.html"
     runs.write_atomic(path, html)
     return path
+
+
+def label_issues_section(cv_dir: Path) -> dict | None:
+    """The label issues (``imagefit label-issues``) as facts, tables and the grid of
+    suspects, when the CV has them."""
+    info = read_run_file(cv_dir / "label_issues.json", runs.load_json)
+    if not info:
+        return None
+    frame = read_run_file(cv_dir / info.get("csv", "label_issues.csv"), lambda p: pd.read_csv(
+        p, keep_default_na=False, dtype={"path": str, "given": str, "suggested": str}))
+    top = frame.head(20).to_dict("records") if frame is not None else []
+    shown = {"method": info["method"],
+             "flagged": f"{info['flagged']} of {info['rows']} training images",
+             "most likely mislabelled": [{k: r.get(k) for k in ("rank", "path", "row",
+                                                              "given", "suggested", "score")
+                                          if k != "path" or r.get("path")} for r in top],
+             "estimated errors by class pair (confident joint)": info.get("pairs", [])}
+    for kind in ("outliers", "near_duplicates"):
+        if f"{kind}_count" in info:
+            shown[f"{kind} (Datalab, penultimate features)"] = info[f"{kind}_count"]
+            shown[f"{kind.replace('_', ' ')} shown"] = info[kind]
+    if info.get("plot"):
+        shown["plots"] = [{"file": info["plot"],
+                           "title": "Most likely mislabelled: given -> suggested, score"}]
+    return sections_of(shown, cv_dir)

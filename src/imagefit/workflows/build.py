@@ -23,6 +23,7 @@ from ..config import (
 )
 from ..data.cache import CacheSettings
 from ..data.checks import check_has_training_rows, check_trainable, leak_notes
+from ..data.label_edits import apply_label_edits
 from ..data.loader import Loader
 from ..data.prepare import PreparedImages, channel_stats, prepare_images, resolve_settings
 from ..data.sampling import class_weights, resample_rows, weighted_sampler_rows
@@ -85,6 +86,11 @@ def load_data(data: str | Path | Table, cfg: ImageOptions) -> LoadedData:
     table = data if isinstance(data, Table) else read_source(data, cfg)
     check_has_training_rows(table)
     table = assign_validation(table, cfg.valid_pct, cfg.seed, cfg.stratify)
+    table, edits = apply_label_edits(table, getattr(cfg, "drop_rows", None),
+                                     getattr(cfg, "relabel", None), getattr(cfg, "top", None),
+                                     getattr(cfg, "min_score", None))
+    if edits and distributed.is_main():
+        print(_describe_edits(edits))
     if cfg.image_sizes and cfg.image_size is None:
         cfg.image_size = max(cfg.image_sizes)
     settings = resolve_settings(table, cfg.image_size, cfg.channels, cfg.resize, cfg.seed)
@@ -105,8 +111,20 @@ def load_data(data: str | Path | Table, cfg: ImageOptions) -> LoadedData:
         sample = np.random.default_rng(cfg.seed).choice(train_rows, min(len(train_rows), 500),
                                                         replace=False)
         lighting = pca_statistics(prepared.cache.images[np.sort(sample)], seed=cfg.seed)
+    if edits:
+        notes["label_edits"] = edits
     return LoadedData(table, settings, prepared, train_rows, valid_rows, test_rows, augment,
                       lighting, cache_seconds, notes)
+
+
+def _describe_edits(edits: dict) -> str:
+    done = (f"dropped {edits['dropped']} training row(s)" if edits["action"] == "drop" else
+            f"relabelled {edits['relabelled']} training row(s)"
+            + (f" ({edits['unchanged']} already had the suggested label)"
+               if edits["unchanged"] else ""))
+    kept = (f"; {edits['not_training']} listed row(s) are validation or test rows: kept as "
+            "they are" if edits["not_training"] else "")
+    return f"label issues: {done} of the {edits['listed']} chosen in {edits['file']}{kept}"
 
 
 def check_data(table: Table, cfg: FitConfig) -> None:

@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 
 from .. import runs
-from ..config import CVConfig, fit_options, merge_options
+from ..config import CVConfig, LabelIssuesOptions, fit_options, merge_options
 from ..data.folds import (
     NOT_IN_FOLDS,
     assign_folds,
@@ -33,6 +33,7 @@ from ..data.folds import (
 from ..data.sources import read_source
 from ..data.table import Table
 from ..errors import ImagefitError
+from ..evaluation.label_issues import require_cleanlab
 from ..metrics import all_metrics
 from ..report.interpret import interpret
 from ..tasks import HIGHER_IS_BETTER, MAIN_METRIC, Task
@@ -61,9 +62,14 @@ class CVResult:
 def cv(data: str | Path | Table, config: CVConfig | None = None, **options: Any) -> CVResult:
     """Train one model per fold of ``data``'s training rows and write a CV directory."""
     cfg: CVConfig = merge_options(CVConfig, config, options)
+    if cfg.find_label_issues:
+        require_cleanlab()  # before hours of folds
     started = time.perf_counter()
     budget = Budget.from_options(cfg)
     table = data if isinstance(data, Table) else read_source(data, cfg)
+    if cfg.find_label_issues and table.task.kind == "regression":
+        raise ImagefitError("--find-label-issues is for classification; this data's task is "
+                            "regression: look at its largest errors in the CV report instead")
     folds = _folds(table, cfg, data)
     check_data(table, cfg)  # before the CV directory: the folds' fits find the cache made
     name = (cfg.name or _source_name(data)) + "_cv"
@@ -115,6 +121,11 @@ def cv(data: str | Path | Table, config: CVConfig | None = None, **options: Any)
     from ..report.cv_report import write_cv_report
 
     write_cv_report(cv_dir)
+    if cfg.find_label_issues:
+        from .label_issues import format_issues, label_issues
+
+        print(format_issues(label_issues(cv_dir, options=LabelIssuesOptions(
+            cache_dir=cfg.cache_dir, progress=cfg.progress))))
     return CVResult(cv_dir, rows, summary, oof, all_run)
 
 

@@ -1,0 +1,205 @@
+"""Label issues: planted flips are found by a CV and cleanlab, the CSV and the CV report show
+them, and the next fit drops or relabels training rows only."""
+
+from __future__ import annotations
+
+import builtins
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from sklearn.datasets import load_digits
+
+import imagefit
+from imagefit.config import LabelIssuesOptions
+from imagefit.errors import ImagefitError
+
+CV = {"folds": 5, "epochs": 4, "progress": False, "report": False, "tta": False}
+
+
+def flipped_digits(share: float, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """scikit-learn's digits with ``share`` of the labels moved to another class (seeded):
+    images, noisy labels, and the rows flipped."""
+    digits = load_digits()
+    images = (digits.images * (255 / 16)).astype(np.uint8)
+    labels = digits.target.copy()
+    rng = np.random.default_rng(seed)
+    flipped = np.sort(rng.choice(len(labels), int(share * len(labels)), replace=False))
+    labels[flipped] = (labels[flipped] + rng.integers(1, 10, len(flipped))) % 10
+    return images, labels, flipped
+
+
+@pytest.fixture(scope="module")
+def noisy_cv(tmp_path_factory):
+    root = tmp_path_factory.mktemp("noisy")
+    images, labels, flipped = flipped_digits(0.05, seed=0)
+    table = imagefit.from_arrays(images, labels, description="noisy digits")
+    result = imagefit.cv(table, runs_dir=str(root), **CV)
+    return result, flipped
+
+
+def test_planted_flips_on_digits_are_found_with_precision_and_recall_above_06(noisy_cv):
+    result, flipped = noisy_cv
+    found = imagefit.label_issues(result.cv_dir, data_issues=False, progress=False)
+    flagged = set(found.issues.frame["row"])
+    hits = len(flagged & set(flipped.tolist()))
+    precision, recall = hits / len(flagged), hits / len(flipped)
+    assert precision > 0.6 and recall > 0.6, (precision, recall, len(flagged))
+    frame = pd.read_csv(result.cv_dir / "label_issues.csv")
+    assert list(frame.columns) == ["rank", "row", "fold", "path", "given", "suggested", "score"]
+    assert list(frame["rank"]) == list(range(1, len(frame) + 1))
+    assert frame["score"].is_monotonic_decreasing or frame["score"].iloc[0] >= \
+        frame["score"].iloc[-1]
+    assert (frame["given"].astype(str) != frame["suggested"].astype(str)).mean() > 0.9
+    summary = json.loads((result.cv_dir / "label_issues.json").read_text())
+    assert summary["flagged"] == len(frame) and summary["rows"] == 1797
+    assert summary["pairs"] and all(p["given"] != p["true"] for p in summary["pairs"])
+    page = (result.cv_dir / "report.html").read_text()
+    assert '<section id="label-issues">' in page
+    assert f"{len(frame)} of 1797 training images" in page
+
+
+def test_a_clean_dataset_flags_few(tmp_path):
+    images, labels, _ = flipped_digits(0.0, seed=0)
+    result = imagefit.cv(imagefit.from_arrays(images, labels), runs_dir=str(tmp_path), **CV)
+    found = imagefit.label_issues(result.cv_dir, data_issues=False, progress=False)
+    assert len(found.issues.frame) < 0.02 * 1797  # under 36: the model's own errors
+
+
+def test_multilabel_planted_drops_are_found(tmp_path):
+    digits = load_digits()
+    images = (digits.images * (255 / 16)).astype(np.uint8)
+    tags = np.stack([digits.target % 2 == 0, digits.target >= 5,
+                     np.isin(digits.target, [0, 6, 8, 9])], axis=1).astype(np.float32)
+    rng = np.random.default_rng(1)
+    holders = np.flatnonzero(tags[:, 0] == 1)
+    dropped = np.sort(rng.choice(holders, 40, replace=False))
+    tags[dropped, 0] = 0  # 'even' left off 40 even digits
+    table = imagefit.from_arrays(images, tags, task="multilabel",
+                                 names=["even", "big", "round"])
+    result = imagefit.cv(table, runs_dir=str(tmp_path), **CV)
+    found = imagefit.label_issues(result.cv_dir, data_issues=False, progress=False)
+    flagged = set(found.issues.frame["row"])
+    recall = len(flagged & set(dropped.tolist())) / len(dropped)
+    assert recall > 0.6, (recall, len(flagged))
+    row = found.issues.frame[found.issues.frame["row"] == dropped[0]]
+    if len(row):
+        assert "even" in row["suggested"].iloc[0] and "even" not in row["given"].iloc[0]
+
+
+@pytest.fixture(scope="module")
+def folder_cv(tmp_path_factory):
+    """A CSV dataset of digit images as files, 10% of labels flipped, a CV with
+    --find-label-issues (grid, Datalab and the report section)."""
+    root = tmp_path_factory.mktemp("folder")
+    images, labels, flipped = flipped_digits(0.10, seed=2)
+    keep = np.arange(600)
+    rows = []
+    for i in keep:
+        name = f"d<{i}>.png"
+        Image.fromarray(images[i]).resize((16, 16)).save(root / name)
+        rows.append({"file": name, "label": f"n{labels[i]}"})
+    pd.DataFrame(rows).to_csv(root / "labels.csv", index=False)
+    result = imagefit.cv(str(root / "labels.csv"), runs_dir=str(root / "runs"),
+                         find_label_issues=True, **CV)
+    return root, result, set(flipped[flipped < 600].tolist())
+
+
+def test_cv_find_label_issues_writes_the_csv_the_grid_and_the_report_section(folder_cv):
+    root, result, flipped = folder_cv
+    frame = pd.read_csv(result.cv_dir / "label_issues.csv", keep_default_na=False)
+    assert len(frame) and set(Path(p).name for p in frame["path"]) <= {
+        f"d<{i}>.png" for i in range(600)}
+    summary = json.loads((result.cv_dir / "label_issues.json").read_text())
+    assert (result.cv_dir / summary["plot"]).is_file()
+    assert "outliers_count" in summary and "near_duplicates_count" in summary
+    page = (result.cv_dir / "report.html").read_text()
+    section = page.split('<section id="label-issues">')[1].split("</section>")[0]
+    assert "d&lt;" in section and "d<" not in section.replace("<td>", "").replace(
+        "</td>", "").split("d&lt;")[0][-3:]
+    assert 'src="data:image/png;base64,' in section
+    hits = len(set(frame["row"]) & flipped)
+    assert hits / len(frame) > 0.5
+
+
+def test_drop_rows_never_touches_validation_or_test_rows(folder_cv, tmp_path):
+    root, result, _ = folder_cv
+    frame = pd.read_csv(result.cv_dir / "label_issues.csv", keep_default_na=False)
+    data = pd.read_csv(root / "labels.csv")
+    listed = {Path(p).name for p in frame["path"]}
+    # the first 100 files become test rows, the listed ones among them must stay
+    data["split"] = ["test" if i < 100 else "train" for i in range(len(data))]
+    data.to_csv(root / "split.csv", index=False)
+    in_test = sum(1 for name in data["file"][:100] if name in listed)
+    assert in_test > 0
+    fit = imagefit.fit(str(root / "split.csv"), drop_rows=str(result.cv_dir /
+                                                              "label_issues.csv"),
+                       epochs=1, progress=False, report=False, tta=False,
+                       runs_dir=str(tmp_path), valid_pct=0.2)
+    edits = fit.metrics["label_edits"]
+    assert edits["action"] == "drop" and edits["listed"] == len(frame)
+    assert edits["not_training"] >= in_test
+    assert edits["dropped"] + edits["not_training"] == len(frame)
+    control = imagefit.fit(str(root / "split.csv"), epochs=1, progress=False, report=False,
+                           tta=False, runs_dir=str(tmp_path), valid_pct=0.2)
+    assert fit.metrics["n_train"] == control.metrics["n_train"] - edits["dropped"]
+    assert fit.metrics["n_valid"] == control.metrics["n_valid"]
+    assert fit.metrics["n_test"] == control.metrics["n_test"] == 100
+
+
+def test_relabel_gives_the_top_rows_their_suggested_label(folder_cv, tmp_path):
+    root, result, _ = folder_cv
+    fit = imagefit.fit(str(root / "labels.csv"), relabel=str(result.cv_dir /
+                                                              "label_issues.csv"),
+                       top=5, valid_pct=0, epochs=1, progress=False, report=False, tta=False,
+                       runs_dir=str(tmp_path))
+    edits = fit.metrics["label_edits"]
+    assert edits["action"] == "relabel" and edits["listed"] == 5
+    assert edits["relabelled"] == 5 and edits["not_training"] == 0
+
+
+def test_an_issues_csv_naming_files_not_in_the_data_is_one_line(folder_cv, tmp_path):
+    root, result, _ = folder_cv
+    frame = pd.read_csv(result.cv_dir / "label_issues.csv", keep_default_na=False)
+    frame.loc[0, "path"] = str(root / "elsewhere.png")
+    frame.to_csv(tmp_path / "bad.csv", index=False)
+    done = subprocess.run([sys.executable, "-m", "imagefit", "fit", str(root / "labels.csv"),
+                           "--drop-rows", str(tmp_path / "bad.csv"), "--runs-dir",
+                           str(tmp_path / "runs")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip() == (
+        f"imagefit: error: option --drop-rows: {tmp_path / 'bad.csv'} names 1 file(s) that "
+        f"are not in the data, e.g. {root / 'elsewhere.png'}: give the issues of a CV on this "
+        "data")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_option_errors_are_one_line():
+    with pytest.raises(ImagefitError, match="^--top chooses among the rows of --drop-rows or "
+                       "--relabel: give one of them$"):
+        imagefit.FitConfig(top=3)
+    with pytest.raises(ImagefitError, match="^--drop-rows and --relabel both act on the "
+                       "listed rows: choose one$"):
+        imagefit.FitConfig(drop_rows="a.csv", relabel="a.csv")
+    with pytest.raises(ImagefitError, match="is not a CV directory"):
+        imagefit.label_issues("/nonexistent")
+
+
+def test_missing_cleanlab_names_the_extra(noisy_cv, monkeypatch):
+    real_import = builtins.__import__
+
+    def no_cleanlab(name, *args, **kwargs):
+        if name == "cleanlab" or name.startswith("cleanlab."):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_cleanlab)
+    with pytest.raises(ImagefitError) as error:
+        imagefit.label_issues(noisy_cv[0].cv_dir, options=LabelIssuesOptions(progress=False))
+    assert str(error.value) == ("finding label issues needs cleanlab: pip install "
+                                "'imagefit[labels]' (or pip install 'cleanlab[datalab]')")
