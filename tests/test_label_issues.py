@@ -118,6 +118,8 @@ def test_cv_find_label_issues_writes_the_csv_the_grid_and_the_report_section(fol
     summary = json.loads((result.cv_dir / "label_issues.json").read_text())
     assert (result.cv_dir / summary["plot"]).is_file()
     assert "outliers_count" in summary and "near_duplicates_count" in summary
+    features = np.load(result.cv_dir / summary["features"])
+    assert features.shape[0] == 600 and features.shape[1] > 1 and np.isfinite(features).all()
     page = (result.cv_dir / "report.html").read_text()
     section = page.split('<section id="label-issues">')[1].split("</section>")[0]
     assert "d&lt;" in section and "d<" not in section.replace("<td>", "").replace(
@@ -203,3 +205,19 @@ def test_missing_cleanlab_names_the_extra(noisy_cv, monkeypatch):
         imagefit.label_issues(noisy_cv[0].cv_dir, options=LabelIssuesOptions(progress=False))
     assert str(error.value) == ("finding label issues needs cleanlab: pip install "
                                 "'imagefit[labels]' (or pip install 'cleanlab[datalab]')")
+
+
+@pytest.mark.parametrize("rule", ["low_self_confidence", "both", "prune_by_noise_rate"])
+def test_the_flagged_rows_are_cleanlabs_own_for_each_rule(noisy_cv, rule):
+    from cleanlab.filter import find_label_issues
+
+    result, _ = noisy_cv
+    found = imagefit.label_issues(result.cv_dir, data_issues=False, progress=False,
+                                  filter_by=rule)
+    oof = pd.read_csv(result.cv_dir / "oof.csv", dtype={"label": str})
+    names = [str(i) for i in range(10)]
+    probs = oof[[f"prob_{n}" for n in names]].to_numpy()
+    labels = oof["label"].map({n: i for i, n in enumerate(names)}).to_numpy()
+    direct = oof["row"].to_numpy()[find_label_issues(labels, probs, filter_by=rule)]
+    assert set(found.issues.frame["row"]) == set(direct.tolist())
+    assert json.loads((result.cv_dir / "label_issues.json").read_text())["filter_by"] == rule

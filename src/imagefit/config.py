@@ -644,6 +644,13 @@ class LabelIssuesOptions(Options):
     method: Literal["self_confidence", "normalized_margin", "confidence_weighted_entropy"] = \
         Field("self_confidence", description="cleanlab's label quality score that ranks the "
               "flagged images")
+    filter_by: Literal["auto", "low_self_confidence", "low_normalized_margin", "both",
+                       "prune_by_noise_rate", "prune_by_class", "confident_learning",
+                       "predicted_neq_given"] = Field(
+        "auto", description="cleanlab's rule for flagging rows; auto: low_self_confidence "
+        "for single-label data (as many as confident learning estimates are wrong, least "
+        "probable given label first), both for multi-label: the rules that found planted "
+        "errors best (docs/BENCHMARKS.md)")
     data_issues: bool = Field(
         True, description="also find outliers and near-duplicates (cleanlab's Datalab on the "
         "fold models' penultimate features: one forward pass)"

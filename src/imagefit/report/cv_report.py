@@ -56,7 +56,8 @@ def label_issues_section(cv_dir: Path) -> dict | None:
     frame = read_run_file(cv_dir / info.get("csv", "label_issues.csv"), lambda p: pd.read_csv(
         p, keep_default_na=False, dtype={"path": str, "given": str, "suggested": str}))
     top = frame.head(20).to_dict("records") if frame is not None else []
-    shown = {"method": info["method"],
+    rule = info.get("filter_by", "low_self_confidence")
+    shown = {"method": f"{info['method']} (flagged by {rule})",
              "flagged": f"{info['flagged']} of {info['rows']} training images",
              "most likely mislabelled": [{k: r.get(k) for k in ("rank", "path", "row",
                                                               "given", "suggested", "score")

@@ -35,6 +35,7 @@ from ..tasks import Task
 ISSUES_CSV = "label_issues.csv"
 ISSUES_JSON = "label_issues.json"
 ISSUES_PLOT = "plots/label_issues.png"
+FEATURES = "features.npy"  # penultimate-layer features, in oof.csv's row order
 DATA_ISSUES_SHOWN = 10
 RECORDED = ("data", "data_description", "batch_size_used", "devices")
 
@@ -60,15 +61,18 @@ def label_issues(cv_dir: str | Path, out: str | Path | None = None,
     task = Task.from_dict(runs.read_model_info(cv_dir / "fold_0")["task"])
     oof = pd.read_csv(cv_dir / "oof.csv", dtype={"label": str, "labels": str, "path": str,
                                                   "predicted": str}, keep_default_na=False)
-    issues = find_label_issues(oof, task, options.method)
+    issues = find_label_issues(oof, task, options.method, options.filter_by)
     images = _cv_images(cv_dir, options)
-    summary = {"method": options.method, "rows": issues.n_rows, "flagged": len(issues.frame),
-               "task": task.kind, "pairs": issues.pairs, "csv": ISSUES_CSV}
+    summary = {"method": options.method, "filter_by": issues.extra["filter_by"],
+               "rows": issues.n_rows, "flagged": len(issues.frame), "task": task.kind,
+               "pairs": issues.pairs, "csv": ISSUES_CSV}
     if images is not None and options.shown and len(issues.frame):
         _save_suspects(images, issues.frame.head(options.shown), cv_dir / ISSUES_PLOT)
         summary["plot"] = ISSUES_PLOT
     if options.data_issues and images is not None:
         features = penultimate_features(cv_dir, oof, images, task)
+        np.save(cv_dir / FEATURES, features)  # row i of oof.csv: for other tools too
+        summary["features"] = FEATURES
         found = data_issues(features)
         summary.update(_data_issue_rows(found, oof))
     csv = cv_dir / ISSUES_CSV
