@@ -36,6 +36,10 @@ TRAIN = 10_000
 
 
 def noisy_table(noise: float, seed: int = 0):
+    """A class-balanced, seeded subset of the official training images with ``noise`` of
+    their labels moved to another class (seeded), the official test images clean; and the
+    rows flipped. (bench/noisy_labels.py draws its noise in another order: the figures here
+    come from this one.)"""
     table = read_source("builtin:fashion-mnist", SourceOptions(progress=False))
     rng = np.random.default_rng(seed)
     targets = np.asarray(table.targets)
@@ -52,6 +56,15 @@ def noisy_table(noise: float, seed: int = 0):
     noisy[flipped] = (noisy[flipped] + rng.integers(1, 10, len(flipped))) % 10
     return (replace(subset, targets=noisy, description=f"fashion-mnist {TRAIN}, "
                     f"{noise:.0%} flipped"), flipped)
+
+
+def flagged_on_cv(table, flipped: np.ndarray, runs_dir: str, model: str, epochs: int):
+    """A 5-fold CV of ``table`` and its label issues (imagefit's default rule), with every
+    cleanlab rule's precision and recall on the same out-of-fold predictions."""
+    cv = imagefit.cv(table, folds=5, valid_pct=0, progress=False, report=False, model=model,
+                     epochs=epochs, runs_dir=runs_dir)
+    found = imagefit.label_issues(cv.cv_dir, progress=False, data_issues=False)
+    return cv, found, other_filters(cv.cv_dir, table, set(flipped.tolist()))
 
 
 def precision_recall(flagged: set, flipped: set) -> dict:
@@ -97,9 +110,8 @@ def main() -> None:
         for noise in args.noise:
             table, flipped = noisy_table(noise)
             started = time.perf_counter()
-            cv = imagefit.cv(table, folds=5, valid_pct=0, progress=False, report=False,
-                             model=args.cv_model, epochs=args.cv_epochs, runs_dir=runs_dir)
-            found = imagefit.label_issues(cv.cv_dir, progress=False, data_issues=False)
+            cv, found, rules = flagged_on_cv(table, flipped, runs_dir, args.cv_model,
+                                             args.cv_epochs)
             cv_seconds = time.perf_counter() - started
             flagged = set(found.issues.frame["row"].tolist())
             names = list(table.task.names)
@@ -110,7 +122,7 @@ def main() -> None:
                      "top_loss": precision_recall(top_loss_rows(cv.cv_dir, names,
                                                                 len(flagged)),
                                                   set(flipped.tolist())),
-                     "other_filters": other_filters(cv.cv_dir, table, set(flipped.tolist())),
+                     "other_filters": rules,
                      "fits": {}}
             print(f"noise {noise:.0%}: cleanlab {entry['cleanlab']}, top loss "
                   f"{entry['top_loss']}", flush=True)

@@ -13,9 +13,7 @@ import tempfile
 
 import pandas as pd
 from common import write_result
-from label_issues import noisy_table, other_filters, precision_recall, top_loss_rows
-
-import imagefit
+from label_issues import flagged_on_cv, noisy_table, precision_recall, top_loss_rows
 
 
 def main() -> None:
@@ -28,10 +26,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as runs_dir:
         for noise in args.noise:
             table, flipped = noisy_table(noise)
-            cv = imagefit.cv(table, folds=5, valid_pct=0, progress=False, report=False,
-                             model=args.cv_model, epochs=args.cv_epochs, runs_dir=runs_dir)
+            cv, _, rules = flagged_on_cv(table, flipped, runs_dir, args.cv_model,
+                                         args.cv_epochs)
             planted = set(flipped.tolist())
-            rules = other_filters(cv.cv_dir, table, planted)
             names = list(table.task.names)
             oof = pd.read_csv(cv.cv_dir / "oof.csv")
             for rule in rules.values():

@@ -110,6 +110,15 @@ def resolve_options(model: type[Options], args: argparse.Namespace,
     return make_options(model, values)
 
 
+def data_command(commands, name: str, model: type[Options], help: str,
+                 description: str) -> argparse.ArgumentParser:
+    """A command that reads DATA and takes ``model``'s options as flags."""
+    parser = commands.add_parser(name, help=help, description=description)
+    parser.add_argument("data", metavar="DATA", help="folder, CSV file or builtin:NAME")
+    add_options(parser, model)
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="imagefit",
@@ -171,8 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--out", metavar="PNG", required=True, help="where to save the grid")
     add_options(show, ShowBatchOptions)
 
-    checking = commands.add_parser(
-        "check", help="check the data and the pipeline before training",
+    data_command(
+        commands, "check", CheckConfig, help="check the data and the pipeline before training",
         description="Check DATA with the model and options a fit would use: exact and near "
         "duplicates within and across splits, leakage into validation and test, label "
         "balance and folds, a label written into the pixels, image statistics, unreadable "
@@ -180,21 +189,19 @@ def build_parser() -> argparse.ArgumentParser:
         "a verdict table, writes check.json and check.html into a new folder of --runs-dir "
         "(the last line printed) and exits 1 when a check fails (rules: docs/CHECKS.md).",
     )
-    checking.add_argument("data", metavar="DATA", help="folder, CSV file or builtin:NAME")
-    add_options(checking, CheckConfig)
 
-    crossval = commands.add_parser(
-        "cv", help="k-fold cross-validation: a model per fold, out-of-fold predictions",
+    data_command(
+        commands, "cv", CVConfig,
+        help="k-fold cross-validation: a model per fold, out-of-fold predictions",
         description="Train a model on each of --folds folds of DATA's training rows (each "
         "fold validates the model trained on the others); write the out-of-fold "
         "predictions, a metrics table per fold, the mean and spread, and a report. "
         "`imagefit predict CV_DIR ...` averages the fold models.",
     )
-    crossval.add_argument("data", metavar="DATA", help="folder, CSV file or builtin:NAME")
-    add_options(crossval, CVConfig)
 
-    sweeping = commands.add_parser(
-        "sweep", help="overfit on purpose: the same fit for several model sizes, compared",
+    data_command(
+        commands, "sweep", SweepConfig,
+        help="overfit on purpose: the same fit for several model sizes, compared",
         description="Train each model of --models (any --model of fit) or --widths (the "
         "small nets small_cnn_W) on DATA with the same options and early stopping; write a "
         "run directory per model, sweep.csv and sweep.json (a row per model: parameters, "
@@ -203,8 +210,6 @@ def build_parser() -> argparse.ArgumentParser:
         "share the time. The last line printed is the sweep directory; the exit status is 1 "
         "when a model failed.",
     )
-    sweeping.add_argument("data", metavar="DATA", help="folder, CSV file or builtin:NAME")
-    add_options(sweeping, SweepConfig)
 
     issues = commands.add_parser(
         "label-issues", help="the training images most likely mislabelled, from a CV",
