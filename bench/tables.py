@@ -516,6 +516,19 @@ def label_issues_rules(result: dict) -> list[str]:
     return lines
 
 
+def summary_speed(result: dict) -> list[str]:
+    lines = ["## imagefit summary and imagefit models", ""] + header(result)
+    lines += ["Wall seconds from outside the process, start to exit, imports included "
+              "(target for the summary: under 5 s).", "",
+              "| command | wall seconds per run | median | lines printed |",
+              "|---|---|---|---|"]
+    for entry in result["results"].values():
+        lines.append(f"| `{entry['command']}` | "
+                     f"{', '.join(f'{w:.2f}' for w in entry['wall_seconds'])} | "
+                     f"**{entry['median']:.2f}** | {entry['lines']} |")
+    return lines
+
+
 SECTIONS = {"time_to_accuracy": time_to_accuracy,
             "recipe_ablation": recipe_ablation,
             "fashion_mnist_default": fashion_mnist_default,
@@ -534,7 +547,8 @@ SECTIONS = {"time_to_accuracy": time_to_accuracy,
             "check_speed": check_speed,
             "sweep_fashion_mnist": sweep_fashion_mnist,
             "label_issues": label_issues,
-            "label_issues_rules": label_issues_rules}
+            "label_issues_rules": label_issues_rules,
+            "summary_speed": summary_speed}
 
 
 def section_of(benchmark: str) -> str | None:

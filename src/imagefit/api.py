@@ -31,7 +31,8 @@ from .workflows.tools import lr_find, show_batch
 __all__ = ["CVResult", "CheckResult", "FitResult", "LabelIssuesResult", "SweepInterrupted",
            "SweepResult", "check", "cv", "evaluate", "explain", "fit", "format_check",
            "format_cv", "format_issues", "format_sweep", "from_arrays", "label_issues",
-           "load_model", "lr_find", "predict", "resume", "show_batch", "sweep"]
+           "load_model", "lr_find", "models", "predict", "resume", "show_batch", "summary",
+           "sweep"]
 
 
 def fit(data: str | Path | Table, config: FitConfig | None = None, *,
@@ -78,3 +79,36 @@ def label_issues(cv_dir: str | Path, out: str | Path | None = None,
     label_issues.csv (and ``out``), label_issues.json and the CV report's section. Needs
     ``imagefit[labels]``."""
     return run_label_issues(cv_dir, out, merge_options(LabelIssuesOptions, options, values))
+
+
+def models(pattern: str | None = None, image_size: int = 224, channels: int = 3,
+           costs: bool = True, limit: int = 50) -> list[dict]:
+    """The model names imagefit accepts that match ``pattern`` (its own nets, then timm's),
+    each with its parameters and multiply-adds for one ``image_size`` image when ``costs``
+    (for the first ``limit`` matches: each model is built to count it)."""
+    from .models.zoo import model_costs, model_names
+
+    names = model_names(pattern)
+    if not costs:
+        return [{"model": name} for name in names]
+    return [model_costs(name, image_size, channels) for name in names[:limit]] + \
+        [{"model": name} for name in names[limit:]]
+
+
+def summary(model: str | Path, image_size: int | None = None, channels: int | None = None,
+            depth: int = 3) -> str:
+    """torchinfo's table (layer, output shape, parameters, multiply-adds) of a model by name
+    (ImageNet's 1,000 outputs) or of a run directory's trained model (its image size and
+    channels unless given)."""
+    from .models.zoo import named_summary, summary_table
+
+    path = Path(model)
+    if (path / runs.MODEL_INFO).is_file():
+        loaded = load_model(path, device="cpu", precision="fp32")
+        return summary_table(loaded.model, image_size or loaded.info["image_size"],
+                             channels or loaded.info["channels"], depth)
+    name = str(model)
+    if path.is_dir():
+        raise ImagefitError(f"{path} holds no model.json: give a run directory written by "
+                            "imagefit fit, or a model name")
+    return named_summary(name, image_size, channels, depth)

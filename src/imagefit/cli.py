@@ -257,6 +257,41 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--out", metavar="PNG", default="compare.png",
                          help="where --compare saves its plot (default: compare.png)")
 
+    listing_models = commands.add_parser(
+        "models", help="the model names imagefit accepts, with their size and cost",
+        description="List imagefit's own nets and every timm model whose name matches "
+        "PATTERN (wildcards, e.g. 'regnety_*'; a plain word matches names containing it), "
+        "with parameters and multiply-adds (MACs) of one image of --image-size, counted by "
+        "torchinfo for the first --limit matches.",
+    )
+    listing_models.add_argument("pattern", metavar="PATTERN", nargs="?",
+                                help="names to list (default: all)")
+    listing_models.add_argument("--image-size", type=int, default=224,
+                                help="side of the image the MACs are counted at (default 224)")
+    listing_models.add_argument("--channels", type=int, default=3,
+                                help="input channels (default 3)")
+    listing_models.add_argument("--limit", type=int, default=50,
+                                help="count parameters and MACs of this many matches at most "
+                                "(default 50; each model is built)")
+    listing_models.add_argument("--no-costs", dest="costs", action="store_false",
+                                help="list the names only")
+
+    summarizing = commands.add_parser(
+        "summary", help="a model's layers: output shapes, parameters, MACs",
+        description="Print torchinfo's table of MODEL (a model name, with ImageNet's 1,000 "
+        "outputs) or of RUN's trained model: each layer's output shape, parameters and "
+        "multiply-adds for one image.",
+    )
+    summarizing.add_argument("model", metavar="MODEL|RUN",
+                             help="a model name (imagefit models lists them) or a run "
+                             "directory")
+    summarizing.add_argument("--image-size", type=int, help="image side (default: the run's, "
+                             "or 224)")
+    summarizing.add_argument("--channels", type=int, help="input channels (default: the "
+                             "run's, or 3)")
+    summarizing.add_argument("--depth", type=int, default=3,
+                             help="how deep into nested modules the table goes (default 3)")
+
     cache = commands.add_parser(
         "cache", help="list or clear the decoded-image cache",
         description="The decoded-image cache ($IMAGEFIT_CACHE, default ~/.cache/imagefit/"
@@ -459,6 +494,42 @@ def _runs(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
+def _models(args: argparse.Namespace, argv: list[str]) -> int:
+    from .models.zoo import model_costs, model_names
+
+    names = model_names(args.pattern)
+    found = [model_costs(name, args.image_size, args.channels) if args.costs and k < args.limit
+             else {"model": name} for k, name in enumerate(names)]
+    if not found:
+        print(f"no model name matches '{args.pattern}'")
+        return 0
+    width = max(len(row["model"]) for row in found)
+    if args.costs:
+        print(f"{'model':<{width}}  {'params':>13}  {'GMACs':>8}  (one {args.image_size} px "
+              f"image, {args.channels} channel(s), 1,000 outputs)")
+    for row in found:
+        if "params" in row:
+            print(f"{row['model']:<{width}}  {row['params']:>13,}  {row['macs'] / 1e9:>8.3f}")
+        else:
+            print(row["model"])
+    if args.costs and len(found) > args.limit:
+        print(f"({len(found) - args.limit} more not counted: give --limit or a narrower "
+              "PATTERN)")
+    return 0
+
+
+def _summary(args: argparse.Namespace, argv: list[str]) -> int:
+    if Path(args.model).exists():  # a run directory: its model, through the api
+        from .api import summary
+
+        print(summary(args.model, args.image_size, args.channels, args.depth))
+        return 0
+    from .models.zoo import named_summary  # a name: no trainer to import (under 5 s)
+
+    print(named_summary(args.model, args.image_size, args.channels, args.depth))
+    return 0
+
+
 def _cache(args: argparse.Namespace, argv: list[str]) -> int:
     from .data import cache
 
@@ -506,7 +577,7 @@ COMMANDS = {"fit": _fit, "predict": _predict, "evaluate": _evaluate, "lr-find": 
             "show-batch": _show_batch, "check": _check, "cv": _cv,
             "label-issues": _label_issues, "explain": _explain,
             "report": _report,
-            "runs": _runs, "cache": _cache, "sweep": _sweep}
+            "runs": _runs, "cache": _cache, "models": _models, "summary": _summary, "sweep": _sweep}
 
 
 def run_command(args: argparse.Namespace, argv: list[str] = ()) -> int:

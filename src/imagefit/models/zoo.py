@@ -1,0 +1,86 @@
+"""The models imagefit accepts, and what they cost: ``model_names`` (its own nets and every
+timm name, filtered), ``model_costs`` (parameters and multiply-adds at an image size) and
+``summary_table`` (layer, output shape, parameters and multiply-adds per layer). Counting is
+torchinfo's (``imagefit[zoo]``), not ours."""
+
+from __future__ import annotations
+
+import fnmatch
+
+import timm
+import torch
+from torch import nn
+
+from ..errors import ImagefitError
+from . import MODELS, check_model_name, create_model
+
+MISSING = ("model summaries need torchinfo: pip install 'imagefit[zoo]' (or pip install "
+           "torchinfo)")
+
+
+def _torchinfo():
+    try:
+        import torchinfo
+    except ImportError:
+        raise ImagefitError(MISSING) from None
+    return torchinfo
+
+
+def model_names(pattern: str | None = None) -> list[str]:
+    """imagefit's own nets, then timm's models, whose names match ``pattern`` (shell-style
+    wildcards, e.g. 'regnety_*'; a plain word matches names containing it, the name
+    itself first)."""
+    names = list(MODELS) + timm.list_models()
+    if not pattern:
+        return names
+    if any(c in pattern for c in "*?["):
+        return [name for name in names if fnmatch.fnmatchcase(name, pattern)]
+    exact = [name for name in names if name == pattern]  # first, then those containing it
+    return exact + [name for name in names if pattern in name and name != pattern]
+
+
+def _statistics(model: nn.Module, channels: int, image_size: int, depth: int = 3,
+                columns: tuple[str, ...] = ("output_size", "num_params", "mult_adds")):
+    torchinfo = _torchinfo()
+    model.eval()
+    device = next(model.parameters(), torch.zeros(0)).device
+    with torch.no_grad():
+        return torchinfo.summary(model, input_size=(1, channels, image_size, image_size),
+                                 depth=depth, col_names=columns, verbose=0, device=device)
+
+
+def _counted(name: str, channels: int, n_out: int, image_size: int, depth: int,
+             columns: tuple[str, ...]):
+    """torchinfo's statistics of a model built on the meta device (shapes, no memory or
+    arithmetic: regnety_320 is counted in 0.2 s instead of 1.8 s, to the same figures),
+    or on the CPU where some operation has no meta version."""
+    try:
+        with torch.device("meta"):
+            model = create_model(name, channels, n_out)
+        return _statistics(model, channels, image_size, depth, columns)
+    except (NotImplementedError, RuntimeError):
+        return _statistics(create_model(name, channels, n_out), channels, image_size, depth,
+                           columns)
+
+
+def model_costs(name: str, image_size: int = 224, channels: int = 3,
+                n_out: int = 1000) -> dict:
+    """Parameters and multiply-adds of one forward pass of a single image of
+    ``image_size``, for ``n_out`` outputs (ImageNet's 1,000 by default, as papers count)."""
+    stats = _counted(name, channels, n_out, image_size, 0, ("num_params",))
+    return {"model": name, "params": int(stats.total_params),
+            "macs": int(stats.total_mult_adds)}
+
+
+def summary_table(model: nn.Module, image_size: int, channels: int, depth: int = 3) -> str:
+    """torchinfo's table of ``model``: layer, output shape, parameters, multiply-adds."""
+    return str(_statistics(model, channels, image_size, depth))
+
+
+def named_summary(name: str, image_size: int | None = None, channels: int | None = None,
+                  depth: int = 3) -> str:
+    """The table of a model by name, with ImageNet's 1,000 outputs (224 px, 3 channels
+    unless given)."""
+    check_model_name(name)
+    return str(_counted(name, channels or 3, 1000, image_size or 224, depth,
+                        ("output_size", "num_params", "mult_adds")))

@@ -1,0 +1,90 @@
+"""imagefit models and imagefit summary: names filtered, parameters and multiply-adds as
+torchinfo counts them, a run's own model summarized at its own size."""
+
+from __future__ import annotations
+
+import builtins
+import subprocess
+import sys
+
+import pytest
+import torchinfo
+
+import imagefit
+from imagefit import api
+from imagefit.errors import ImagefitError
+from imagefit.models import create_model
+
+
+def test_names_are_filtered_by_word_or_wildcard():
+    assert [row["model"] for row in api.models("small_cnn", costs=False)] == [
+        "small_cnn", "small_cnn_16", "small_cnn_32", "small_cnn_64"]
+    assert [row["model"] for row in api.models("regnety_00?", costs=False)] == [
+        "regnety_002", "regnety_004", "regnety_006", "regnety_008"]
+    assert api.models("no_such_net_anywhere", costs=False) == []
+
+
+def test_resnet18_costs_are_the_published_ones():
+    row, *others = api.models("resnet18", costs=True, limit=1)
+    assert row["model"] == "resnet18"  # the name itself first, then names containing it
+    assert others and all("resnet18" in o["model"] and "params" not in o for o in others)
+    assert row["params"] == 11_689_512  # torchvision's and timm's ImageNet ResNet-18
+    assert abs(row["macs"] / 1.82e9 - 1) < 0.01  # "1.8 GFLOPs" (multiply-adds), He et al.
+
+
+@pytest.mark.parametrize("name, size, channels", [("small_cnn_16", 28, 1),
+                                                  ("resnet18", 64, 3)])
+def test_summary_is_torchinfos_table(name, size, channels):
+    table = api.summary(name, size, channels, depth=2)
+    direct = torchinfo.summary(create_model(name, channels, 1000).eval(),
+                               input_size=(1, channels, size, size), depth=2,
+                               col_names=("output_size", "num_params", "mult_adds"),
+                               verbose=0, device="cpu")
+    assert f"Total params: {direct.total_params:,}" in table
+    assert "Output Shape" in table and "Mult-Adds" in table
+    assert str(list(direct.summary_list[1].output_size)) in table  # first layer's shape
+
+
+def test_a_run_is_summarized_at_its_own_size_and_channels(tmp_path):
+    result = imagefit.fit("builtin:digits", epochs=1, progress=False, report=False,
+                          runs_dir=str(tmp_path))
+    table = api.summary(result.run_dir)
+    assert "[1, 10]" in table  # ten classes out
+    assert "[1, 1, 8, 8]" not in table or "Input size" in table
+    direct = torchinfo.summary(result.model.eval().cpu(), input_size=(1, 1, 8, 8),
+                               verbose=0, device="cpu")
+    assert f"Total params: {direct.total_params:,}" in table
+
+
+def test_bad_names_and_missing_torchinfo_are_one_line(tmp_path, monkeypatch):
+    with pytest.raises(ImagefitError, match="^unknown model 'resnet81': did you mean "):
+        api.summary("resnet81")
+    with pytest.raises(ImagefitError, match="holds no model.json: give a run directory"):
+        api.summary(tmp_path)
+    real_import = builtins.__import__
+
+    def no_torchinfo(name, *args, **kwargs):
+        if name == "torchinfo":
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_torchinfo)
+    with pytest.raises(ImagefitError) as error:
+        api.summary("small_cnn_16", 16, 1)
+    assert str(error.value) == ("model summaries need torchinfo: pip install 'imagefit[zoo]' "
+                                "(or pip install torchinfo)")
+
+
+def test_the_commands_print_the_table_and_the_list():
+    done = subprocess.run([sys.executable, "-m", "imagefit", "summary", "regnety_002",
+                           "--image-size", "224"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "RegNet" in done.stdout and "Total params: 3,162,996" in done.stdout
+    listed = subprocess.run([sys.executable, "-m", "imagefit", "models", "regnetx_00?",
+                             "--image-size", "224"], capture_output=True, text=True,
+                            timeout=120)
+    assert listed.returncode == 0, listed.stderr
+    lines = listed.stdout.splitlines()
+    assert lines[0].split()[:3] == ["model", "params", "GMACs"]
+    assert [line.split()[0] for line in lines[1:]] == [
+        "regnetx_002", "regnetx_004", "regnetx_006", "regnetx_008"]
