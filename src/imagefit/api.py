@@ -86,13 +86,9 @@ def models(pattern: str | None = None, image_size: int = 224, channels: int = 3,
     """The model names imagefit accepts that match ``pattern`` (its own nets, then timm's),
     each with its parameters and multiply-adds for one ``image_size`` image when ``costs``
     (for the first ``limit`` matches: each model is built to count it)."""
-    from .models.zoo import model_costs, model_names
+    from .models.zoo import list_models
 
-    names = model_names(pattern)
-    if not costs:
-        return [{"model": name} for name in names]
-    return [model_costs(name, image_size, channels) for name in names[:limit]] + \
-        [{"model": name} for name in names[limit:]]
+    return list_models(pattern, image_size, channels, costs, limit)
 
 
 def summary(model: str | Path, image_size: int | None = None, channels: int | None = None,

@@ -495,11 +495,9 @@ def _runs(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def _models(args: argparse.Namespace, argv: list[str]) -> int:
-    from .models.zoo import model_costs, model_names
+    from .models.zoo import list_models  # torch and timm only: no trainer to import
 
-    names = model_names(args.pattern)
-    found = [model_costs(name, args.image_size, args.channels) if args.costs and k < args.limit
-             else {"model": name} for k, name in enumerate(names)]
+    found = list_models(args.pattern, args.image_size, args.channels, args.costs, args.limit)
     if not found:
         print(f"no model name matches '{args.pattern}'")
         return 0

@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image
 
 from .cache import DECODE_ERRORS, ImageCache
+from .duplicates import find_duplicates, groups_of, training_copies
 from .near_duplicates import near_duplicate_pairs, summarize_pairs
 from .table import SPLITS, Table
 
@@ -67,23 +68,15 @@ def duplicates(table: Table, cache: ImageCache, rows: dict[str, np.ndarray], *,
     copy a training image. Returns the findings and the near pairs for the page."""
     split_of = split_labels(len(table), rows)
     used = np.flatnonzero(split_of >= 0)
-    _, group = np.unique(cache.content_hashes()[used], axis=0, return_inverse=True)
-    group = group.reshape(-1)
-    first_of = {}
-    for row, g in zip(used.tolist(), group.tolist()):
-        first_of.setdefault(g, row)
-    representatives = np.array(sorted(first_of.values()), dtype=np.int64)
-    in_train = np.zeros(group.max() + 1 if len(group) else 0, dtype=bool)
-    in_train[group[split_of[used] == 0]] = True
-    exact_leaked = {s: set(used[(split_of[used] == k) & in_train[group]].tolist())
-                    for k, s in enumerate(SPLITS) if k}
-    sizes = np.bincount(group) if len(group) else np.zeros(0, dtype=np.int64)
-    targets = np.asarray(table.targets)[used].reshape(len(used), -1)
-    _, target_id = np.unique(targets, axis=0, return_inverse=True)
-    label_pairs = np.unique(np.stack([group, target_id.reshape(-1)], axis=1), axis=0)
-    conflicts = int((np.bincount(label_pairs[:, 0], minlength=len(sizes)) > 1).sum())
-    exact_details = {"duplicate_images": int(len(used) - len(sizes)),
-                     "groups": int((sizes > 1).sum()), "label_conflicts": conflicts,
+    group = groups_of(cache.content_hashes(), used)
+    _, first = np.unique(group, return_index=True)
+    representatives = np.sort(used[first])  # one row of each group of identical images
+    exact_leaked = {s: set(r.tolist())
+                    for s, r in training_copies(cache.content_hashes(), split_of).items()}
+    found = find_duplicates(table, cache, split_of)
+    exact_details = {"duplicate_images": found["duplicate_images"],
+                     "groups": found["duplicate_groups"],
+                     "label_conflicts": found["duplicate_label_conflicts"],
                      "evaluated_with_train_copy": {s: len(v) for s, v in exact_leaked.items()}}
 
     pairs, diffs = near_duplicate_pairs(cache.images, representatives, hamming=hamming,
@@ -99,7 +92,7 @@ def duplicates(table: Table, cache: ImageCache, rows: dict[str, np.ndarray], *,
     findings = [_exact_finding(table, exact_details, rows, exact_leaked),
                 _near_finding(table, near, rows, near_leaked, hamming, pixel_diff)]
     leaked = {s: len(exact_leaked[s] | near_leaked[s]) for s in SPLITS[1:]}
-    findings.append(_leak_finding(leaked, rows))
+    findings.append(leak_finding(leaked, rows))
     return findings, {"pairs": [(a, b, d) for a, b, d in near["examples"]], "near": near}
 
 
@@ -143,7 +136,7 @@ def _near_finding(table, near, rows, leaked, hamming, pixel_diff) -> Finding:
     return Finding("near duplicates", "warn", result, advice, details)
 
 
-def _leak_finding(leaked: dict, rows: dict) -> Finding:
+def leak_finding(leaked: dict, rows: dict) -> Finding:
     shares = {s: leaked[s] / max(len(rows[s]), 1) for s in leaked if len(rows[s])}
     text = ", ".join(f"{leaked[s]} of {len(rows[s])} {s} images ({shares[s]:.2%})"
                      for s in shares)
@@ -381,8 +374,8 @@ def image_statistics(table: Table, cache: ImageCache, train_rows: np.ndarray,
             "; normalized with these" if normalize == "data" else ""), "", details))
     findings.append(_modes(table, cache))
     findings.append(_sizes(cache, train_rows))
-    findings.append(_unreadable(table, cache))
-    findings.append(_constant(table, cache))
+    findings.append(unreadable_files(table, cache))
+    findings.append(constant_images(table, cache))
     return findings
 
 
@@ -451,7 +444,7 @@ def _quantiles(values: np.ndarray) -> dict:
             "max": float(values.max())}
 
 
-def _unreadable(table: Table, cache: ImageCache) -> Finding:
+def unreadable_files(table: Table, cache: ImageCache) -> Finding:
     failed = cache.failed
     if not failed:
         return Finding("unreadable files", "pass", "every image decodes", "", {"count": 0})
@@ -463,7 +456,7 @@ def _unreadable(table: Table, cache: ImageCache) -> Finding:
                    {"count": len(failed), "files": _names(table, failed[:50])})
 
 
-def _constant(table: Table, cache: ImageCache) -> Finding:
+def constant_images(table: Table, cache: ImageCache) -> Finding:
     usable = np.setdiff1d(np.arange(len(table)), cache.failed)
     chunk = max(1, 32_000_000 // int(np.prod(cache.images.shape[1:])))
     constant = []

@@ -59,3 +59,21 @@ def find_duplicates(table: Table, cache: ImageCache, split_of: np.ndarray) -> di
         "cross_split_duplicates": cross,
         "duplicate_examples": examples,
     }
+
+
+def groups_of(hashes: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Per row of ``rows``, the index of its group of identical cached pixels."""
+    _, group = np.unique(hashes[rows], axis=0, return_inverse=True)
+    return group.reshape(-1)
+
+
+def training_copies(hashes: np.ndarray, split_of: np.ndarray) -> dict[str, np.ndarray]:
+    """Per evaluated split ('valid', 'test'), its rows whose cached pixels equal those of a
+    training row (``split_of``: an index into SPLITS per row, -1 for unused rows)."""
+    used = np.flatnonzero(split_of >= 0)
+    if not len(used):
+        return {s: np.zeros(0, dtype=np.int64) for s in SPLITS[1:]}
+    group = groups_of(hashes, used)
+    in_train = np.zeros(group.max() + 1, dtype=bool)
+    in_train[group[split_of[used] == 0]] = True
+    return {s: used[(split_of[used] == k) & in_train[group]] for k, s in enumerate(SPLITS) if k}

@@ -39,6 +39,14 @@ def model_names(pattern: str | None = None) -> list[str]:
     return exact + [name for name in names if pattern in name and name != pattern]
 
 
+def list_models(pattern: str | None = None, image_size: int = 224, channels: int = 3,
+                costs: bool = True, limit: int = 50) -> list[dict]:
+    """``model_names(pattern)`` as rows, the first ``limit`` with ``model_costs`` when
+    ``costs`` (each model is built to be counted)."""
+    return [model_costs(name, image_size, channels) if costs and k < limit else {"model": name}
+            for k, name in enumerate(model_names(pattern))]
+
+
 def _statistics(model: nn.Module, channels: int, image_size: int, depth: int = 3,
                 columns: tuple[str, ...] = ("output_size", "num_params", "mult_adds")):
     torchinfo = _torchinfo()

@@ -7,7 +7,6 @@ to the terminal, check.json and check.html; the rules are in docs/CHECKS.md."""
 from __future__ import annotations
 
 import copy
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from .. import runs
 from ..config import CheckConfig, FitConfig
 from ..data import audit
 from ..data.audit import Finding
+from ..data.duplicates import training_copies
 from ..data.loader import Loader
 from ..data.prepare import channel_stats
 from ..data.table import SPLITS, Table
@@ -39,6 +39,7 @@ SWEEP_RATES = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # tried on the batch when it 
 FROZEN_SHARE = 0.5  # of the parameters: when more are frozen, that is the likely cause
 CHANCE_SIGMAS = 3.0
 CHANCE_MARGIN = 0.02
+SHOWN_NAMES = 5  # tensors named when some get no gradient
 
 
 @dataclass
@@ -97,24 +98,14 @@ def fast_checks(cfg: FitConfig, loaded: LoadedData, parts: TrainingParts,
     table, cache = loaded.table, loaded.prepared.cache
     rows = {"train": loaded.train_rows, "valid": loaded.valid_rows, "test": loaded.test_rows}
     split_of = audit.split_labels(len(table), rows)
-    leaked = _exact_leaks(cache.content_hashes(), split_of)
-    findings = [audit._leak_finding(leaked, rows)]
+    leaked = {s: len(r) for s, r in training_copies(cache.content_hashes(), split_of).items()}
+    findings = [audit.leak_finding(leaked, rows)]
     findings += [f for f in audit.label_balance(table, loaded.train_rows, 2, False)
                  if f.check != "folds"]
     findings += audit.regression_targets(table, np.concatenate(list(rows.values())))
-    findings += [audit._unreadable(table, cache), audit._constant(table, cache)]
+    findings += [audit.unreadable_files(table, cache), audit.constant_images(table, cache)]
     findings.append(overfit_one_batch(cfg, loaded, parts, precision))
     return findings
-
-
-def _exact_leaks(hashes: np.ndarray, split_of: np.ndarray) -> dict[str, int]:
-    used = np.flatnonzero(split_of >= 0)
-    _, group = np.unique(hashes[used], axis=0, return_inverse=True)
-    group = group.reshape(-1)
-    in_train = np.zeros(group.max() + 1 if len(group) else 0, dtype=bool)
-    in_train[group[split_of[used] == 0]] = True
-    return {s: int(((split_of[used] == k) & in_train[group]).sum())
-            for k, s in enumerate(SPLITS) if k}
 
 
 def _assemble(data, cfg: CheckConfig) -> tuple[LoadedData, TrainingParts, torch.device]:
@@ -260,8 +251,6 @@ def overfit_one_batch(cfg: FitConfig, loaded: LoadedData, parts: TrainingParts,
 
 
 
-SHOWN_NAMES = 5
-
 
 def _without_gradient(model: nn.Module, task: Task, x, y, precision: str) -> list[str]:
     """Trainable parameters whose gradient is missing or zero after one backward pass."""
@@ -376,7 +365,7 @@ def write_check(data, cfg: CheckConfig, result: CheckResult, table: Table, cache
                "seconds": round(result.seconds, 2),
                "failed": [f.check for f in result.failed],
                "checks": [f.to_dict() for f in result.findings], "pairs": pairs}
-    (check_dir / "check.json").write_text(json.dumps(summary, indent=2, default=_plain))
+    runs.save_json(check_dir / "check.json", summary)
     if result.pairs:
         save_pairs(cache.images, result.pairs, [p["first"] for p in pairs],
                    [p["second"] for p in pairs], check_dir / "pairs.png")
@@ -387,11 +376,3 @@ def write_check(data, cfg: CheckConfig, result: CheckResult, table: Table, cache
 def _label(table: Table, row: int, split_of) -> str:
     where = table.paths[row] if table.paths is not None else f"row {row}"
     return f"{SPLITS[split_of[row]]}: {where}"
-
-
-def _plain(value):
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.floating,)):
-        return float(value)
-    return str(value)
