@@ -221,3 +221,84 @@ def test_the_flagged_rows_are_cleanlabs_own_for_each_rule(noisy_cv, rule):
     direct = oof["row"].to_numpy()[find_label_issues(labels, probs, filter_by=rule)]
     assert set(found.issues.frame["row"]) == set(direct.tolist())
     assert json.loads((result.cv_dir / "label_issues.json").read_text())["filter_by"] == rule
+
+
+def small_table(kind: str = "classification"):
+    images = np.zeros((6, 8, 8), dtype=np.uint8)
+    if kind == "classification":
+        return imagefit.from_arrays(images, np.array([0, 1, 0, 1, 0, 1]), names=["a", "b"])
+    if kind == "multilabel":
+        return imagefit.from_arrays(images, np.eye(2, dtype=np.float32)[[0, 1] * 3],
+                                    task="multilabel", names=["a", "b"])
+    return imagefit.from_arrays(images, np.arange(6, dtype=np.float32))
+
+
+def issues_csv(tmp_path, **columns) -> Path:
+    frame = pd.DataFrame({"rank": [1], "row": [0], "fold": [0], "path": [""], "given": ["a"],
+                          "suggested": ["b"], "score": [0.9], **columns})
+    frame.to_csv(tmp_path / "issues.csv", index=False)
+    return tmp_path / "issues.csv"
+
+
+def test_every_issues_csv_error_is_one_line_naming_the_file(tmp_path):
+    from imagefit.data.label_edits import apply_label_edits
+
+    table = small_table()
+    missing = tmp_path / "none.csv"
+    written = tmp_path / "issues.csv"
+    cases = [
+        (None, "drop", f"option --drop-rows: {missing} not found: give the CSV written by "
+         "imagefit label-issues"),
+        ({"row": [99]}, "drop", f"option --drop-rows: {written} names row 99, but the data "
+         "has 6 rows: give the issues of a CV on this data"),
+        ({"suggested": ["zebra"]}, "relabel", f"option --relabel: {written} suggests "
+         "'zebra', which is not a class of the data: give the issues of a CV on this data"),
+    ]
+    for columns, action, message in cases:
+        path = missing if columns is None else issues_csv(tmp_path, **columns)
+        with pytest.raises(ImagefitError) as error:
+            apply_label_edits(table, str(path) if action == "drop" else None,
+                              str(path) if action == "relabel" else None, None, None)
+        assert str(error.value) == message
+    pd.DataFrame({"rank": [1], "row": [0]}).to_csv(tmp_path / "short.csv", index=False)
+    with pytest.raises(ImagefitError, match=r"short.csv has no column path: give the CSV "
+                       "written by imagefit label-issues$"):
+        apply_label_edits(table, str(tmp_path / "short.csv"), None, None, None)
+    (tmp_path / "binary.csv").write_bytes(b"\xff\xfe\x00\x81" * 10)
+    with pytest.raises(ImagefitError, match="binary.csv is not a readable CSV file"):
+        apply_label_edits(table, str(tmp_path / "binary.csv"), None, None, None)
+    with pytest.raises(ImagefitError, match="suggests 'zebra', which is not a label of the "
+                       "data$"):
+        apply_label_edits(small_table("multilabel"), None,
+                          str(issues_csv(tmp_path, suggested=["a;zebra"])), None, None)
+    with pytest.raises(ImagefitError, match="^option --relabel: relabelling is for "
+                       "classification data$"):
+        apply_label_edits(small_table("regression"), None, str(issues_csv(tmp_path)), None,
+                          None)
+
+
+def test_label_issue_errors_of_the_predictions_and_options(tmp_path):
+    from imagefit.evaluation.label_issues import find_label_issues
+    from imagefit.tasks import Task
+
+    task = Task("classification", ["a", "b"])
+    oof = pd.DataFrame({"row": [0, 1], "fold": [0, 0], "label": ["a", "b"],
+                        "prob_a": [0.9, 0.2], "prob_b": [0.1, 0.8]})
+    with pytest.raises(ImagefitError, match="^oof.csv has no column prob_b: it was not "
+                       "written by imagefit cv for this model; run imagefit cv again$"):
+        find_label_issues(oof.drop(columns="prob_b"), task)
+    with pytest.raises(ImagefitError, match="^option --method: unknown 'loss'; choose one "
+                       "of self_confidence, "):
+        find_label_issues(oof, task, method="loss")
+    with pytest.raises(ImagefitError, match="^option --filter-by: unknown 'all'; choose one "
+                       "of low_self_confidence, "):
+        find_label_issues(oof, task, filter_by="all")
+    with pytest.raises(ImagefitError, match="^label issues are found for classification; "
+                       "this CV's task is regression: look at its largest errors"):
+        find_label_issues(oof, Task("regression", ["age"]))
+    with pytest.raises(ImagefitError, match="^--find-label-issues is for classification; "
+                       "this data's task is regression: look at its largest errors in the "
+                       "CV report instead$"):
+        imagefit.cv(small_table("regression"), find_label_issues=True,
+                    runs_dir=str(tmp_path), progress=False)
+    assert not any(tmp_path.iterdir())  # refused before the CV directory
