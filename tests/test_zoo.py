@@ -88,3 +88,26 @@ def test_the_commands_print_the_table_and_the_list():
     assert lines[0].split()[:3] == ["model", "params", "GMACs"]
     assert [line.split()[0] for line in lines[1:]] == [
         "regnetx_002", "regnetx_004", "regnetx_006", "regnetx_008"]
+
+
+# Radosavovic et al. 2020, "Designing Network Design Spaces", appendix tables (also pycls's
+# MODEL_ZOO.md): flops (billions of multiply-adds) and parameters (millions) at 224 px with
+# ImageNet's 1,000 classes, each rounded to one decimal.
+REGNET_PAPER = {
+    "regnetx_002": (0.2, 2.7), "regnetx_004": (0.4, 5.2), "regnetx_006": (0.6, 6.2),
+    "regnetx_008": (0.8, 7.3), "regnetx_016": (1.6, 9.2), "regnetx_032": (3.2, 15.3),
+    "regnetx_040": (4.0, 22.1), "regnetx_064": (6.5, 26.2), "regnetx_080": (8.0, 39.6),
+    "regnetx_120": (12.1, 46.1), "regnetx_160": (15.9, 54.3), "regnetx_320": (31.7, 107.8),
+    "regnety_002": (0.2, 3.2), "regnety_004": (0.4, 4.3), "regnety_006": (0.6, 6.1),
+    "regnety_008": (0.8, 6.3), "regnety_016": (1.6, 11.2), "regnety_032": (3.2, 19.4),
+    "regnety_040": (4.0, 20.6), "regnety_064": (6.4, 30.6), "regnety_080": (8.0, 39.2),
+    "regnety_120": (12.1, 51.8), "regnety_160": (15.9, 83.6), "regnety_320": (32.3, 145.0),
+}
+
+
+def test_all_24_regnets_have_the_papers_flops_and_parameters():
+    listed = [row["model"] for row in api.models("regnet[xy]_[0-9][0-9][0-9]", costs=False)]
+    assert set(REGNET_PAPER) <= set(listed)  # timm adds SEER's regnety_640 and others
+    counted = {name: api.models(name, costs=True, limit=1)[0] for name in REGNET_PAPER}
+    assert {name: (round(row["macs"] / 1e9, 1), round(row["params"] / 1e6, 1))
+            for name, row in counted.items()} == REGNET_PAPER
