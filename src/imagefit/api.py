@@ -96,11 +96,13 @@ def summary(model: str | Path, image_size: int | None = None, channels: int | No
     """torchinfo's table (layer, output shape, parameters, multiply-adds) of a model by name
     (ImageNet's 1,000 outputs) or of a run directory's trained model (its image size and
     channels unless given)."""
-    from .models.zoo import named_summary, summary_table
+    from .models.zoo import named_summary, summary_table, text_summary_table
 
     path = Path(model)
     if (path / runs.MODEL_INFO).is_file():
         loaded = load_model(path, device="cpu", precision="fp32")
+        if "text" in loaded.info:
+            return text_summary_table(loaded.model, loaded.info["text"]["length"], depth)
         return summary_table(loaded.model, image_size or loaded.info["image_size"],
                              channels or loaded.info["channels"], depth)
     name = str(model)

@@ -139,13 +139,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_options(fit, FitConfig)
 
     predict = commands.add_parser(
-        "predict", help="predict images with a trained model",
+        "predict", help="predict images (or texts) with a trained model",
         description="Predict INPUTs (image files, folders, or CSV files of paths) with the "
-        "model of RUN.",
+        "model of RUN; a text model predicts the texts of --text and of CSV files.",
     )
     predict.add_argument("run", metavar="RUN", help="run directory written by imagefit fit")
-    predict.add_argument("inputs", metavar="INPUT", nargs="+",
-                         help="image file, folder of images, or CSV file of paths")
+    predict.add_argument("inputs", metavar="INPUT", nargs="*",
+                         help="image file, folder of images, or CSV file of paths (of texts, "
+                         "for a text model)")
+    predict.add_argument("--text", metavar="TEXT", nargs="+", dest="texts",
+                         help="texts to predict with a text model, e.g. --text maria jose")
     predict.add_argument("--out", metavar="CSV", help="write the predictions to this CSV file "
                          "(default: print them)")
     add_options(predict, PredictOptions)
@@ -226,10 +229,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_options(issues, LabelIssuesOptions)
 
     explainer = commands.add_parser(
-        "explain", help="saliency maps: where the model looks",
+        "explain", help="saliency maps: where the model looks; feature maps: what a layer sees",
         description="Write a saliency overlay PNG per IMAGE (files, folders or CSV files of "
         "paths) to --out: Grad-CAM (where the evidence for the class lies) or guided "
-        "backprop (which pixels move the output).",
+        "backprop (which pixels move the output); or, with --method feature-maps, a grid of "
+        "the output of one layer (--layer), a tile per channel.",
     )
     explainer.add_argument("run", metavar="RUN", help="run directory written by imagefit fit")
     explainer.add_argument("images", metavar="IMAGE", nargs="+",
@@ -376,8 +380,11 @@ def _start_budget_clock(args: argparse.Namespace) -> None:
 def _predict(args: argparse.Namespace, argv: list[str]) -> int:
     from . import api
 
-    options = resolve_options(PredictOptions, args, ("run", "inputs", "out"))
-    frame = api.predict(args.run, args.inputs, args.out, options)
+    options = resolve_options(PredictOptions, args, ("run", "inputs", "out", "texts"))
+    if not args.inputs and not args.texts:
+        raise ImagefitError("give images, folders or CSV files to predict (or --text TEXT... "
+                            "for a text model)")
+    frame = api.predict(args.run, args.inputs, args.out, options, texts=args.texts)
     if args.out:
         print(f"wrote {len(frame)} predictions to {args.out}")
     else:

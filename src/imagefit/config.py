@@ -34,8 +34,13 @@ class Options(BaseModel):
 class SourceOptions(Options):
     """How to read a folder or CSV into items and targets."""
 
-    task: Literal["classification", "multilabel", "regression"] | None = Field(
-        None, description="force the task instead of inferring it from the targets"
+    task: Literal["classification", "multilabel", "regression", "text"] | None = Field(
+        None, description="force the task instead of inferring it from the targets; text: "
+        "the CSV's first column (or --text-col) holds short texts, not image paths, and is "
+        "read character by character (inferred when that column names no image file)"
+    )
+    text_col: str | None = Field(
+        None, description="CSV column of texts, for --task text (default: the first column)"
     )
     path_col: str | None = Field(
         None, description="CSV column with the image paths (default: the first column)"
@@ -129,6 +134,8 @@ class AugmentOptions(Options):
 AugmentPreset = Literal["none", "light", "side_on", "top_down", "randaugment", "trivial",
                         "imagenet"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
+HeadKind = Literal["timm", "linear", "mlp", "concat_pool"]  # models.heads.HEADS and timm's own
+Activation = Literal["relu", "gelu", "silu", "mish", "selu"]  # timm.layers.get_act_layer names
 # What makes test-time augmentation's versions: a preset, or auto / flip (see _tta_augment).
 TTAAugment = Literal["auto", "flip", "none", "light", "side_on", "top_down", "randaugment",
                      "trivial", "imagenet"]
@@ -189,6 +196,18 @@ class ImageOptions(SourceOptions):
         True, description="keep class proportions in the validation split (classification)"
     )
     seed: int = Field(0, description="seed of everything random")
+    text_length: int | None = Field(
+        None, ge=1, description="--task text: characters read of each text, the rest cut and "
+        "shorter ones padded (default: the --text-percentile of the training texts' lengths)"
+    )
+    text_percentile: float = Field(
+        99.0, gt=0, le=100, description="--task text: the percentile of the training texts' "
+        "lengths that sets --text-length when it is not given"
+    )
+    keep_case: bool = Field(
+        False, description="--task text: keep upper and lower case apart (default: texts "
+        "are read in lower case)"
+    )
 
 
 class FitConfig(ImageOptions):
@@ -269,15 +288,27 @@ class FitConfig(ImageOptions):
         description="keep an exponential moving average of the weights with this decay "
         "(e.g. 0.999); validation and the saved model use it",
     )
-    head: Literal["timm", "concat_pool"] = Field(
+    head: HeadKind = Field(
         "timm",
-        description="classifier head: the timm model's own, or concat_pool (average+max "
-        "pooling, BatchNorm, dropout, linear, ReLU, BatchNorm, dropout, linear)",
+        description="classifier head of a timm model: its own; linear (pooled features, "
+        "dropout, linear); mlp (pooled features, linear, BatchNorm, ReLU, dropout, a residual "
+        "block of the same, linear); or concat_pool (average+max pooling, BatchNorm, dropout, "
+        "linear, ReLU, BatchNorm, dropout, linear)",
+    )
+    head_hidden: int | None = Field(
+        None, ge=1, description="width of the hidden layers of --head mlp and concat_pool "
+        "(default 512)",
     )
     dropout: float = Field(
         0.0, ge=0, lt=1,
-        description="dropout before the classifier (concat_pool head: its dropout, default "
-        "0.5)",
+        description="dropout before the classifier (--head linear, mlp, concat_pool: the "
+        "head's dropout, default 0.5 for mlp and concat_pool; lenet_selu: its alpha dropout, "
+        "default 0.1)",
+    )
+    act: Activation | None = Field(
+        None,
+        description="activation of the body instead of the model's own (timm models that "
+        "take act_layer, the small_cnn nets)",
     )
     drop_path: float = Field(
         0.0, ge=0, lt=1, description="stochastic depth rate (timm models that support it)"
@@ -698,6 +729,10 @@ class InputOptions(Options):
     path_col: str | None = Field(
         None, description="CSV input: column with the image paths (default: the first)"
     )
+    text_col: str | None = Field(
+        None, description="CSV input to a text model: column with the texts (default: the "
+        "first)"
+    )
     folder: str | None = Field(None, description="CSV input: folder the paths are relative to")
     suffix: str = Field("", description="CSV input: appended to every path")
     bs: int = Field(256, ge=1, description="batch size")
@@ -727,17 +762,19 @@ class PredictOptions(InputOptions):
 
 
 SaliencyMethod = Literal["gradcam", "guided-backprop"]
+ExplainMethod = Literal[SaliencyMethod, "feature-maps"]
 MIN_CAM_SIDE = 7  # Grad-CAM's smallest useful feature map side, in cells
 
 
 class ExplainOptions(InputOptions):
     """Options of ``explain``."""
 
-    method: SaliencyMethod = Field(
+    method: ExplainMethod = Field(
         "gradcam",
         description="gradcam: where the evidence lies (coarse, class-specific); "
         "guided-backprop: which pixels move the output (fine; on models without ReLU, "
-        "such as the small CNN, the plain gradient)",
+        "such as the small CNN, the plain gradient); feature-maps: a grid of what one "
+        "layer computes, each channel of its output as a tile (up to 64), the image first",
     )
     target: str | None = Field(
         None,
@@ -746,9 +783,10 @@ class ExplainOptions(InputOptions):
     )
     layer: str | None = Field(
         None,
-        description="Grad-CAM: the module whose feature map is explained, e.g. layer3 "
-        f"(default: the last feature block, or an earlier one when its map is under "
-        f"{MIN_CAM_SIDE} px)",
+        description="a module name from model.named_modules(), e.g. layer3; Grad-CAM: the "
+        "module whose feature map is explained (default: the last feature block, or an "
+        f"earlier one when its map is under {MIN_CAM_SIDE} px); feature-maps: the module "
+        "whose output is drawn (default: the first feature block, the largest map)",
     )
     alpha: float = Field(0.5, gt=0, le=1, description="opacity of the heat map over the image")
     bs: int = Field(32, ge=1, description="batch size (gradients need more memory than predict)")

@@ -27,10 +27,12 @@ from safetensors.torch import load_model as load_safetensors_model
 from safetensors.torch import save_model as save_safetensors_model
 from torch import nn
 
+from .config import Activation, HeadKind
 from .errors import ImagefitError
 
 MODEL_WEIGHTS = "model.safetensors"
 MODEL_INFO = "model.json"
+MODEL_SUMMARY = "model_summary.txt"  # torchinfo's table of the model, for report.html
 
 
 def new_run_dir(root: str | Path, name: str) -> Path:
@@ -177,12 +179,32 @@ class ModelRecord(BaseModel):
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     architecture: str = Field(min_length=1)
-    head: Literal["timm", "concat_pool"] = "timm"
+    head: HeadKind = "timm"
+    head_hidden: int | None = Field(None, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    act: Activation | None = None
     task: _TaskRecord
     image_size: int = Field(ge=1, le=8192)
     channels: Literal[1, 3]
     resize: Literal["crop", "squish", "pad"]
     normalization: _Normalization
+
+
+class _TextRecord(BaseModel):
+    characters: str
+    lowercase: bool = True
+    length: int = Field(ge=1)
+
+
+class TextModelRecord(BaseModel):
+    """model.json of a text model: its characters and length instead of image settings."""
+
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+
+    input: Literal["text"]
+    architecture: str = Field(min_length=1)
+    task: _TaskRecord
+    text: _TextRecord
 
 
 def read_model_info(run_dir: str | Path) -> dict:
@@ -203,14 +225,17 @@ def read_model_info(run_dir: str | Path) -> dict:
         reason = "it is empty" if not path.stat().st_size else f"not JSON: {_first_line(error)}"
         raise ImagefitError(f"{path} is damaged ({reason}): restore it from a copy of the run, "
                             "or train the model again") from None
+    text = isinstance(info, dict) and info.get("input") == "text"
     try:
-        record = ModelRecord.model_validate(info)
+        record = (TextModelRecord if text else ModelRecord).model_validate(info)
     except ValidationError as error:
         problem = error.errors()[0]
         where = ".".join(str(p) for p in problem["loc"]) or "the file"
         raise ImagefitError(f"{path} does not describe a model ({where}: "
                             f"{problem['msg'].lower()}): restore it from a copy of the run, "
                             "or train the model again") from None
+    if text:
+        return info
     channels = record.channels
     norm = record.normalization
     if len(norm.mean) != channels or len(norm.std) != channels:

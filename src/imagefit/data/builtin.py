@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ImagefitError
+from ..tasks import Task
 from .table import Table, from_arrays
 
 FASHION_MNIST_CLASSES = [
@@ -114,9 +115,41 @@ def read_fashion_mnist() -> Table:
                        description="builtin:fashion-mnist")
 
 
+NAME_MARKS = {"M": "male", "F": "female"}  # '?', '1M', '?F', '=' ... are unisex or unsure
+
+
+def read_names() -> Table:
+    """Given names and their gender, from the name list that the gender-guesser package
+    ships (Jörg Michael's nam_dict.txt, GNU FDL): the names marked plain M or F, without
+    the second spelling of names with umlauts and without names marked both ways; a '+'
+    inside a name (a space or hyphen) becomes a space. No test split."""
+    try:
+        import gender_guesser
+    except ImportError:
+        raise ImagefitError("builtin:names reads the name list of the gender-guesser package: "
+                            "pip install gender-guesser") from None
+    path = Path(gender_guesser.__file__).parent / "data" / "nam_dict.txt"
+    genders: dict[str, set[str]] = {}
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            mark = line[:2].strip()
+            if mark not in NAME_MARKS or (len(line) > 29 and line[29] == "+"):
+                continue
+            name = line[3:29].strip().replace("+", " ")
+            if name:
+                genders.setdefault(name, set()).add(NAME_MARKS[mark])
+    names = sorted(name for name, marks in genders.items() if len(marks) == 1)
+    classes = sorted(NAME_MARKS.values())
+    targets = np.array([classes.index(next(iter(genders[n]))) for n in names], dtype=np.int64)
+    return Table(task=Task("classification", classes), targets=targets,
+                 split=np.full(len(names), "train", dtype=object), texts=names,
+                 description="builtin:names")
+
+
 BUILTINS: dict[str, Callable[[], Table]] = {
     "digits": read_digits,
     "fashion-mnist": read_fashion_mnist,
+    "names": read_names,
 }
 
 

@@ -104,7 +104,9 @@ class Loader:
             local, [self.share_positions(rank) for rank in range(self.world_size)])
 
     def _load(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.images.index_select(0, index).permute(0, 3, 1, 2)
+        x = self.images.index_select(0, index)
+        if x.dim() == 4:  # images (N, H, W, C) -> (B, C, H, W); texts stay (B, L)
+            x = x.permute(0, 3, 1, 2)
         y = self.targets.index_select(0, index)
         if self.device.type == "cuda":
             x, y = x.pin_memory(), y.pin_memory()

@@ -13,6 +13,7 @@ from ..errors import ImagefitError, ImagefitWarning
 from ..tasks import Task
 from .builtin import read_builtin
 from .table import SPLIT_ALIASES, Table, check_float32
+from .text import check_texts, looks_like_text
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
                     ".pgm", ".pbm", ".jfif"}
@@ -41,8 +42,11 @@ def read_source(spec: str | Path, options: SourceOptions | None = None) -> Table
 
 
 def _force_task(table: Table, task: str | None, spec: str) -> Table:
-    if task is None or task == table.task.kind:
+    if task is None or task == table.task.kind or (task == "text" and table.texts is not None):
         return table
+    if task == "text":
+        raise ImagefitError(f"--task text reads texts from a CSV file, and {spec} holds "
+                            "images: give a CSV with a column of texts and one of labels")
     raise ImagefitError(
         f"--task {task} does not fit {spec}: its labels are single class names; "
         "for multi-label or regression targets use a CSV file"
@@ -191,7 +195,12 @@ def read_csv(path: Path, options: SourceOptions) -> Table:
     def require(column: str, option: str) -> str:
         return require_column(frame, column, option, name)
 
-    path_col = require(options.path_col, "--path-col") if options.path_col else columns[0]
+    if options.text_col:
+        path_col = require(options.text_col, "--text-col")
+    else:
+        path_col = require(options.path_col, "--path-col") if options.path_col else columns[0]
+    text = options.task == "text" or options.text_col is not None or _names_no_files(
+        frame[path_col], path, options, name)
     split_col = require(options.split_col, "--split-col") if options.split_col else (
         "split" if "split" in columns and path_col != "split" else None
     )
@@ -204,6 +213,12 @@ def read_csv(path: Path, options: SourceOptions) -> Table:
             f"{name} has no label column besides the paths in '{path_col}': add one"
         )
 
+    if text:
+        texts = check_texts(frame[path_col], name, path_col)
+        task, targets = _read_targets(frame[label_cols], name,
+                                      options.model_copy(update={"task": None}))
+        return Table(task=task, targets=targets, split=_read_split(frame, split_col, name),
+                     texts=texts, description=str(path))
     task, targets = _read_targets(frame[label_cols], name, options)
     split = _read_split(frame, split_col, name)
     paths = _resolve_paths(frame[path_col].str.strip().tolist(), path, options)
@@ -215,6 +230,24 @@ def read_csv(path: Path, options: SourceOptions) -> Table:
         paths=paths,
         description=str(path),
     )
+
+
+def _names_no_files(cells: pd.Series, csv_path: Path, options: SourceOptions,
+                    name: str) -> bool:
+    """Whether a CSV's first column holds texts, not image paths: it looks like text (letters,
+    no image extension, no folder) and none of its cells names a file. Said in a warning, as
+    a path column whose files are all missing would otherwise have been an error."""
+    if options.task is not None or options.path_col or options.suffix or options.folder:
+        return False
+    if not looks_like_text(cells):
+        return False
+    folder = csv_path.parent
+    if any((folder / cell.strip()).is_file() for cell in cells.head(1000)):
+        return False
+    warnings.warn(f"{name}: column '{cells.name}' names no image files, so it is read as text "
+                  "(--task text); if it holds image paths, give --folder or --suffix",
+                  ImagefitWarning, stacklevel=3)
+    return True
 
 
 def _separator(path: Path) -> str:

@@ -1,5 +1,6 @@
-"""The table every source becomes: items (image paths or rows of an in-memory uint8 array),
-their targets, their splits and the task; and ``from_arrays``, which makes one from arrays."""
+"""The table every source becomes: items (image paths, rows of an in-memory uint8 array, or
+short texts), their targets, their splits and the task; and ``from_arrays``, which makes one
+from arrays."""
 
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ class Table:
     paths: list[str] | None = None
     arrays: np.ndarray | None = None
     description: str = ""
+    texts: list[str] | None = None  # a text table's strings (see data.text)
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -44,6 +46,7 @@ class Table:
             split=self.split[index],
             paths=None if self.paths is None else [self.paths[i] for i in index],
             arrays=None if self.arrays is None else self.arrays[index],
+            texts=None if self.texts is None else [self.texts[i] for i in index],
         )
 
     def rows(self, split: str) -> np.ndarray:

@@ -16,6 +16,7 @@ from torch import nn
 
 from .. import runs
 from ..augment.pipeline import BatchPipeline
+from ..augment.text import TextPipeline
 from ..config import (
     EvaluateOptions,
     InputOptions,
@@ -25,9 +26,16 @@ from ..config import (
 )
 from ..data.cache import CacheSettings, build_cache, warn_unreadable
 from ..data.prepare import prepare_images
-from ..data.sources import IMAGE_EXTENSIONS, read_csv_paths, read_source
+from ..data.sources import (
+    IMAGE_EXTENSIONS,
+    read_csv_paths,
+    read_frame,
+    read_source,
+    require_column,
+)
 from ..data.splits import assign_validation
 from ..data.table import Table
+from ..data.text import Vocabulary, check_texts, prepare_texts
 from ..devices import inference_precision, resolve_device
 from ..errors import ImagefitError, ImagefitWarning
 from ..forward import TTA, model_outputs
@@ -35,6 +43,7 @@ from ..metrics import all_metrics
 from ..models import (
     create_model,
 )
+from ..models.text import create_text_model
 from ..tasks import Task
 
 
@@ -44,7 +53,7 @@ class LoadedModel:
 
     model: nn.Module
     task: Task
-    settings: CacheSettings
+    settings: CacheSettings | None  # None for a text model
     pipeline: BatchPipeline
     info: dict
     precision: str = "fp32"  # the autocast its forward passes run in
@@ -55,9 +64,12 @@ def load_model(run: str | Path, device: str = "auto", precision: str = "auto") -
     in ``precision`` (auto: as it was trained, where this device runs that fast)."""
     info = runs.read_model_info(run)
     task = Task.from_dict(info["task"])
+    if info.get("input") == "text":
+        return _load_text_model(run, info, task, device, precision)
     try:
         model = create_model(info["architecture"], info["channels"], task.n_out,
-                             head=info.get("head", "timm"))
+                             head=info.get("head", "timm"), head_hidden=info.get("head_hidden"),
+                             dropout=info.get("dropout", 0.0), act=info.get("act"))
     except ImagefitError as error:
         raise ImagefitError(f"{Path(run) / runs.MODEL_INFO} names a model that cannot be "
                             f"made ({error})") from None
@@ -69,6 +81,34 @@ def load_model(run: str | Path, device: str = "auto", precision: str = "auto") -
     norm = info["normalization"]
     return LoadedModel(model, task, settings, BatchPipeline(norm["mean"], norm["std"]), info,
                        inference_precision(precision, info.get("precision"), target))
+
+
+def _load_text_model(run: str | Path, info: dict, task: Task, device: str,
+                     precision: str) -> LoadedModel:
+    """A text model: its characters and length from model.json, no image settings."""
+    vocabulary = text_vocabulary(info)
+    model = create_text_model(info["architecture"], len(vocabulary), task.n_out,
+                              dropout=info.get("dropout") or 0.0)
+    runs.load_weights(model, run)
+    _warn_if_failed(Path(run))
+    target = resolve_device(device)
+    return LoadedModel(model.to(target).eval(), task, None, TextPipeline(), info,
+                       inference_precision(precision, info.get("precision"), target))
+
+
+def text_vocabulary(info: dict) -> Vocabulary:
+    text = info["text"]
+    return Vocabulary(text["characters"], text.get("lowercase", True))
+
+
+def is_text_model(loaded: LoadedModel) -> bool:
+    return loaded.info.get("input") == "text"
+
+
+def encode_texts(loaded: LoadedModel, texts: list[str]) -> torch.Tensor:
+    """Texts as the model read its training texts: (N, length) character indices."""
+    return torch.from_numpy(text_vocabulary(loaded.info).encode(texts,
+                                                                loaded.info["text"]["length"]))
 
 
 def _warn_if_failed(run: Path) -> None:
@@ -111,14 +151,22 @@ def expand_inputs(inputs: list[str | Path], options: InputOptions) -> list[str]:
 
 
 def predict(run: str | Path, inputs: list[str | Path], out: str | Path | None = None,
-            options: PredictOptions | None = None, **overrides: Any) -> pd.DataFrame:
+            options: PredictOptions | None = None, texts: list[str] | None = None,
+            **overrides: Any) -> pd.DataFrame:
     """Predictions for image files, folders or CSVs of paths: a row per readable image with
-    the path, the predicted label(s) or value(s) and the class probabilities."""
+    the path, the predicted label(s) or value(s) and the class probabilities. A text
+    model predicts ``texts`` and the texts of CSV files (``text_col``, else the first
+    column), a row per text."""
     options = merge_options(PredictOptions, options, overrides)
     if out is not None:
         out = runs.output_file(out, "--out")
     members = load_models(run, options.device, options.snapshots, options.precision)
     loaded = members[0][1]
+    if is_text_model(loaded) or texts:
+        frame = _predict_texts(members, list(inputs), texts or [], options)
+        if out is not None:
+            runs.write_atomic(out, frame.to_csv(index=False))
+        return frame
     paths = expand_inputs(list(inputs), options)
     cache = build_cache(paths, loaded.settings, options.cache_dir, progress=options.progress)
     warn_unreadable(cache, paths)
@@ -129,6 +177,40 @@ def predict(run: str | Path, inputs: list[str | Path], out: str | Path | None = 
     frame = _prediction_frame(task, [paths[r] for r in rows], activated, options)
     if out is not None:
         runs.write_atomic(out, frame.to_csv(index=False))
+    return frame
+
+
+def _predict_texts(members: list[tuple[Path, LoadedModel]], inputs: list[str | Path],
+                   texts: list[str], options: PredictOptions) -> pd.DataFrame:
+    loaded = members[0][1]
+    if not is_text_model(loaded):
+        raise ImagefitError(f"{members[0][0]} holds an image model: give it images, not "
+                            "--text")
+    texts = list(texts)
+    for item in map(Path, inputs):
+        if item.suffix.lower() not in (".csv", ".tsv") or not item.is_file():
+            raise ImagefitError(f"input {item}: a text model reads texts given with --text, or "
+                                "a CSV file with a column of texts")
+        frame = read_frame(item)
+        column = require_column(frame, options.text_col or frame.columns[0], "--text-col",
+                                item.name)
+        texts += check_texts(frame[column], item.name, column)
+    if not texts:
+        raise ImagefitError("nothing to predict: give texts with --text, or a CSV file")
+    empty = [t for t in texts if not t.strip()]
+    if empty:
+        raise ImagefitError("--text: an empty text cannot be predicted; give each text at "
+                            "least one character")
+    total = None
+    for _, member in members:  # each fold model reads with its own characters
+        raw = _outputs(member, encode_texts(member, texts), np.arange(len(texts)), options.bs)
+        part = member.task.averageable(raw) if len(members) > 1 else raw
+        total = part if total is None else total + part
+    outputs = total if len(members) == 1 else loaded.task.from_average(total / len(members))
+    frame = pd.DataFrame({"text": texts})
+    for name, column in loaded.task.prediction_columns(loaded.task.activate(outputs),
+                                                       "table").items():
+        frame[name] = column
     return frame
 
 
@@ -232,13 +314,24 @@ def evaluate(run: str | Path, data: str | Path | Table, out: str | Path | None =
         out = runs.output_file(out, "--out")
     loaded = load_model(run, options.device, options.precision)
     run_config = _read_run_config(Path(run))
+    if is_text_model(loaded) and options.task is None:
+        options = options.model_copy(update={"task": "text"})
     table = data if isinstance(data, Table) else read_source(data, options)
     split = options.split or ("test" if table.has_split("test") else "valid")
     if split == "valid":
         table = assign_validation(table, run_config.get("valid_pct", 0.2),
                                   run_config.get("seed", 0), run_config.get("stratify", True))
-    prepared = prepare_images(table, loaded.settings, cache_dir=options.cache_dir,
-                              strict=options.strict, progress=options.progress)
+    if is_text_model(loaded) != (table.texts is not None):
+        raise ImagefitError(f"{run} holds a {'text' if is_text_model(loaded) else 'image'} "
+                            f"model and {table.description} holds "
+                            f"{'texts' if table.texts is not None else 'images'}: give data "
+                            "of the kind it was trained on")
+    if table.texts is not None:
+        prepared = prepare_texts(table, length=loaded.info["text"]["length"],
+                                 vocabulary=text_vocabulary(loaded.info))
+    else:
+        prepared = prepare_images(table, loaded.settings, cache_dir=options.cache_dir,
+                                  strict=options.strict, progress=options.progress)
     rows = prepared.rows(table, split)
     if len(rows) == 0:
         raise ImagefitError(f"{table.description} has no {split} images: choose --split")

@@ -83,7 +83,7 @@ def _map_sides(model: nn.Module, names: list[str], image_size: int,
     handles = [modules[name].register_forward_hook(record(name)) for name in names]
     device = next(model.parameters()).device
     try:
-        with torch.no_grad(), _evaluating(model):
+        with torch.no_grad(), evaluating(model):
             model(torch.zeros(1, channels, image_size, image_size, device=device))
     finally:
         for handle in handles:
@@ -92,7 +92,7 @@ def _map_sides(model: nn.Module, names: list[str], image_size: int,
 
 
 @contextmanager
-def _evaluating(model: nn.Module) -> Iterator[None]:
+def evaluating(model: nn.Module) -> Iterator[None]:
     """Eval mode inside, every module's own mode restored after."""
     modes = [(module, module.training) for module in model.modules()]
     model.eval()
@@ -143,7 +143,7 @@ def saliency_maps(loaded: LoadedModel, images: torch.Tensor, method: SaliencyMet
     else:
         raise ImagefitError(f"unknown method '{method}': use gradcam or guided-backprop")
     maps = []
-    with _evaluating(model), torch.enable_grad(), warnings.catch_warnings():
+    with evaluating(model), torch.enable_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Setting backward hooks")
         for start in range(0, len(images), batch_size):
             x = loaded.pipeline(images[start:start + batch_size].to(device))
@@ -181,6 +181,6 @@ def describe_outputs(task: Task, outputs: torch.Tensor, targets: torch.Tensor) -
 @torch.no_grad()
 def model_outputs(loaded: LoadedModel, images: torch.Tensor) -> torch.Tensor:
     device = next(loaded.model.parameters()).device
-    with _evaluating(loaded.model):
+    with evaluating(loaded.model):
         return run_model(loaded.model, loaded.pipeline(images.to(device)),
                          loaded.precision).cpu()

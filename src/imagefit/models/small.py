@@ -7,23 +7,23 @@ from collections.abc import Sequence
 from torch import nn
 
 
-def conv_bn(c_in: int, c_out: int) -> nn.Sequential:
+def conv_bn(c_in: int, c_out: int, act_layer: type[nn.Module] = nn.GELU) -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.GELU()
+        nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), act_layer()
     )
 
 
 class Stage(nn.Sequential):
     """conv -> 2x max-pool -> BN -> GELU -> conv -> BN -> GELU: pooling early halves the
-    cost of the second convolution."""
+    cost of the second convolution. ``act_layer`` replaces GELU (--act)."""
 
-    def __init__(self, c_in: int, c_out: int) -> None:
+    def __init__(self, c_in: int, c_out: int, act_layer: type[nn.Module] = nn.GELU) -> None:
         super().__init__(
             nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
             nn.MaxPool2d(2, ceil_mode=True),
             nn.BatchNorm2d(c_out),
-            nn.GELU(),
-            conv_bn(c_out, c_out),
+            act_layer(),
+            conv_bn(c_out, c_out, act_layer),
         )
 
 
@@ -35,12 +35,14 @@ class SmallCNN(nn.Module):
     nets (``small_cnn_16``, ``small_cnn_32``, ``small_cnn_64``; see docs/RECIPES.md) fast."""
 
     def __init__(self, in_chans: int, num_classes: int,
-                 widths: Sequence[int] = (16, 32, 64, 128), stem: bool = True) -> None:
+                 widths: Sequence[int] = (16, 32, 64, 128), stem: bool = True,
+                 act_layer: type[nn.Module] = nn.GELU) -> None:
         super().__init__()
-        self.stem = conv_bn(in_chans, widths[0]) if stem else nn.Identity()
+        self.stem = conv_bn(in_chans, widths[0], act_layer) if stem else nn.Identity()
         inputs = widths[:-1] if stem else (in_chans, *widths[:-1])
         outputs = widths[1:] if stem else widths
-        self.stages = nn.Sequential(*(Stage(c_in, c_out) for c_in, c_out in zip(inputs, outputs)))
+        self.stages = nn.Sequential(*(Stage(c_in, c_out, act_layer)
+                                      for c_in, c_out in zip(inputs, outputs)))
         self.pool = nn.AdaptiveMaxPool2d(1)
         self.head = nn.Linear(widths[-1], num_classes)
         if not stem:  # Grad-CAM's layer: see explain.gradcam_layer
@@ -62,6 +64,7 @@ class SmallCNN(nn.Module):
 
 def small_cnn(widths: Sequence[int], stem: bool = False):
     """A named SmallCNN of these stage widths, for the model registry."""
-    def create(in_chans: int, num_classes: int) -> SmallCNN:
-        return SmallCNN(in_chans, num_classes, widths, stem=stem)
+    def create(in_chans: int, num_classes: int,
+               act_layer: type[nn.Module] = nn.GELU) -> SmallCNN:
+        return SmallCNN(in_chans, num_classes, widths, stem=stem, act_layer=act_layer)
     return create

@@ -85,6 +85,18 @@ def summary_table(model: nn.Module, image_size: int, channels: int, depth: int =
     return str(_statistics(model, channels, image_size, depth))
 
 
+def text_summary_table(model: nn.Module, length: int, depth: int = 3) -> str:
+    """torchinfo's table of a text model reading one text of ``length`` characters."""
+    torchinfo = _torchinfo()
+    model.eval()
+    device = next(model.parameters(), torch.zeros(0)).device
+    with torch.no_grad():
+        return str(torchinfo.summary(model, input_data=torch.ones(1, length, dtype=torch.long,
+                                                                  device=device),
+                                     depth=depth, verbose=0,
+                                     col_names=("output_size", "num_params", "mult_adds")))
+
+
 def named_summary(name: str, image_size: int | None = None, channels: int | None = None,
                   depth: int = 3) -> str:
     """The table of a model by name, with ImageNet's 1,000 outputs (224 px, 3 channels

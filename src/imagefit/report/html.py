@@ -13,6 +13,7 @@ import math
 import time
 import warnings
 from collections.abc import Iterable
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
@@ -161,15 +162,22 @@ def build_context(run_dir: Path) -> dict:
     interpretation_context = None
     if interpretation:
         shown = {k: v for k, v in interpretation.items()
-                 if k not in ("metrics", "confusion", "split", "n_images", "top_paths")}
+                 if k not in ("metrics", "confusion", "split", "n_images", "n_texts",
+                              "top_paths", "feature_maps")}
+        maps = interpretation.get("feature_maps")
+        texts = "n_texts" in interpretation
         interpretation_context = {"split": interpretation.get("split", "valid"),
-                                  "n_images": interpretation.get("n_images", 0),
+                                  "n_images": interpretation.get(
+                                      "n_texts" if texts else "n_images", 0),
+                                  "item_word": "texts" if texts else "images",
+                                  "feature_maps": _figure(run_dir, maps["file"], maps["title"])
+                                  if maps else None,
                                   **sections_of(shown, run_dir)}
     seconds = metrics.get("seconds")
     return {
         "title": run_dir.name,
         "data": config.get("data_description") or config.get("data") or "-",
-        "task_kind": kind or "-",
+        "task_kind": (f"text {kind}" if info.get("input") == "text" else kind) or "-",
         "model": info.get("architecture") or config.get("model") or "-",
         "epochs": metrics.get("epochs", len(history) if history is not None else 0),
         "seconds": f"{seconds:.0f} s" if isinstance(seconds, (int, float)) else "-",
@@ -179,6 +187,8 @@ def build_context(run_dir: Path) -> dict:
         "headline": _headline(metrics, kind),
         "interrupted": bool(metrics.get("interrupted")),
         "config": [(k, format_value(v)) for k, v in config.items()],
+        "model_summary": read_run_file(run_dir / runs.MODEL_SUMMARY, Path.read_text),
+        "torchinfo_missing": find_spec("torchinfo") is None,
         "dataset": sections_of(dataset, run_dir) if dataset else None,
         "training": {"plots": training_plots, "epochs": epochs_table},
         "metrics": _metrics_table(metrics),
@@ -206,8 +216,10 @@ def write_report(run_dir: str | Path) -> Path:
 
 
 def regenerate(run_dir: str | Path) -> Path:
-    """Redraw the training and interpretation plots from the run's files, then the page."""
+    """Redraw the training and interpretation plots and the model summary from the run's
+    files, then the page."""
     from .interpretation import redraw_interpretation
+    from .model_summary import save_model_summary
 
     run_dir = Path(run_dir)
     _check_run_dir(run_dir)
@@ -226,4 +238,6 @@ def regenerate(run_dir: str | Path) -> Path:
         warnings.warn(f"the interpretation files of {run_dir} are damaged "
                       f"({type(error).__name__}): the report leaves the interpretation out; a "
                       "new fit writes them again", ImagefitWarning, stacklevel=2)
+    if (run_dir / runs.MODEL_INFO).is_file() and (run_dir / runs.MODEL_WEIGHTS).is_file():
+        save_model_summary(run_dir)
     return write_report(run_dir)

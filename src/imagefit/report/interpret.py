@@ -64,7 +64,8 @@ def most_confused(confusion: np.ndarray, names: Sequence[str], limit: int = 10) 
             for count, a, p in pairs[:limit]]
 
 
-def interpret(task: Task, outputs: torch.Tensor, targets: torch.Tensor, images_for: ImagesFor,
+def interpret(task: Task, outputs: torch.Tensor, targets: torch.Tensor,
+              images_for: ImagesFor | None,
               plots_dir: Path, paths: Sequence[str] | None = None, split: str = "valid",
               k: int = 16) -> dict:
     """Write the interpretation plots of ``outputs`` against ``targets`` into ``plots_dir``
@@ -114,7 +115,7 @@ def interpret(task: Task, outputs: torch.Tensor, targets: torch.Tensor, images_f
     losses = item_losses(task, outputs, targets)
     rows = _describe_items(task, outputs, targets, worst, losses, paths)
     result["top_losses"] = rows
-    if len(worst):
+    if len(worst) and images_for is not None:  # None: items that are not images (texts)
         titles = [_grid_title(task, row) for row in rows]
         heading = ("Worst predictions" if task.kind == "regression" else "Top losses") + \
             (": predicted / actual, loss, probability of the prediction"

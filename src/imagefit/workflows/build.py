@@ -16,6 +16,7 @@ from .. import distributed
 from ..augment.color import pca_statistics
 from ..augment.pipeline import BatchPipeline
 from ..augment.presets import resolve_augment
+from ..augment.text import TextPipeline
 from ..config import (
     AugmentOptions,
     FitConfig,
@@ -30,6 +31,7 @@ from ..data.sampling import class_weights, resample_rows, weighted_sampler_rows
 from ..data.sources import read_source
 from ..data.splits import assign_validation
 from ..data.table import Table
+from ..data.text import PreparedText, prepare_texts
 from ..devices import resolve_precision
 from ..errors import ImagefitError
 from ..metrics import available_metrics
@@ -40,7 +42,10 @@ from ..models import (
     default_model_name,
     is_small_net,
     pretrained_statistics,
+    takes_small_image_optimizer,
 )
+from ..models.heads import resolve_head
+from ..models.text import create_text_model
 from ..tasks import HIGHER_IS_BETTER, MAIN_METRIC, Regression, Task, resolve_loss
 from ..train import schedules
 from ..train.learner import Learner
@@ -69,8 +74,8 @@ class LoadedData:
     """A source read, split and cached, with its resolved augmentation."""
 
     table: Table
-    settings: CacheSettings
-    prepared: PreparedImages
+    settings: CacheSettings | None  # None for texts
+    prepared: PreparedImages | PreparedText
     train_rows: np.ndarray
     valid_rows: np.ndarray
     test_rows: np.ndarray
@@ -91,6 +96,8 @@ def load_data(data: str | Path | Table, cfg: ImageOptions) -> LoadedData:
                                      getattr(cfg, "min_score", None))
     if edits and distributed.is_main():
         print(_describe_edits(edits))
+    if table.texts is not None:
+        return _load_texts(table, cfg, edits)
     if cfg.image_sizes and cfg.image_size is None:
         cfg.image_size = max(cfg.image_sizes)
     settings = resolve_settings(table, cfg.image_size, cfg.channels, cfg.resize, cfg.seed)
@@ -117,6 +124,33 @@ def load_data(data: str | Path | Table, cfg: ImageOptions) -> LoadedData:
                       lighting, cache_seconds, notes)
 
 
+def _load_texts(table: Table, cfg: ImageOptions, edits: dict | None) -> LoadedData:
+    """A text table encoded with its training split's characters: no images, so no
+    augmentation, test-time augmentation or channels-last batches."""
+    texts = prepare_texts(table, length=cfg.text_length, percentile=cfg.text_percentile,
+                          lowercase=not cfg.keep_case)
+    rows = [texts.rows(table, s) for s in ("train", "valid", "test")]
+    check_trainable(table, texts.cache, rows[0])
+    cfg.text_length = texts.length
+    cfg.augment, cfg.augment_options = "none", AugmentOptions()
+    for name, value in {"tta": False, "channels_last": False, "image_size": None}.items():
+        if name in type(cfg).model_fields:
+            setattr(cfg, name, value)
+    notes = {"text": {"length": texts.length, "percentile": texts.percentile,
+                      "vocabulary_size": len(texts.vocabulary.characters)}}
+    if edits:
+        notes["label_edits"] = edits
+    return LoadedData(table, None, texts, *rows, cfg.augment_options, None,
+                      texts.cache.built_seconds, notes)
+
+
+def require_images(loaded: LoadedData, command: str) -> None:
+    """Refuse texts in a command that only knows images, in one line."""
+    if loaded.table.texts is not None:
+        raise ImagefitError(f"{command} works on images, and {loaded.table.description} holds "
+                            "texts: fit, cv, predict and evaluate read texts")
+
+
 def _describe_edits(edits: dict) -> str:
     done = (f"dropped {edits['dropped']} training row(s)" if edits["action"] == "drop" else
             f"relabelled {edits['relabelled']} training row(s)"
@@ -132,6 +166,11 @@ def check_data(table: Table, cfg: FitConfig) -> None:
     its directory exists): training rows, readable images, classes, targets. The image cache
     built here is the one the folds then read."""
     check_has_training_rows(table)
+    if table.texts is not None:
+        texts = prepare_texts(table, length=cfg.text_length, percentile=cfg.text_percentile,
+                              lowercase=not cfg.keep_case)
+        check_trainable(table, texts.cache, np.flatnonzero(table.split != "test"))
+        return
     cfg = cfg.model_copy()
     apply_pretrained_source(cfg)
     settings = resolve_settings(table, cfg.image_size or (max(cfg.image_sizes) if
@@ -164,7 +203,7 @@ def apply_small_image_recipe(cfg: ImageOptions, image_size: int,
     """The small-image recipe's values for the options the user left unset, when single-label
     classification (what it was measured on) has small images and the net is one of
     imagefit's own (chosen automatically or named); its optimizer settings only when --opt
-    is unset too."""
+    is unset too, and the net takes them (``takes_small_image_optimizer``)."""
     model = getattr(cfg, "model", "auto")
     if image_size > SMALL_IMAGE_MAX or kind != "classification" or getattr(
             cfg, "pretrained", None) or not (model == "auto" or is_small_net(model)):
@@ -174,7 +213,7 @@ def apply_small_image_recipe(cfg: ImageOptions, image_size: int,
     if image_size < MIN_AUGMENT_SIZE or short:
         defaults.update(augment="none", tta=False)
         del defaults["tta_augment"]
-    if "opt" not in cfg.model_fields_set:
+    if "opt" not in cfg.model_fields_set and takes_small_image_optimizer(model):
         defaults.update(SMALL_IMAGE_OPTIMIZER)
     for name, value in defaults.items():
         if name in type(cfg).model_fields and name not in cfg.model_fields_set:
@@ -200,7 +239,8 @@ def build_training(cfg: FitConfig, loaded: LoadedData, device: torch.device) -> 
     automatic choices (model) into ``cfg``."""
     table, settings = loaded.table, loaded.settings
     if cfg.model == "auto":
-        cfg.model = default_model_name(settings.size, table.task.kind)
+        cfg.model = "char_cnn" if settings is None else default_model_name(settings.size,
+                                                                           table.task.kind)
     try:
         cfg.loss = resolve_loss(table.task.kind, cfg.loss)
     except ValueError as error:
@@ -216,8 +256,12 @@ def build_training(cfg: FitConfig, loaded: LoadedData, device: torch.device) -> 
                                            task.kind).tolist()
     targets = task.encode_targets(table.targets)
     torch.manual_seed(cfg.seed)
+    if settings is None:
+        return _text_training(cfg, loaded, task, targets, train_rows, sampler, device)
     model = create_model(cfg.model, settings.channels, task.n_out, pretrained=cfg.pretrained,
-                         dropout=cfg.dropout, drop_path=cfg.drop_path, head=cfg.head)
+                         dropout=cfg.dropout, drop_path=cfg.drop_path, head=cfg.head,
+                         head_hidden=cfg.head_hidden, act=cfg.act)
+    head_hidden, dropout = resolve_head(cfg.head, cfg.head_hidden, cfg.dropout)
     mean, std = _normalization(cfg, model, loaded.prepared.cache.images, loaded.train_rows)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=memory_format)
@@ -240,6 +284,9 @@ def build_training(cfg: FitConfig, loaded: LoadedData, device: torch.device) -> 
         "imagefit_version": __version__,
         "architecture": cfg.model,
         "head": cfg.head,
+        "head_hidden": head_hidden,  # as built: what load_model rebuilds
+        "dropout": dropout,
+        "act": cfg.act,
         "task": task.to_dict(),
         "image_size": cfg.image_sizes[-1] if cfg.image_sizes else settings.size,
         "channels": settings.channels,
@@ -253,6 +300,43 @@ def build_training(cfg: FitConfig, loaded: LoadedData, device: torch.device) -> 
     n_train_sampled = len(train_rows) if len(train_rows) != len(loaded.train_rows) else None
     return TrainingParts(task, model, pipeline, batch_size, loaders, model_info, n_train_sampled,
                          lr_factor)
+
+
+def _text_training(cfg: FitConfig, loaded: LoadedData, task: Task, targets: torch.Tensor,
+                   train_rows: np.ndarray, sampler, device: torch.device) -> TrainingParts:
+    """The parts of a text fit: a character model over the encoded texts, batches as they
+    are (no normalization or augmentation)."""
+    if cfg.pretrained:
+        raise ImagefitError("--pretrained: text models train from scratch; leave it out")
+    texts: PreparedText = loaded.prepared
+    model = create_text_model(cfg.model, len(texts.vocabulary), task.n_out,
+                              dropout=cfg.dropout).to(device)
+    batch_size, lr_factor = training_batch_size(
+        cfg.bs if cfg.bs != "auto" else FitConfig.model_fields["bs"].default,
+        len(train_rows)), 1.0
+    codes = texts.cache.tensor()
+
+    def loader(rows: np.ndarray, train: bool = False) -> Loader | None:
+        if len(rows) == 0:
+            return None
+        return Loader(codes, targets, rows, batch_size if train else batch_size * 2,
+                      shuffle=train, drop_last=train, seed=cfg.seed, device=device,
+                      sampler=sampler if train else None, **distributed.shard())
+
+    model_info = {
+        "imagefit_version": __version__,
+        "input": "text",
+        "architecture": cfg.model,
+        "task": task.to_dict(),
+        "text": texts.settings(),
+        "dropout": cfg.dropout,
+        "precision": resolve_precision(cfg.precision, device),
+    }
+    loaders = {"train": loader(train_rows, train=True),
+               "valid": loader(loaded.valid_rows), "test": loader(loaded.test_rows)}
+    n_train_sampled = len(train_rows) if len(train_rows) != len(loaded.train_rows) else None
+    return TrainingParts(task, model, TextPipeline(), batch_size, loaders, model_info,
+                         n_train_sampled, lr_factor)
 
 
 def choose_batch_size(cfg: FitConfig, model: nn.Module, input_shape: tuple[int, int, int],

@@ -30,7 +30,13 @@ from ..forward import loader_outputs, run_model
 from ..metrics import all_metrics
 from ..tasks import Task
 from ..train.optim import make_optimizer
-from .build import LoadedData, TrainingParts, build_training, load_data
+from .build import (
+    LoadedData,
+    TrainingParts,
+    build_training,
+    load_data,
+    require_images,
+)
 
 OVERFIT_STEPS = 100
 OVERFIT_BATCH = 32  # images in the batch to overfit
@@ -119,6 +125,7 @@ def _assemble(data, cfg: CheckConfig) -> tuple[LoadedData, TrainingParts, torch.
         setattr(cfg, name, value)
     device = resolve_device(cfg.device)
     loaded = load_data(data, cfg)
+    require_images(loaded, "imagefit check")
     parts = build_training(cfg, loaded, device)
     return loaded, parts, device
 

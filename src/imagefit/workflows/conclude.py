@@ -1,7 +1,8 @@
 """The end of a fit: every metric on the validation and test splits, with and without
 test-time augmentation, the multi-label threshold chosen on validation, the interpretation
-of the validation split (the test split when there is no validation split) and the tensors
-``imagefit report`` redraws it from."""
+of the validation split (the test split when there is no validation split) with the
+feature maps of its first image, the tensors ``imagefit report`` redraws it from, and the
+model summary of the report's config section."""
 
 from __future__ import annotations
 
@@ -16,8 +17,15 @@ from ..errors import ImagefitError, ImagefitWarning
 from ..evaluation.inference import LoadedModel, score
 from ..forward import TTA, model_outputs
 from ..metrics import best_threshold
-from ..report.interpretation import SALIENCY_PLOT, list_saliency, save_interpretation
+from ..report.interpretation import (
+    SALIENCY_PLOT,
+    list_saliency,
+    save_first_feature_maps,
+    save_interpretation,
+)
+from ..report.model_summary import save_model_summary
 from ..report.overlays import explain_images
+from ..report.text import save_text_interpretation
 from .build import LoadedData, TrainingParts
 
 
@@ -59,7 +67,15 @@ def conclude(run_dir: Path, cfg: FitConfig, parts: TrainingParts, loaded: Loaded
     for name, averaged in tta_outputs.items():
         figures.update(_prefixed(f"{name}_tta_", score(task, averaged,
                                                        targets[splits[name]])))
-    if cfg.report and outputs and distributed.is_main():
+    trained = LoadedModel(model, task, loaded.settings, parts.pipeline, parts.model_info,
+                          cfg.precision)
+    if cfg.report and outputs and distributed.is_main() and loaded.table.texts is not None:
+        split = "valid" if "valid" in outputs else "test"
+        rows = splits[split]
+        save_text_interpretation(run_dir, task, outputs[split], targets[rows],
+                                 [loaded.table.texts[r] for r in rows], split,
+                                 loaded.prepared.length)
+    elif cfg.report and outputs and distributed.is_main():
         split = "valid" if "valid" in outputs else "test"
         rows = splits[split]
         paths = [loaded.table.paths[r] for r in rows] if loaded.table.paths else None
@@ -68,16 +84,17 @@ def conclude(run_dir: Path, cfg: FitConfig, parts: TrainingParts, loaded: Loaded
                                      .permute(0, 3, 1, 2), paths, split)
         if task.single_label and result.get("top_losses"):
             worst = rows[[row["position"] for row in result["top_losses"]]]
-            _explain_top_losses(run_dir, parts, loaded, model,
+            _explain_top_losses(run_dir, trained,
                                 images[torch.as_tensor(worst)].permute(0, 3, 1, 2))
+        save_first_feature_maps(run_dir, trained,
+                                images[torch.as_tensor(rows[:1])].permute(0, 3, 1, 2))
+    if cfg.report and distributed.is_main():
+        save_model_summary(run_dir, trained)
     return figures, {name: (splits[name], value) for name, value in outputs.items()}
 
 
-def _explain_top_losses(run_dir: Path, parts: TrainingParts, loaded: LoadedData,
-                        model: torch.nn.Module, images: torch.Tensor) -> None:
+def _explain_top_losses(run_dir: Path, trained: LoadedModel, images: torch.Tensor) -> None:
     """Grad-CAM of the top losses: where the model looked for the class it predicted."""
-    info = parts.model_info
-    trained = LoadedModel(model, parts.task, loaded.settings, parts.pipeline, info)
     try:
         explain_images(trained, images, None, "gradcam", Path(run_dir) / SALIENCY_PLOT)
     except ImagefitError as error:  # a model without feature maps (ViT): no plot, say why

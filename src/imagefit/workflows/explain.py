@@ -1,4 +1,5 @@
-"""The explain command: a saliency overlay PNG per image of files, folders or CSVs of paths."""
+"""The explain command: a saliency overlay (or a grid of one layer's feature maps) PNG per
+image of files, folders or CSVs of paths."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import torch
 from .. import runs
 from ..config import ExplainOptions, merge_options
 from ..data.cache import build_cache, warn_unreadable
+from ..errors import ImagefitError
+from ..evaluation.feature_maps import default_feature_layer, module_named
 from ..evaluation.inference import expand_inputs, load_model
 from ..evaluation.saliency import (
     METHOD_TITLES,
@@ -21,30 +24,43 @@ from ..evaluation.saliency import (
     saliency_maps,
     target_index,
 )
+from ..report.feature_maps import save_feature_map_grids
 from ..report.overlays import save_saliency_overlays
 
 
 def explain(run: str | Path, inputs: list[str | Path], out: str | Path,
             options: ExplainOptions | None = None, **overrides: Any) -> list[Path]:
-    """A saliency overlay PNG per readable image of files, folders or CSVs of paths, written
-    to the folder ``out`` as STEM_METHOD.png; returns their paths."""
+    """A saliency overlay PNG (or, with method feature-maps, a grid of one layer's output)
+    per readable image of files, folders or CSVs of paths, written to the folder ``out`` as
+    STEM_METHOD.png; returns their paths."""
     options = merge_options(ExplainOptions, options, overrides)
     out = runs.output_folder(out, "--out")
     loaded = load_model(run, options.device, options.precision)
+    if loaded.settings is None:
+        raise ImagefitError(f"{run} holds a text model: explain draws maps of images; see its "
+                            "report for the top losses and accuracy by text length")
     target = None if options.target is None else target_index(loaded.task, options.target)
+    layer = options.layer
+    if options.method == "feature-maps":
+        layer = layer or default_feature_layer(loaded.model)
+        module_named(loaded.model, layer)  # an unknown name fails before any image is read
+    elif options.method == "gradcam" and layer is None:
+        layer = gradcam_layer(loaded.model, loaded.settings.size, loaded.settings.channels)
     paths = expand_inputs(list(inputs), options)
     cache = build_cache(paths, loaded.settings, options.cache_dir, progress=options.progress)
     warn_unreadable(cache, paths)
     rows = np.setdiff1d(np.arange(len(paths)), cache.failed)
     names = _file_names([paths[row] for row in rows], options.method)
-    layer = options.layer
-    if options.method == "gradcam" and layer is None:
-        layer = gradcam_layer(loaded.model, loaded.settings.size, loaded.settings.channels)
     out = Path(out)
     written = []
     for start in range(0, len(rows), options.bs):
         chunk = torch.as_tensor(rows[start:start + options.bs])
         images = cache.tensor().index_select(0, chunk).permute(0, 3, 1, 2)
+        if options.method == "feature-maps":
+            written += save_feature_map_grids(
+                loaded, images, [out / name for name in names[start:start + len(chunk)]],
+                layer=layer, titles=[Path(paths[row]).name for row in chunk.tolist()])
+            continue
         outputs = model_outputs(loaded, images)
         targets = (default_targets(loaded.task, outputs) if target is None
                    else torch.full((len(chunk),), target))

@@ -45,6 +45,7 @@ from .build import (
     make_learner,
     make_schedule,
     monitor_column,
+    require_images,
 )
 from .check import CheckResult, fast_checks, format_check
 from .phases import budget_planner, own_callbacks, train_phases
@@ -156,6 +157,7 @@ def prepare(device: torch.device, data: str | Path | Table, cfg: FitConfig,
     parts = build_training(cfg, loaded, device)
     check_options_against(cfg, parts)
     if cfg.check:
+        require_images(loaded, "--check")
         run_fast_checks(cfg, loaded, parts)
     if cfg.soft_labels:
         parts.loaders["train"].targets = soft_targets(

@@ -16,6 +16,7 @@ from torch import nn
 from .. import distributed, runs
 from ..config import FitConfig
 from ..data.table import Table
+from ..data.text import text_summary
 from ..report.dataset import summarize_dataset
 from ..report.html import DATA_SUMMARY
 from ..report.html import write_report as write_report_page
@@ -112,8 +113,12 @@ def finish(run_dir: Path, prepared: Prepared, learner: Learner, best: BestCheckp
 
 
 def summarize_data(run_dir: Path, loaded, parts, seed: int) -> None:
-    norm = parts.model_info["normalization"]
     splits = {"train": loaded.train_rows, "valid": loaded.valid_rows, "test": loaded.test_rows}
+    if loaded.table.texts is not None:
+        runs.save_json(run_dir / DATA_SUMMARY, text_summary(loaded.table, loaded.prepared,
+                                                            splits))
+        return
+    norm = parts.model_info["normalization"]
     summary = summarize_dataset(loaded.table, loaded.prepared.cache, splits, norm["mean"],
                                 norm["std"], run_dir / "plots", seed=seed)
     runs.save_json(run_dir / DATA_SUMMARY, summary)

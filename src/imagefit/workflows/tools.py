@@ -17,7 +17,13 @@ from ..devices import resolve_device
 from ..report.plots import save_image_grid, save_lr_finder_plot
 from ..tasks import Task
 from ..train.lr_finder import LRFinderResult
-from .build import apply_pretrained_source, build_training, load_data, make_learner
+from .build import (
+    apply_pretrained_source,
+    build_training,
+    load_data,
+    make_learner,
+    require_images,
+)
 from .record import run_source
 
 
@@ -44,6 +50,7 @@ def show_batch(data: str | Path | Table, out: str | Path,
     cfg: ShowBatchOptions = merge_options(ShowBatchOptions, options, overrides)
     out = runs.output_file(out, "--out")
     loaded = load_data(data, cfg)
+    require_images(loaded, "show-batch")
     generator = torch.Generator().manual_seed(cfg.seed)
     rows = loaded.train_rows
     if cfg.same_image:
