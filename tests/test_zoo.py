@@ -111,3 +111,16 @@ def test_all_24_regnets_have_the_papers_flops_and_parameters():
     counted = {name: api.models(name, costs=True, limit=1)[0] for name in REGNET_PAPER}
     assert {name: (round(row["macs"] / 1e9, 1), round(row["params"] / 1e6, 1))
             for name, row in counted.items()} == REGNET_PAPER
+
+
+def test_a_listing_goes_on_past_models_that_cannot_run_at_the_size_and_names_text_models():
+    rows = {row["model"]: row for row in api.models("mobilenetv4_conv_aa_*", image_size=28)}
+    assert rows["mobilenetv4_conv_aa_large"]["note"] == "cannot run on a 28 px image"
+    assert rows["mobilenetv4_conv_aa_large"].get("params") is None
+    assert api.models("mobilenetv4_conv_aa_large", image_size=224)[0]["params"] > 1e6
+    (text,) = api.models("char_cnn")
+    assert text["note"].startswith("text model (--task text)")
+    with pytest.raises(ImagefitError, match=r"^char_cnn is a text model, whose size depends on "
+                       r"the characters it was trained on: summarize a text fit's run "
+                       r"directory instead \(imagefit summary RUN\)$"):
+        api.summary("char_cnn")

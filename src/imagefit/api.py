@@ -83,9 +83,10 @@ def label_issues(cv_dir: str | Path, out: str | Path | None = None,
 
 def models(pattern: str | None = None, image_size: int = 224, channels: int = 3,
            costs: bool = True, limit: int = 50) -> list[dict]:
-    """The model names imagefit accepts that match ``pattern`` (its own nets, then timm's),
-    each with its parameters and multiply-adds for one ``image_size`` image when ``costs``
-    (for the first ``limit`` matches: each model is built to count it)."""
+    """The model names imagefit accepts that match ``pattern`` (its own nets, its text model,
+    then timm's), each with its parameters and multiply-adds for one ``image_size`` image when
+    ``costs`` (for the first ``limit`` matches: each model is built to count it); a text
+    model, or one that cannot run on such an image, has a ``note`` instead."""
     from .models.zoo import list_models
 
     return list_models(pattern, image_size, channels, costs, limit)

@@ -515,6 +515,8 @@ def _models(args: argparse.Namespace, argv: list[str]) -> int:
     for row in found:
         if "params" in row:
             print(f"{row['model']:<{width}}  {row['params']:>13,}  {row['macs'] / 1e9:>8.3f}")
+        elif "note" in row:
+            print(f"{row['model']:<{width}}  {'-':>13}  {'-':>8}  {row['note']}")
         else:
             print(row["model"])
     if args.costs and len(found) > args.limit:

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..errors import ImagefitError
 from . import MODELS, check_model_name, create_model
+from .text import TEXT_MODELS
 
 MISSING = ("model summaries need torchinfo: pip install 'imagefit[zoo]' (or pip install "
            "torchinfo)")
@@ -30,7 +31,7 @@ def model_names(pattern: str | None = None) -> list[str]:
     """imagefit's own nets, then timm's models, whose names match ``pattern`` (shell-style
     wildcards, e.g. 'regnety_*'; a plain word matches names containing it, the name
     itself first)."""
-    names = list(MODELS) + timm.list_models()
+    names = list(MODELS) + list(TEXT_MODELS) + timm.list_models()
     if not pattern:
         return names
     if any(c in pattern for c in "*?["):
@@ -43,8 +44,20 @@ def list_models(pattern: str | None = None, image_size: int = 224, channels: int
                 costs: bool = True, limit: int = 50) -> list[dict]:
     """``model_names(pattern)`` as rows, the first ``limit`` with ``model_costs`` when
     ``costs`` (each model is built to be counted)."""
-    return [model_costs(name, image_size, channels) if costs and k < limit else {"model": name}
-            for k, name in enumerate(model_names(pattern))]
+    return [_costs_or_why(name, image_size, channels) if costs and k < limit
+            else {"model": name} for k, name in enumerate(model_names(pattern))]
+
+
+def _costs_or_why(name: str, image_size: int, channels: int) -> dict:
+    """``model_costs``, or the model's name and why it was not counted: a text model, or one
+    that cannot run on an image of this size (a listing goes on past it)."""
+    if name in TEXT_MODELS:
+        return {"model": name, "note": "text model (--task text): its size depends on the "
+                                       "vocabulary; imagefit summary RUN of a text fit"}
+    try:
+        return model_costs(name, image_size, channels)
+    except RuntimeError:
+        return {"model": name, "note": f"cannot run on a {image_size} px image"}
 
 
 def _statistics(model: nn.Module, channels: int, image_size: int, depth: int = 3,
@@ -101,6 +114,10 @@ def named_summary(name: str, image_size: int | None = None, channels: int | None
                   depth: int = 3) -> str:
     """The table of a model by name, with ImageNet's 1,000 outputs (224 px, 3 channels
     unless given)."""
+    if name in TEXT_MODELS:
+        raise ImagefitError(f"{name} is a text model, whose size depends on the characters it "
+                            "was trained on: summarize a text fit's run directory instead "
+                            "(imagefit summary RUN)")
     check_model_name(name)
     return str(_counted(name, channels or 3, 1000, image_size or 224, depth,
                         ("output_size", "num_params", "mult_adds")))
