@@ -194,13 +194,20 @@ def test_names_fit_predict_evaluate_and_report_from_the_command_line(tmp_path, n
                                               "text at least one character")
 
 
-def test_cv_on_names_averages_its_folds_in_predict(tmp_path, names, capsys):
+def test_cv_on_names_averages_its_folds_and_lists_suspect_texts(tmp_path, names, capsys):
     data = names_csv(tmp_path, names, 600, seed=1)
-    code, out, err = run(capsys, "cv", data, "--task", "text", "--folds", "2", "--epochs", "1",
-                         "--runs-dir", tmp_path / "runs", "--no-progress", "--no-report")
+    code, out, err = run(capsys, "cv", data, "--task", "text", "--folds", "2", "--epochs", "2",
+                         "--runs-dir", tmp_path / "runs", "--no-progress", "--no-report",
+                         "--find-label-issues")
     assert code == 0, err
     cv_dir = next((tmp_path / "runs").glob("*_cv"))
     code, out, err = run(capsys, "predict", cv_dir, "--text", "maria")
     assert code == 0, err
     probabilities = [float(v) for v in out.strip().splitlines()[1].split(",")[2:]]
     assert sum(probabilities) == pytest.approx(1.0, abs=1e-5)
+    oof = pd.read_csv(cv_dir / "oof.csv")
+    written = pd.read_csv(data)
+    assert (oof["text"] == written["name"].iloc[oof["row"]].to_numpy()).all()
+    issues = pd.read_csv(cv_dir / "label_issues.csv", keep_default_na=False)
+    assert len(issues) and (issues["text"] == written["name"].iloc[issues["row"]].to_numpy()).all()
+    assert np.load(cv_dir / "features.npy").shape == (600, 256)  # the head's hidden layer

@@ -103,6 +103,8 @@ def find_label_issues(oof: pd.DataFrame, task: Task, method: str = "self_confide
         "fold": oof["fold"].to_numpy()[ranked],
         "path": oof["path"].to_numpy()[ranked] if "path" in oof else [""] * len(ranked),
         "given": given, "suggested": suggested, "score": np.round(scores[ranked], 6)})
+    if "text" in oof:  # a text CV: the flagged texts themselves
+        frame.insert(4, "text", oof["text"].to_numpy()[ranked])
     return LabelIssues(frame, scores, pairs, method, len(oof), {"filter_by": filter_by})
 
 

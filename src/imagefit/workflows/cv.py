@@ -189,6 +189,8 @@ def _oof_frame(table: Table, task: Task, parts: list) -> pd.DataFrame:
         frame = pd.DataFrame({"row": rows, "fold": fold})
         if table.paths is not None:
             frame["path"] = [table.paths[r] for r in rows]
+        if table.texts is not None:
+            frame["text"] = [table.texts[r] for r in rows]
         if task.single_label:
             frame["label"] = [task.names[i] for i in np.asarray(table.targets)[rows]]
             frame["predicted"] = task.decode(activated)

@@ -22,7 +22,7 @@ from ..data.cache import CacheSettings
 from ..data.prepare import prepare_images
 from ..data.sources import read_source
 from ..errors import ImagefitError
-from ..evaluation.inference import load_model
+from ..evaluation.inference import encode_texts, load_model
 from ..evaluation.label_issues import (
     LabelIssues,
     data_issues,
@@ -66,7 +66,7 @@ def label_issues(cv_dir: str | Path, out: str | Path | None = None,
     summary = {"method": options.method, "filter_by": issues.extra["filter_by"],
                "rows": issues.n_rows, "flagged": len(issues.frame), "task": task.kind,
                "pairs": issues.pairs, "csv": ISSUES_CSV}
-    if images is not None and options.shown and len(issues.frame):
+    if isinstance(images, np.ndarray) and options.shown and len(issues.frame):
         _save_suspects(images, issues.frame.head(options.shown), cv_dir / ISSUES_PLOT)
         summary["plot"] = ISSUES_PLOT
     if options.data_issues and images is not None:
@@ -87,9 +87,9 @@ def label_issues(cv_dir: str | Path, out: str | Path | None = None,
     return LabelIssuesResult(issues, summary, Path(out) if out else csv)
 
 
-def _cv_images(cv_dir: Path, options: LabelIssuesOptions) -> np.ndarray | None:
-    """The CV data's images as its folds saw them (the cache at their size), or None for
-    in-memory data, which cannot be read again."""
+def _cv_images(cv_dir: Path, options: LabelIssuesOptions) -> np.ndarray | list[str] | None:
+    """The CV data's images as its folds saw them (the cache at their size), its texts for a
+    text CV, or None for in-memory data, which cannot be read again."""
     path = cv_dir / "config.yaml"
     values = (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
     data = values.get("data")
@@ -101,6 +101,8 @@ def _cv_images(cv_dir: Path, options: LabelIssuesOptions) -> np.ndarray | None:
         cfg.cache_dir = options.cache_dir
     cfg.progress = options.progress
     table = read_source(data, cfg)
+    if table.texts is not None:  # each fold model encodes them with its own characters
+        return table.texts
     info = runs.read_model_info(cv_dir / "fold_0")
     settings = CacheSettings(int(info["image_size"]) if not cfg.image_sizes else
                              int(max(cfg.image_sizes)), int(info["channels"]),
@@ -109,14 +111,18 @@ def _cv_images(cv_dir: Path, options: LabelIssuesOptions) -> np.ndarray | None:
                           progress=cfg.progress).cache.images
 
 
-def penultimate_features(cv_dir: Path, oof: pd.DataFrame, images: np.ndarray,
+def penultimate_features(cv_dir: Path, oof: pd.DataFrame, images: np.ndarray | list[str],
                          task: Task) -> np.ndarray:
     """Each out-of-fold row's features before the last linear layer of the fold model that
-    did not train on it: one forward pass per fold."""
+    did not train on it: one forward pass per fold (texts encoded as that model reads
+    them)."""
     features: np.ndarray | None = None
-    tensor = torch.from_numpy(images)
+    texts = images if isinstance(images, list) else None
+    tensor = None if texts is not None else torch.from_numpy(images)
     for fold, part in oof.groupby("fold"):
         loaded = load_model(cv_dir / f"fold_{int(fold)}")
+        if texts is not None:
+            tensor = encode_texts(loaded, texts)
         last = [m for m in loaded.model.modules() if isinstance(m, nn.Linear)][-1]
         seen: list[torch.Tensor] = []
         hook = last.register_forward_hook(
@@ -170,7 +176,7 @@ def format_issues(result: LabelIssuesResult) -> str:
     lines = [f"{len(frame)} of {result.issues.n_rows} training images flagged "
              f"({result.issues.method})"]
     for row in frame.head(10).itertuples():
-        where = row.path or f"row {row.row}"
+        where = row.path or getattr(row, "text", "") or f"row {row.row}"
         lines.append(f"{row.rank:>4}  {row.score:.3f}  {row.given} -> {row.suggested}  {where}")
     if "outliers_count" in result.summary:
         lines.append(f"outliers: {result.summary['outliers_count']}, near-duplicates: "
