@@ -269,15 +269,6 @@ def build_training(cfg: FitConfig, loaded: LoadedData, device: torch.device) -> 
         torch.backends.cudnn.benchmark = True  # fixed input shapes: cuDNN times its kernels once
     batch_size, lr_factor = choose_batch_size(cfg, model, (settings.channels, settings.size,
                                                            settings.size), len(train_rows))
-    images = loaded.prepared.cache.tensor()
-
-    def loader(rows: np.ndarray, train: bool = False) -> Loader | None:
-        if len(rows) == 0:
-            return None
-        return Loader(images, targets, rows, batch_size if train else batch_size * 2,
-                      shuffle=train, drop_last=train, seed=cfg.seed, device=device,
-                      sampler=sampler if train else None, **distributed.shard())
-
     pipeline = BatchPipeline(mean, std, loaded.augment, lighting=loaded.lighting,
                              n_classes=task.n_out if task.single_label else None)
     model_info = {
@@ -295,11 +286,27 @@ def build_training(cfg: FitConfig, loaded: LoadedData, device: torch.device) -> 
         "lighting": loaded.lighting,
         "precision": resolve_precision(cfg.precision, device),  # predict and evaluate's too
     }
-    loaders = {"train": loader(train_rows, train=True),
-               "valid": loader(loaded.valid_rows), "test": loader(loaded.test_rows)}
+    loaders = _loaders(cfg, loaded, targets, train_rows, batch_size, sampler, device)
     n_train_sampled = len(train_rows) if len(train_rows) != len(loaded.train_rows) else None
     return TrainingParts(task, model, pipeline, batch_size, loaders, model_info, n_train_sampled,
                          lr_factor)
+
+
+def _loaders(cfg: FitConfig, loaded: LoadedData, targets: torch.Tensor, train_rows: np.ndarray,
+             batch_size: int, sampler, device: torch.device) -> dict[str, Loader | None]:
+    """Training (shuffled, resampled), validation and test loaders over the cached images or
+    encoded texts; evaluation batches are twice as large (no gradients to keep)."""
+    items = loaded.prepared.cache.tensor()
+
+    def loader(rows: np.ndarray, train: bool = False) -> Loader | None:
+        if len(rows) == 0:
+            return None
+        return Loader(items, targets, rows, batch_size if train else batch_size * 2,
+                      shuffle=train, drop_last=train, seed=cfg.seed, device=device,
+                      sampler=sampler if train else None, **distributed.shard())
+
+    return {"train": loader(train_rows, train=True), "valid": loader(loaded.valid_rows),
+            "test": loader(loaded.test_rows)}
 
 
 def _text_training(cfg: FitConfig, loaded: LoadedData, task: Task, targets: torch.Tensor,
@@ -314,15 +321,6 @@ def _text_training(cfg: FitConfig, loaded: LoadedData, task: Task, targets: torc
     batch_size, lr_factor = training_batch_size(
         cfg.bs if cfg.bs != "auto" else FitConfig.model_fields["bs"].default,
         len(train_rows)), 1.0
-    codes = texts.cache.tensor()
-
-    def loader(rows: np.ndarray, train: bool = False) -> Loader | None:
-        if len(rows) == 0:
-            return None
-        return Loader(codes, targets, rows, batch_size if train else batch_size * 2,
-                      shuffle=train, drop_last=train, seed=cfg.seed, device=device,
-                      sampler=sampler if train else None, **distributed.shard())
-
     model_info = {
         "imagefit_version": __version__,
         "input": "text",
@@ -332,8 +330,7 @@ def _text_training(cfg: FitConfig, loaded: LoadedData, task: Task, targets: torc
         "dropout": cfg.dropout,
         "precision": resolve_precision(cfg.precision, device),
     }
-    loaders = {"train": loader(train_rows, train=True),
-               "valid": loader(loaded.valid_rows), "test": loader(loaded.test_rows)}
+    loaders = _loaders(cfg, loaded, targets, train_rows, batch_size, sampler, device)
     n_train_sampled = len(train_rows) if len(train_rows) != len(loaded.train_rows) else None
     return TrainingParts(task, model, TextPipeline(), batch_size, loaders, model_info,
                          n_train_sampled, lr_factor)
