@@ -1,7 +1,8 @@
 """The public functions: ``fit``, ``resume``, ``cv``, ``sweep``, ``lr_find``, ``show_batch``,
-and for a trained model ``load_model``, ``predict``, ``evaluate`` and ``explain``. Each is a
-thin entry into ``workflows`` (a fit as named steps, cross-validation, the model-size sweep,
-the tools) or ``evaluate``; the command line calls these and nothing else."""
+and for a trained model ``load_model``, ``predict``, ``evaluate``, ``explain`` and
+``export``. Each is a thin entry into ``workflows`` (a fit as named steps, cross-validation,
+the model-size sweep, the tools) or ``evaluate``; the command line calls these and nothing
+else."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from .workflows.check import CheckResult, format_check
 from .workflows.check import check as run_checks
 from .workflows.cv import CVResult, cv, format_cv
 from .workflows.explain import explain
+from .workflows.export import export
 from .workflows.fit import resume_options, run_fit
 from .workflows.label_issues import LabelIssuesResult, format_issues
 from .workflows.label_issues import label_issues as run_label_issues
@@ -29,7 +31,7 @@ from .workflows.sweep import SweepInterrupted, SweepResult, format_sweep, sweep
 from .workflows.tools import lr_find, show_batch
 
 __all__ = ["CVResult", "CheckResult", "FitResult", "LabelIssuesResult", "SweepInterrupted",
-           "SweepResult", "check", "cv", "evaluate", "explain", "fit", "format_check",
+           "SweepResult", "check", "cv", "evaluate", "explain", "export", "fit", "format_check",
            "format_cv", "format_issues", "format_sweep", "from_arrays", "label_issues",
            "load_model", "lr_find", "models", "predict", "resume", "show_batch", "summary",
            "sweep"]

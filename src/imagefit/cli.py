@@ -25,6 +25,7 @@ from .config import (
     CVConfig,
     EvaluateOptions,
     ExplainOptions,
+    ExportOptions,
     FitConfig,
     LabelIssuesOptions,
     Options,
@@ -241,6 +242,19 @@ def build_parser() -> argparse.ArgumentParser:
     explainer.add_argument("--out", metavar="DIR", default="explain",
                            help="folder for the overlays (default: explain)")
     add_options(explainer, ExplainOptions)
+
+    exporter = commands.add_parser(
+        "export", help="export a run's model to ONNX, checked against PyTorch",
+        description="Export RUN's model to ONNX (pip install 'imagefit[export]'): the graph "
+        "takes uint8 images (N, C, S, S) at the model's size, or a text model's character "
+        "indices, normalizes them inside and gives the task's probabilities or values; "
+        "model.json and the resize policy go in its metadata and in FILE.json. onnxruntime's "
+        "outputs are checked against PyTorch's on images of the run's own data: a difference "
+        "above 1e-4 is an error.",
+    )
+    exporter.add_argument("run", metavar="RUN", help="run directory written by imagefit fit")
+    exporter.add_argument("--out", metavar="FILE", help="the ONNX file (default RUN/model.onnx)")
+    add_options(exporter, ExportOptions)
 
     report = commands.add_parser(
         "report", help="write a run's report.html again",
@@ -484,6 +498,18 @@ def _explain(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace, argv: list[str]) -> int:
+    from .api import export
+
+    options = resolve_options(ExportOptions, args, ("run", "out"))
+    done = export(args.run, args.out, options)
+    parity = done["parity"]
+    print(f"parity: outputs within {parity['max_abs_diff']:.2e} of PyTorch's on "
+          f"{parity['inputs']} inputs (limit {parity['limit']:g})")
+    print(done["file"])
+    return 0
+
+
 def _report(args: argparse.Namespace, argv: list[str]) -> int:
     from .report.html import regenerate
 
@@ -582,7 +608,7 @@ def _size(count: float) -> str:
 
 COMMANDS = {"fit": _fit, "predict": _predict, "evaluate": _evaluate, "lr-find": _lr_find,
             "show-batch": _show_batch, "check": _check, "cv": _cv,
-            "label-issues": _label_issues, "explain": _explain,
+            "label-issues": _label_issues, "explain": _explain, "export": _export,
             "report": _report,
             "runs": _runs, "cache": _cache, "models": _models, "summary": _summary, "sweep": _sweep}
 

@@ -761,6 +761,22 @@ class PredictOptions(InputOptions):
     id_col: str = Field("id", description="kaggle formats: the name of the id column")
 
 
+class ExportOptions(Options):
+    """Options of ``export``."""
+
+    format: Literal["onnx"] = Field("onnx", description="what to export to")
+    opset: int = Field(18, ge=9, description="ONNX operator set version")
+    dynamic_batch: bool = Field(
+        True, description="accept any batch size (else batches of one image)"
+    )
+    parity_images: int = Field(
+        64, ge=1, description="images of the run's own data (validation split first) on which "
+        "onnxruntime's outputs are checked against PyTorch's"
+    )
+    cache_dir: str | None = Field(None, description="folder of the decoded-image cache")
+    progress: bool = Field(True, description="show progress bars")
+
+
 SaliencyMethod = Literal["gradcam", "guided-backprop"]
 ExplainMethod = Literal[SaliencyMethod, "feature-maps"]
 MIN_CAM_SIDE = 7  # Grad-CAM's smallest useful feature map side, in cells

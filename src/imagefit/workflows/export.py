@@ -1,0 +1,72 @@
+"""The export command: a run's model to ONNX, checked on images of the run's own data."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from .. import runs
+from ..config import ExportOptions, SourceOptions, merge_options
+from ..data.prepare import prepare_images
+from ..data.sources import read_source
+from ..data.splits import assign_validation
+from ..errors import ImagefitError, ImagefitWarning
+from ..evaluation.export import export_onnx, require_onnx
+from ..evaluation.inference import LoadedModel, encode_texts, load_model
+
+
+def export(run: str | Path, out: str | Path | None = None, options: ExportOptions | None = None,
+           **overrides: Any) -> dict:
+    """Export the model of ``run`` to ``out`` (default RUN/model.onnx) with ``out``.json
+    beside it; returns the description written, with the parity found."""
+    options = merge_options(ExportOptions, options, overrides)
+    require_onnx()
+    run = Path(run)
+    loaded = load_model(run, "cpu", "fp32")
+    out = runs.output_file(out or run / "model.onnx", "--out")
+    samples = parity_samples(run, loaded, options)
+    description = export_onnx(loaded, Path(out), samples, opset=options.opset,
+                              dynamic_batch=options.dynamic_batch, source=str(run))
+    description["file"] = str(out)
+    return description
+
+
+def parity_samples(run: Path, loaded: LoadedModel, options: ExportOptions) -> torch.Tensor:
+    """Up to ``parity_images`` inputs from the run's data, validation rows first (carved as
+    the run carved them), as the graph takes them; random ones, with a warning, when the
+    data cannot be read again (in-memory tables, moved files)."""
+    config_path = run / "config.yaml"
+    values = (yaml.safe_load(config_path.read_text()) or {}) if config_path.is_file() else {}
+    data = values.get("data")
+    try:
+        if not data:
+            raise ImagefitError("it was trained on an in-memory table")
+        source = SourceOptions.model_validate({k: v for k, v in values.items()
+                                               if k in SourceOptions.model_fields})
+        source.cache_dir, source.progress = options.cache_dir, options.progress
+        table = assign_validation(read_source(data, source), values.get("valid_pct", 0.2),
+                                  values.get("seed", 0), values.get("stratify", True))
+        rows = np.concatenate([np.flatnonzero(table.split == s) for s in ("valid", "train")])
+        table = table.subset(rows[:options.parity_images])
+        if loaded.settings is None:
+            return encode_texts(loaded, table.texts)
+        prepared = prepare_images(table, loaded.settings, cache_dir=options.cache_dir,
+                                  progress=options.progress)
+        usable = torch.as_tensor(np.flatnonzero(prepared.usable))
+        return prepared.cache.tensor().index_select(0, usable).permute(0, 3, 1, 2).contiguous()
+    except ImagefitError as error:
+        warnings.warn(f"the parity check uses random inputs: {run}'s data cannot be read "
+                      f"({error})", ImagefitWarning, stacklevel=3)
+    generator = torch.Generator().manual_seed(0)
+    if loaded.settings is None:
+        length = loaded.info["text"]["length"]
+        high = len(loaded.info["text"]["characters"]) + 2
+        return torch.randint(0, high, (options.parity_images, length), generator=generator)
+    shape = (options.parity_images, loaded.settings.channels, loaded.settings.size,
+             loaded.settings.size)
+    return torch.randint(0, 256, shape, generator=generator, dtype=torch.uint8)

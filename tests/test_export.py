@@ -1,0 +1,105 @@
+"""imagefit export: an ONNX graph that takes the cache's uint8 images (or a text model's
+character indices) and gives what predict gives, its description in the graph and beside it,
+checked against PyTorch at export."""
+
+from __future__ import annotations
+
+import builtins
+import json
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+
+import imagefit
+from imagefit import api
+from imagefit.cli import main
+from imagefit.data.builtin import read_digits
+from imagefit.errors import ImagefitError, ImagefitWarning
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("IMAGEFIT_CACHE", str(root / "cache"))
+        result = imagefit.fit("builtin:digits", epochs=1, progress=False, report=False,
+                              runs_dir=str(root / "runs"))
+    return result.run_dir
+
+
+def test_the_graph_gives_predicts_probabilities_from_uint8_images(digits_run, tmp_path):
+    done = api.export(digits_run, tmp_path / "digits.onnx", progress=False)
+    assert done["parity"]["inputs"] == 64 and done["parity"]["max_abs_diff"] <= 1e-4
+    assert done["input"] == {"name": "images", "dtype": "uint8", "shape": ["batch", 1, 8, 8]}
+    graph = onnx.load(str(tmp_path / "digits.onnx"))
+    described = json.loads({p.key: p.value for p in graph.metadata_props}["imagefit"])
+    assert described == json.loads((tmp_path / "digits.onnx.json").read_text())
+    assert described["resize"] == "crop" and described["model"]["task"]["names"][:2] == ["0", "1"]
+
+    digits = read_digits()
+    images = np.ascontiguousarray(digits.arrays[:7].transpose(0, 3, 1, 2))  # uint8 N,1,8,8
+    session = onnxruntime.InferenceSession(str(tmp_path / "digits.onnx"),
+                                           providers=["CPUExecutionProvider"])
+    probabilities = session.run(None, {"images": images})[0]
+    assert probabilities.shape == (7, 10)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+    files = []
+    for k, image in enumerate(digits.arrays[:7]):
+        from PIL import Image
+
+        files.append(tmp_path / f"d{k}.png")
+        Image.fromarray(image[..., 0]).save(files[-1])
+    predicted = api.predict(digits_run, files, progress=False, precision="fp32")  # as exported
+    expected = predicted[[f"prob_{n}" for n in map(str, range(10))]].to_numpy()
+    np.testing.assert_allclose(probabilities, expected, atol=1e-4)
+
+
+def test_a_fixed_batch_and_a_text_model_export_too(digits_run, tmp_path, capsys):
+    done = api.export(digits_run, tmp_path / "one.onnx", dynamic_batch=False, progress=False)
+    assert done["input"]["shape"] == [1, 1, 8, 8] and done["parity"]["max_abs_diff"] <= 1e-4
+    names = tmp_path / "names.csv"
+    names.write_text("name,gender\n" + "\n".join(
+        f"{n},{g}" for n, g in [("maria", "f"), ("jose", "m"), ("ana", "f"), ("luis", "m")] * 20))
+    code = main(["fit", str(names), "--epochs", "1", "--runs-dir", str(tmp_path / "runs"),
+                 "--no-progress", "--no-report"])
+    run = next((tmp_path / "runs").iterdir())
+    capsys.readouterr()
+    assert code == 0
+    code = main(["export", str(run)])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert code == 0 and out[-1] == str(run / "model.onnx")
+    assert out[0].startswith("parity: outputs within ") and out[0].endswith(
+        "of PyTorch's on 64 inputs (limit 0.0001)")
+    described = json.loads((run / "model.onnx.json").read_text())
+    assert described["input"]["name"] == "texts" and described["input"]["dtype"] == "int64"
+    assert described["output"]["means"] == "probability of each class: f, m"
+
+
+def test_in_memory_runs_are_checked_on_random_inputs_with_a_warning(tmp_path):
+    rng = np.random.default_rng(0)
+    table = imagefit.from_arrays(rng.integers(0, 256, (64, 8, 8), dtype=np.uint8),
+                                 np.arange(64) % 2)
+    result = imagefit.fit(table, epochs=1, progress=False, report=False,
+                          runs_dir=str(tmp_path / "runs"))
+    with pytest.warns(ImagefitWarning, match="the parity check uses random inputs: .* data "
+                      "cannot be read \\(it was trained on an in-memory table\\)"):
+        done = api.export(result.run_dir, parity_images=8, progress=False)
+    assert done["parity"]["inputs"] == 8 and done["parity"]["max_abs_diff"] <= 1e-4
+
+
+def test_missing_onnx_is_one_line(digits_run, monkeypatch):
+    real_import = builtins.__import__
+
+    def no_onnxruntime(name, *args, **kwargs):
+        if name == "onnxruntime":
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_onnxruntime)
+    with pytest.raises(ImagefitError) as error:
+        api.export(digits_run)
+    assert str(error.value) == ("ONNX export needs onnx, onnxscript and onnxruntime: pip "
+                                "install 'imagefit[export]' (or pip install onnx onnxscript "
+                                "onnxruntime)")
