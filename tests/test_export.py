@@ -75,6 +75,9 @@ def test_a_fixed_batch_and_a_text_model_export_too(digits_run, tmp_path, capsys)
     described = json.loads((run / "model.onnx.json").read_text())
     assert described["input"]["name"] == "texts" and described["input"]["dtype"] == "int64"
     assert described["output"]["means"] == "probability of each class: f, m"
+    assert main(["predict", str(run / "model.onnx"), "--text", "maria", "luis"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == "text,label,prob_f,prob_m" and lines[1].startswith("maria,")
 
 
 def test_in_memory_runs_are_checked_on_random_inputs_with_a_warning(tmp_path):
@@ -103,3 +106,31 @@ def test_missing_onnx_is_one_line(digits_run, monkeypatch):
     assert str(error.value) == ("ONNX export needs onnx, onnxscript and onnxruntime: pip "
                                 "install 'imagefit[export]' (or pip install onnx onnxscript "
                                 "onnxruntime)")
+
+
+def test_predict_runs_an_exported_file_as_the_run_in_fp32(digits_run, tmp_path):
+    from PIL import Image
+
+    api.export(digits_run, tmp_path / "m.onnx", progress=False)
+    digits = read_digits()
+    files = []
+    for k, image in enumerate(digits.arrays[10:15]):
+        files.append(tmp_path / f"d{k}.png")
+        Image.fromarray(image[..., 0]).save(files[-1])
+    through_onnx = api.predict(tmp_path / "m.onnx", files, progress=False)
+    through_run = api.predict(digits_run, files, progress=False, precision="fp32")
+    assert list(through_onnx.columns) == list(through_run.columns)
+    assert (through_onnx["label"] == through_run["label"]).all()
+    np.testing.assert_allclose(through_onnx.iloc[:, 2:].to_numpy(float),
+                               through_run.iloc[:, 2:].to_numpy(float), atol=1e-4)
+    with_tta = api.predict(tmp_path / "m.onnx", files, progress=False, tta=True)
+    assert with_tta.shape == through_onnx.shape
+    assert not np.allclose(with_tta.iloc[:, 2:].to_numpy(float),
+                           through_onnx.iloc[:, 2:].to_numpy(float))
+    (tmp_path / "junk.onnx").write_text("junk")
+    with pytest.raises(ImagefitError, match=r"junk.onnx is not a readable ONNX file "
+                       r"\(DecodeError\): export the run again$"):
+        api.predict(tmp_path / "junk.onnx", files)
+    with pytest.raises(ImagefitError, match=r"m.onnx holds an image model: give it images, "
+                       r"not --text$"):
+        api.predict(tmp_path / "m.onnx", [], texts=["maria"])

@@ -144,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Predict INPUTs (image files, folders, or CSV files of paths) with the "
         "model of RUN; a text model predicts the texts of --text and of CSV files.",
     )
-    predict.add_argument("run", metavar="RUN", help="run directory written by imagefit fit")
+    predict.add_argument("run", metavar="RUN", help="run directory written by imagefit fit, "
+                         "or an ONNX file written by imagefit export (run by onnxruntime)")
     predict.add_argument("inputs", metavar="INPUT", nargs="*",
                          help="image file, folder of images, or CSV file of paths (of texts, "
                          "for a text model)")

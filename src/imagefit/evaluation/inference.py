@@ -156,10 +156,16 @@ def predict(run: str | Path, inputs: list[str | Path], out: str | Path | None = 
     """Predictions for image files, folders or CSVs of paths: a row per readable image with
     the path, the predicted label(s) or value(s) and the class probabilities. A text
     model predicts ``texts`` and the texts of CSV files (``text_col``, else the first
-    column), a row per text."""
+    column), a row per text. ``run`` may also be an ONNX file written by ``export``, run by
+    onnxruntime."""
     options = merge_options(PredictOptions, options, overrides)
     if out is not None:
         out = runs.output_file(out, "--out")
+    if Path(run).suffix.lower() == ".onnx":
+        frame = _predict_onnx(Path(run), list(inputs), texts, options)
+        if out is not None:
+            runs.write_atomic(out, frame.to_csv(index=False))
+        return frame
     members = load_models(run, options.device, options.snapshots, options.precision)
     loaded = members[0][1]
     if is_text_model(loaded) or texts:
@@ -186,7 +192,27 @@ def _predict_texts(members: list[tuple[Path, LoadedModel]], inputs: list[str | P
     if not is_text_model(loaded):
         raise ImagefitError(f"{members[0][0]} holds an image model: give it images, not "
                             "--text")
-    texts = list(texts)
+    texts = _texts_of(inputs, texts, options)
+    total = None
+    for _, member in members:  # each fold model reads with its own characters
+        raw = _outputs(member, encode_texts(member, texts), np.arange(len(texts)), options.bs)
+        part = member.task.averageable(raw) if len(members) > 1 else raw
+        total = part if total is None else total + part
+    outputs = total if len(members) == 1 else loaded.task.from_average(total / len(members))
+    return _text_frame(loaded.task, texts, loaded.task.activate(outputs))
+
+
+def _text_frame(task: Task, texts: list[str], activated: torch.Tensor) -> pd.DataFrame:
+    frame = pd.DataFrame({"text": texts})
+    for name, column in task.prediction_columns(activated, "table").items():
+        frame[name] = column
+    return frame
+
+
+def _texts_of(inputs: list[str | Path], texts: list[str] | None,
+              options: PredictOptions) -> list[str]:
+    """The texts of --text and of CSV files (``text_col``, else the first column)."""
+    texts = list(texts or [])
     for item in map(Path, inputs):
         if item.suffix.lower() not in (".csv", ".tsv") or not item.is_file():
             raise ImagefitError(f"input {item}: a text model reads texts given with --text, or "
@@ -201,17 +227,53 @@ def _predict_texts(members: list[tuple[Path, LoadedModel]], inputs: list[str | P
     if empty:
         raise ImagefitError("--text: an empty text cannot be predicted; give each text at "
                             "least one character")
-    total = None
-    for _, member in members:  # each fold model reads with its own characters
-        raw = _outputs(member, encode_texts(member, texts), np.arange(len(texts)), options.bs)
-        part = member.task.averageable(raw) if len(members) > 1 else raw
-        total = part if total is None else total + part
-    outputs = total if len(members) == 1 else loaded.task.from_average(total / len(members))
-    frame = pd.DataFrame({"text": texts})
-    for name, column in loaded.task.prediction_columns(loaded.task.activate(outputs),
-                                                       "table").items():
-        frame[name] = column
-    return frame
+    return texts
+
+
+def _predict_onnx(path: Path, inputs: list[str | Path], texts: list[str] | None,
+                  options: PredictOptions) -> pd.DataFrame:
+    """Predictions of an exported model through onnxruntime, as a run's would be: the same
+    columns, test-time augmentation included."""
+    from .export import OnnxModel  # onnxruntime only when asked for
+
+    if options.snapshots:
+        raise ImagefitError("--snapshots averages a run's snapshot models: give the run "
+                            "directory, not an exported file")
+    model = OnnxModel(path)
+    info = model.description["model"]
+    task = Task.from_dict(info["task"])
+    if info.get("input") == "text":
+        texts = _texts_of(inputs, texts, options)
+        codes = torch.from_numpy(text_vocabulary(info).encode(texts, info["text"]["length"]))
+        return _text_frame(task, texts, _batched(model, codes, options.bs))
+    if texts:
+        raise ImagefitError(f"{path} holds an image model: give it images, not --text")
+    settings = CacheSettings(info["image_size"], info["channels"], info["resize"])
+    paths = expand_inputs(list(inputs), options)
+    cache = build_cache(paths, settings, options.cache_dir, progress=options.progress)
+    warn_unreadable(cache, paths)
+    rows = np.setdiff1d(np.arange(len(paths)), cache.failed)
+    images = cache.tensor().index_select(0, torch.as_tensor(rows)).permute(0, 3, 1, 2)
+    activated = _batched(model, images, options.bs)
+    tta = TTA.from_options(options, None)
+    if tta is not None and tta.n and len(rows):
+        augmenter = BatchPipeline([0.0] * settings.channels, [1.0] * settings.channels,
+                                  tta.augment)
+        generator = torch.Generator().manual_seed(tta.seed)
+        total = activated.clone()
+        for _ in range(tta.n):  # averaged as probabilities (values), as a run's TTA is
+            version = augmenter.augment_batch(images.float() / 255.0, generator)
+            total += _batched(model, version.mul(255.0).round_().clamp_(0, 255).to(torch.uint8),
+                              options.bs)
+        activated = total / (tta.n + 1)
+    return _prediction_frame(task, [paths[r] for r in rows], activated, options)
+
+
+def _batched(model, items: torch.Tensor, batch_size: int) -> torch.Tensor:
+    if not len(items):
+        return torch.zeros(0)
+    return torch.cat([model(items[i:i + batch_size]) for i in range(0, len(items),
+                                                                     batch_size)])
 
 
 def _prediction_frame(task: Task, paths: list[str], activated: torch.Tensor,
