@@ -20,6 +20,17 @@ from imagefit.data.builtin import read_digits
 from imagefit.errors import ImagefitError, ImagefitWarning
 
 
+def digit_files(folder, rows: slice) -> list:
+    """builtin:digits images written as PNG files, for predict."""
+    from PIL import Image
+
+    files = []
+    for k, image in enumerate(read_digits().arrays[rows]):
+        files.append(folder / f"digit_{k}.png")
+        Image.fromarray(image[..., 0]).save(files[-1])
+    return files
+
+
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
@@ -46,12 +57,7 @@ def test_the_graph_gives_predicts_probabilities_from_uint8_images(digits_run, tm
     probabilities = session.run(None, {"images": images})[0]
     assert probabilities.shape == (7, 10)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
-    files = []
-    for k, image in enumerate(digits.arrays[:7]):
-        from PIL import Image
-
-        files.append(tmp_path / f"d{k}.png")
-        Image.fromarray(image[..., 0]).save(files[-1])
+    files = digit_files(tmp_path, slice(0, 7))
     predicted = api.predict(digits_run, files, progress=False, precision="fp32")  # as exported
     expected = predicted[[f"prob_{n}" for n in map(str, range(10))]].to_numpy()
     np.testing.assert_allclose(probabilities, expected, atol=1e-4)
@@ -110,14 +116,8 @@ def test_missing_onnx_is_one_line(digits_run, monkeypatch):
 
 
 def test_predict_runs_an_exported_file_as_the_run_in_fp32(digits_run, tmp_path):
-    from PIL import Image
-
     api.export(digits_run, tmp_path / "m.onnx", progress=False)
-    digits = read_digits()
-    files = []
-    for k, image in enumerate(digits.arrays[10:15]):
-        files.append(tmp_path / f"d{k}.png")
-        Image.fromarray(image[..., 0]).save(files[-1])
+    files = digit_files(tmp_path, slice(10, 15))
     through_onnx = api.predict(tmp_path / "m.onnx", files, progress=False)
     through_run = api.predict(digits_run, files, progress=False, precision="fp32")
     assert list(through_onnx.columns) == list(through_run.columns)
@@ -173,3 +173,15 @@ def test_the_exported_lite0_still_sees_the_cat_and_the_espresso(tmp_path):
     top = session.run(None, {"images": images.numpy()})[0].argmax(axis=1)
     assert top[0] in (281, 282, 283, 284, 285)  # tabby, tiger, Persian, Siamese, Egyptian cat
     assert top[1] == 967  # espresso
+
+
+def test_a_cv_directory_exports_its_folds_as_one_averaging_graph(tmp_path):
+    result = imagefit.cv("builtin:digits", folds=2, epochs=1, progress=False, report=False,
+                         runs_dir=str(tmp_path / "runs"))
+    done = api.export(result.cv_dir, progress=False)
+    assert done["members"] == 2 and done["parity"]["max_abs_diff"] <= 1e-4
+    files = digit_files(tmp_path, slice(0, 4))
+    ensemble = api.predict(result.cv_dir, files, progress=False, precision="fp32")
+    exported = api.predict(result.cv_dir / "model.onnx", files, progress=False)
+    np.testing.assert_allclose(exported.iloc[:, 2:].to_numpy(float),
+                               ensemble.iloc[:, 2:].to_numpy(float), atol=1e-4)

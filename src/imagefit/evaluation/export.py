@@ -62,13 +62,29 @@ def input_spec(loaded: LoadedModel) -> dict:
     return {"name": "images", "dtype": "uint8", "shape": ["batch", channels, size, size]}
 
 
-def export_onnx(loaded: LoadedModel, out: Path, samples: torch.Tensor, *,
+class Ensemble(nn.Module):
+    """The average of fold models' probabilities (values for regression), as ``predict``
+    averages a CV directory's models: one graph for the whole ensemble."""
+
+    def __init__(self, members: list[LoadedModel]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(Exported(member) for member in members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([member(x) for member in self.members]).mean(dim=0)
+
+
+def export_onnx(loaded: LoadedModel | list[LoadedModel], out: Path, samples: torch.Tensor, *,
                 opset: int = DEFAULT_OPSET, dynamic_batch: bool = True,
                 source: str = "") -> dict:
     """Write ``out`` (ONNX) and ``out``.json; check onnxruntime's outputs on ``samples``
-    against PyTorch's; returns the description written (with the parity found)."""
+    against PyTorch's; returns the description written (with the parity found). A list of
+    models (a CV's folds, seeing images alike) becomes one graph that averages them."""
     onnx, onnxruntime = require_onnx()
-    model = Exported(loaded).eval()  # loaded on the CPU in fp32
+    members = loaded if isinstance(loaded, list) else [loaded]
+    loaded = members[0]
+    # loaded on the CPU in fp32
+    model = (Exported(loaded) if len(members) == 1 else Ensemble(members)).eval()
     spec = input_spec(loaded)
     example = samples[:2] if dynamic_batch else samples[:1]
     started = time.perf_counter()
@@ -91,6 +107,7 @@ def export_onnx(loaded: LoadedModel, out: Path, samples: torch.Tensor, *,
         "output": {"name": "outputs", "means": _output_meaning(loaded)},
         "resize": None if loaded.settings is None else loaded.settings.resize,
         "model": {k: v for k, v in loaded.info.items() if k != "lighting"},
+        "members": len(members),
         "seconds": round(time.perf_counter() - started, 2),
     }
     description["parity"] = parity(model, out, samples, onnxruntime, dynamic_batch)

@@ -17,20 +17,25 @@ from ..data.sources import read_source
 from ..data.splits import assign_validation
 from ..errors import ImagefitError, ImagefitWarning
 from ..evaluation.export import export_onnx, require_onnx
-from ..evaluation.inference import LoadedModel, encode_texts, load_model
+from ..evaluation.inference import LoadedModel, encode_texts, load_models
 
 
 def export(run: str | Path, out: str | Path | None = None, options: ExportOptions | None = None,
            **overrides: Any) -> dict:
     """Export the model of ``run`` to ``out`` (default RUN/model.onnx) with ``out``.json
-    beside it; returns the description written, with the parity found."""
+    beside it; returns the description written, with the parity found. A CV directory's fold
+    models become one graph that averages them, as ``predict CV_DIR`` does."""
     options = merge_options(ExportOptions, options, overrides)
     require_onnx()
     run = Path(run)
-    loaded = load_model(run, "cpu", "fp32")
+    members = [member for _, member in load_models(run, "cpu", precision="fp32")]
+    loaded = members[0]
+    if len(members) > 1 and loaded.settings is None:
+        raise ImagefitError(f"{run} holds text models whose folds read different characters: "
+                            "export one fold's run directory (e.g. fold_0)")
     out = runs.output_file(out or run / "model.onnx", "--out")
     samples = parity_samples(run, loaded, options)
-    description = export_onnx(loaded, Path(out), samples, opset=options.opset,
+    description = export_onnx(members, Path(out), samples, opset=options.opset,
                               dynamic_batch=options.dynamic_batch, source=str(run))
     description["file"] = str(out)
     return description
