@@ -234,7 +234,7 @@ def _predict_onnx(path: Path, inputs: list[str | Path], texts: list[str] | None,
                   options: PredictOptions) -> pd.DataFrame:
     """Predictions of an exported model through onnxruntime, as a run's would be: the same
     columns, test-time augmentation included."""
-    from .export import OnnxModel  # onnxruntime only when asked for
+    from .onnx_model import OnnxModel  # onnxruntime only when asked for
 
     if options.snapshots:
         raise ImagefitError("--snapshots averages a run's snapshot models: give the run "

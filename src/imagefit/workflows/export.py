@@ -16,8 +16,9 @@ from ..data.prepare import prepare_images
 from ..data.sources import read_source
 from ..data.splits import assign_validation
 from ..errors import ImagefitError, ImagefitWarning
-from ..evaluation.export import export_onnx, require_onnx
+from ..evaluation.export import export_onnx
 from ..evaluation.inference import LoadedModel, encode_texts, load_models
+from ..evaluation.onnx_model import require_onnx
 
 
 def export(run: str | Path, out: str | Path | None = None, options: ExportOptions | None = None,
