@@ -2,7 +2,7 @@
 and the bf16 autocast imagefit picks on CPUs with AMX), at batch 1 and 64, for small_cnn_16
 (28 px, grey) and resnet18 (224 px, RGB): each the same module (normalization and softmax
 inside; eager in channels-last memory order, as imagefit's inference runs it), timed in the
-same process, median of the repeats after a warm-up.
+same process by torch.utils.benchmark (median of blocks after a warm-up).
 
     .venv/bin/python bench/export.py [--repeats 7]
 """
@@ -10,13 +10,12 @@ same process, median of the repeats after a warm-up.
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import onnxruntime
 import torch
+import torch.utils.benchmark as benchmark
 from common import write_result
 
 from imagefit.augment.pipeline import BatchPipeline
@@ -44,23 +43,11 @@ def loaded_model(name: str, size: int, channels: int) -> LoadedModel:
 
 
 def seconds(call, batch: torch.Tensor, repeats: int) -> float:
-    """Median seconds of ``call(batch)`` over ``repeats`` runs of at least 0.2 s each."""
-    call(batch)  # warm-up
-    inner = 1
-    while True:
-        started = time.perf_counter()
-        for _ in range(inner):
-            call(batch)
-        if time.perf_counter() - started > 0.2:
-            break
-        inner *= 2
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        for _ in range(inner):
-            call(batch)
-        times.append((time.perf_counter() - started) / inner)
-    return statistics.median(times)
+    """Median seconds of ``call(batch)``: torch.utils.benchmark's blocked timing, ``repeats``
+    blocks of at least 0.2 s each after its own warm-up."""
+    timer = benchmark.Timer("call(batch)", globals={"call": call, "batch": batch},
+                            num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=0.2 * repeats).median
 
 
 def main() -> None:

@@ -6,23 +6,15 @@ from __future__ import annotations
 
 import torch
 
-from ..config import AugmentOptions
 from .mix import Mix
 
 
 class TextPipeline:
-    """Passes (B, L) batches of character indices through unchanged."""
+    """Passes (B, L) batches of character indices through unchanged; ``mix`` is never
+    active (what the Learner and --plc ask of a pipeline)."""
 
     def __init__(self) -> None:
-        self.augment = AugmentOptions()
-        self.lighting = None
-        self.n_classes = None
-        self.policy = None
-        self.mix = Mix(0.0, 0.0, 0.0)
-        self.mean = torch.zeros(1)
-        self.std = torch.ones(1)
-
-    resamples = False
+        self.mix = Mix()
 
     def __call__(self, x: torch.Tensor, *, size: int | None = None) -> torch.Tensor:
         return x

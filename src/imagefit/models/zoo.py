@@ -61,13 +61,17 @@ def _costs_or_why(name: str, image_size: int, channels: int) -> dict:
 
 
 def _statistics(model: nn.Module, channels: int, image_size: int, depth: int = 3,
-                columns: tuple[str, ...] = ("output_size", "num_params", "mult_adds")):
+                columns: tuple[str, ...] = ("output_size", "num_params", "mult_adds"),
+                text_length: int | None = None):
+    """torchinfo's statistics for one image, or one text of ``text_length`` characters."""
     torchinfo = _torchinfo()
     model.eval()
     device = next(model.parameters(), torch.zeros(0)).device
+    shape = {"input_size": (1, channels, image_size, image_size)} if text_length is None \
+        else {"input_data": torch.ones(1, text_length, dtype=torch.long, device=device)}
     with torch.no_grad():
-        return torchinfo.summary(model, input_size=(1, channels, image_size, image_size),
-                                 depth=depth, col_names=columns, verbose=0, device=device)
+        return torchinfo.summary(model, **shape, depth=depth, col_names=columns, verbose=0,
+                                 device=device)
 
 
 def _counted(name: str, channels: int, n_out: int, image_size: int, depth: int,
@@ -100,14 +104,7 @@ def summary_table(model: nn.Module, image_size: int, channels: int, depth: int =
 
 def text_summary_table(model: nn.Module, length: int, depth: int = 3) -> str:
     """torchinfo's table of a text model reading one text of ``length`` characters."""
-    torchinfo = _torchinfo()
-    model.eval()
-    device = next(model.parameters(), torch.zeros(0)).device
-    with torch.no_grad():
-        return str(torchinfo.summary(model, input_data=torch.ones(1, length, dtype=torch.long,
-                                                                  device=device),
-                                     depth=depth, verbose=0,
-                                     col_names=("output_size", "num_params", "mult_adds")))
+    return str(_statistics(model, 0, 0, depth, text_length=length))
 
 
 def named_summary(name: str, image_size: int | None = None, channels: int | None = None,
