@@ -185,3 +185,46 @@ def test_a_cv_directory_exports_its_folds_as_one_averaging_graph(tmp_path):
     exported = api.predict(result.cv_dir / "model.onnx", files, progress=False)
     np.testing.assert_allclose(exported.iloc[:, 2:].to_numpy(float),
                                ensemble.iloc[:, 2:].to_numpy(float), atol=1e-4)
+
+
+def test_every_promised_export_error_is_one_line(digits_run, tmp_path, monkeypatch):
+    import imagefit.evaluation.export as export_module
+
+    def fails(pattern: str, call, *args, **kwargs) -> None:
+        with pytest.raises(ImagefitError, match=pattern):
+            call(*args, **kwargs)
+
+    fails(r"nothere.onnx not found: give a file written by imagefit export$", api.predict,
+          tmp_path / "nothere.onnx", ["x.png"])
+    bare = onnx.helper.make_model(onnx.helper.make_graph([], "empty", [], []))
+    onnx.save(bare, str(tmp_path / "bare.onnx"))
+    fails(r"bare.onnx was not written by imagefit export \(no imagefit metadata\): export a "
+          r"run with imagefit export$", api.predict, tmp_path / "bare.onnx", ["x.png"])
+    api.export(digits_run, tmp_path / "m.onnx", progress=False)
+    fails(r"^--snapshots averages a run's snapshot models: give the run directory, not an "
+          r"exported file$", api.predict, tmp_path / "m.onnx", ["x.png"], snapshots=True)
+    monkeypatch.setattr(export_module, "PARITY_LIMIT", -1.0)
+    fails(r"m2.onnx: onnxruntime's outputs differ from PyTorch's by up to .* \(limit -1\) on "
+          r"64 inputs: the export is not faithful; try another --opset, and report the model$",
+          api.export, digits_run, tmp_path / "m2.onnx", progress=False)
+    monkeypatch.undo()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no symbolic for this operator\nmore lines")
+
+    monkeypatch.setattr(torch.onnx, "export", broken)
+    fails(r"^small_cnn_16 could not be exported to ONNX \(RuntimeError: no symbolic for this "
+          r"operator\)$", api.export, digits_run, tmp_path / "m3.onnx", progress=False)
+
+
+def test_a_text_cv_is_refused_whole_but_its_folds_export(tmp_path):
+    names = tmp_path / "names.csv"
+    names.write_text("name,gender\n" + "\n".join(
+        f"{n},{g}" for n, g in [("maria", "f"), ("jose", "m"), ("ana", "f"), ("luis", "m")] * 20))
+    result = imagefit.cv(str(names), task="text", folds=2, epochs=1, progress=False,
+                         report=False, runs_dir=str(tmp_path / "runs"))
+    with pytest.raises(ImagefitError) as error:
+        api.export(result.cv_dir)
+    assert str(error.value) == (f"{result.cv_dir} holds text models whose folds read different "
+                                "characters: export one fold's run directory (e.g. fold_0)")
+    assert api.export(result.cv_dir / "fold_0", progress=False)["parity"]["max_abs_diff"] <= 1e-4

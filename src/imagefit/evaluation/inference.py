@@ -384,7 +384,7 @@ def evaluate(run: str | Path, data: str | Path | Table, out: str | Path | None =
         table = assign_validation(table, run_config.get("valid_pct", 0.2),
                                   run_config.get("seed", 0), run_config.get("stratify", True))
     if is_text_model(loaded) != (table.texts is not None):
-        raise ImagefitError(f"{run} holds a {'text' if is_text_model(loaded) else 'image'} "
+        raise ImagefitError(f"{run} holds {'a text' if is_text_model(loaded) else 'an image'} "
                             f"model and {table.description} holds "
                             f"{'texts' if table.texts is not None else 'images'}: give data "
                             "of the kind it was trained on")
