@@ -1,8 +1,8 @@
 """The public functions: ``fit``, ``resume``, ``cv``, ``sweep``, ``lr_find``, ``show_batch``,
-and for a trained model ``load_model``, ``predict``, ``evaluate``, ``explain`` and
-``export``. Each is a thin entry into ``workflows`` (a fit as named steps, cross-validation,
-the model-size sweep, the tools) or ``evaluate``; the command line calls these and nothing
-else."""
+and for a trained model ``load_model``, ``predict``, ``evaluate``, ``explain``, ``export``
+and ``serve``. Each is a thin entry into ``workflows`` (a fit as named steps,
+cross-validation, the model-size sweep, the tools, the server) or ``evaluate``; the command
+line calls these and nothing else."""
 
 from __future__ import annotations
 
@@ -27,14 +27,15 @@ from .workflows.fit import resume_options, run_fit
 from .workflows.label_issues import LabelIssuesResult, format_issues
 from .workflows.label_issues import label_issues as run_label_issues
 from .workflows.record import FitResult
+from .workflows.serve import serve
 from .workflows.sweep import SweepInterrupted, SweepResult, format_sweep, sweep
 from .workflows.tools import lr_find, show_batch
 
 __all__ = ["CVResult", "CheckResult", "FitResult", "LabelIssuesResult", "SweepInterrupted",
            "SweepResult", "check", "cv", "evaluate", "explain", "export", "fit", "format_check",
            "format_cv", "format_issues", "format_sweep", "from_arrays", "label_issues",
-           "load_model", "lr_find", "models", "predict", "resume", "show_batch", "summary",
-           "sweep"]
+           "load_model", "lr_find", "models", "predict", "resume", "serve", "show_batch",
+           "summary", "sweep"]
 
 
 def fit(data: str | Path | Table, config: FitConfig | None = None, *,

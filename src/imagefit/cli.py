@@ -30,6 +30,7 @@ from .config import (
     LabelIssuesOptions,
     Options,
     PredictOptions,
+    ServeOptions,
     ShowBatchOptions,
     SweepConfig,
     make_options,
@@ -256,6 +257,17 @@ def build_parser() -> argparse.ArgumentParser:
     exporter.add_argument("run", metavar="RUN", help="run directory written by imagefit fit")
     exporter.add_argument("--out", metavar="FILE", help="the ONNX file (default RUN/model.onnx)")
     add_options(exporter, ExportOptions)
+
+    server = commands.add_parser(
+        "serve", help="serve a model: a page to drop images on and a JSON API",
+        description="Serve SOURCE (a run directory, a CV directory, or an ONNX file written by "
+        "imagefit export, run by onnxruntime) over HTTP (pip install 'imagefit[serve]'): a "
+        "page at / to drop images on and see their top classes and Grad-CAM overlays, POST "
+        "/predict (multipart images -> JSON), GET /model and GET /health. Runs until Ctrl-C.",
+    )
+    server.add_argument("source", metavar="SOURCE",
+                        help="run directory, CV directory or exported .onnx file")
+    add_options(server, ServeOptions)
 
     report = commands.add_parser(
         "report", help="write a run's report.html again",
@@ -511,6 +523,13 @@ def _export(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace, argv: list[str]) -> int:
+    from .api import serve
+
+    serve(args.source, resolve_options(ServeOptions, args, ("source",)))
+    return 0
+
+
 def _report(args: argparse.Namespace, argv: list[str]) -> int:
     from .report.html import regenerate
 
@@ -610,7 +629,7 @@ def _size(count: float) -> str:
 COMMANDS = {"fit": _fit, "predict": _predict, "evaluate": _evaluate, "lr-find": _lr_find,
             "show-batch": _show_batch, "check": _check, "cv": _cv,
             "label-issues": _label_issues, "explain": _explain, "export": _export,
-            "report": _report,
+            "serve": _serve, "report": _report,
             "runs": _runs, "cache": _cache, "models": _models, "summary": _summary, "sweep": _sweep}
 
 

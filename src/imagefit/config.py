@@ -782,6 +782,39 @@ ExplainMethod = Literal[SaliencyMethod, "feature-maps"]
 MIN_CAM_SIDE = 7  # Grad-CAM's smallest useful feature map side, in cells
 
 
+class ServeOptions(Options):
+    """Options of ``serve``: where it listens, what one request may hold, how requests are
+    batched."""
+
+    host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0: every "
+                      "interface; the server has no authentication)")
+    port: int = Field(8000, ge=0, le=65535, description="port (0: any free port, printed)")
+    top_k: int = Field(5, ge=1, description="classes listed per image (largest first)")
+    max_files: int = Field(16, ge=1, description="images one request may hold")
+    max_file_mb: float = Field(10.0, gt=0, description="largest image file accepted, in MB")
+    max_pixels: int = Field(
+        50_000_000, ge=1, description="largest image accepted, in pixels (width x height), "
+        "checked before it is decoded"
+    )
+    max_batch: int = Field(
+        64, ge=1, description="images of concurrent requests run in one forward pass (1: each "
+        "request on its own)"
+    )
+    batch_wait_ms: float = Field(
+        2.0, ge=0, description="how long the first waiting image waits for others to join its "
+        "batch"
+    )
+    max_connections: int = Field(
+        256, ge=1, description="concurrent connections; more are answered 503"
+    )
+    saliency: bool = Field(
+        True, description="Grad-CAM overlays on the page (needs the run's PyTorch model)"
+    )
+    device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'")
+    precision: Precision = _inference_precision()
+    log_requests: bool = Field(False, description="print a line per request")
+
+
 class ExplainOptions(InputOptions):
     """Options of ``explain``."""
 

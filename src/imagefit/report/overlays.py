@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
+from matplotlib import colormaps
+from PIL import Image
 
 from ..config import SaliencyMethod
 from ..evaluation.inference import LoadedModel
@@ -60,3 +64,16 @@ def explain_images(loaded: LoadedModel, images: torch.Tensor, titles: Sequence[s
     maps = saliency_maps(loaded, images, method, targets, layer=layer)
     return save_saliency_overlays(images, maps, titles, out_path, alpha=alpha,
                                   map_title=METHOD_TITLES[method])
+
+
+def overlay_png(image: torch.Tensor, saliency: torch.Tensor, alpha: float = 0.5) -> bytes:
+    """One uint8 image (C, H, W) under its map (H, W in [0, 1]) as a jet heat map, as PNG
+    bytes at the image's own size (the page scales it)."""
+    picture = image.detach().cpu().numpy().transpose(1, 2, 0).astype(np.float32)
+    if picture.shape[2] == 1:
+        picture = picture.repeat(3, axis=2)
+    heat = colormaps["jet"](saliency.detach().float().cpu().numpy())[..., :3] * 255.0
+    blended = (1.0 - alpha) * picture + alpha * heat
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(blended.round(), 0, 255).astype(np.uint8), "RGB").save(buffer, "PNG")
+    return buffer.getvalue()
