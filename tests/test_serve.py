@@ -176,6 +176,12 @@ def test_bad_uploads_get_4xx_with_a_message_and_the_server_goes_on(digits_run, d
             "request too large": (httpx.post(url + "predict", content=b"x" * 2_300_000,
                                              headers={"content-type": "application/x"}), 413,
                                   "the request is over the limit of 2.2 MB"),
+            "chunked, too large": (httpx.post(url + "predict", content=iter([
+                b'--zz\r\nContent-Disposition: form-data; name="files"; filename="a.png"\r\n'
+                b"Content-Type: image/png\r\n\r\n"] + [b"x" * 1_000_000] * 3),
+                                              headers={"content-type": "multipart/form-data; "
+                                                       "boundary=zz"}), 413,
+                                   "the request is over the limit of 2.2 MB"),
             "bad top_k": (post(url, good, top_k=0), 422, "top_k must be 1 or more"),
         }
         for name, (response, status, message) in cases.items():
@@ -335,3 +341,20 @@ def test_the_page_shows_bars_and_the_overlay_and_a_text_file_shows_its_error(
             browser.close()
     if os.environ.get("IMAGEFIT_KEEP_SCREENSHOT"):
         shutil.copy(shot, os.environ["IMAGEFIT_KEEP_SCREENSHOT"])
+
+
+def test_answers_name_labels_over_the_threshold_and_regression_values():
+    from imagefit.data.cache import CacheSettings
+    from imagefit.tasks import Task
+
+    settings = CacheSettings(8, 1, "crop")
+    labels = ServedModel(Path("x"), Task("multilabel", ["cloud", "water", "road"], threshold=0.4),
+                         settings, {}, "torch")
+    answer = labels.answer(torch.tensor([0.9, 0.1, 0.45]), top_k=2)
+    assert answer["labels"] == ["cloud", "road"] and "label" not in answer
+    assert [t["label"] for t in answer["top"]] == ["cloud", "road"] and answer["target"] == 0
+    values = ServedModel(Path("x"), Task("regression", ["age", "height"]), settings, {}, "torch")
+    assert values.answer(torch.tensor([41.5, 170.0]), top_k=5) == {
+        "values": {"age": 41.5, "height": 170.0}, "target": 0}
+    described = values.describe()
+    assert described["targets"] == ["age", "height"] and "classes" not in described

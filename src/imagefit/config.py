@@ -801,8 +801,8 @@ class ServeOptions(Options):
         "request on its own)"
     )
     batch_wait_ms: float = Field(
-        2.0, ge=0, description="how long the first waiting image waits for others to join its "
-        "batch"
+        0.0, ge=0, description="how long the first waiting image waits for others to join its "
+        "batch (0: none; the images that arrive while a pass runs still join the next one)"
     )
     max_connections: int = Field(
         256, ge=1, description="concurrent connections; more are answered 503"

@@ -195,7 +195,10 @@ async def _read_form(request, max_files: int):
 def bind(host: str, port: int) -> socket.socket:
     """A listening socket on ``host``:``port`` (0: any free port), or one clear error."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP named, not left 0: asyncio turns Nagle's algorithm off (TCP_NODELAY) only on
+    # connections whose socket says TCP; else every keep-alive response waits 40 ms for the
+    # client's delayed ACK (measured: /health 44 ms against 1 ms).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
