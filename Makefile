@@ -18,12 +18,14 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 # What the tests need beyond Python packages, from Debian when root on Debian: Fashion-MNIST,
-# Chromium (report.html rendered headless) and a C++ compiler (torch.compile on the CPU).
+# Chromium (report.html and the serve page, headless), a C++ compiler (torch.compile on the
+# CPU) and PostgreSQL (a study shared by two tune commands; the test starts its own server).
 # A failed install stops make; where nothing can be installed (not root, not Debian) the
 # tests that need it skip with the reason, and under CI=true (.ci/run) a skip fails.
 DATASET_NEEDED = $(if $(wildcard $(FASHION_MNIST)),,dataset-fashion-mnist)
 SYSTEM_NEEDED = $(DATASET_NEEDED) $(if $(shell command -v chromium),,chromium) \
-	$(if $(shell command -v g++),,g++)
+	$(if $(shell command -v g++),,g++) \
+	$(if $(wildcard /usr/lib/postgresql/*/bin/initdb),,postgresql)
 
 define apt_install
 	@if [ -n "$(strip $(1))" ]; then \

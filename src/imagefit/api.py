@@ -1,8 +1,8 @@
-"""The public functions: ``fit``, ``resume``, ``cv``, ``sweep``, ``lr_find``, ``show_batch``,
-and for a trained model ``load_model``, ``predict``, ``evaluate``, ``explain``, ``export``
-and ``serve``. Each is a thin entry into ``workflows`` (a fit as named steps,
-cross-validation, the model-size sweep, the tools, the server) or ``evaluate``; the command
-line calls these and nothing else."""
+"""The public functions: ``fit``, ``resume``, ``cv``, ``sweep``, ``tune``, ``lr_find``,
+``show_batch``, and for a trained model ``load_model``, ``predict``, ``evaluate``,
+``explain``, ``export`` and ``serve``. Each is a thin entry into ``workflows`` (a fit as
+named steps, cross-validation, the model-size sweep, the search, the tools, the server) or
+``evaluate``; the command line calls these and nothing else."""
 
 from __future__ import annotations
 
@@ -30,12 +30,13 @@ from .workflows.record import FitResult
 from .workflows.serve import serve
 from .workflows.sweep import SweepInterrupted, SweepResult, format_sweep, sweep
 from .workflows.tools import lr_find, show_batch
+from .workflows.tune import TuneInterrupted, TuneResult, format_tune, tune
 
 __all__ = ["CVResult", "CheckResult", "FitResult", "LabelIssuesResult", "SweepInterrupted",
-           "SweepResult", "check", "cv", "evaluate", "explain", "export", "fit", "format_check",
-           "format_cv", "format_issues", "format_sweep", "from_arrays", "label_issues",
-           "load_model", "lr_find", "models", "predict", "resume", "serve", "show_batch",
-           "summary", "sweep"]
+           "SweepResult", "TuneInterrupted", "TuneResult", "check", "cv", "evaluate", "explain",
+           "export", "fit", "format_check", "format_cv", "format_issues", "format_sweep",
+           "format_tune", "from_arrays", "label_issues", "load_model", "lr_find", "models",
+           "predict", "resume", "serve", "show_batch", "summary", "sweep", "tune"]
 
 
 def fit(data: str | Path | Table, config: FitConfig | None = None, *,

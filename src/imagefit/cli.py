@@ -33,6 +33,7 @@ from .config import (
     ServeOptions,
     ShowBatchOptions,
     SweepConfig,
+    TuneConfig,
     make_options,
     read_yaml_options,
 )
@@ -215,6 +216,19 @@ def build_parser() -> argparse.ArgumentParser:
         "there) and sweep.png (the losses and the gap per epoch). With --budget the models "
         "share the time. The last line printed is the sweep directory; the exit status is 1 "
         "when a model failed.",
+    )
+
+    data_command(
+        commands, "tune", TuneConfig,
+        help="search fit options with Optuna: trials as runs, pruning, shared storage",
+        description="Search the fit options of --space (a YAML file; default: lr, wd, label "
+        "smoothing, dropout, mixup) for the best validation metric on DATA with Optuna's TPE "
+        "sampler, each trial an ordinary fit in RUNS_DIR/STUDY_tune/trials, trials that lag "
+        "stopped early by the pruner. The study lives in a SQLite file there, or in "
+        "--storage (e.g. PostgreSQL) shared by tune commands on several machines; --workers "
+        "K runs K local processes; the same command again continues the study. Writes "
+        "tune.csv, tune.json, best.yaml (for imagefit fit --config) and tune.html (pip "
+        "install 'imagefit[tune]'). The last line printed is the tune directory.",
     )
 
     issues = commands.add_parser(
@@ -480,6 +494,24 @@ def _sweep(args: argparse.Namespace, argv: list[str]) -> int:
     return 1 if result.failed else 0
 
 
+def _tune(args: argparse.Namespace, argv: list[str]) -> int:
+    config = resolve_options(TuneConfig, args, ("data",))
+    from .api import TuneInterrupted, format_tune, tune
+
+    try:
+        result = tune(args.data, config)
+    except TuneInterrupted as interrupted:
+        print(format_tune(interrupted.result))
+        print(f"imagefit: {interrupted}; the study keeps them: run the same command to "
+              "continue it", file=sys.stderr)
+        print(interrupted.result.tune_dir)
+        return 130
+    print(format_tune(result))
+    print(f"report: {result.tune_dir / 'tune.html'}")
+    print(result.tune_dir)
+    return 0
+
+
 def _check(args: argparse.Namespace, argv: list[str]) -> int:
     config = resolve_options(CheckConfig, args, ("data",))
     from .api import check, format_check
@@ -630,7 +662,8 @@ COMMANDS = {"fit": _fit, "predict": _predict, "evaluate": _evaluate, "lr-find": 
             "show-batch": _show_batch, "check": _check, "cv": _cv,
             "label-issues": _label_issues, "explain": _explain, "export": _export,
             "serve": _serve, "report": _report,
-            "runs": _runs, "cache": _cache, "models": _models, "summary": _summary, "sweep": _sweep}
+            "runs": _runs, "cache": _cache, "models": _models, "summary": _summary, "sweep": _sweep,
+            "tune": _tune}
 
 
 def run_command(args: argparse.Namespace, argv: list[str] = ()) -> int:

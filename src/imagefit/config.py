@@ -489,6 +489,11 @@ class FitConfig(ImageOptions):
     report: bool = Field(
         True, description="end the fit with the interpretation plots and report.html"
     )
+    log: list[Literal["tensorboard", "mlflow"]] | None = Field(
+        None, description="experiment trackers to log to, comma-separated: tensorboard "
+        "(RUN/tensorboard), mlflow (MLFLOW_TRACKING_URI, else a SQLite store in the runs "
+        "folder); pip install 'imagefit[track]'"
+    )
     check: bool = Field(
         False, description="first run the fast checks of imagefit check (leakage, labels, "
         "unreadable and blank images, one batch overfitted) and stop when one fails"
@@ -659,6 +664,54 @@ class SweepConfig(FitConfig):
                                 "--models")
         if self.devices > 1:
             raise ImagefitError("imagefit sweep trains in one process: leave out --devices")
+        return self
+
+
+class TuneConfig(FitConfig):
+    """Options of ``tune``: the search (its space, length, storage, workers and pruner) and
+    every fit option, which applies to each trial unless the space varies it."""
+
+    space: str | None = Field(
+        None, description="YAML file of the options to search, each with its type (float, "
+        "log-float, int, log-int, categorical) and range or choices (default: lr, wd, label "
+        "smoothing, dropout and mixup; see docs/TUNE.md)"
+    )
+    n_trials: int = Field(
+        20, ge=1, description="trials the study holds when it ends (finished and pruned, "
+        "counted over every worker and every earlier command on the same study)"
+    )
+    timeout: str | None = Field(
+        None, description="stop starting trials after this long, e.g. 30m or 2h (the trials "
+        "running then finish)"
+    )
+    storage: str | None = Field(
+        None, description="Optuna storage URL, e.g. postgresql://user@host/db, shared by "
+        "tune commands on several machines (default: a SQLite file in the tune directory)"
+    )
+    study: str | None = Field(
+        None, description="study name (default: the data's name); the same name and storage "
+        "continue a study"
+    )
+    workers: int = Field(1, ge=1, description="local processes that run trials in parallel, "
+                         "sharing the storage (each with cores / workers threads)")
+    pruner: Literal["median", "hyperband", "none"] = Field(
+        "median", description="stops trials whose validation metric is behind the others' at "
+        "the same epoch (median: below the median of earlier trials)"
+    )
+    confirm: int = Field(
+        3, ge=0, description="refit the best options and the defaults with this many seeds "
+        "each, and compare their medians (0: no refits)"
+    )
+    report: bool = Field(
+        False, description="write each trial's report.html (the best trial's is written at "
+        "the end either way)"
+    )
+
+    @model_validator(mode="after")
+    def _one_process_per_trial(self) -> TuneConfig:
+        if self.devices > 1:
+            raise ImagefitError("imagefit tune trains each trial in one process: use "
+                                "--workers K for parallel trials, not --devices")
         return self
 
 

@@ -156,6 +156,7 @@ def lost_peer(error: BaseException) -> bool:
 
 
 LAUNCHER_PID = "IMAGEFIT_LAUNCHER_PID"  # set for torchrun's processes by ``launch``
+PARENT_PID = "IMAGEFIT_PARENT_PID"  # set for the worker processes of ``tune``
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
@@ -200,6 +201,25 @@ def die_with_launcher() -> None:
         set_death_signal(signal.SIGKILL)
     launcher = os.environ.get(LAUNCHER_PID)
     if launcher and not _alive(int(launcher)):
+        os._exit(1)
+
+
+def child_dies_with_this_process() -> Callable[[], None] | None:
+    """A ``preexec_fn`` for ``subprocess.Popen`` that has the child killed when this
+    process dies, however it dies (Linux; None elsewhere). The child should also call
+    ``exit_if_parent_gone``: this process may have died before the child set the signal."""
+    set_death_signal = _death_signal_setter()
+    if set_death_signal is None:
+        return None
+    os.environ[PARENT_PID] = str(os.getpid())  # inherited by the children started next
+    return lambda: set_death_signal(signal.SIGKILL)
+
+
+def exit_if_parent_gone() -> None:
+    """In a child started with ``child_dies_with_this_process``: exit at once when the
+    process that started it is already gone."""
+    parent = os.environ.get(PARENT_PID)
+    if parent and not _alive(int(parent)):
         os._exit(1)
 
 

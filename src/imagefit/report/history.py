@@ -44,6 +44,8 @@ def list_runs(root: str | Path = "runs") -> pd.DataFrame:
         what = "is not a folder" if root.exists() else "not found"
         raise ImagefitError(f"runs folder {root} {what}: give the folder that holds run "
                             "directories (imagefit fit writes them to runs/)")
+    if (root / "tune.json").is_file() and (root / "trials").is_dir():
+        root = root / "trials"  # a study's trials, one row each
     run_dirs = [root] if _is_run_dir(root) else [p for p in root.iterdir() if _is_run_dir(p)]
     frame = pd.DataFrame([_describe_run(p) for p in run_dirs], columns=list(RUN_COLUMNS))
     frame = frame.sort_values(["date", "run"], kind="stable", ignore_index=True)
@@ -140,7 +142,8 @@ def compare_runs(run_dirs: Sequence[str | Path], out: str | Path) -> Path:
 
 def _is_run_dir(path: Path) -> bool:
     return path.is_dir() and ((path / "config.yaml").is_file()
-                              or (path / "metrics.json").is_file())
+                              or (path / "metrics.json").is_file()
+                              or (path / "tune.json").is_file())
 
 
 def _describe_run(run_dir: Path) -> dict[str, Any]:
@@ -154,6 +157,8 @@ def _describe_run(run_dir: Path) -> dict[str, Any]:
     }
     if (run_dir / "sweep.json").is_file():
         return _describe_sweep(run_dir, row)
+    if (run_dir / "tune.json").is_file():
+        return _describe_tune(run_dir, row)
     try:
         config = _read_mapping(run_dir / "config.yaml", yaml.safe_load) or {}
         metrics = _read_mapping(run_dir / "metrics.json", json.loads)
@@ -200,6 +205,25 @@ def _describe_sweep(sweep_dir: Path, row: dict) -> dict:
                   "metric": metric if values else None, "value": best,
                   "seconds": seconds if _is_number(seconds) else math.nan,
                   "status": info.get("status", "incomplete")}
+
+
+def _describe_tune(tune_dir: Path, row: dict) -> dict:
+    """A tune directory (``imagefit tune``): its study as one row, with the best trial's
+    figure (``imagefit runs TUNE_DIR`` lists the trials)."""
+    try:
+        setup = _read_mapping(tune_dir / "tune.yaml", yaml.safe_load) or {}
+        info = _read_mapping(tune_dir / "tune.json", json.loads) or {}
+    except _Unreadable:
+        return row
+    best = info.get("best") or {}
+    seconds = sum(r.get("seconds") or 0 for r in info.get("rows", []))
+    return row | {"name": info.get("study") or row["name"], "data": setup.get("data"),
+                  "model": f"tune: {info.get('n_trials', 0)} trials, "
+                           f"{info.get('pruned', 0)} pruned",
+                  "epochs": sum(r.get("epochs") or 0 for r in info.get("rows", [])),
+                  "metric": info.get("metric") if best else None,
+                  "value": best.get("value", math.nan), "seconds": seconds or math.nan,
+                  "status": "running" if runs.is_locked(tune_dir) else "done"}
 
 
 def _status(metrics: dict | None) -> str:

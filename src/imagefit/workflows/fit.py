@@ -33,6 +33,7 @@ from ..report.plots import save_lr_finder_plot
 from ..train.budget import Budget
 from ..train.callbacks import RunWriter
 from ..train.callbacks.label_correction import check_label_correction
+from ..train.callbacks.tracking import end_trackers, require_trackers
 from ..train.lr_finder import LRFinderResult
 from ..train.precompute import supports_precompute
 from ..train.schedules import Schedule
@@ -148,6 +149,7 @@ def prepare(device: torch.device, data: str | Path | Table, cfg: FitConfig,
         cfg.progress = False
     else:
         runs.output_folder(cfg.runs_dir, "--runs-dir", create=False)
+        require_trackers(cfg.log)
     apply_pretrained_source(cfg)
     with distributed.main_first():  # rank 0 builds the image cache, the others then read it
         loaded = load_data(data, cfg)
@@ -255,6 +257,7 @@ def train_in_run_dir(run_dir: Path, data: str | Path | Table, prepared: Prepared
     summary = run_summary(data, loaded, parts, prepared.notes)
     writer = RunWriter(run_dir, parts.model_info)
     learner = None
+    own: list = []
     try:
         if prepared.finder is not None and main:
             save_lr_finder_plot(prepared.finder, run_dir / "plots" / "lr_find.png")
@@ -276,8 +279,11 @@ def train_in_run_dir(run_dir: Path, data: str | Path | Table, prepared: Prepared
                 print(f"resuming {run_dir} after epoch {len(learner.history)}")
         train_phases(learner, cfg, prepared.epochs, prepared.lr_schedule, prepared.momentum,
                      summary, resuming=resume_state is not None, planner=planner)
-        return finish(run_dir, prepared, learner, best, planner, summary, started)
+        result = finish(run_dir, prepared, learner, best, planner, summary, started)
+        end_trackers(own, result.metrics)
+        return result
     except KeyboardInterrupt:
+        end_trackers(own, status="KILLED")
         if not main:
             raise
         if writer.epochs_saved == 0 and resume_state is None:
@@ -288,6 +294,7 @@ def train_in_run_dir(run_dir: Path, data: str | Path | Table, prepared: Prepared
         write_report(run_dir, learner, cfg)
         raise FitInterrupted(run_dir, writer.epochs_saved) from None
     except RuntimeError as error:
+        end_trackers(own, status="FAILED")
         if not distributed.lost_peer(error):
             record_failure(run_dir, learner, writer, summary, started, error)
             raise
@@ -298,11 +305,13 @@ def train_in_run_dir(run_dir: Path, data: str | Path | Table, prepared: Prepared
         record_failure(run_dir, learner, writer, summary, started, failure)
         raise failure from error
     except TrainingDiverged as error:
+        end_trackers(own, status="FAILED")
         kept = (f"{run_dir} keeps epoch {writer.epochs_saved}, the last finished one"
                 if writer.epochs_saved else f"{run_dir} is marked failed (no epoch finished)")
         failure = TrainingDiverged(f"{error}; {kept}")
         record_failure(run_dir, learner, writer, summary, started, failure)
         raise failure from None
     except BaseException as error:
+        end_trackers(own, status="FAILED")
         record_failure(run_dir, learner, writer, summary, started, error)
         raise

@@ -28,6 +28,7 @@ from ..train.callbacks import (
     SnapshotSaver,
 )
 from ..train.callbacks.base import callback_order
+from ..train.callbacks.tracking import make_trackers
 from ..train.learner import Learner
 from ..train.precompute import fit_head_on_features
 from ..train.schedules import Schedule
@@ -91,6 +92,8 @@ def own_callbacks(run_dir: Path, cfg: FitConfig, loaded: LoadedData, parts: Trai
     if cfg.schedule == "sgdr" and cfg.snapshots and main:
         ends = schedules.sgdr_cycle_ends(cfg.sgdr_cycles, cfg.cycle_len, cfg.cycle_mult)
         own.append(SnapshotSaver(run_dir, parts.model_info, ends))
+    if cfg.log and main:
+        own.extend(make_trackers(cfg.log, run_dir, cfg.model_dump(), Path(cfg.runs_dir)))
     best = None
     if cfg.early_stop or cfg.keep_best or cfg.plateau:
         monitor, mode = monitor_column(cfg, parts)

@@ -1,0 +1,319 @@
+"""imagefit tune on Optuna: the space file, pruning, workers sharing a study (SQLite, and a
+PostgreSQL server the test starts), continuing a study, best.yaml, the report; and the
+experiment trackers (--log tensorboard,mlflow) read back by their own readers."""
+
+from __future__ import annotations
+
+import builtins
+import glob
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from imagefit import api
+from imagefit.cli import main
+from imagefit.errors import ImagefitError
+from imagefit.workflows.tune import Pruning, read_space
+
+FAST = ["--epochs", "2", "--confirm", "0", "--no-progress"]
+
+
+def tune_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "imagefit", "tune", *args]
+
+
+def rows_of(tune_dir: Path) -> list[dict]:
+    return json.loads((tune_dir / "tune.json").read_text())["rows"]
+
+
+# -- the space ----------------------------------------------------------------------------
+
+
+def test_the_space_reads_every_type(tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_text("lr: {type: log-float, low: 1.0e-4, high: 1.0e-2}\n"
+                    "label-smoothing: {type: float, low: 0, high: 0.2, step: 0.05}\n"
+                    "bs: {type: log-int, low: 16, high: 128}\n"
+                    "epochs: {type: int, low: 2, high: 6, step: 2}\n"
+                    "augment: [none, light]\n"
+                    "model: {type: categorical, choices: [small_cnn_16, small_cnn_32]}\n"
+                    "mixup: {type: float, low: 0, high: 0.4}\n")
+    space = {p.name: p for p in read_space(path)}
+    assert space["lr"].kind == "log-float" and (space["lr"].low, space["lr"].high) == (1e-4, 1e-2)
+    assert space["label_smoothing"].step == 0.05
+    assert space["bs"].kind == "log-int" and space["epochs"].step == 2
+    assert space["augment"].choices == ("none", "light")
+    assert space["model"].choices == ("small_cnn_16", "small_cnn_32")
+    assert space["mixup"].kind == "float"  # an augmentation parameter (augment_options)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    trial = study.ask()
+    drawn = {name: p.suggest(trial) for name, p in space.items()}
+    assert 1e-4 <= drawn["lr"] <= 1e-2 and drawn["epochs"] in (2, 4, 6)
+    assert 16 <= drawn["bs"] <= 128 and drawn["augment"] in ("none", "light")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("lr: [0.1, 0.2]\nwd: {type: float: low: 1}\n", "line 2: not readable as YAML"),
+    ("learning_rate: {type: float, low: 0, high: 1}\n",
+     "learning_rate: not an option of imagefit fit (did you mean lr?)"),
+    ("runs_dir: [a, b]\n", "runs_dir: says how or where a fit runs"),
+    ("lr: {type: gaussian, low: 0, high: 1}\n", "lr: type 'gaussian' is not one of float"),
+    ("lr: {type: float, low: 0.1}\n", "lr: a float range needs low and high"),
+    ("lr: {type: float, low: 0.2, high: 0.1}\n", "lr: low 0.2 is not below high 0.1"),
+    ("wd: {type: log-float, low: 0, high: 0.1}\n", "wd: a log range needs low above 0"),
+    ("bs: {type: int, low: 8.5, high: 64}\n", "bs: low 8.5 is not a whole number"),
+    ("augment: [none, sideways]\n", "augment: 'sideways' is not a value of imagefit fit's "
+                                    "--augment"),
+    ("lr: {type: float, low: 0, high: 1, scale: 2}\n", "lr: unknown key 'scale'"),
+    ("lr: {type: categorical, choices: []}\n", "lr: a categorical needs a non-empty list"),
+    ("dropout: {type: float, low: 0, high: 1.5}\n", "dropout: 1.5 is not a value"),
+    ("- lr\n", "the space is a mapping of fit options"),
+])
+def test_space_mistakes_are_one_line_naming_the_key(tmp_path, text, message):
+    path = tmp_path / "space.yaml"
+    path.write_text(text)
+    with pytest.raises(ImagefitError) as error:
+        read_space(path)
+    assert str(error.value).startswith(f"{path}") and message in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_a_missing_space_file_and_a_missing_optuna_are_one_line(tmp_path, capsys,
+                                                                monkeypatch):
+    assert main(["tune", "builtin:digits", "--space", str(tmp_path / "no.yaml")]) == 2
+    assert capsys.readouterr().err == (f"imagefit: error: --space {tmp_path / 'no.yaml'}: no "
+                                       "such file: give a YAML file of the options to search "
+                                       "(docs/TUNE.md)\n")
+    real_import = builtins.__import__
+
+    def without_optuna(name, *args, **kwargs):
+        if name.split(".")[0] == "optuna":
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", without_optuna)
+    assert main(["tune", "builtin:digits"]) == 2
+    assert capsys.readouterr().err == ("imagefit: error: tune needs optuna: pip install "
+                                       "'imagefit[tune]' (or pip install optuna)\n")
+
+
+# -- pruning ------------------------------------------------------------------------------
+
+
+class FakeLearner:
+    """What the pruning callback reads of a learner: the epochs so far and their rows."""
+
+    def __init__(self, epochs: int) -> None:
+        self.history, self.epoch, self.n_epochs, self.stop = [], 0, epochs, False
+
+    def run(self, callback, curve) -> int:
+        for epoch, value in enumerate(curve):
+            self.epoch = epoch
+            self.history.append({"valid_accuracy": value})
+            callback.after_epoch(self)
+            if self.stop:
+                return epoch + 1
+        return len(curve)
+
+
+def test_the_pruner_stops_a_clearly_bad_trial_after_its_second_epoch():
+    study = optuna.create_study(direction="maximize",
+                                pruner=optuna.pruners.MedianPruner(n_startup_trials=4,
+                                                                   n_warmup_steps=2))
+    good = [0.6, 0.8, 0.85, 0.9, 0.92]
+    for k in range(4):
+        trial = study.ask()
+        ran = FakeLearner(5).run(Pruning(trial, "valid_accuracy"), [v + k / 100 for v in good])
+        study.tell(trial, good[-1] + k / 100)
+        assert ran == 5
+    trial = study.ask()
+    pruning = Pruning(trial, "valid_accuracy")
+    ran = FakeLearner(5).run(pruning, [0.1, 0.1, 0.1, 0.1, 0.1])
+    assert ran == 2 and pruning.pruned_at == 2  # epoch 1 is the warm-up
+    trial = study.ask()
+    pruning = Pruning(trial, "valid_accuracy")
+    assert FakeLearner(5).run(pruning, [0.7, 0.85, 0.9, 0.93, 0.95]) == 5
+    assert pruning.pruned_at is None
+
+
+# -- whole searches -----------------------------------------------------------------------
+
+
+def test_a_search_its_report_best_yaml_and_continuing_it(tmp_path, capsys):
+    runs_dir = tmp_path / "runs"
+    assert main(["tune", "builtin:digits", "--n-trials", "3", "--runs-dir", str(runs_dir),
+                 *FAST]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    tune_dir = runs_dir / "digits_tune"
+    assert out[-1] == str(tune_dir) and out[-2] == f"report: {tune_dir / 'tune.html'}"
+    first = rows_of(tune_dir)
+    assert [r["number"] for r in first] == [0, 1, 2]
+    assert all(Path(r["run_dir"]).is_dir() for r in first)
+
+    assert main(["tune", "builtin:digits", "--n-trials", "5", "--runs-dir", str(runs_dir),
+                 *FAST]) == 0
+    out = capsys.readouterr().out
+    assert "tune: study digits in sqlite:///" in out and "3 trial(s) so far, 2 to go" in out
+    rows = rows_of(tune_dir)
+    assert [r["number"] for r in rows] == [0, 1, 2, 3, 4]
+    assert [r["param_lr"] for r in rows[:3]] == [r["param_lr"] for r in first]
+
+    info = json.loads((tune_dir / "tune.json").read_text())
+    best = info["best"]
+    page = (tune_dir / "tune.html").read_text()
+    assert f"best: trial {best['number']}" in page and page.count("<tr class=") == 5
+    assert page.count("data:image/png;base64,") == 3  # history, importances, parallel
+    listed = subprocess.run([sys.executable, "-m", "imagefit", "runs", str(runs_dir)],
+                            capture_output=True, text=True).stdout
+    assert "digits_tune" in listed and "tune: 5 trials" in listed
+    listed = subprocess.run([sys.executable, "-m", "imagefit", "runs", str(tune_dir)],
+                            capture_output=True, text=True).stdout
+    assert all(f"trial_{k:04d}" in listed for k in range(5))
+
+    chosen = yaml.safe_load((tune_dir / "best.yaml").read_text())
+    assert chosen["data"] == "builtin:digits" and chosen["epochs"] == 2
+    assert chosen["lr"] == best["params"]["lr"]
+    refit = api.fit("builtin:digits", runs_dir=str(tmp_path / "refit"), progress=False,
+                    report=False, **{k: v for k, v in chosen.items() if k != "data"})
+    assert refit.metrics["valid_accuracy"] == pytest.approx(best["value"], abs=1e-9)
+    assert main(["fit", "builtin:digits", "--config", str(tune_dir / "best.yaml"),
+                 "--runs-dir", str(tmp_path / "cli"), "--no-progress", "--no-report"]) == 0
+
+
+def test_two_workers_share_the_sqlite_study_without_duplicate_trials(tmp_path):
+    done = subprocess.run(tune_command("builtin:digits", "--n-trials", "6", "--workers", "2",
+                                       "--runs-dir", str(tmp_path), *FAST),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = rows_of(tmp_path / "digits_tune")
+    numbers = [r["number"] for r in rows]
+    assert len(numbers) == len(set(numbers))
+    counted = [r for r in rows if r["state"] in ("complete", "pruned")]
+    assert 6 <= len(counted) <= 7  # two workers may both start the last one
+    folders = sorted(p.name for p in (tmp_path / "digits_tune" / "trials").iterdir())
+    assert folders == [f"trial_{n:04d}" for n in sorted(numbers)]
+    study = optuna.load_study(study_name="digits",
+                              storage=f"sqlite:///{tmp_path / 'digits_tune' / 'study.db'}")
+    assert len({t.user_attrs["worker"] for t in study.trials}) == 2  # both worked
+
+
+# -- PostgreSQL ---------------------------------------------------------------------------
+
+PG_BIN = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def postgres():
+    """A PostgreSQL server of its own on a free loopback port, in a temporary folder
+    (Debian's binaries; run as the postgres user when the test runs as root, in a folder of
+    /tmp that user can reach: pytest's own are the runner's alone)."""
+    if not PG_BIN:
+        pytest.skip("PostgreSQL is not installed: `make test` installs it (Debian's "
+                    "postgresql) when run as root")
+    bin_dir = Path(PG_BIN[-1])
+    folder = Path(tempfile.mkdtemp(prefix="imagefit-postgres-"))
+    data = folder / "data"
+    as_user = []
+    if os.geteuid() == 0:
+        shutil.chown(folder, "postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    port = free_port()
+    subprocess.run([*as_user, str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres",
+                    "--auth", "trust"], check=True, capture_output=True)
+    subprocess.run([*as_user, str(bin_dir / "pg_ctl"), "-D", str(data), "-l",
+                    str(folder / "log"), "-w", "-o",
+                    f"-p {port} -k {folder} -c listen_addresses=127.0.0.1", "start"],
+                   check=True, capture_output=True)
+    try:
+        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([*as_user, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast",
+                        "-w", "stop"], capture_output=True)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_two_commands_share_a_study_on_postgresql(postgres, tmp_path):
+    commands = [subprocess.Popen(tune_command("builtin:digits", "--n-trials", "4",
+                                              "--storage", postgres, "--study", "shared",
+                                              "--runs-dir", str(tmp_path / f"machine{k}"),
+                                              *FAST),
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                for k in range(2)]
+    for command in commands:
+        out, err = command.communicate(timeout=600)
+        assert command.returncode == 0, err[-2000:]
+        assert "tune: study shared in postgresql+psycopg2://postgres@127.0.0.1:" in out
+    study = optuna.load_study(study_name="shared", storage=postgres)
+    numbers = [t.number for t in study.trials]
+    assert len(numbers) == len(set(numbers))
+    finished = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
+    assert 4 <= len(finished) <= 5  # both may start the last one
+    places = {Path(t.user_attrs["run_dir"]).parents[2].name for t in study.trials}
+    assert places == {"machine0", "machine1"}  # both commands ran trials
+
+
+# -- tracking -----------------------------------------------------------------------------
+
+
+def test_a_fit_logged_to_tensorboard_and_mlflow_reads_back(tmp_path, monkeypatch):
+    import mlflow
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    result = api.fit("builtin:digits", epochs=2, progress=False, runs_dir=str(tmp_path),
+                     log=["tensorboard", "mlflow"])
+    events = EventAccumulator(str(result.run_dir / "tensorboard"))
+    events.Reload()
+    accuracy = [(e.step, e.value) for e in events.Scalars("epoch/valid_accuracy")]
+    assert [s for s, _ in accuracy] == [1, 2]
+    assert accuracy[-1][1] == pytest.approx(result.metrics["valid_accuracy"], abs=1e-6)
+    steps = events.Scalars("step/loss")
+    assert len(steps) == len(events.Scalars("step/lr")) > 2
+    assert "plots/training" in events.Tags()["images"]
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    found = mlflow.search_runs(experiment_names=["imagefit"])
+    assert len(found) == 1 and found.loc[0, "status"] == "FINISHED"
+    assert found.loc[0, "tags.mlflow.runName"] == result.run_dir.name
+    assert found.loc[0, "metrics.final_valid_accuracy"] == pytest.approx(
+        result.metrics["valid_accuracy"], abs=1e-6)
+    assert found.loc[0, "params.epochs"] == "2"
+    client = mlflow.tracking.MlflowClient()
+    history = client.get_metric_history(found.loc[0, "run_id"], "valid_accuracy")
+    assert [m.step for m in history] == [1, 2]
+    artifacts = {a.path for a in client.list_artifacts(found.loc[0, "run_id"])}
+    assert {"model.safetensors", "model.json", "report.html", "plots"} <= artifacts
+
+
+def test_a_missing_tracker_is_one_line_before_any_run_directory(tmp_path, capsys,
+                                                                monkeypatch):
+    real_import = builtins.__import__
+
+    def without_mlflow(name, *args, **kwargs):
+        if name.split(".")[0] == "mlflow":
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", without_mlflow)
+    assert main(["fit", "builtin:digits", "--log", "mlflow", "--runs-dir", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == ("imagefit: error: --log mlflow needs mlflow: pip install "
+                                       "'imagefit[track]' (or pip install mlflow)\n")
+    assert list(tmp_path.iterdir()) == []
+    assert main(["fit", "builtin:digits", "--log", "wandb"]) == 2
+    assert "--log" in capsys.readouterr().err
+
