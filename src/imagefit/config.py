@@ -699,8 +699,9 @@ class TuneConfig(FitConfig):
         "the same epoch (median: below the median of earlier trials)"
     )
     confirm: int = Field(
-        3, ge=0, description="refit the best options and the defaults with this many seeds "
-        "each, and compare their medians (0: no refits)"
+        3, ge=0, description="refit the three best trials' options and the defaults on this "
+        "many fresh seeds each; best.yaml takes the options with the best median (0: no "
+        "refits: the best trial's)"
     )
     report: bool = Field(
         False, description="write each trial's report.html (the best trial's is written at "

@@ -9,8 +9,8 @@ again continues the study (``--n-trials`` counts the trials it holds in all).
 
 At the end the tune directory holds tune.csv and tune.json (a row per trial), best.yaml (the
 best trial's options, for ``imagefit fit DATA --config best.yaml``), Optuna's plots and
-tune.html; with ``--confirm N`` the best options and the defaults are fitted again with N
-seeds each and their medians compared there.
+tune.html; with ``--confirm N`` (3) the three best trials' options and the defaults are
+fitted again on N fresh seeds each, and best.yaml holds the options with the best median.
 """
 
 from __future__ import annotations
@@ -40,13 +40,15 @@ from ..config import (
     make_options,
     merge_options,
 )
+from ..data.prepare import resolve_settings
 from ..data.sources import read_source
 from ..data.table import Table
 from ..errors import FitInterrupted, ImagefitError
+from ..models import SMALL_CNN_WIDTHS, default_model_name
 from ..tasks import HIGHER_IS_BETTER, MAIN_METRIC
 from ..train.budget import Budget, parse_duration
 from ..train.callbacks import Callback
-from .build import apply_recipe, check_data
+from .build import apply_recipe, apply_small_image_recipe, check_data
 from .fit import run_fit, run_name
 from .sweep import folder_name, one_line, require_validation
 
@@ -60,15 +62,10 @@ NOT_SEARCHED = set(SourceOptions.model_fields) | {
     "runs_dir", "name", "progress", "report", "device", "devices", "cache_dir", "check",
     "budget", "test_every_epoch", "metrics", "find_label_issues", "drop_rows", "relabel",
     "top", "min_score"}
-DEFAULT_SPACE = {  # per task kind: what every model and task accepts
-    "lr": {"type": "log-float", "low": 3e-4, "high": 3e-2},
-    "wd": {"type": "log-float", "low": 1e-4, "high": 0.3},
-    "label_smoothing": {"type": "float", "low": 0.0, "high": 0.2},
-    "mixup": {"type": "categorical", "choices": [0.0, 0.2, 0.4]},
-}
-DEFAULT_KEYS = {"classification": ("lr", "wd", "label_smoothing", "mixup"),
+DEFAULT_KEYS = {"classification": ("lr", "wd", "label_smoothing", "mixup"),  # per task kind
                 "multilabel": ("lr", "wd", "mixup"), "regression": ("lr", "wd")}
 FAILURES_IN_A_ROW = 3
+CONFIRM_TOP = 3  # trials refitted by --confirm
 ALIASES = {"learning_rate": "lr", "weight_decay": "wd", "batch_size": "bs",
            "architecture": "model", "n_epochs": "epochs"}
 HEARTBEAT_SECONDS, GRACE_SECONDS = 10, 60
@@ -196,6 +193,56 @@ def _parameter(name: str, spec: Any, where: str) -> Parameter:
     return Parameter(name, kind, float(low), float(high), None if step is None else float(step))
 
 
+def fit_defaults(table: Table, cfg: FitConfig) -> FitConfig:
+    """The options a fit of ``table`` would use where ``cfg`` leaves them unset: the
+    recipes' and the small-image recipe's (SGD at 0.1 for imagefit's small nets, ...)."""
+    probe = fit_options(cfg)
+    apply_recipe(probe)
+    if table.texts is None:
+        size = probe.image_size or (max(probe.image_sizes) if probe.image_sizes else None)
+        settings = resolve_settings(table, size, probe.channels, probe.resize, probe.seed)
+        apply_small_image_recipe(probe, settings.size, table.task.kind)
+        if probe.model == "auto" and not probe.pretrained:
+            probe.model = default_model_name(settings.size, table.task.kind)
+    return probe
+
+
+def default_space(table: Table, cfg: FitConfig) -> list[Parameter]:
+    """Around the fit's own defaults: the learning rate from a tenth to three times its
+    default, the weight decay a decade either side, label smoothing 0-0.2, MixUp off or on
+    (as the task allows), and the width of imagefit's small net when that is the model."""
+    probe = fit_defaults(table, cfg)
+    lr = probe.lr if isinstance(probe.lr, (int, float)) else 3e-3  # --lr auto: the usual
+    wd = max(float(probe.wd), 1e-6)
+    values = {"lr": {"type": "log-float", "low": lr / 10, "high": lr * 3},
+              "wd": {"type": "log-float", "low": wd / 10, "high": wd * 10},
+              "label_smoothing": {"type": "float", "low": 0.0, "high": 0.2},
+              "mixup": {"type": "categorical", "choices": [0.0, 0.2, 0.4]}}
+    chosen = {k: values[k] for k in DEFAULT_KEYS[table.task.kind]}
+    if probe.model in SMALL_CNN_WIDTHS.values():
+        chosen["model"] = {"type": "categorical", "choices": list(SMALL_CNN_WIDTHS.values())}
+    return parse_space(chosen, "the default space")
+
+
+def default_trial(table: Table, cfg: FitConfig, space: list[Parameter]) -> dict:
+    """The fit's defaults for the searched options, where the space holds them: the first
+    trial, so that the search starts from what a plain fit would do."""
+    probe = fit_defaults(table, cfg)
+    augment = probe.augment_options.model_dump() if probe.augment_options else \
+        AugmentOptions().model_dump()
+    chosen = {}
+    for p in space:
+        value = getattr(probe, p.name) if p.name in FitConfig.model_fields else augment.get(
+            p.name)
+        if p.kind == "categorical":
+            if value in p.choices:
+                chosen[p.name] = value
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and \
+                p.low <= value <= p.high:
+            chosen[p.name] = int(value) if p.kind.endswith("int") else float(value)
+    return chosen
+
+
 def _check_value(name: str, value: Any, where: str) -> None:
     """A value the fit option accepts, or one line saying why not."""
     try:
@@ -230,9 +277,7 @@ def open_study(optuna, url: str, name: str, direction: str, cfg: TuneConfig, wor
     each worker's sampler has a seed of its own."""
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
     try:
-        storage = optuna.storages.RDBStorage(url, engine_kwargs=engine,
-                                             heartbeat_interval=HEARTBEAT_SECONDS,
-                                             grace_period=GRACE_SECONDS)
+        storage = _storage(optuna, url, engine)
     except ImportError as error:
         raise ImagefitError(f"--storage {shown_url(url)}: its database driver is missing "
                             f"({error.name or error}): install it, e.g. pip install "
@@ -253,6 +298,31 @@ def open_study(optuna, url: str, name: str, direction: str, cfg: TuneConfig, wor
                             f"its objective, this one would {direction} it: give another "
                             "--study")
     return study
+
+
+def _storage(optuna, url: str, engine: dict, tries: int = 5):
+    """Optuna's RDB storage; commands that start together on a new database race to create
+    its tables (a unique-key error in PostgreSQL), so a failed first try is tried again."""
+    import random
+    import warnings
+
+    for attempt in range(tries):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                # A heartbeat for shared databases only: the tune directory's own SQLite
+                # file is locked by one command, which fails what a killed one left running
+                # (under SQLite's write lock, late heartbeats failed live trials).
+                beat = {} if url.startswith("sqlite") else {
+                    "heartbeat_interval": HEARTBEAT_SECONDS, "grace_period": GRACE_SECONDS}
+                return optuna.storages.RDBStorage(url, engine_kwargs=engine, **beat)
+        except ImportError:
+            raise
+        except Exception as error:
+            if attempt == tries - 1 or type(error).__name__ not in (
+                    "IntegrityError", "ProgrammingError", "OperationalError"):
+                raise
+            time.sleep(0.5 + random.random())
 
 
 class Pruning(Callback):
@@ -412,8 +482,7 @@ def tune(data: str | Path | Table, config: TuneConfig | None = None,
     space = read_space(cfg.space) if cfg.space else None  # its mistakes before the data's
     table = data if isinstance(data, Table) else read_source(data, cfg)
     if space is None:
-        space = parse_space({k: DEFAULT_SPACE[k] for k in DEFAULT_KEYS[table.task.kind]},
-                            "the default space")
+        space = default_space(table, cfg)
     names = {p.name for p in space}
     if cfg.budget and "epochs" in names:
         raise ImagefitError("--budget sets each trial's length: leave epochs out of the space")
@@ -443,6 +512,8 @@ def tune(data: str | Path | Table, config: TuneConfig | None = None,
             "direction": direction, "deadline": deadline,
             "space": {p.name: p.as_yaml() for p in space},
             "options": cfg.model_dump(exclude_unset=True)})
+        if not study.get_trials(deepcopy=False):  # a new study starts from the defaults
+            study.enqueue_trial(default_trial(table, cfg, space))
         before = search.counted(study)
         print(f"tune: study {study_name} in {shown_url(url)}: {before} trial(s) so far, "
               f"{max(0, cfg.n_trials - before)} to go; {metric} to {direction}", flush=True)
@@ -456,8 +527,8 @@ def tune(data: str | Path | Table, config: TuneConfig | None = None,
             raise TuneInterrupted(result) from None
         result = write_results(search, study, url)
         if cfg.confirm and result.best is not None:
-            result.info["confirm"] = confirm(search, result.best["params"], cfg.confirm)
-            result = write_results(search, study, url, result.info["confirm"])
+            confirmed = confirm(search, top_trials(study, CONFIRM_TOP), cfg.confirm)
+            result = write_results(search, study, url, confirmed)
         return result
     finally:
         if lock is not None:
@@ -549,6 +620,16 @@ def trial_rows(study) -> list[dict]:
     return rows
 
 
+def top_trials(study, count: int) -> list[dict]:
+    """The ``count`` best finished trials, best first."""
+    import optuna
+
+    done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
+    done.sort(key=lambda t: (-t.value if maximize else t.value, t.number))
+    return [{"number": t.number, "value": t.value, "params": t.params} for t in done[:count]]
+
+
 def write_results(search: Search, study, url: str, confirmed: dict | None = None
                   ) -> TuneResult:
     """tune.csv, tune.json, best.yaml, the plots and tune.html for the trials so far."""
@@ -576,7 +657,8 @@ def write_results(search: Search, study, url: str, confirmed: dict | None = None
                      **search.cfg.model_dump(exclude_unset=True,
                                              exclude=set(TuneConfig.model_fields)
                                              - set(FitConfig.model_fields)),
-                     **with_augment_options(search.cfg, best.params)}
+                     **with_augment_options(search.cfg, confirmed["chosen_params"]
+                                            if confirmed else best.params)}
         for where in ("runs_dir", "name", "progress", "report"):  # the refit's own
             best_yaml.pop(where, None)
     if confirmed:
@@ -590,30 +672,39 @@ def write_results(search: Search, study, url: str, confirmed: dict | None = None
     return TuneResult(search.tune_dir, rows, info)
 
 
-def confirm(search: Search, params: dict, seeds: int) -> dict:
-    """The best options and the defaults fitted again with ``seeds`` seeds each: the metric
-    per seed and the medians."""
-    found: dict[str, list] = {"best": [], "defaults": []}
-    for k in range(seeds):
-        seed = search.cfg.seed + k
-        for label, chosen in (("best", params), ("defaults", {})):
-            options = search.trial_options({**chosen, "seed": seed})
-            run_dir = search.tune_dir / "confirm" / f"{label}_seed{seed}"
+def confirm(search: Search, candidates: list[dict], seeds: int) -> dict:
+    """The top trials' options (``candidates``: number, value, params) and the defaults,
+    fitted again on ``seeds`` fresh seeds each (other validation splits and starts than the
+    search's own): per seed and median. The candidate with the best median is ``chosen``
+    (best.yaml): the search's top trial often owes part of its figure to its one split."""
+    higher = HIGHER_IS_BETTER[search.metric.removeprefix("valid_")]
+    seed_list = [search.cfg.seed + 1 + k for k in range(seeds)]
+    entries = [{"label": "defaults", "number": None, "params": {}}] + [
+        {"label": f"trial {c['number']}", "number": c["number"], "params": c["params"],
+         "search_value": c["value"]} for c in candidates]
+    for entry in entries:
+        entry["values"] = []
+        for seed in seed_list:
+            options = search.trial_options({**entry["params"], "seed": seed})
+            folder = "defaults" if entry["number"] is None else f"trial_{entry['number']:04d}"
+            run_dir = search.tune_dir / "confirm" / f"{folder}_seed{seed}"
             if run_dir.exists():
                 runs.remove_run_dir(run_dir)
             result = run_fit(search.table, options, run_dir=run_dir,
                              budget=Budget.from_options(options))
-            found[label].append(result.metrics.get(search.metric))
-            print(f"confirm: {label} options, seed {seed}: {search.metric} "
-                  f"{found[label][-1]:.4f}", flush=True)
-    medians = {label: statistics.median(values) for label, values in found.items()}
-    higher = search.metric.removeprefix("valid_") in HIGHER_IS_BETTER and HIGHER_IS_BETTER[
-        search.metric.removeprefix("valid_")]
-    better = medians["best"] > medians["defaults"] if higher else \
-        medians["best"] < medians["defaults"]
-    return {"seeds": [search.cfg.seed + k for k in range(seeds)], **found,
-            "median_best": medians["best"], "median_defaults": medians["defaults"],
-            "best_beats_defaults": bool(better)}
+            entry["values"].append(result.metrics.get(search.metric))
+            print(f"confirm: {entry['label']}, seed {seed}: {search.metric} "
+                  f"{entry['values'][-1]:.4f}", flush=True)
+        entry["median"] = statistics.median(entry["values"])
+    ranked = sorted(entries[1:], key=lambda e: (-e["median"] if higher else e["median"],
+                                                -e["search_value"] if higher
+                                                else e["search_value"]))
+    chosen, defaults = ranked[0], entries[0]
+    better = chosen["median"] > defaults["median"] if higher else \
+        chosen["median"] < defaults["median"]
+    return {"seeds": seed_list, "entries": entries, "chosen": chosen["number"],
+            "chosen_params": chosen["params"], "median_chosen": chosen["median"],
+            "median_defaults": defaults["median"], "chosen_beats_defaults": bool(better)}
 
 
 def format_tune(result: TuneResult) -> str:
@@ -626,9 +717,9 @@ def format_tune(result: TuneResult) -> str:
                      f"({_params(best['params'])})")
     if "confirm" in info:
         c = info["confirm"]
-        lines.append(f"refitted with seeds {', '.join(map(str, c['seeds']))}: median "
-                     f"{info['metric']} {c['median_best']:.4f} with the best options, "
-                     f"{c['median_defaults']:.4f} with the defaults")
+        lines.append(f"refitted on seeds {', '.join(map(str, c['seeds']))}: median "
+                     f"{info['metric']} {c['median_chosen']:.4f} with trial {c['chosen']}'s "
+                     f"options (best.yaml), {c['median_defaults']:.4f} with the defaults")
     return "\n".join(lines)
 
 
