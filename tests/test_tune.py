@@ -317,3 +317,39 @@ def test_a_missing_tracker_is_one_line_before_any_run_directory(tmp_path, capsys
     assert main(["fit", "builtin:digits", "--log", "wandb"]) == 2
     assert "--log" in capsys.readouterr().err
 
+
+
+def test_tune_refusals_are_one_line(tmp_path, capsys):
+    space = tmp_path / "space.yaml"
+    space.write_text("epochs: {type: int, low: 2, high: 4}\n")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model: [no_such_net_at_all]\n")
+    runs_dir = ["--runs-dir", str(tmp_path / "runs")]
+    cases = [
+        (["--devices", "2"], "imagefit tune trains each trial in one process: use --workers K"),
+        (["--space", str(space), "--budget", "1m"],
+         "--budget sets each trial's length: leave epochs out of the space"),
+        (["--storage", "notadb://nowhere", *FAST], "--storage notadb://nowhere: cannot open it ("),
+        (["--space", str(broken), "--n-trials", "5", *FAST],
+         "3 trials in a row failed (the last: "),
+    ]
+    for argv, message in cases:
+        assert main(["tune", "builtin:digits", *runs_dir, *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"imagefit: error: {message}") and err.count("\n") == 1, err
+
+    import numpy as np
+
+    table = api.from_arrays(np.zeros((20, 8, 8), np.uint8), np.arange(20) % 2)
+    with pytest.raises(ImagefitError, match="^--workers starts processes that read the data "
+                                            "themselves: give it as a folder"):
+        api.tune(table, workers=2, runs_dir=str(tmp_path / "runs"))
+
+
+def test_an_unreachable_mlflow_store_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "nosuchscheme://nowhere")
+    assert main(["fit", "builtin:digits", "--epochs", "1", "--log", "mlflow", "--runs-dir",
+                 str(tmp_path), "--no-progress", "--no-report"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("imagefit: error: --log mlflow: cannot log to nosuchscheme://nowhere (")
+    assert err.count("\n") == 1

@@ -359,6 +359,7 @@ class Search:
     deadline: float | None = None  # time.time() after which no trial starts
     n_trials: int = 20
     token: str = field(default_factory=lambda: uuid.uuid4().hex)  # marks this process's trials
+    failures: list[str] = field(default_factory=list)  # this process's failures in a row
 
     def trial_options(self, params: dict) -> FitConfig:
         length = {} if self.cfg.budget else {"epochs": self.cfg.epochs}
@@ -369,6 +370,18 @@ class Search:
         return options
 
     def objective(self, trial) -> float:
+        """One trial; its failures (one line each) are counted in a row for ``run``."""
+        try:
+            value = self._trial(trial)
+        except ImagefitError as error:
+            trial.set_user_attr("error", one_line(error))
+            self.failures.append(one_line(error))
+            _say(trial.number, f"failed: {one_line(error)}")
+            raise
+        self.failures.clear()
+        return value
+
+    def _trial(self, trial) -> float:
         import optuna
 
         params = {p.name: p.suggest(trial) for p in self.space}
@@ -384,10 +397,6 @@ class Search:
                              budget=Budget.from_options(options))
         except FitInterrupted:
             raise KeyboardInterrupt from None  # Optuna marks the trial failed and stops
-        except ImagefitError as error:
-            trial.set_user_attr("error", one_line(error))
-            _say(trial.number, f"failed: {one_line(error)}")
-            raise
         trial.set_user_attr("seconds", round(time.perf_counter() - started, 2))
         trial.set_user_attr("epochs", result.metrics.get("epochs"))
         value = result.metrics.get(self.metric)
@@ -410,22 +419,14 @@ class Search:
     def run(self, study) -> None:
         """Trials one after another until the study holds ``n_trials`` or time is up; a
         failed trial does not count, but three in a row stop the search."""
-        import optuna
-
-        failures: list[str] = []
+        self.failures.clear()
         while self.counted(study) < self.n_trials:
             if self.deadline is not None and time.time() >= self.deadline:
                 return
             study.optimize(self.objective, n_trials=1, catch=(ImagefitError,))
-            mine = [t for t in study.get_trials(deepcopy=False)
-                    if t.user_attrs.get("worker") == self.token]
-            if mine and mine[-1].state == optuna.trial.TrialState.FAIL:
-                failures.append(mine[-1].user_attrs.get("error", "no reason recorded"))
-            elif mine:
-                failures.clear()
-            if len(failures) >= FAILURES_IN_A_ROW:
+            if len(self.failures) >= FAILURES_IN_A_ROW:
                 raise ImagefitError(f"{FAILURES_IN_A_ROW} trials in a row failed (the last: "
-                                    f"{failures[-1]}): fix the options or the space")
+                                    f"{self.failures[-1]}): fix the options or the space")
 
 
 def with_augment_options(cfg: FitConfig, params: dict) -> dict:

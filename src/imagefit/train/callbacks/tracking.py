@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from pathlib import Path
 
 from ...errors import ImagefitError
@@ -108,8 +109,8 @@ class TensorBoardTracker(Tracker):
                                       dataformats="HWC")
         final = {f"final/{k}": v for k, v in numbers(metrics).items()
                  if k.startswith(("valid_", "test_", "train_"))}
-        hparams = {k: v for k, v in flat_options(self.options).items()}
-        self.writer.add_hparams(hparams, final or {"final/epochs": metrics.get("epochs", 0)},
+        self.writer.add_hparams(flat_options(self.options),
+                                final or {"final/epochs": metrics.get("epochs", 0)},
                                 run_name=".")
         self.writer.close()
 
@@ -146,8 +147,6 @@ class MlflowTracker(Tracker):
         self.uri = uri
 
     def _metrics(self, values: dict[str, float], step: int, prefix: str = "") -> None:
-        import time
-
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
