@@ -251,13 +251,15 @@ def test_two_commands_share_a_study_on_postgresql(postgres, tmp_path):
     commands = [subprocess.Popen(tune_command("builtin:digits", "--n-trials", "4",
                                               "--storage", postgres, "--study", "shared",
                                               "--runs-dir", str(tmp_path / f"machine{k}"),
-                                              *FAST),
+                                              *FAST[:2], "--confirm", "1", "--no-progress"),
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                 for k in range(2)]
+    outs = []
     for command in commands:
         out, err = command.communicate(timeout=600)
         assert command.returncode == 0, err[-2000:]
         assert "tune: study shared in postgresql+psycopg2://postgres@127.0.0.1:" in out
+        outs.append(out)
     study = optuna.load_study(study_name="shared", storage=postgres)
     numbers = [t.number for t in study.trials]
     assert len(numbers) == len(set(numbers))
@@ -265,6 +267,15 @@ def test_two_commands_share_a_study_on_postgresql(postgres, tmp_path):
     assert 4 <= len(finished) <= 5  # both may start the last one
     places = {Path(t.user_attrs["run_dir"]).parents[2].name for t in study.trials}
     assert places == {"machine0", "machine1"}  # both commands ran trials
+    drawn = [tuple(sorted(t.params.items())) for t in study.trials]
+    assert len(drawn) == len(set(drawn))  # one defaults trial; samplers seeded apart
+    refitting = [out for out in outs if "confirm: defaults, seed 1" in out]
+    assert len(refitting) == 1  # the refits once, by one of the commands
+    other = outs[1 - outs.index(refitting[0])]
+    assert "refits the best" in other  # the other says who does
+    info = [json.loads((tmp_path / f"machine{k}" / "shared_tune" / "tune.json").read_text())
+            for k in range(2)]
+    assert sum("confirm" in i for i in info) == 1
 
 
 # -- tracking -----------------------------------------------------------------------------

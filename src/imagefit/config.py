@@ -674,7 +674,8 @@ class TuneConfig(FitConfig):
     space: str | None = Field(
         None, description="YAML file of the options to search, each with its type (float, "
         "log-float, int, log-int, categorical) and range or choices (default: lr, wd, label "
-        "smoothing, dropout and mixup; see docs/TUNE.md)"
+        "smoothing and mixup around the fit's defaults, and the small net's width; see "
+        "docs/TUNE.md)"
     )
     n_trials: int = Field(
         20, ge=1, description="trials the study holds when it ends (finished and pruned, "

@@ -272,9 +272,23 @@ def shown_url(url: str) -> str:
         return url
 
 
+def sampler_seed(cfg: TuneConfig, worker: int) -> int:
+    """Each worker's sampler draws from a seed of its own: from --seed and the worker's
+    number on the tune directory's own study (the same command draws the same trials), and
+    on a shared --storage from the host and process too, as separate commands would
+    otherwise draw the same options."""
+    seed = cfg.seed * 1009 + worker
+    if cfg.storage is None:
+        return seed
+    import hashlib
+
+    mixed = f"{seed}:{os.uname().nodename}:{os.getpid()}".encode()
+    return int.from_bytes(hashlib.sha256(mixed).digest()[:4], "little")
+
+
 def open_study(optuna, url: str, name: str, direction: str, cfg: TuneConfig, worker: int = 0):
     """The study in ``url`` (created when absent), with the sampler and pruner of ``cfg``;
-    each worker's sampler has a seed of its own."""
+    each worker's sampler has a seed of its own (``sampler_seed``)."""
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
     try:
         storage = _storage(optuna, url, engine)
@@ -290,7 +304,7 @@ def open_study(optuna, url: str, name: str, direction: str, cfg: TuneConfig, wor
                "hyperband": lambda: optuna.pruners.HyperbandPruner(min_resource=1),
                "none": optuna.pruners.NopPruner}
     study = optuna.create_study(storage=storage, study_name=name, direction=direction,
-                                sampler=optuna.samplers.TPESampler(seed=cfg.seed * 1009 + worker,
+                                sampler=optuna.samplers.TPESampler(seed=sampler_seed(cfg, worker),
                                                                    n_startup_trials=6),
                                 pruner=pruners[cfg.pruner](), load_if_exists=True)
     if study.direction.name.lower() != direction:
@@ -513,7 +527,8 @@ def tune(data: str | Path | Table, config: TuneConfig | None = None,
             "direction": direction, "deadline": deadline,
             "space": {p.name: p.as_yaml() for p in space},
             "options": cfg.model_dump(exclude_unset=True)})
-        if not study.get_trials(deepcopy=False):  # a new study starts from the defaults
+        if not study.get_trials(deepcopy=False) and (  # a new study starts from the defaults
+                cfg.storage is None or claim(study, "imagefit_defaults", search.token) is None):
             study.enqueue_trial(default_trial(table, cfg, space))
         before = search.counted(study)
         print(f"tune: study {study_name} in {shown_url(url)}: {before} trial(s) so far, "
@@ -527,13 +542,64 @@ def tune(data: str | Path | Table, config: TuneConfig | None = None,
             result = write_results(search, study, url)
             raise TuneInterrupted(result) from None
         result = write_results(search, study, url)
-        if cfg.confirm and result.best is not None:
-            confirmed = confirm(search, top_trials(study, CONFIRM_TOP), cfg.confirm)
+        if cfg.confirm and result.best is not None and confirms_here(optuna, study, search):
+            try:
+                confirmed = confirm(search, top_trials(study, CONFIRM_TOP), cfg.confirm)
+            except BaseException:
+                if cfg.storage is not None:  # give the refits back to the next command
+                    study.set_user_attr(_claim_key(optuna, study), "")
+                raise
             result = write_results(search, study, url, confirmed)
         return result
     finally:
         if lock is not None:
             lock.__exit__(None, None, None)
+
+
+def _claim_key(optuna, study) -> str:
+    done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,
+                                                    optuna.trial.TrialState.PRUNED))
+    return f"imagefit_confirm_after_{len(done)}"
+
+
+def confirms_here(optuna, study, search: Search) -> bool:
+    """Whether this command refits the best trials (--confirm). On the tune directory's own
+    study, yes. On a shared --storage, the last command to finish does, once: while other
+    commands' trials run it leaves the refits to them, and of commands that finish together
+    the one whose ``claim`` stands."""
+    if search.cfg.storage is None:
+        return True
+    optuna.storages.fail_stale_trials(study)  # a killed command's trials, past the grace
+    running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    if running:
+        print(f"tune: {len(running)} trial(s) of other commands still running: the last "
+              "command to finish refits the best (--confirm)", flush=True)
+        return False
+    holder = claim(study, _claim_key(optuna, study), search.token)
+    if holder is not None:
+        where = (holder or "another host").split()[0]
+        print(f"tune: the command on {where} refits the best trials of this study "
+              "(--confirm); this command's best.yaml holds the search's best trial",
+              flush=True)
+        return False
+    return True
+
+
+def claim(study, key: str, token: str) -> str | None:
+    """Takes ``key`` in the study's attributes for this command, once among all the commands
+    on the study: None when this command holds it, else the holder ("HOST pid N ...").
+    Commands that claim together each write and read back after a second: the last writer
+    holds it (a write that read the key empty lands within that second)."""
+    me = f"{os.uname().nodename} pid {os.getpid()} {token}"
+    holder = study.user_attrs.get(key)
+    if not holder:
+        try:
+            study.set_user_attr(key, me)
+        except Exception:  # another command's claim went in at the same moment
+            pass
+        time.sleep(1.0)
+        holder = study.user_attrs.get(key)
+    return None if holder == me else holder
 
 
 def _fail_left_running(optuna, url: str, study) -> None:
@@ -683,7 +749,14 @@ def confirm(search: Search, candidates: list[dict], seeds: int) -> dict:
     entries = [{"label": "defaults", "number": None, "params": {}}] + [
         {"label": f"trial {c['number']}", "number": c["number"], "params": c["params"],
          "search_value": c["value"]} for c in candidates]
+    default_params = default_trial(search.table, search.cfg, search.space)
     for entry in entries:
+        if entry["number"] is not None and entry["params"] == default_params:
+            entry["values"] = list(entries[0]["values"])  # the defaults' trial: refitted
+            entry["median"] = entries[0]["median"]
+            print(f"confirm: {entry['label']} holds the defaults: their refits count for it",
+                  flush=True)
+            continue
         entry["values"] = []
         for seed in seed_list:
             options = search.trial_options({**entry["params"], "seed": seed})
