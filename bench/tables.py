@@ -750,6 +750,95 @@ def serve(result: dict) -> list[str]:
     return lines
 
 
+def _params(params: dict) -> str:
+    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                     for k, v in params.items())
+
+
+def _optuna(result: dict) -> str:
+    return f", optuna {result['optuna']}" if result.get("optuna") else ""
+
+
+def tune_digits(result: dict) -> list[str]:
+    lines = ["## imagefit tune on digits", ""] + header(result, also=_optuna(result))
+    runs = [("SQLite, `--workers 2`", result["sqlite_two_workers"])]
+    if "postgresql_two_commands" in result:
+        runs.append(("PostgreSQL, two commands", result["postgresql_two_commands"]))
+    lines += [
+        "20 trials of the default space (5 epochs each, the median pruner) on builtin:digits' "
+        "carved validation split, then `--confirm 3`: the three best trials' options and the "
+        "defaults refitted on seeds 1-3 (validation splits and starts the search did not "
+        "see); best.yaml takes the best median.",
+        "",
+        "| study | seconds (search and refits) | trials | pruned | failed | best trial (its valid accuracy) | "
+        "chosen: median valid accuracy | defaults: median valid accuracy |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for label, run in runs:
+        best = run["best"]
+        confirm = run.get("confirm") or {}
+        chosen = "-" if not confirm else (
+            f"**{confirm['median_chosen']:.4f}** (trial {confirm['chosen']})")
+        defaults = "-" if not confirm else f"{confirm['median_defaults']:.4f}"
+        lines.append(f"| {label} | {run['seconds']:.0f} | {run['trials']} | {run['pruned']} "
+                     f"({run['pruned_share']:.0%} of finished) | {run['failed']} | "
+                     f"{best['number']} ({best['value']:.4f}) | {chosen} | {defaults} |")
+    for label, run in runs:
+        confirm = run.get("confirm")
+        if not confirm:
+            continue
+        seeds = confirm["seeds"]
+        lines += ["", f"Refits, {label}:", "",
+                  "| options | search's valid accuracy | "
+                  + " | ".join(f"seed {s}" for s in seeds) + " | median |",
+                  "|---|---|" + "---|" * len(seeds) + "---|"]
+        for entry in confirm["entries"]:
+            searched = entry.get("search_value")
+            values = " | ".join(f"{v:.4f}" for v in entry["values"])
+            what = entry["label"] if not entry["params"] else \
+                f"{entry['label']}: {_params(entry['params'])}"
+            lines.append(f"| {what} | {'-' if searched is None else f'{searched:.4f}'} | "
+                         f"{values} | {entry['median']:.4f} |")
+        if "trials_by_command" in run:
+            lines += ["", "Trials started by each command: "
+                      + ", ".join(map(str, run["trials_by_command"])) + "."]
+    return lines
+
+
+def tune_fashion_mnist(result: dict) -> list[str]:
+    lines = ["## imagefit tune on Fashion-MNIST", ""] + header(result, also=_optuna(result))
+    best = result["best"]
+    defaults = result["defaults"]
+    lines += [
+        f"`imagefit tune builtin:fashion-mnist --timeout {result['timeout']} --budget "
+        f"{result['budget']}` (the default space, one worker, trials of {result['budget']} "
+        f"each): {result['n_trials']} trials in {result['tune_seconds']:.0f} s, "
+        f"{result['pruned']} pruned, {result['failed']} failed. Then the default recipe, "
+        f"`imagefit fit builtin:fashion-mnist --budget {result['budget']}` on seeds "
+        f"{', '.join(str(d['seed']) for d in defaults)}, in the same run.",
+        "",
+        "| | test accuracy | valid accuracy | epochs |",
+        "|---|---|---|---|",
+        f"| best trial ({best['number']}: {_params(best['params'])}) | "
+        f"**{best['test_accuracy']:.4f}** | {best['value']:.4f} | {best['epochs']} |",
+    ]
+    for d in defaults:
+        lines.append(f"| defaults, seed {d['seed']} | {d['test_accuracy']:.4f} | "
+                     f"{d['valid_accuracy']:.4f} | {d['epochs']} |")
+    lines += [f"| defaults, median | **{result['defaults_median_test_accuracy']:.4f}** | | |",
+              "", "Trials:", "",
+              "| trial | state | valid accuracy | epochs | seconds | options |",
+              "|---|---|---|---|---|---|"]
+    for t in result["trials"]:
+        params = {k.removeprefix("param_"): v for k, v in t.items()
+                  if k.startswith("param_") and v is not None}
+        value = "-" if t["value"] is None else f"{t['value']:.4f}"
+        seconds = "-" if t["seconds"] is None else f"{t['seconds']:.0f}"
+        lines.append(f"| {t['number']} | {t['state']} | {value} | {t['epochs']} | {seconds} | "
+                     f"{_params(params)} |")
+    return lines
+
+
 SECTIONS = {"time_to_accuracy": time_to_accuracy,
             "recipe_ablation": recipe_ablation,
             "fashion_mnist_default": fashion_mnist_default,
@@ -772,7 +861,9 @@ SECTIONS = {"time_to_accuracy": time_to_accuracy,
             "summary_speed": summary_speed,
             "text": text,
             "export": export,
-            "serve": serve}
+            "serve": serve,
+            "tune_digits": tune_digits,
+            "tune_fashion_mnist": tune_fashion_mnist}
 
 
 def section_of(benchmark: str) -> str | None:

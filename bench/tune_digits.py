@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 from common import write_result
@@ -90,7 +91,8 @@ def main() -> None:
         finally:
             subprocess.run(stop, capture_output=True)
             shutil.rmtree(folder, ignore_errors=True)
-    write_result("tune_digits", {"command": "bench/tune_digits.py", **results})
+    write_result("tune_digits", {"command": "bench/tune_digits.py", "optuna": version("optuna"),
+                                 **results})
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 from common import write_result
@@ -61,6 +62,7 @@ def main() -> None:
     write_result("tune_fashion_mnist", {
         "command": f"bench/tune_fashion_mnist.py --timeout {args.timeout} --budget "
                    f"{args.budget} --seeds {args.seeds}",
+        "optuna": version("optuna"), "timeout": args.timeout, "budget": args.budget,
         "tune_seconds": round(tune_seconds, 1), "n_trials": info["n_trials"],
         "complete": info["complete"], "pruned": info["pruned"], "failed": info["failed"],
         "best": {**best, "test_accuracy": best_metrics["test_accuracy"],
