@@ -169,3 +169,152 @@ def test_a_one_process_fit_resumes_in_two_processes(tmp_path, capfd):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["status"] == "done" and metrics["epochs"] == 3
     assert metrics["valid_accuracy"] > 0.9
+
+
+ALL_REDUCE_COUNTER = '''
+import json, os, sys
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+from imagefit import api
+from imagefit.train.callbacks import Callback
+
+class CountAllReduces(Callback):
+    """Registers a communication hook on the fit's DistributedDataParallel wrapper that
+    notes the step of every all-reduce, and counts the optimizer steps."""
+    def __init__(self):
+        self.reduced_at, self.steps = [], 0
+    def before_fit(self, learner):
+        def hook(state, bucket):
+            self.reduced_at.append(learner.step)
+            return allreduce_hook(state, bucket)
+        learner.data_parallel.register_comm_hook(None, hook)
+    def after_step(self, learner):
+        self.steps += 1
+
+counter = CountAllReduces()
+api.fit("builtin:digits", epochs=1, bs=64, accumulate=3, progress=False, report=False,
+        tta=False, runs_dir=sys.argv[1], callbacks=[counter])
+with open(os.path.join(sys.argv[1], f"rank{os.environ['RANK']}.json"), "w") as out:
+    json.dump({"reduced_at": counter.reduced_at, "steps": counter.steps}, out)
+'''
+
+
+def test_accumulation_all_reduces_once_per_optimizer_step(tmp_path):
+    """--accumulate 3 on two ranks: the gradients cross between the ranks on the batch that
+    steps the optimizer only (DDP's no_sync on the other two), counted by a communication
+    hook: each all-reduce happens on a step index k with (k + 1) % 3 == 0."""
+    script = tmp_path / "count.py"
+    script.write_text(ALL_REDUCE_COUNTER)
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         str(script), str(tmp_path / "runs")],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for rank in range(2):
+        counted = json.loads((tmp_path / "runs" / f"rank{rank}.json").read_text())
+        reduced_at = counted["reduced_at"]
+        assert counted["steps"] >= 5 and reduced_at
+        assert all((step + 1) % 3 == 0 for step in reduced_at)
+        buckets = len(reduced_at) // counted["steps"]
+        assert buckets >= 1 and len(reduced_at) == buckets * counted["steps"]
+
+
+def _node(rank: int, port: int, runs_dir: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "imagefit", "fit", *args, "--nnodes", "2", "--node-rank",
+         str(rank), "--master", f"127.0.0.1:{port}", "--devices", "1", "--no-progress"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=runs_dir.parent,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_two_nodes_on_loopback_train_one_run_and_resume_after_one_is_killed(tmp_path):
+    """Two `imagefit fit --nnodes 2 --node-rank R --master 127.0.0.1:PORT` commands, as two
+    machines would run them: one run directory, on node 0 (node 1's --runs-dir stays
+    empty); node 1 killed (kill -9) after epoch 1 ends node 0 with the one-line error
+    saying how to continue, the run keeps epoch 1, and --resume on both nodes finishes it,
+    near a one-process fit's accuracy (see test_two_processes_learn_what_one_does...)."""
+    node_dirs = [tmp_path / f"node{k}" for k in range(2)]
+    for folder in node_dirs:
+        folder.mkdir()
+    common = ["builtin:digits", "--epochs", "12", "--no-tta", "--no-report", "--seed", "0",
+              "--precision", "fp32"]
+    port = _free_port()
+    nodes = [_node(k, port, node_dirs[k], *common, "--runs-dir", str(node_dirs[k] / "runs"))
+             for k in range(2)]
+    try:
+        deadline = time.monotonic() + 240
+        while not [p for p in node_dirs[0].glob("runs/*/metrics.csv")
+                   if len(p.read_text().splitlines()) >= 2]:  # epoch 1 written
+            assert all(n.poll() is None for n in nodes), nodes[0].stderr.read()[-2000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        nodes[1].kill()
+        out, err = nodes[0].communicate(timeout=120)
+    finally:
+        for node in nodes:
+            node.kill()
+            node.wait()
+    assert nodes[0].returncode == 2
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("imagefit: error: a process on this node (node 0 of 2) or another "
+                           "failed") and "--resume RUN --nnodes N" in last
+    assert not (node_dirs[1] / "runs").exists() or not any((node_dirs[1] / "runs").iterdir())
+    (run_dir,) = (node_dirs[0] / "runs").iterdir()
+    assert len((run_dir / "metrics.csv").read_text().splitlines()) >= 2
+
+    port = _free_port()
+    nodes = [_node(k, port, node_dirs[k], "--resume", str(run_dir)) for k in range(2)]
+    outs = [node.communicate(timeout=300) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    assert Path(outs[0][0].strip().splitlines()[-1]) == run_dir and outs[1][0] == ""
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "done" and metrics["epochs"] == 12
+    assert metrics["valid_accuracy"] > 0.96
+    assert "devices: 2" in (run_dir / "config.yaml").read_text()
+
+
+def test_two_nodes_on_loopback_learn_what_one_process_does(tmp_path):
+    """The same fit on two "machines" (one process each, static rendezvous on loopback)
+    against one process: the tolerance of test_two_processes_learn_what_one_does..., 0.015
+    (5 validation images)."""
+    common = dict(epochs=3, progress=False, tta=False, report=False, seed=0, precision="fp32")
+    one = api.fit("builtin:digits", runs_dir=str(tmp_path / "one"), **common)
+    port = _free_port()
+    nodes = [_node(k, port, tmp_path, "builtin:digits", "--epochs", "3", "--no-tta",
+                   "--no-report", "--seed", "0", "--precision", "fp32", "--runs-dir",
+                   str(tmp_path / f"two{k}")) for k in range(2)]
+    outs = [node.communicate(timeout=300) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    (run_dir,) = (tmp_path / "two0").iterdir()
+    assert not (tmp_path / "two1").exists() or not any((tmp_path / "two1").iterdir())
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["n_train"] == one.metrics["n_train"]
+    assert abs(metrics["valid_accuracy"] - one.metrics["valid_accuracy"]) <= 0.015
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--nnodes", "2"], "--nnodes 2 needs --master HOST:PORT: node 0's address and a free "
+     "port, the same on every node"),
+    (["--nnodes", "two", "--master", "h:1"], "--nnodes two: give the number of machines, 1 "
+     "or more"),
+    (["--nnodes", "2", "--node-rank", "2", "--master", "h:1"], "--node-rank 2: give this "
+     "machine's number, 0 to 1 (--nnodes 2)"),
+    (["--nnodes", "2", "--master", "10.0.0.1"], "--master 10.0.0.1: give node 0's address "
+     "and a port, e.g. --master 10.0.0.1:29500"),
+    (["--master", "h:29500"], "--master and --node-rank are for fits on several machines: "
+     "give --nnodes N too"),
+])
+def test_node_flag_mistakes_are_one_line(flags, message, capsys):
+    from imagefit.cli import main
+
+    assert main(["fit", "builtin:digits", *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"imagefit: error: {message}"]

@@ -145,6 +145,56 @@ def test_the_pruner_stops_a_clearly_bad_trial_after_its_second_epoch():
     assert pruning.pruned_at is None
 
 
+class FakeBudgetLearner(FakeLearner):
+    """A --budget trial's main fit: a planner among its callbacks, progress by step."""
+
+    def __init__(self, epochs: int) -> None:
+        from imagefit.train.budget import BudgetPlanner
+
+        super().__init__(epochs)
+        self.callbacks, self.step = [BudgetPlanner(0.0, final_images=0, n_valid=0)], 0
+
+    def progress_at(self, step: int) -> float:
+        return step / self.n_epochs
+
+    def run(self, callback, curve) -> int:
+        for epoch, value in enumerate(curve):
+            self.epoch, self.step = epoch, epoch + 1  # a step an epoch
+            self.history.append({"valid_accuracy": value})
+            callback.after_epoch(self)
+            if self.stop:
+                return epoch + 1
+        return len(curve)
+
+
+def test_budget_trials_are_compared_at_the_same_point_of_their_schedules():
+    """Four 4-epoch trials, then one of 20 epochs that is far behind at epoch 2 (its rate
+    still high) but a little ahead of them at every point of its schedule: compared by
+    epoch it is pruned after epoch 2, by tenths of the schedule (--budget) it runs to the end;
+    one that is clearly worse at every point is still pruned, at 30% of its schedule."""
+    import numpy as np
+
+    short = [0.80, 0.88, 0.91, 0.92]
+    at = np.linspace(0, 1, 5)
+
+    def curve(epochs: int, shift: float) -> list[float]:
+        return [float(np.interp(e / epochs, at, [0.5, *short])) + shift
+                for e in range(1, epochs + 1)]
+
+    for by_progress, learner, warmup in ((False, FakeLearner, 2), (True, FakeBudgetLearner, 3)):
+        study = optuna.create_study(direction="maximize", pruner=optuna.pruners.MedianPruner(
+            n_startup_trials=4, n_warmup_steps=warmup))
+        for _ in range(4):
+            trial = study.ask()
+            assert learner(4).run(Pruning(trial, "valid_accuracy", by_progress), short) == 4
+            study.tell(trial, short[-1])
+        pruning = Pruning(study.ask(), "valid_accuracy", by_progress)
+        ran = learner(20).run(pruning, curve(20, 0.005))
+        assert (ran, pruning.pruned_at) == ((20, None) if by_progress else (2, 2))
+    pruning = Pruning(study.ask(), "valid_accuracy", True)
+    assert FakeBudgetLearner(20).run(pruning, curve(20, -0.05)) == 6  # 30%: six of 20
+
+
 # -- whole searches -----------------------------------------------------------------------
 
 

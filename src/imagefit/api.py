@@ -54,6 +54,10 @@ def resume(run: str | Path, callbacks: list[Callback] | tuple = ()) -> FitResult
     directory: model, optimizer, schedule position, random state and metrics so far. The
     run is locked while it trains, so a run still being written cannot be resumed."""
     run_dir = Path(run)
+    if not run_dir.is_dir() and not distributed.is_main():
+        raise ImagefitError(f"run {run_dir} is not on this machine: every node reads the run "
+                            "directory to resume it: give its path on a filesystem all nodes "
+                            "share, or copy node 0's run directory to the same path here")
     if not run_dir.is_dir():
         raise ImagefitError(f"run {run_dir} not found: give a run directory made by "
                             "imagefit fit")

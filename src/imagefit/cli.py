@@ -140,6 +140,17 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--resume", metavar="RUN", help="continue the stopped or killed fit of "
                      "this run directory from its last finished epoch (no DATA or options)")
     add_options(fit, FitConfig)
+    nodes = fit.add_argument_group(
+        "several machines (each runs the same command with its own --node-rank; the run "
+        "directory, checkpoints and report are written on node 0)")
+    nodes.add_argument("--nnodes", metavar="N", default="1",
+                       help="machines that train together, each with --devices processes "
+                       "(default: 1)")
+    nodes.add_argument("--node-rank", metavar="R", default="0",
+                       help="this machine's number, 0 to N-1; node 0 holds rank 0 (default: 0)")
+    nodes.add_argument("--master", metavar="HOST:PORT",
+                       help="where node 0 listens for the others: its address and a free port, "
+                       "the same on every node")
 
     predict = commands.add_parser(
         "predict", help="predict images (or texts) with a trained model",
@@ -395,8 +406,10 @@ def _fit(args: argparse.Namespace, argv: list[str]) -> int:
         devices = config.devices
     from . import api, distributed
 
-    if devices > 1 and not distributed.launched():
-        return distributed.launch(argv, devices, device=config.device if config else "auto")
+    nodes = distributed.parse_nodes(args.nnodes, args.node_rank, args.master)
+    if (devices > 1 or nodes is not None) and not distributed.launched():
+        return distributed.launch(argv, devices, device=config.device if config else "auto",
+                                  nodes=nodes)
     if config is not None and config.budget:
         _start_budget_clock(args)
     result = api.resume(args.resume) if config is None else api.fit(args.data, config)

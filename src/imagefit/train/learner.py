@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
@@ -76,6 +77,7 @@ class Learner:
     ) -> None:
         self.model = model
         self.forward_model = torch.compile(model) if compile else model
+        self.data_parallel = None  # the DistributedDataParallel wrapper of a fit on N ranks
         self.compile = compile
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.task = task
@@ -199,6 +201,7 @@ class Learner:
         if distributed.world_size() > 1:  # wrapped anew: DDP syncs the parameters that train now
             self.forward_model = self.model  # the previous wrapper goes first
             wrapped = distributed.data_parallel(self.model)
+            self.data_parallel = wrapped
             self.forward_model = torch.compile(wrapped) if self.compile else wrapped
         self.n_epochs = epochs
         self.n_steps = epochs * len(self.train_loader)
@@ -317,12 +320,13 @@ class Learner:
                                                        mix=self.mixing)
             self.x = self.x.contiguous(memory_format=self.memory_format)
             self.emit("before_batch")
-            with self._autocast():
-                self.outputs = self.forward_model(self.x)
-                self.loss = self.task.loss(self.outputs.float(), self.y, weighted=True)
-            self.emit("after_loss")
-            self._watch_loss()
-            self._backward_and_step()
+            with self._gradients_kept_local():
+                with self._autocast():
+                    self.outputs = self.forward_model(self.x)
+                    self.loss = self.task.loss(self.outputs.float(), self.y, weighted=True)
+                self.emit("after_loss")
+                self._watch_loss()
+                self._backward_and_step()
             self.step_log[-1]["loss"] = self.loss.detach()
             return True
         except RuntimeError as error:
@@ -336,6 +340,15 @@ class Learner:
                                     "--model or --image-size, or --precision bf16") from error
         self._halve_batch()  # outside the handler, once its frames no longer hold tensors
         return False
+
+    def _gradients_kept_local(self):
+        """On the micro-steps of --accumulate that do not step the optimizer, the ranks keep
+        their gradients to themselves (DDP's ``no_sync``): one all-reduce per optimizer step,
+        of the summed gradients, instead of one per batch."""
+        steps = (self.step + 1) % self.accumulate == 0
+        if self.data_parallel is None or steps:
+            return contextlib.nullcontext()
+        return self.data_parallel.no_sync()
 
     def _watch_loss(self) -> None:
         """Stop at the first step whose loss is NaN or infinite: stepping on it would make
