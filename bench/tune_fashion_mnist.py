@@ -40,7 +40,8 @@ def main() -> None:
         info = json.loads((tune_dir / "tune.json").read_text())
         best = info["best"]
         best_metrics = json.loads((Path(best["run_dir"]) / "metrics.json").read_text())
-        trials = [{k: r[k] for k in ("number", "state", "value", "epochs", "seconds")}
+        trials = [{k: r.get(k) for k in ("number", "state", "value", "epochs", "reports",
+                                          "seconds")}
                   | {k: v for k, v in r.items() if k.startswith("param_")}
                   for r in info["rows"]]
         print(f"tune: {info['n_trials']} trials ({info['pruned']} pruned) in "

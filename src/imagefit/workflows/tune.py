@@ -708,7 +708,8 @@ def trial_rows(study) -> list[dict]:
         if value is None and trial.intermediate_values:
             value = trial.intermediate_values[max(trial.intermediate_values)]
         rows.append({"number": trial.number, "state": trial.state.name.lower(), "value": value,
-                     "epochs": len(trial.intermediate_values) or attrs.get("epochs"),
+                     "epochs": attrs.get("epochs") or len(trial.intermediate_values),
+                     "reports": len(trial.intermediate_values),  # epochs, or tenths
                      "seconds": attrs.get("seconds"), **{f"param_{k}": v for k, v in
                                                          trial.params.items()},
                      "run_dir": attrs.get("run_dir"), "host": attrs.get("host"),
