@@ -114,10 +114,11 @@ class FakeLearner:
 
     def __init__(self, epochs: int) -> None:
         self.history, self.epoch, self.n_epochs, self.stop = [], 0, epochs, False
+        self.step = 0
 
     def run(self, callback, curve) -> int:
         for epoch, value in enumerate(curve):
-            self.epoch = epoch
+            self.epoch, self.step = epoch, epoch + 1  # a step an epoch
             self.history.append({"valid_accuracy": value})
             callback.after_epoch(self)
             if self.stop:
@@ -152,19 +153,10 @@ class FakeBudgetLearner(FakeLearner):
         from imagefit.train.budget import BudgetPlanner
 
         super().__init__(epochs)
-        self.callbacks, self.step = [BudgetPlanner(0.0, final_images=0, n_valid=0)], 0
+        self.callbacks = [BudgetPlanner(0.0, final_images=0, n_valid=0)]
 
     def progress_at(self, step: int) -> float:
         return step / self.n_epochs
-
-    def run(self, callback, curve) -> int:
-        for epoch, value in enumerate(curve):
-            self.epoch, self.step = epoch, epoch + 1  # a step an epoch
-            self.history.append({"valid_accuracy": value})
-            callback.after_epoch(self)
-            if self.stop:
-                return epoch + 1
-        return len(curve)
 
 
 def test_budget_trials_are_compared_at_the_same_point_of_their_schedules():
