@@ -690,11 +690,24 @@ def work(tune_dir: Path, worker: int) -> int:
     study = open_study(optuna, url, setup["study"], setup["direction"], cfg, worker + 1)
     search = Search(setup["data"], table, cfg, space, tune_dir, setup["metric"],
                     setup["deadline"], cfg.n_trials)
+    if worker > 0:
+        _leave_the_queue_to_the_first_worker(optuna, study)
     try:
         search.run(study)
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def _leave_the_queue_to_the_first_worker(optuna, study, seconds: float = 120.0) -> None:
+    """Waits (at most ``seconds``) while the study holds queued trials (the defaults' trial
+    of a new study): SQLite has no row locks, so two workers that ask at the same moment
+    could both take the one queued trial and run it twice (seen once in CI: the second
+    worker's tell then failed on a finished trial)."""
+    waiting = (optuna.trial.TrialState.WAITING,)
+    deadline = time.monotonic() + seconds
+    while study.get_trials(deepcopy=False, states=waiting) and time.monotonic() < deadline:
+        time.sleep(0.2)
 
 
 # -- results ------------------------------------------------------------------------------
