@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from imagefit import api
+from imagefit import api, distributed
 from imagefit.data.loader import Loader
 from imagefit.errors import ImagefitError
 
@@ -88,7 +88,6 @@ def test_two_processes_learn_what_one_does_and_write_one_run(tmp_path):
 
 
 def test_more_devices_than_cores_is_refused_naming_the_limit(capsys):
-    from imagefit import distributed
     from imagefit.cli import main
 
     cores, what = distributed.available_devices("cpu")
@@ -174,7 +173,7 @@ def test_a_one_process_fit_resumes_in_two_processes(tmp_path, capfd):
 ALL_REDUCE_COUNTER = '''
 import json, os, sys
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
-from imagefit import api
+from imagefit import api, distributed
 from imagefit.train.callbacks import Callback
 
 class CountAllReduces(Callback):
@@ -318,3 +317,15 @@ def test_node_flag_mistakes_are_one_line(flags, message, capsys):
     assert main(["fit", "builtin:digits", *flags]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"imagefit: error: {message}"]
+
+
+def test_resuming_on_a_node_without_the_run_directory_is_one_line(tmp_path, monkeypatch):
+    """A rank other than 0 whose machine lacks RUN (no shared filesystem) says so."""
+    monkeypatch.setattr(distributed, "is_main", lambda: False)
+    missing = tmp_path / "runs" / "some_run"
+    with pytest.raises(ImagefitError) as caught:
+        api.resume(missing)
+    assert str(caught.value) == (
+        f"run {missing} is not on this machine: every node reads the run directory to resume "
+        "it: give its path on a filesystem all nodes share, or copy node 0's run directory to "
+        "the same path here")

@@ -345,10 +345,13 @@ class Learner:
         """On the micro-steps of --accumulate that do not step the optimizer, the ranks keep
         their gradients to themselves (DDP's ``no_sync``): one all-reduce per optimizer step,
         of the summed gradients, instead of one per batch."""
-        steps = (self.step + 1) % self.accumulate == 0
-        if self.data_parallel is None or steps:
+        if self.data_parallel is None or self._steps_optimizer():
             return contextlib.nullcontext()
         return self.data_parallel.no_sync()
+
+    def _steps_optimizer(self) -> bool:
+        """Whether this batch ends an --accumulate group and steps the optimizer."""
+        return (self.step + 1) % self.accumulate == 0
 
     def _watch_loss(self) -> None:
         """Stop at the first step whose loss is NaN or infinite: stepping on it would make
@@ -435,7 +438,7 @@ class Learner:
         """Backward pass; every ``accumulate`` batches: unscale, clip, step, zero, EMA."""
         loss = self.loss / self.accumulate
         self.scaler.scale(loss).backward() if self.scaler else loss.backward()
-        if (self.step + 1) % self.accumulate:
+        if not self._steps_optimizer():
             return
         if self.scaler:
             self.scaler.unscale_(self.optimizer)

@@ -373,14 +373,14 @@ class Pruning(Callback):
             progress = learner.progress_at(learner.step)
             tenths = int(progress * 10 + 1e-9)
             previous, self.previous = self.previous, float(value)
+            if tenths <= self.tenths:
+                return
             for step in range(self.tenths + 1, tenths + 1):
                 # the value the trial had at that point: this epoch's at its own end, else
                 # the epoch's before (none before the first epoch ends)
                 at = float(value) if step / 10 >= progress - 1e-9 else previous
                 if at is not None:
                     self.trial.report(at, step)
-            if tenths <= self.tenths:
-                return
             self.tenths = tenths
         else:
             self.trial.report(float(value), len(learner.history))
