@@ -233,6 +233,41 @@ def cache_memory(result: dict) -> list[str]:
     return lines
 
 
+def sharded_cache(result: dict) -> list[str]:
+    lines = ["## Two machines, each rank caching its share: memory per rank", ""] + \
+        header(result)
+    lines += [
+        f"The first {result['images']:,} Fashion-MNIST training images as PNGs in a folder per "
+        f"class, `imagefit fit FOLDER {result['flags']}` ({result['image_bytes'] / 1000:.1f} KB "
+        "an image in the cache). Two machines are two `torchrun --nnodes 2 --nproc-per-node 1 "
+        "--rdzv-backend c10d` launches on loopback, each with its own cache folder; \"whole "
+        "caches\" is the same with IMAGEFIT_SHARD_CACHE=0 (every rank reading its part of each "
+        "global batch from a cache of every image). Peaks per training process, sampled every "
+        "50 ms: the resident pages of its cache file (images.u8 in /proc/PID/smaps: what the "
+        "cache costs it) and its peak RSS (VmHWM: torch's own memory included).",
+        "",
+        "| run | rank | cache rows (of all) | cache on disk MB | cache resident MB | against one "
+        "process | peak RSS MB | against one process | wall s | valid accuracy |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    names = {"one": "one process", "sharded": "two machines, sharded",
+             "whole": "two machines, whole caches"}
+    for case in result["cases"]:
+        caches = case["caches"]
+        for k, rank in enumerate(case["ranks"]):
+            cache = caches[k] if k < len(caches) else caches[0]
+            lines.append(
+                f"| {names.get(case['case'], case['case'])} | {k} | {cache['rows']:,} "
+                f"({cache['of']:,}) | {cache['disk_mb']:.0f} | {rank['peak_cache_rss_mb']:.0f} | "
+                f"**{case['cache_of_one_process'][k]:.2f}** | {rank['peak_rss_mb']:.0f} | "
+                f"{case['rss_of_one_process'][k]:.2f} | {case['seconds']:.0f} | "
+                f"{case['valid_accuracy']:.4f} |")
+    lines += ["", "The cache rows are counted per machine's cache folder (the rank on the node "
+              "launched first may be rank 1: the rendezvous decides). Accuracy after "
+              f"{result['epochs']} epochs is one seed's, not a comparison."]
+    return lines
+
+
 def noisy_labels(result: dict) -> list[str]:
     lines = ["## Noisy labels: plain training, soft labels, Progressive Label Correction", ""]
     lines += header(result) + [result["data"] + ".", ""]
@@ -863,6 +898,7 @@ SECTIONS = {"time_to_accuracy": time_to_accuracy,
             "saliency_focus": saliency_focus,
             "compute_floor": compute_floor,
             "cache_memory": cache_memory,
+            "sharded_cache": sharded_cache,
             "noisy_labels": noisy_labels,
             "pretrained_regression": pretrained_regression,
             "precision": precision,

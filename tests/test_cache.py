@@ -551,3 +551,53 @@ def test_cache_arrays_of_the_right_size_are_unchanged():
     images = rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
     cache = cache_arrays(images, CacheSettings(size=8, channels=3))
     np.testing.assert_array_equal(cache.images, images)
+
+
+# -- shards (one rank's rows of a multi-machine fit) --------------------------------------
+
+
+def test_a_shard_decodes_stores_and_checks_only_its_rows(tmp_path, monkeypatch):
+    """A shard's cache holds its rows alone (the file is its share of the whole one's
+    size), never opens the other files (a broken one among them is not its error), and
+    reads a row it lacks by decoding that file, equal to the whole cache's row."""
+    paths = many_images(tmp_path / "img", 40)
+    (tmp_path / "img" / "im0003.png").write_bytes(b"not an image")  # in no shard below
+    settings = CacheSettings(size=8, channels=1)
+    rows = np.array([0, 5, 6, 17, 39])
+    counter = DecodeCounter()
+    monkeypatch.setattr(cache_module, "decode_image", counter)
+    shard = build(paths, settings, rows=rows[::-1])
+    assert sorted(counter.paths) == [paths[r] for r in rows]
+    assert shard.images.shape[0] == len(rows) and len(shard) == 40
+    assert shard.errors == {}
+    image_bytes = (shard.folder / "images.u8").stat().st_size
+    assert image_bytes == len(rows) * 8 * 8
+    np.testing.assert_array_equal(shard.held, rows)
+    assert shard.places()[rows].tolist() == list(range(len(rows)))
+    assert (shard.places() == -1).sum() == 40 - len(rows)
+    monkeypatch.setattr(cache_module, "decode_image", REAL_DECODE)
+    whole = build(paths, settings)
+    assert whole.errors.keys() == {3}
+    wanted = np.array([39, 1, 5])  # 1 is not held: decoded when asked for
+    np.testing.assert_array_equal(shard.read(wanted), whole.images[wanted])
+    counter.paths.clear()
+    monkeypatch.setattr(cache_module, "decode_image", counter)
+    again = build(paths, settings, rows=rows)
+    assert counter.paths == [] and again.folder == shard.folder
+    other = build(paths, settings, rows=np.array([1, 2]))  # borrowed from the whole cache
+    assert counter.paths == [] and other.folder != shard.folder
+    np.testing.assert_array_equal(other.images, whole.images[[1, 2]])
+
+
+def test_a_shard_decodes_again_only_its_changed_files(tmp_path, monkeypatch):
+    paths = many_images(tmp_path / "img", 12)
+    settings = CacheSettings(size=8, channels=1)
+    rows = np.array([2, 7, 11])
+    build(paths, settings, rows=rows)
+    save(Path(paths[7]), grey(np.full((6, 6), 200)))
+    save(Path(paths[8]), grey(np.full((6, 6), 201)))  # not the shard's
+    counter = DecodeCounter()
+    monkeypatch.setattr(cache_module, "decode_image", counter)
+    shard = build(paths, settings, rows=rows)
+    assert counter.paths == [paths[7]]
+    assert shard.images[1].max() == 200

@@ -12,6 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from imagefit import distributed
 from imagefit.augment.geometry import flip_horizontal, shift
 from imagefit.augment.pipeline import BatchPipeline
 from imagefit.augment.presets import PRESETS, resolve_augment
@@ -363,3 +364,57 @@ def test_shift_moves_some_images():
     x = torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     out = shift(x, torch.Generator().manual_seed(0), pad=2)
     assert not torch.equal(out, x)
+
+
+# -- sharded data: each rank reads its own rows -------------------------------------------
+
+
+@pytest.mark.parametrize("world_size, batch_size, train", [(2, 8, True), (3, 7, True),
+                                                           (2, 8, False), (3, 10, False)])
+def test_sharded_ranks_read_their_own_rows_once_per_epoch(world_size, batch_size, train):
+    """With sharded data every rank reads only its own share (training: a seeded deal),
+    the shares together being every row once; all ranks take the same number of batches
+    (DDP steps together), their parts of a global batch differing by one row at most;
+    training reshuffles each share every epoch."""
+    rows = np.arange(3, 104)
+    shares = (distributed.training_shares(rows, seed=5, ranks=world_size) if train
+              else distributed.evaluation_shares(rows, world_size))
+    assert np.array_equal(np.sort(np.concatenate(shares)), rows)
+    assert max(map(len, shares)) - min(map(len, shares)) <= 1
+    counts = [len(share) for share in shares]
+    held = np.concatenate(shares)  # as one rank's cache would hold them: its own rows only
+    loaders = []
+    for rank, share in enumerate(shares):
+        places = torch.full((110,), -1, dtype=torch.int64)
+        places[torch.from_numpy(share)] = torch.arange(len(share))
+        images = torch.from_numpy(share.astype(np.uint8)).reshape(-1, 1, 1, 1)
+        loaders.append(Loader(images, torch.arange(110), share, batch_size, shuffle=train,
+                              drop_last=train, seed=1, prefetch=False, rank=rank,
+                              world_size=world_size, counts=counts, places=places))
+    orders = []
+    for epoch in (0, 1):
+        per_rank = []
+        for loader in loaders:
+            loader.set_epoch(epoch)
+            batches = [(x.flatten().long(), y) for x, y in loader]
+            assert len(batches) == len(loaders[0])
+            for x, y in batches:  # each image is the one of its row
+                assert torch.equal(x, y % 256)
+            per_rank.append([y for _, y in batches])
+        for step in range(len(loaders[0])):
+            sizes = [len(batches[step]) for batches in per_rank]
+            assert max(sizes) - min(sizes) <= 1 and sum(sizes) <= batch_size
+        seen = [torch.cat(batches) for batches in per_rank]
+        for rank, rows_read in enumerate(seen):
+            assert set(rows_read.tolist()) <= set(shares[rank].tolist())
+            assert len(set(rows_read.tolist())) == len(rows_read)  # no row twice
+        everything = torch.cat(seen)
+        if train:  # drop_last leaves less than a batch per rank
+            assert len(everything) > len(rows) - world_size * batch_size
+        else:  # in order: gather puts rank 0's outputs, then rank 1's...
+            assert torch.equal(everything, torch.from_numpy(held))
+            for rank, loader in enumerate(loaders):
+                assert torch.equal(everything[loader.share_positions(rank)], seen[rank])
+        orders.append(seen[0])
+    if train:
+        assert not torch.equal(orders[0], orders[1])

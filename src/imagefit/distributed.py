@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -57,6 +58,48 @@ def shard() -> dict[str, int]:
     return {"rank": rank(), "world_size": world_size()}
 
 
+SHARD_ENV = "IMAGEFIT_SHARD_CACHE"
+
+
+def sharded_data() -> bool:
+    """Whether each rank decodes, caches and reads only its own share of the rows
+    (``training_shares``, ``evaluation_shares``) instead of every rank reading its part of
+    each global batch from one whole cache. Across machines it does: a data set then needs
+    to fit the machines together, not each one, and each image is decoded once. On one
+    machine the ranks share one cache file (the system keeps one copy of its pages), so they
+    do not. ``$IMAGEFIT_SHARD_CACHE`` 1 or 0 decides otherwise."""
+    if world_size() == 1:
+        return False
+    forced = os.environ.get(SHARD_ENV, "").strip()
+    if forced in {"0", "1"}:
+        return forced == "1"
+    return world_size() > local_world_size()
+
+
+def training_shares(rows: np.ndarray, seed: int, ranks: int) -> list[np.ndarray]:
+    """Each rank's fixed share of the training ``rows``, sorted: a seeded deal, so every
+    class is spread over the ranks and the shares differ by one row at most. Each rank
+    shuffles its own share every epoch, so every image is seen once per epoch."""
+    rows = np.asarray(rows, dtype=np.int64)
+    order = np.random.default_rng([seed, 104_729]).permutation(len(rows))
+    return [np.sort(rows[order[k::ranks]]) for k in range(ranks)]
+
+
+def evaluation_shares(rows: np.ndarray, ranks: int) -> list[np.ndarray]:
+    """Each rank's share of validation or test ``rows``: contiguous blocks, so the ranks'
+    outputs put one after the other are in the rows' order."""
+    return np.array_split(np.asarray(rows, dtype=np.int64), ranks)
+
+
+def gather_objects(value) -> list:
+    """Every rank's ``value`` (anything picklable), in rank order, on every rank."""
+    if world_size() == 1:
+        return [value]
+    values = [None] * world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
 @contextmanager
 def process_group(device: torch.device) -> Iterator[torch.device]:
     """Joins the ranks torchrun started, when there are several (gloo on CPUs, nccl on
@@ -81,9 +124,12 @@ def process_group(device: torch.device) -> Iterator[torch.device]:
 def main_first() -> Iterator[None]:
     """Rank 0 runs the block first (reading the data, building the image cache), then the
     first rank of each other machine (whose cache folder may be its own), then the rest,
-    finding the cache made; each waits for its turn at a barrier."""
+    finding the cache made; each waits for its turn at a barrier. With sharded data every
+    rank builds its own share at once (the block then exchanges what the shares found)."""
     turn = 0 if is_main() else 1 if os.environ.get("LOCAL_RANK", "0") == "0" else 2
     turns = 3 if world_size() > 1 else 1
+    if sharded_data():
+        turn, turns = 0, 1
     for _ in range(turn):
         dist.barrier()
     yield

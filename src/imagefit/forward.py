@@ -130,19 +130,23 @@ def loader_outputs(model: nn.Module, pipeline: BatchPipeline, task: Task, loader
 def model_outputs(model: nn.Module, pipeline: BatchPipeline, task: Task, images: torch.Tensor,
                   rows: np.ndarray, batch_size: int, tta: TTA | None = None,
                   size: int | None = None, rank: int = 0, world_size: int = 1,
-                  plain_too: bool = False, precision: str = "fp32"
+                  plain_too: bool = False, precision: str = "fp32",
+                  counts: list[int] | None = None, places: torch.Tensor | None = None
                   ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Raw outputs of ``model`` for ``images[rows]`` (uint8 NHWC), in order, on the CPU; with
     ``tta`` the average over the original and the augmented versions (and, ``plain_too``,
     the original's own outputs first). With ``world_size`` above 1, each rank computes its
     share and every rank gets them all. ``precision``: the autocast the model was trained
-    in, so that these outputs are the ones its validation saw."""
-    if len(rows) == 0:
+    in, so that these outputs are the ones its validation saw. ``counts``: ``rows`` are this
+    rank's own share of sharded data (``Loader``), ``counts`` every rank's number, ``places``
+    where ``images`` holds them."""
+    if len(rows) == 0 and counts is None:
         empty = torch.zeros(0, task.n_out)
         return (empty, empty) if plain_too else empty
     device = next(model.parameters(), torch.zeros(0)).device
-    loader = Loader(images, torch.zeros(len(images)), rows, batch_size, device=device,
-                    rank=rank, world_size=world_size)
+    rows_in_all = len(images) if places is None else len(places)
+    loader = Loader(images, torch.zeros(rows_in_all), rows, batch_size, device=device,
+                    rank=rank, world_size=world_size, counts=counts, places=places)
     result = loader_outputs(model, pipeline, task, loader, size=size, precision=precision,
                             tta=tta, plain_too=plain_too)
     if plain_too:

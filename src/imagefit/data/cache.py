@@ -61,9 +61,14 @@ class ImageCache:
     hashes: np.ndarray | None = None  # (N, 16) digests of the cached pixels, when stored
     folder: Path | None = None  # where a file cache lives
     in_use: Any = field(default=None, repr=False)  # the open use lock (see build_cache)
+    # A shard (one rank's share, build_cache's ``rows``): ``images`` holds only the rows
+    # ``held`` (sorted), in that order; ``tensor_rows`` maps a row to its place there.
+    held: np.ndarray | None = None
+    paths: list[str] | None = field(default=None, repr=False)
+    settings: CacheSettings | None = None
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.images) if self.held is None else len(self.paths)
 
     def content_hashes(self) -> np.ndarray:
         """(N, 16) uint8 digests of every cached image: equal rows, equal pixels."""
@@ -76,8 +81,40 @@ class ImageCache:
         return sorted(self.errors)
 
     def tensor(self) -> torch.Tensor:
-        """The images as a uint8 (N, H, W, C) tensor sharing the cache's memory."""
+        """The images as a uint8 (N, H, W, C) tensor sharing the cache's memory (a shard's:
+        its rows only, see ``places``)."""
         return torch.from_numpy(self.images)
+
+    def places(self) -> torch.Tensor | None:
+        """A shard's map from a row to its place in ``tensor()`` (-1 where not held), for
+        ``Loader``'s ``places``; None for a whole cache, where the two are the same."""
+        if self.held is None:
+            return None
+        places = torch.full((len(self),), -1, dtype=torch.int64)
+        places[torch.from_numpy(self.held)] = torch.arange(len(self.held))
+        return places
+
+    def local(self, rows) -> np.ndarray:
+        """Places in ``images`` of ``rows``, which a shard must hold."""
+        rows = np.asarray(rows, dtype=np.int64)
+        return rows if self.held is None else np.searchsorted(self.held, rows)
+
+    def read(self, rows) -> np.ndarray:
+        """``images`` of ``rows`` (N, H, W, C); a shard decodes those it does not hold (the
+        few images a report shows)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if self.held is None:
+            return self.images[rows]
+        places = np.searchsorted(self.held, rows).clip(0, max(len(self.held) - 1, 0))
+        result = np.zeros((len(rows), *self.images.shape[1:]), dtype=np.uint8)
+        for k, (row, place) in enumerate(zip(rows.tolist(), places.tolist())):
+            if len(self.held) and self.held[place] == row:
+                result[k] = self.images[place]
+            else:
+                array, _ = _try_decode(self.paths[row], self.settings)
+                if array is not None:
+                    result[k] = array
+        return result
 
 
 def default_cache_root() -> Path:
@@ -195,16 +232,19 @@ CACHE_LIMIT_BYTES = 20 << 30  # default of $IMAGEFIT_CACHE_LIMIT
 META, PROGRESS, BUILD_LOCK, USE_LOCK = "meta.json", "progress.json", "build.lock", "use.lock"
 IMAGES, SIZES, HASHES, STATS, PATHS = "images.u8", "sizes.i32", "hashes.u8", "stats.npy", \
     "paths.json"
+HELD = "held.npy"  # a shard's rows; the arrays then hold these rows, in this order
 HASH_BYTES = 16
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
-def cache_key(paths: list[str], settings: CacheSettings) -> str:
+def cache_key(paths: list[str], settings: CacheSettings, rows: np.ndarray | None = None) -> str:
     """Hash of the file list and the settings (the files' contents are checked by their
-    stats, row by row, when the cache is opened)."""
+    stats, row by row, when the cache is opened), and of the rows a shard holds."""
     digest = hashlib.sha1(json.dumps([CACHE_FORMAT, asdict(settings)]).encode())
     for path in paths:
         digest.update(f"{path}\n".encode())
+    if rows is not None:
+        digest.update(b"rows" + np.ascontiguousarray(rows, dtype=np.int64).tobytes())
     return digest.hexdigest()[:20]
 
 
@@ -274,6 +314,7 @@ def build_cache(
     progress: bool = True,
     threads: int | None = None,
     description: str = "",
+    rows: np.ndarray | None = None,
 ) -> ImageCache:
     """Decode ``paths`` once into a memory-mapped cache, or open the cache built before,
     decoding again only the files that changed since.
@@ -281,10 +322,17 @@ def build_cache(
     Unreadable files are recorded in ``errors`` (and warned about by the caller), or raise an
     ``ImagefitError`` with ``strict``. After a build, caches used least recently are evicted
     while the cache folder is over its limit (``$IMAGEFIT_CACHE_LIMIT``, default 20G).
+
+    ``rows`` makes a shard: only those files are looked at, decoded and stored (one rank of a
+    multi-machine fit holds its share, ``distributed.sharded_data``). Its ``images`` hold
+    those rows in order; ``errors`` and the rest are indexed by the file's row as always.
     """
     root = Path(root) if root else default_cache_root()
-    folder = root / cache_key(paths, settings)
-    stats = file_stats(paths)
+    if rows is not None:
+        rows = np.unique(np.asarray(rows, dtype=np.int64))
+    folder = root / cache_key(paths, settings, rows)
+    held = np.arange(len(paths)) if rows is None else rows
+    stats = file_stats([paths[row] for row in held.tolist()])
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -294,11 +342,13 @@ def build_cache(
     started = time.perf_counter()
     with _build_lock(folder):
         if (folder / META).is_file():
-            decoded = _refresh(folder, paths, settings, stats, progress, threads)
+            decoded = _refresh(folder, paths, held, settings, stats, progress, threads)
         else:
-            decoded = _build(folder, root, paths, settings, stats, progress, threads, strict,
-                             description)
-        cache = _open(folder, paths, settings, strict)  # in use before the build lock goes
+            decoded = _build(folder, root, paths, held, settings, stats, progress, threads,
+                             strict, description, shard=rows is not None)
+        cache = _open(folder, paths, held, settings, strict)  # in use before the lock goes
+    if rows is not None:
+        cache.held, cache.paths, cache.settings = rows, paths, settings
     if decoded:
         cache.built_seconds = time.perf_counter() - started
         evict(root, keep=folder)
@@ -312,77 +362,83 @@ def _new_arrays(folder: Path, count: int, settings: CacheSettings, mode: str):
             np.memmap(folder / HASHES, dtype=np.uint8, mode=mode, shape=(count, HASH_BYTES)))
 
 
-def _decode_rows(rows: list[int], paths: list[str], settings: CacheSettings, arrays,
-                 errors: dict[str, str], pool: ThreadPoolExecutor, strict: bool) -> None:
-    """Decode ``rows`` into the cache's arrays; record (or, ``strict``, raise) failures."""
+def _decode_rows(places: list[int], held: np.ndarray, paths: list[str],
+                 settings: CacheSettings, arrays, errors: dict[str, str],
+                 pool: ThreadPoolExecutor, strict: bool) -> None:
+    """Decode the rows at ``places`` of ``held`` into the cache's arrays; record (or,
+    ``strict``, raise) failures, keyed by the file's row."""
     images, sizes, hashes = arrays
-    for row, (array, info) in zip(rows, pool.map(lambda r: _try_decode(paths[r], settings),
-                                                 rows)):
+    rows = held[places].tolist()
+    for place, row, (array, info) in zip(places, rows, pool.map(
+            lambda r: _try_decode(paths[r], settings), rows)):
         if array is None:
             if strict:
                 raise _unreadable(paths[row], info)
             errors[str(row)] = info
-            images[row], sizes[row], hashes[row] = 0, 0, 0
+            images[place], sizes[place], hashes[place] = 0, 0, 0
             continue
         errors.pop(str(row), None)
-        images[row], sizes[row] = array, info
-        hashes[row] = np.frombuffer(_digest(array), dtype=np.uint8)
+        images[place], sizes[place] = array, info
+        hashes[place] = np.frombuffer(_digest(array), dtype=np.uint8)
 
 
-def _build(folder: Path, root: Path, paths: list[str], settings: CacheSettings,
-           stats: np.ndarray, progress: bool, threads: int | None, strict: bool,
-           description: str) -> bool:
-    """A new cache in chunks, resuming an interrupted build; rows another cache of the same
-    settings already holds (same path and stats) are copied instead of decoded. True when
-    anything was written."""
+def _build(folder: Path, root: Path, paths: list[str], held: np.ndarray,
+           settings: CacheSettings, stats: np.ndarray, progress: bool, threads: int | None,
+           strict: bool, description: str, shard: bool = False) -> bool:
+    """A new cache of the rows ``held`` (every row, or a shard's) in chunks, resuming an
+    interrupted build; rows another cache of the same settings already holds (same path and
+    stats) are copied instead of decoded. True when anything was written."""
     state = json.loads((folder / PROGRESS).read_text()) if (folder / PROGRESS).is_file() \
         else {"done": 0, "errors": {}}
     start = state["done"]
     mode = "r+" if start and (folder / IMAGES).is_file() else "w+"
-    arrays = _new_arrays(folder, len(paths), settings, mode)
+    arrays = _new_arrays(folder, len(held), settings, mode)
     if start == 0:
         _write_json(folder / PATHS, paths)
+        if shard:
+            np.save(folder / HELD, held, allow_pickle=False)
     errors: dict[str, str] = state["errors"]
-    donors = _borrow_rows(root, folder, paths, settings, stats)
-    bar = tqdm(total=len(paths), initial=start, desc="caching images", unit="img",
-               disable=None if progress and len(paths) - start >= CHUNK else True, leave=False)
+    donors = _borrow_rows(root, folder, paths, held, settings, stats)
+    bar = tqdm(total=len(held), initial=start, desc="caching images", unit="img",
+               disable=None if progress and len(held) - start >= CHUNK else True, leave=False)
     with ThreadPoolExecutor(max_workers=threads or os.cpu_count() or 1) as pool:
-        for begin in range(start, len(paths), CHUNK):
-            chunk = range(begin, min(begin + CHUNK, len(paths)))
-            decode = [row for row in chunk if not _copy_row(row, donors, arrays, errors)]
-            _decode_rows(decode, paths, settings, arrays, errors, pool, strict)
+        for begin in range(start, len(held), CHUNK):
+            chunk = range(begin, min(begin + CHUNK, len(held)))
+            decode = [place for place in chunk
+                      if not _copy_row(place, int(held[place]), donors, arrays, errors)]
+            _decode_rows(decode, held, paths, settings, arrays, errors, pool, strict)
             for array in arrays:
                 array.flush()
             _write_json(folder / PROGRESS, {"done": chunk.stop, "errors": errors})
             bar.update(len(chunk))
     bar.close()
     _save_stats(folder, stats)
-    _write_json(folder / META, {"shape": [len(paths), settings.size, settings.size,
+    _write_json(folder / META, {"shape": [len(held), settings.size, settings.size,
                                           settings.channels],
                                 "settings": asdict(settings), "errors": errors,
-                                "count": len(paths), "description": description,
-                                "created": time.time()})
+                                "count": len(held), "rows": len(paths), "shard": shard,
+                                "description": description, "created": time.time()})
     (folder / PROGRESS).unlink(missing_ok=True)
     return True
 
 
-def _refresh(folder: Path, paths: list[str], settings: CacheSettings, stats: np.ndarray,
-             progress: bool, threads: int | None) -> bool:
+def _refresh(folder: Path, paths: list[str], held: np.ndarray, settings: CacheSettings,
+             stats: np.ndarray, progress: bool, threads: int | None) -> bool:
     """Decode again, in place, the rows whose file changed since the cache was written.
     True when any did."""
-    stored = _read_stats(folder, len(paths))
+    stored = _read_stats(folder, len(held))
     changed = np.flatnonzero((stored != stats).any(axis=1)) if stored is not None \
-        else np.arange(len(paths))
+        else np.arange(len(held))
     if not len(changed):
         return False
     meta = json.loads((folder / META).read_text())
     errors = meta["errors"]
-    arrays = _new_arrays(folder, len(paths), settings, "r+")
+    arrays = _new_arrays(folder, len(held), settings, "r+")
     with ThreadPoolExecutor(max_workers=threads or os.cpu_count() or 1) as pool:
         for begin in tqdm(range(0, len(changed), CHUNK), desc="caching changed images",
                           unit="chunk", leave=False,
                           disable=None if progress and len(changed) >= CHUNK else True):
-            _decode_rows(changed[begin:begin + CHUNK].tolist(), paths, settings, arrays,
+            _decode_rows(changed[begin:begin + CHUNK].tolist(), held, paths, settings, arrays,
                          errors, pool, strict=False)
     for array in arrays:
         array.flush()
@@ -404,12 +460,20 @@ def _read_stats(folder: Path, count: int) -> np.ndarray | None:
     return stats if stats.shape == (count, 4) else None
 
 
-def _borrow_rows(root: Path, folder: Path, paths: list[str], settings: CacheSettings,
-                 stats: np.ndarray) -> dict[int, tuple]:
-    """Rows of this file list that the fullest other complete cache with the same settings
-    holds for the same file in the same state: row -> (its arrays, row there, error)."""
+def _held_rows(folder: Path, count: int) -> np.ndarray:
+    """The rows a cache folder holds: a shard's, or all ``count``."""
+    if (folder / HELD).is_file():
+        return np.load(folder / HELD, allow_pickle=False)
+    return np.arange(count)
+
+
+def _borrow_rows(root: Path, folder: Path, paths: list[str], held: np.ndarray,
+                 settings: CacheSettings, stats: np.ndarray) -> dict[int, tuple]:
+    """Places of ``held`` whose file the fullest other complete cache with the same settings
+    holds in the same state: place -> (its arrays, place there, error)."""
     best: dict[int, tuple] = {}
-    wanted = {(path, *row): i for i, (path, row) in enumerate(zip(paths, stats.tolist()))}
+    wanted = {(paths[row], *stat): place
+              for place, (row, stat) in enumerate(zip(held.tolist(), stats.tolist()))}
     for other in _cache_folders(root):
         if other == folder or not (other / META).is_file():
             continue
@@ -418,27 +482,30 @@ def _borrow_rows(root: Path, folder: Path, paths: list[str], settings: CacheSett
             if meta["settings"] != asdict(settings):
                 continue
             other_paths = json.loads((other / PATHS).read_text())
+            other_held = _held_rows(other, len(other_paths))
         except (OSError, ValueError, KeyError):
             continue
-        other_stats = _read_stats(other, len(other_paths))
+        other_stats = _read_stats(other, len(other_held))
         if other_stats is None:
             continue
         matches = {}
-        for j, (path, row) in enumerate(zip(other_paths, other_stats.tolist())):
-            i = wanted.get((path, *row))
+        for j, (row, stat) in enumerate(zip(other_held.tolist(), other_stats.tolist())):
+            i = wanted.get((other_paths[row], *stat))
             if i is not None:
-                matches[i] = j
+                matches[i] = (j, row)
         if len(matches) > len(best):
-            arrays = _new_arrays(other, len(other_paths), settings, "r")
-            best = {i: (arrays, j, meta["errors"].get(str(j))) for i, j in matches.items()}
+            arrays = _new_arrays(other, len(other_held), settings, "r")
+            best = {i: (arrays, j, meta["errors"].get(str(row)))
+                    for i, (j, row) in matches.items()}
     return best
 
 
-def _copy_row(row: int, donors: dict[int, tuple], arrays, errors: dict[str, str]) -> bool:
-    if row not in donors:
+def _copy_row(place: int, row: int, donors: dict[int, tuple], arrays,
+              errors: dict[str, str]) -> bool:
+    if place not in donors:
         return False
-    (images, sizes, hashes), source, error = donors[row]
-    arrays[0][row], arrays[1][row], arrays[2][row] = images[source], sizes[source], \
+    (images, sizes, hashes), source, error = donors[place]
+    arrays[0][place], arrays[1][place], arrays[2][place] = images[source], sizes[source], \
         hashes[source]
     if error is not None:
         errors[str(row)] = error
@@ -450,7 +517,8 @@ def _unreadable(path: str, reason: str) -> ImagefitError:
                          "leave out --strict to skip such files")
 
 
-def _open(folder: Path, paths: list[str], settings: CacheSettings, strict: bool) -> ImageCache:
+def _open(folder: Path, paths: list[str], held: np.ndarray, settings: CacheSettings,
+          strict: bool) -> ImageCache:
     """The finished cache, marked as in use (and as just used) for as long as it is open."""
     meta = json.loads((folder / META).read_text())
     errors = {int(k): v for k, v in meta["errors"].items()}
@@ -460,7 +528,7 @@ def _open(folder: Path, paths: list[str], settings: CacheSettings, strict: bool)
     in_use = open(folder / USE_LOCK, "a")
     fcntl.flock(in_use, fcntl.LOCK_SH)
     os.utime(folder / USE_LOCK)  # the least recently used caches are evicted first
-    count = len(paths)
+    count = len(held)
     shape = (count, settings.size, settings.size, settings.channels)
     images = np.memmap(folder / IMAGES, dtype=np.uint8, mode="c", shape=shape)
     sizes = np.array(np.memmap(folder / SIZES, dtype=np.int32, mode="r", shape=(count, 2)))

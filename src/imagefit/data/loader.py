@@ -32,6 +32,13 @@ class Loader:
     every rank orders the epoch the same way and yields its contiguous share, ``rank`` of
     ``world_size`` nearly equal parts, of each global batch; ``gather`` puts the ranks'
     outputs back into the order of the global batches.
+
+    With ``counts`` (sharded data, ``distributed.sharded_data``), ``rows`` are this rank's own
+    share and ``counts`` every rank's number of rows: each rank orders its own rows (shuffled
+    per epoch, seeded by rank too) and takes its part of the global batch from them, every
+    rank the same number of batches; ``gather`` puts the ranks' outputs one after the other.
+    ``places`` maps a row to its place in ``images`` where those hold a shard's rows only
+    (``ImageCache.places``).
     """
 
     def __init__(
@@ -49,13 +56,22 @@ class Loader:
         sampler: Callable[[int], np.ndarray] | None = None,
         rank: int = 0,
         world_size: int = 1,
+        counts: list[int] | None = None,
+        places: torch.Tensor | None = None,
     ) -> None:
         self.images = images
         self.targets = targets
         self.rows = torch.as_tensor(np.asarray(rows), dtype=torch.int64)
         self.batch_size = batch_size
         self.shuffle = shuffle
-        self.drop_last = drop_last and len(self.rows) > batch_size
+        self.counts = None if counts is None or world_size == 1 else [int(c) for c in counts]
+        self.rank, self.world_size = rank, world_size
+        if self.counts is None:
+            self.drop_last = drop_last and len(self.rows) > batch_size
+        else:
+            self.drop_last = drop_last and all(
+                count > self._part(k) for k, count in enumerate(self.counts))
+            self._steps = self._sharded_steps()
         self.seed = seed
         self.epoch = 0
         self.device = torch.device(device)
@@ -64,24 +80,53 @@ class Loader:
         # 0.80 of its compute floor with it and 0.97 without (docs/BENCHMARKS.md).
         self.prefetch = self.device.type == "cuda" if prefetch is None else prefetch
         self.sampler = sampler
-        self.rank, self.world_size = rank, world_size
+        self.places = places
         self.batch_rows = torch.empty(0, dtype=torch.int64)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
+        if self.counts is not None:
+            return self._steps
         n = len(self.rows)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def _part(self, rank: int, step: int = 0) -> int:
+        """Rank ``rank``'s part of global batch ``step``: the rows left over when the batch
+        does not divide evenly go to different ranks in turn."""
+        extra = (rank - step) % self.world_size < self.batch_size % self.world_size
+        return self.batch_size // self.world_size + extra
+
+    def _sharded_steps(self) -> int:
+        """Batches per epoch, the same on every rank (DDP steps together): training, as many
+        whole global batches as every rank's share can fill; otherwise enough batches for
+        the largest share."""
+        if not self.drop_last:
+            return max(-(-count // self._part(k)) for k, count in enumerate(self.counts))
+        used, steps = [0] * self.world_size, 0
+        while True:
+            parts = [self._part(k, steps) for k in range(self.world_size)]
+            if any(u + p > c for u, p, c in zip(used, parts, self.counts)):
+                return steps
+            used = [u + p for u, p in zip(used, parts)]
+            steps += 1
 
     def _index_batches(self) -> list[torch.Tensor]:
         rows = self.rows
         if self.shuffle and self.sampler is not None:
             rows = torch.as_tensor(np.asarray(self.sampler(self.epoch)), dtype=torch.int64)
         elif self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-            rows = rows[torch.randperm(len(rows), generator=generator)]
+            seed = self.seed * 100_003 + self.epoch
+            if self.counts is not None:
+                seed += 1_000_003 * self.rank  # each rank's own order
+            rows = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))]
         # sorted within a batch: neighbouring rows read faster from the memmap
+        if self.counts is not None:
+            if self.drop_last:
+                parts = [self._part(self.rank, step) for step in range(len(self))]
+                return [batch.sort().values for batch in rows[:sum(parts)].split(parts)]
+            return [batch.sort().values for batch in torch.tensor_split(rows, len(self))]
         return [self._share(rows[i * self.batch_size:(i + 1) * self.batch_size].sort().values,
                             self.rank) for i in range(len(self))]
 
@@ -90,7 +135,10 @@ class Loader:
 
     def share_positions(self, rank: int) -> torch.Tensor:
         """Where the rows ``rank`` reads in an epoch stand among all ranks' rows in the
-        order of the global batches."""
+        order of the global batches (sharded: after the rows of the ranks before it)."""
+        if self.counts is not None:
+            start = sum(self.counts[:rank])
+            return torch.arange(start, start + self.counts[rank])
         order = torch.arange(len(self.rows))
         return torch.cat([self._share(order[i * self.batch_size:(i + 1) * self.batch_size], rank)
                           for i in range(len(self))])
@@ -104,7 +152,7 @@ class Loader:
             local, [self.share_positions(rank) for rank in range(self.world_size)])
 
     def _load(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.images.index_select(0, index)
+        x = self.images.index_select(0, index if self.places is None else self.places[index])
         if x.dim() == 4:  # images (N, H, W, C) -> (B, C, H, W); texts stay (B, L)
             x = x.permute(0, 3, 1, 2)
         y = self.targets.index_select(0, index)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import distributed
 from ..errors import ImagefitError
 from .cache import (
     CacheSettings,
@@ -63,23 +64,46 @@ def prepare_images(
     cache_dir: str | Path | None = None,
     strict: bool = False,
     progress: bool = True,
+    rows: np.ndarray | None = None,
 ) -> PreparedImages:
-    """Decode (once) and cache the table's images; warn about and set aside unreadable ones."""
+    """Decode (once) and cache the table's images; warn about and set aside unreadable ones.
+
+    ``rows``: this rank's share of the rows (sharded data): only those files are decoded, and
+    the ranks then tell each other which of theirs could not be read, their original sizes
+    and their digests, so every rank knows them for all rows. Arrays given in memory are
+    whole on every rank already, and cached whole."""
     if table.arrays is not None:
         cache = cache_arrays(table.arrays, settings)
     else:
         cache = build_cache(table.paths, settings, cache_dir, strict=strict, progress=progress,
-                            description=table.description)
+                            description=table.description, rows=rows)
+        if rows is not None:
+            _share_what_shards_found(cache)
         warn_unreadable(cache, table.paths)
     usable = np.ones(len(table), dtype=bool)
     usable[cache.failed] = False
     return PreparedImages(cache=cache, usable=usable)
 
 
-def channel_stats(images: np.ndarray, rows: np.ndarray, seed: int = 0) -> tuple[list, list]:
-    """Per-channel mean and std on the 0..1 scale, from up to 10,000 of ``rows``."""
-    if len(rows) > STATS_MAX_IMAGES:
-        rows = np.sort(np.random.default_rng(seed).choice(rows, STATS_MAX_IMAGES, replace=False))
+def _share_what_shards_found(cache: ImageCache) -> None:
+    """Each rank's unreadable rows, original sizes and pixel digests of the rows it holds,
+    made known to every rank for every row (the checks and the report read them)."""
+    found = distributed.gather_objects((cache.held, cache.original_sizes,
+                                        np.asarray(cache.hashes), cache.errors))
+    sizes = np.zeros((len(cache), 2), dtype=cache.original_sizes.dtype)
+    hashes = np.zeros((len(cache), cache.hashes.shape[1]), dtype=np.uint8)
+    errors: dict[int, str] = {}
+    for rows, their_sizes, their_hashes, their_errors in found:
+        sizes[rows], hashes[rows] = their_sizes, their_hashes
+        errors.update(their_errors)
+    cache.original_sizes, cache.hashes, cache.errors = sizes, hashes, errors
+
+
+def channel_stats(images: np.ndarray, rows: np.ndarray, seed: int = 0,
+                  max_images: int = STATS_MAX_IMAGES) -> tuple[list, list]:
+    """Per-channel mean and std on the 0..1 scale, from up to ``max_images`` of ``rows``."""
+    if len(rows) > max_images:
+        rows = np.sort(np.random.default_rng(seed).choice(rows, max_images, replace=False))
     channels = images.shape[-1]
     total = np.zeros(channels)
     squares = np.zeros(channels)

@@ -265,7 +265,7 @@ def _sample_grid(table, cache, train_rows, plots_dir, per_class, seed, notes) ->
         chosen = ordered[np.unique(np.linspace(0, len(ordered) - 1, grid_size).round()
                                    .astype(np.int64))]
         titles = [f"{values[r]:.4g}" for r in chosen]
-        return save_image_grid(_as_float(cache.images[chosen]), titles, path,
+        return save_image_grid(_as_float(cache.read(chosen)), titles, path,
                                columns=min(per_class, len(chosen)),
                                title=f"sorted by {label_text(names[0])}")
     if kind == "multilabel":
@@ -274,7 +274,7 @@ def _sample_grid(table, cache, train_rows, plots_dir, per_class, seed, notes) ->
         targets = np.asarray(table.targets) > 0.5
         titles = [label_text(", ".join(n for n, on in zip(names, targets[r]) if on) or "(none)",
                          24) for r in chosen]
-        return save_image_grid(_as_float(cache.images[chosen]), titles, path,
+        return save_image_grid(_as_float(cache.read(chosen)), titles, path,
                                columns=min(per_class, len(chosen)))
     if len(names) > MAX_SAMPLE_CLASSES:
         notes.append(f"the sample grid shows the first {MAX_SAMPLE_CLASSES} of {len(names)} "
@@ -288,7 +288,7 @@ def _sample_grid(table, cache, train_rows, plots_dir, per_class, seed, notes) ->
     for c, name in enumerate(classes):
         members = train_rows[targets == c]
         picked = np.sort(rng.choice(members, min(per_class, len(members)), replace=False))
-        for k, image in enumerate(cache.images[picked]):
+        for k, image in enumerate(cache.read(picked)):
             mosaic[c * step:c * step + size, k * step:k * step + size] = image
         labels.append(label_text(name) + ("" if len(members) else " (no training images)"))
     figure, axis = plt.subplots(figsize=(2.4 + 1.1 * per_class, 0.4 + 1.1 * len(classes)))

@@ -47,7 +47,8 @@ def fit_head_on_features(learner, epochs: int, lr: float) -> float:
     plain = Loader(learner.train_loader.images, learner.train_loader.targets,
                    learner.train_loader.rows.numpy(), learner.train_loader.batch_size * 2,
                    device=learner.device, rank=learner.train_loader.rank,
-                   world_size=learner.train_loader.world_size)
+                   world_size=learner.train_loader.world_size,
+                   counts=learner.train_loader.counts, places=learner.train_loader.places)
     train_x, train_y = precompute(learner.model, plain, learner.pipeline)
     valid = (precompute(learner.model, learner.valid_loader, learner.pipeline)
              if learner.valid_loader is not None else None)

@@ -26,7 +26,13 @@ from ..data.cache import CacheSettings
 from ..data.checks import check_has_training_rows, check_trainable, leak_notes
 from ..data.label_edits import apply_label_edits
 from ..data.loader import Loader
-from ..data.prepare import PreparedImages, channel_stats, prepare_images, resolve_settings
+from ..data.prepare import (
+    STATS_MAX_IMAGES,
+    PreparedImages,
+    channel_stats,
+    prepare_images,
+    resolve_settings,
+)
 from ..data.sampling import class_weights, resample_rows, weighted_sampler_rows
 from ..data.sources import read_source
 from ..data.splits import assign_validation
@@ -83,6 +89,18 @@ class LoadedData:
     lighting: dict | None
     cache_seconds: float
     notes: dict = field(default_factory=dict)  # for metrics.json: copies across splits
+    # sharded data (distributed.sharded_data): split -> every rank's own usable rows
+    shares: dict[str, list[np.ndarray]] | None = None
+    places: torch.Tensor | None = None  # where this rank's cache holds each row (a shard)
+
+    def own_rows(self, split: str) -> tuple[np.ndarray, dict]:
+        """The rows of ``split`` this rank reads, and the Loader arguments that share them."""
+        rows = {"train": self.train_rows, "valid": self.valid_rows, "test": self.test_rows}
+        if self.shares is None:
+            return rows[split], distributed.shard()
+        return self.shares[split][distributed.rank()], {
+            **distributed.shard(), "counts": [len(share) for share in self.shares[split]],
+            "places": self.places}
 
 
 def load_data(data: str | Path | Table, cfg: ImageOptions) -> LoadedData:
@@ -103,11 +121,18 @@ def load_data(data: str | Path | Table, cfg: ImageOptions) -> LoadedData:
     settings = resolve_settings(table, cfg.image_size, cfg.channels, cfg.resize, cfg.seed)
     apply_small_image_recipe(cfg, settings.size, table.task.kind)
     started = time.perf_counter()
+    shares = _data_shares(table, cfg.seed) if distributed.sharded_data() and \
+        table.arrays is None else None
+    held = None if shares is None else np.concatenate(
+        [split[distributed.rank()] for split in shares.values()])
     prepared = prepare_images(table, settings, cache_dir=cfg.cache_dir, strict=cfg.strict,
-                              progress=cfg.progress)
+                              progress=cfg.progress, rows=held)
     cache_seconds = time.perf_counter() - started
     train_rows, valid_rows, test_rows = (prepared.rows(table, s)
                                          for s in ("train", "valid", "test"))
+    if shares is not None:  # each rank's own rows, those that could be read
+        shares = {name: [share[prepared.usable[share]] for share in split]
+                  for name, split in shares.items()}
     check_trainable(table, prepared.cache, train_rows)
     notes = leak_notes(table, prepared.cache,
                        {"train": train_rows, "valid": valid_rows, "test": test_rows})
@@ -117,11 +142,21 @@ def load_data(data: str | Path | Table, cfg: ImageOptions) -> LoadedData:
     if augment.lighting and settings.channels == 3:
         sample = np.random.default_rng(cfg.seed).choice(train_rows, min(len(train_rows), 500),
                                                         replace=False)
-        lighting = pca_statistics(prepared.cache.images[np.sort(sample)], seed=cfg.seed)
+        lighting = pca_statistics(prepared.cache.read(np.sort(sample)), seed=cfg.seed)
     if edits:
         notes["label_edits"] = edits
     return LoadedData(table, settings, prepared, train_rows, valid_rows, test_rows, augment,
-                      lighting, cache_seconds, notes)
+                      lighting, cache_seconds, notes, shares, prepared.cache.places())
+
+
+def _data_shares(table: Table, seed: int) -> dict[str, list[np.ndarray]]:
+    """Every rank's share of each split's rows (sharded data), before unreadable files are
+    known: the rows each rank decodes."""
+    ranks = distributed.world_size()
+    return {"train": distributed.training_shares(np.flatnonzero(table.split == "train"), seed,
+                                                 ranks),
+            **{name: distributed.evaluation_shares(np.flatnonzero(table.split == name), ranks)
+               for name in ("valid", "test")}}
 
 
 def _load_texts(table: Table, cfg: ImageOptions, edits: dict | None) -> LoadedData:
@@ -262,7 +297,7 @@ def build_training(cfg: FitConfig, loaded: LoadedData, device: torch.device) -> 
                          dropout=cfg.dropout, drop_path=cfg.drop_path, head=cfg.head,
                          head_hidden=cfg.head_hidden, act=cfg.act)
     head_hidden, dropout = resolve_head(cfg.head, cfg.head_hidden, cfg.dropout)
-    mean, std = _normalization(cfg, model, loaded.prepared.cache.images, loaded.train_rows)
+    mean, std = _normalization(cfg, model, loaded)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=memory_format)
     if device.type == "cuda":
@@ -287,9 +322,17 @@ def build_training(cfg: FitConfig, loaded: LoadedData, device: torch.device) -> 
         "precision": resolve_precision(cfg.precision, device),  # predict and evaluate's too
     }
     loaders = _loaders(cfg, loaded, targets, train_rows, batch_size, sampler, device)
-    n_train_sampled = len(train_rows) if len(train_rows) != len(loaded.train_rows) else None
+    n_train_sampled = sampled_count(loaders["train"], train_rows, loaded)
     return TrainingParts(task, model, pipeline, batch_size, loaders, model_info, n_train_sampled,
                          lr_factor)
+
+
+def sampled_count(train: Loader | None, train_rows: np.ndarray, loaded: LoadedData
+                  ) -> int | None:
+    """Training rows an epoch draws, where resampling made them differ from the split's."""
+    total = sum(train.counts) if train is not None and train.counts is not None \
+        else len(train_rows)
+    return total if total != len(loaded.train_rows) else None
 
 
 def _loaders(cfg: FitConfig, loaded: LoadedData, targets: torch.Tensor, train_rows: np.ndarray,
@@ -298,15 +341,26 @@ def _loaders(cfg: FitConfig, loaded: LoadedData, targets: torch.Tensor, train_ro
     encoded texts; evaluation batches are twice as large (no gradients to keep)."""
     items = loaded.prepared.cache.tensor()
 
-    def loader(rows: np.ndarray, train: bool = False) -> Loader | None:
-        if len(rows) == 0:
+    def loader(rows: np.ndarray, train: bool = False, **shard) -> Loader | None:
+        if len(rows) == 0 and "counts" not in shard:  # a share may be empty, not all
             return None
         return Loader(items, targets, rows, batch_size if train else batch_size * 2,
                       shuffle=train, drop_last=train, seed=cfg.seed, device=device,
-                      sampler=sampler if train else None, **distributed.shard())
+                      sampler=sampler if train else None, **(shard or distributed.shard()))
 
-    return {"train": loader(train_rows, train=True), "valid": loader(loaded.valid_rows),
-            "test": loader(loaded.test_rows)}
+    if loaded.shares is None:
+        return {"train": loader(train_rows, train=True), "valid": loader(loaded.valid_rows),
+                "test": loader(loaded.test_rows)}
+    # sharded: each rank resamples (--oversample, --balance, --weighted-sampler) its own share
+    kind, table = loaded.table.task.kind, loaded.table
+    per_rank = [_training_rows(cfg, kind, table, share) for share in loaded.shares["train"]]
+    own, sampler = per_rank[distributed.rank()]
+    result = {"train": loader(own, train=True, **distributed.shard(), places=loaded.places,
+                              counts=[len(rows) for rows, _ in per_rank])}
+    for name in ("valid", "test"):
+        rows, shard = loaded.own_rows(name)
+        result[name] = loader(rows, **shard) if sum(shard["counts"]) else None
+    return result
 
 
 def _text_training(cfg: FitConfig, loaded: LoadedData, task: Task, targets: torch.Tensor,
@@ -331,7 +385,7 @@ def _text_training(cfg: FitConfig, loaded: LoadedData, task: Task, targets: torc
         "precision": resolve_precision(cfg.precision, device),
     }
     loaders = _loaders(cfg, loaded, targets, train_rows, batch_size, sampler, device)
-    n_train_sampled = len(train_rows) if len(train_rows) != len(loaded.train_rows) else None
+    n_train_sampled = sampled_count(loaders["train"], train_rows, loaded)
     return TrainingParts(task, model, TextPipeline(), batch_size, loaders, model_info,
                          n_train_sampled, lr_factor)
 
@@ -468,9 +522,9 @@ def monitor_column(cfg: FitConfig, parts: TrainingParts) -> tuple[str, str]:
     return monitor, "max" if HIGHER_IS_BETTER[monitor.removeprefix("valid_")] else "min"
 
 
-def _normalization(cfg: FitConfig, model: nn.Module, images: np.ndarray,
-                   train_rows: np.ndarray) -> tuple[list, list]:
-    """Input mean and std: the pretrained weights' own, or computed from training images."""
+def _normalization(cfg: FitConfig, model: nn.Module, loaded: LoadedData) -> tuple[list, list]:
+    """Input mean and std: the pretrained weights' own, or computed from training images
+    (sharded data: from each rank's own, put together)."""
     if cfg.normalize == "auto":
         known = pretrained_statistics(model, cfg.channels, cfg.pretrained) is not None
         cfg.normalize = "pretrained" if known else "data"
@@ -482,4 +536,17 @@ def _normalization(cfg: FitConfig, model: nn.Module, images: np.ndarray,
                 "statistics; use --normalize data"
             )
         return stats
-    return channel_stats(images, train_rows, cfg.seed)
+    images = loaded.prepared.cache.images
+    if loaded.shares is None:
+        return channel_stats(images, loaded.train_rows, cfg.seed)
+    own, _ = loaded.own_rows("train")
+    most = STATS_MAX_IMAGES // distributed.world_size()
+    mean, std = (np.asarray(v) for v in channel_stats(images, loaded.prepared.cache.local(own),
+                                                      cfg.seed, most))
+    weight = float(min(len(own), most))
+    sums = distributed.sum_over_ranks(torch.tensor(
+        [weight, *(weight * mean), *(weight * (std ** 2 + mean ** 2))], dtype=torch.float64))
+    count, channels = max(float(sums[0]), 1.0), len(mean)
+    mean = sums[1:1 + channels].numpy() / count
+    std = np.sqrt(np.maximum(sums[1 + channels:].numpy() / count - mean ** 2, 0.0))
+    return mean.tolist(), np.where(std > 0, std, 1.0).tolist()

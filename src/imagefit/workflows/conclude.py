@@ -9,6 +9,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .. import distributed, runs
@@ -41,12 +42,12 @@ def conclude(run_dir: Path, cfg: FitConfig, parts: TrainingParts, loaded: Loaded
     size = cfg.image_sizes[-1] if cfg.image_sizes else None
     bs = max(parts.batch_size, 256)
     splits = {"valid": loaded.valid_rows, "test": loaded.test_rows}
-    shard = distributed.shard()
     tta = TTA.from_options(cfg, loaded.augment) if cfg.tta_n else None
     outputs, tta_outputs = {}, {}
     for name, rows in splits.items():  # with TTA, one pass gives the plain outputs too
         if not len(rows):
             continue
+        rows, shard = loaded.own_rows(name)
         if tta is None:
             outputs[name] = model_outputs(model, parts.pipeline, task, images, rows, bs,
                                           size=size, precision=cfg.precision, **shard)
@@ -79,15 +80,16 @@ def conclude(run_dir: Path, cfg: FitConfig, parts: TrainingParts, loaded: Loaded
         split = "valid" if "valid" in outputs else "test"
         rows = splits[split]
         paths = [loaded.table.paths[r] for r in rows] if loaded.table.paths else None
+
+        def pictures(chosen: np.ndarray) -> torch.Tensor:  # a shard decodes what it lacks
+            return torch.from_numpy(loaded.prepared.cache.read(chosen)).permute(0, 3, 1, 2)
+
         result = save_interpretation(run_dir, task, outputs[split], targets[rows],
-                                     lambda positions: images[torch.as_tensor(rows[positions])]
-                                     .permute(0, 3, 1, 2), paths, split)
+                                     lambda positions: pictures(rows[positions]), paths, split)
         if task.single_label and result.get("top_losses"):
             worst = rows[[row["position"] for row in result["top_losses"]]]
-            _explain_top_losses(run_dir, trained,
-                                images[torch.as_tensor(worst)].permute(0, 3, 1, 2))
-        save_first_feature_maps(run_dir, trained,
-                                images[torch.as_tensor(rows[:1])].permute(0, 3, 1, 2))
+            _explain_top_losses(run_dir, trained, pictures(worst))
+        save_first_feature_maps(run_dir, trained, pictures(rows[:1]))
     if cfg.report and distributed.is_main():
         save_model_summary(run_dir, trained)
     return figures, {name: (splits[name], value) for name, value in outputs.items()}

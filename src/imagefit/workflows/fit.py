@@ -160,6 +160,10 @@ def prepare(device: torch.device, data: str | Path | Table, cfg: FitConfig,
     check_options_against(cfg, parts)
     if cfg.check:
         require_images(loaded, "--check")
+        if loaded.shares is not None:
+            raise ImagefitError("--check reads every image, and each machine of this fit holds "
+                                "only its share: run imagefit check DATA on one machine, then "
+                                "fit without --check")
         run_fast_checks(cfg, loaded, parts)
     if cfg.soft_labels:
         parts.loaders["train"].targets = soft_targets(

@@ -115,6 +115,9 @@ def budget_planner(cfg: FitConfig, loaded, parts, deadline: float,
     validates."""
     n_valid, n_test = len(loaded.valid_rows), len(loaded.test_rows)
     sample = np.concatenate([loaded.test_rows, loaded.valid_rows])[:FINAL_SAMPLE]
+    if loaded.shares is not None:  # a shard times rows it holds
+        sample = np.concatenate([loaded.own_rows("test")[0],
+                                 loaded.own_rows("valid")[0]])[:FINAL_SAMPLE]
     tta = TTA.from_options(cfg, loaded.augment) if cfg.tta_n else None
     images = loaded.prepared.cache.tensor()
 
@@ -124,10 +127,10 @@ def budget_planner(cfg: FitConfig, loaded, parts, deadline: float,
         model = learner.eval_model
         batch = max(parts.batch_size, 256)
         model_outputs(model, parts.pipeline, parts.task, images, sample[:batch], batch, tta,
-                      precision=cfg.precision)
+                      precision=cfg.precision, places=loaded.places)
         started = time.perf_counter()  # after a warm-up batch
         model_outputs(model, parts.pipeline, parts.task, images, sample, batch, tta,
-                      plain_too=tta is not None, precision=cfg.precision)
+                      plain_too=tta is not None, precision=cfg.precision, places=loaded.places)
         return len(sample) / (time.perf_counter() - started)
 
     return BudgetPlanner(deadline, final_images=n_valid + n_test,
