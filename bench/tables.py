@@ -371,6 +371,32 @@ def recipe_ablation(result: dict) -> list[str]:
     return lines
 
 
+def augment_by_length(result: dict) -> list[str]:
+    split = "the carved validation split" if result["split"] == "valid" else \
+        "the official test split (not used to choose)"
+    lines = [f"## The recipe's augmentation by the fit's length (--budget {result['budget']})",
+             ""] + header(result)
+    lines += [
+        f"Fashion-MNIST, `imagefit fit builtin:fashion-mnist --budget {result['budget']}` with "
+        "`--augment light --tta` (the recipe's flip TTA) against `--augment none --no-tta`; "
+        f"accuracy on {split} (TTA's where it ran); epochs as the budget planned them. The "
+        "recipe trains without augmentation below AUGMENT_FROM_EPOCHS (10) epochs, and a "
+        "budget fit decides at its first plan.",
+        "",
+        "| variant | accuracy per seed | median | epochs planned per seed | training images |",
+        "|---|---|---|---|---|",
+    ]
+    names = {"aug": "light + flip TTA", "noaug": "none"}
+    for variant, summary in result["summary"].items():
+        rows = sorted((r for r in result["rows"] if r["variant"] == variant),
+                      key=lambda r: r["seed"])
+        accuracies = ", ".join(f"{r['accuracy']:.4f}" for r in rows)
+        epochs = ", ".join(str(r["epochs"]) for r in rows)
+        lines.append(f"| {names.get(variant, variant)} | {accuracies} | "
+                     f"**{summary['median']:.4f}** | {epochs} | {rows[0]['n_train']:,} |")
+    return lines
+
+
 def pretrained_regression(result: dict) -> list[str]:
     lines = ["## Pretrained regression: the rotation angle of photo crops", ""] + header(result)
     low, high = result["angle_range"]
@@ -890,6 +916,7 @@ def tune_fashion_mnist(result: dict) -> list[str]:
 
 SECTIONS = {"time_to_accuracy": time_to_accuracy,
             "recipe_ablation": recipe_ablation,
+            "augment_by_length": augment_by_length,
             "fashion_mnist_default": fashion_mnist_default,
             "fashion_mnist_folder": fashion_mnist_folder,
             "augment": augment,

@@ -263,7 +263,7 @@ def test_help_states_when_tta_is_on(capsys):
     text = " ".join(capsys.readouterr().out.split()).replace("- ", "-")  # wrapped hyphens
     start = text.index("--tta, --no-tta")
     tta = text[start:text.index("--tta-n TTA_N", start)]
-    assert "(default: on; off for the small-image recipe's fits of under 8 epochs" in tta
+    assert "(default: on; off for the small-image recipe's fits of under 10 epochs" in tta
     assert "True" not in tta
 
 

@@ -5,26 +5,30 @@ from __future__ import annotations
 
 import pytest
 import torch
+import yaml
 
+from imagefit import api
 from imagefit.augment.pipeline import BatchPipeline
 from imagefit.config import AugmentOptions, FitConfig, ShowBatchOptions
 from imagefit.forward import TTA, model_outputs
 from imagefit.models import create_model, default_model_name
 from imagefit.tasks import Task
+from imagefit.train.callbacks.base import Callback
 from imagefit.workflows.build import apply_small_image_recipe
 
 
 def test_small_images_get_the_recipe_for_what_is_unset():
-    for cfg in (FitConfig(epochs=8), FitConfig(budget="2m")):
+    for cfg in (FitConfig(epochs=10), FitConfig(budget="2m")):
         apply_small_image_recipe(cfg, 28)
         assert (cfg.opt, cfg.lr, cfg.wd) == ("sgd", 0.1, 5e-4)
         assert (cfg.augment, cfg.label_smoothing, cfg.tta_augment) == ("light", 0.1, "flip")
 
 
-def test_fits_of_under_8_epochs_train_without_augmentation_or_tta():
-    cfg = FitConfig()  # 5 epochs
-    apply_small_image_recipe(cfg, 28)
-    assert (cfg.opt, cfg.augment, cfg.tta, cfg.label_smoothing) == ("sgd", "none", False, 0.1)
+def test_fits_of_under_10_epochs_train_without_augmentation_or_tta():
+    for cfg in (FitConfig(), FitConfig(epochs=9)):  # 5 epochs, 9
+        apply_small_image_recipe(cfg, 28)
+        assert (cfg.opt, cfg.augment, cfg.tta, cfg.label_smoothing) == ("sgd", "none", False,
+                                                                        0.1)
 
 
 def test_images_under_16_px_train_without_augmentation_or_tta():
@@ -104,3 +108,38 @@ def test_one_tta_pass_gives_regression_its_plain_outputs_unchanged():
     x = pipeline(images.permute(0, 3, 1, 2))
     with torch.no_grad():
         assert torch.allclose(averaged, (model(x) + model(x.flip(-1))) / 2, atol=1e-5)
+
+
+class PipelineSeen(Callback):
+    """Records the training augmentation of the last batch."""
+
+    def after_batch(self, learner) -> None:
+        self.augment = learner.pipeline.augment
+
+
+@pytest.mark.parametrize("from_epochs, user_set, off", [(10**6, False, True),
+                                                        (0, False, False),
+                                                        (10**6, True, False)])
+def test_a_budget_fit_decides_augmentation_at_its_first_plan(
+        class_folder, tmp_path, monkeypatch, capsys, from_epochs, user_set, off):
+    """Under --budget the fit's length is known only at the first plan: a plan shorter than
+    AUGMENT_FROM_EPOCHS turns the recipe's augmentation and TTA off from then on (the
+    threshold is moved here to make this fit short or long), and config.yaml, metrics.json
+    and a printed line say so; the user's own --augment stands."""
+    import imagefit.workflows.fit as fit_module
+
+    monkeypatch.setattr(fit_module, "AUGMENT_FROM_EPOCHS", from_epochs)
+    seen = PipelineSeen()
+    extra = {"augment": "light", "tta": True} if user_set else {}
+    result = api.fit(str(class_folder), budget="12s", runs_dir=str(tmp_path / "runs"),
+                     progress=False, report=False, callbacks=[seen], **extra)
+    config = yaml.safe_load((result.run_dir / "config.yaml").read_text())
+    assert (config["augment"], config["tta"]) == (("none", False) if off else ("light", True))
+    assert (seen.augment == AugmentOptions()) == off  # what the last batch trained with
+    assert any(k.startswith("valid_tta_") for k in result.metrics) != off
+    decided = result.metrics.get("augmentation_decided")
+    assert (decided is None) == user_set
+    if decided:
+        assert decided["augmentation"] == (not off) and decided["planned_epochs"] > 0
+    printed = "augmentation off: " in capsys.readouterr().out
+    assert printed == off

@@ -482,7 +482,7 @@ class FitConfig(ImageOptions):
     )
     tta: bool = _tta_flag(
         True, "end the fit by measuring the final model",
-        " (default: on; off for the small-image recipe's fits of under 8 epochs and for "
+        " (default: on; off for the small-image recipe's fits of under 10 epochs and for "
         "images under 16 px, which measured better without it: docs/RECIPES.md)")
     tta_n: int = _tta_n()
     tta_augment: TTAAugment = _tta_augment()

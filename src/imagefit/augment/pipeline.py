@@ -35,10 +35,13 @@ class BatchPipeline:
                  n_classes: int | None = None) -> None:
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
-        self.augment = augment or AugmentOptions()
         self.lighting = lighting
         self.n_classes = n_classes
-        options = self.augment
+        self.set_augment(augment or AugmentOptions())
+
+    def set_augment(self, options: AugmentOptions) -> None:
+        """Train with ``options`` from the next batch on."""
+        self.augment = options
         self.policy = (RandAugment(options.randaugment_n, options.randaugment_m,
                                    options.randaugment_skip, trivial=options.trivial)
                        if options.randaugment_n or options.trivial else None)

@@ -215,7 +215,8 @@ class BudgetPlanner(Callback):
     ``final_images``: images the end of the fit evaluates; ``time_final``: measures how many
     of them it evaluates a second, test-time augmentation included (default: as
     ``time_forward`` does); ``fixed_seconds``: the rest of the end (plots, report);
-    ``time_forward``: measures validation's images per second (``measure_forward``)."""
+    ``time_forward``: measures validation's images per second (``measure_forward``);
+    ``first_plan``: told the first plan (a choice that depends on the fit's length)."""
 
     order = 5
 
@@ -224,7 +225,8 @@ class BudgetPlanner(Callback):
                  clock: Callable[[], float] = time.monotonic,
                  time_forward: Callable[[object], float] | None = None,
                  time_final: Callable[[object], float] | None = None,
-                 announce: bool = False) -> None:
+                 announce: bool = False,
+                 first_plan: Callable[[Plan, object], None] | None = None) -> None:
         self.deadline = deadline
         self.announce = announce  # print the first plan
         self.final_images = final_images
@@ -234,6 +236,7 @@ class BudgetPlanner(Callback):
         self.clock = clock
         self.time_forward = time_forward or measure_forward
         self.time_final = time_final
+        self.first_plan = first_plan  # called with the first plan and the learner
         self.plans: list[Plan] = []
         self.stopped_at_deadline = False
         self._step_times: list[float] = []
@@ -285,6 +288,10 @@ class BudgetPlanner(Callback):
             return
         self._plan(learner, validated=learner.epoch + 1)
 
+    def time_end(self, learner) -> None:
+        """Time the end's evaluation again (its test-time augmentation changed)."""
+        self._final_rate = self.time_final(learner) if self.time_final else self._eval_rate
+
     def _measure_evaluation(self, learner) -> None:
         self._eval_rate = self._eval_rate or self.time_forward(learner)
         self._final_rate = self.time_final(learner) if self.time_final else self._eval_rate
@@ -316,6 +323,8 @@ class BudgetPlanner(Callback):
                   f"({plan.steps / plan.steps_per_epoch:.3g} epochs at "
                   f"{plan.step_seconds * 1000:.3g} ms a step), then "
                   f"{format_duration(plan.final_seconds)} to evaluate and report", flush=True)
+        if self.first_plan is not None and len(self.plans) == 1:
+            self.first_plan(plan, learner)
 
     def summary(self) -> dict:
         """What metrics.json records of the planning."""

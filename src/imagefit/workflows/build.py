@@ -92,6 +92,8 @@ class LoadedData:
     # sharded data (distributed.sharded_data): split -> every rank's own usable rows
     shares: dict[str, list[np.ndarray]] | None = None
     places: torch.Tensor | None = None  # where this rank's cache holds each row (a shard)
+    # the small-image recipe's augmentation, left to a --budget fit's first plan
+    augment_until_plan: bool = False
 
     def own_rows(self, split: str) -> tuple[np.ndarray, dict]:
         """The rows of ``split`` this rank reads, and the Loader arguments that share them."""
@@ -119,7 +121,7 @@ def load_data(data: str | Path | Table, cfg: ImageOptions) -> LoadedData:
     if cfg.image_sizes and cfg.image_size is None:
         cfg.image_size = max(cfg.image_sizes)
     settings = resolve_settings(table, cfg.image_size, cfg.channels, cfg.resize, cfg.seed)
-    apply_small_image_recipe(cfg, settings.size, table.task.kind)
+    augment_until_plan = apply_small_image_recipe(cfg, settings.size, table.task.kind)
     started = time.perf_counter()
     shares = _data_shares(table, cfg.seed) if distributed.sharded_data() and \
         table.arrays is None else None
@@ -146,7 +148,8 @@ def load_data(data: str | Path | Table, cfg: ImageOptions) -> LoadedData:
     if edits:
         notes["label_edits"] = edits
     return LoadedData(table, settings, prepared, train_rows, valid_rows, test_rows, augment,
-                      lighting, cache_seconds, notes, shares, prepared.cache.places())
+                      lighting, cache_seconds, notes, shares, prepared.cache.places(),
+                      augment_until_plan)
 
 
 def _data_shares(table: Table, seed: int) -> dict[str, list[np.ndarray]]:
@@ -227,22 +230,26 @@ SMALL_IMAGE_OPTIMIZER = {"opt": "sgd", "lr": 0.1, "wd": 5e-4}  # Nesterov moment
 MIN_AUGMENT_SIZE = 16
 # Short fits learn faster without augmentation: on Fashion-MNIST's carved validation split,
 # 5.4 epochs (--budget 1m) scored 0.9328 without it and 0.9245 with it (and flip TTA),
-# 11.5 epochs (--budget 2m) 0.9310 without and 0.9374 with (bench/recipe_ablation.py). A fit
-# of fewer epochs than this (its --epochs; a --budget's length is not known in advance and
-# keeps them) trains without augmentation and TTA.
-AUGMENT_FROM_EPOCHS = 8
+# 11.5 epochs (--budget 2m) 0.9310 without and 0.9374 with (bench/recipe_ablation.py); on a
+# faster day, 9.2-10.6 epochs (--budget 1m) 0.9340 without and 0.9302 with (medians of 3
+# seeds, bench/augment_by_length.py). A fit of fewer epochs than this trains without
+# augmentation and TTA: an --epochs fit decides at once, a --budget fit at its first plan
+# (``fit.augmentation_by_plan``).
+AUGMENT_FROM_EPOCHS = 10
 
 
 def apply_small_image_recipe(cfg: ImageOptions, image_size: int,
-                             kind: str = "classification") -> None:
+                             kind: str = "classification") -> bool:
     """The small-image recipe's values for the options the user left unset, when single-label
     classification (what it was measured on) has small images and the net is one of
     imagefit's own (chosen automatically or named); its optimizer settings only when --opt
-    is unset too, and the net takes them (``takes_small_image_optimizer``)."""
+    is unset too, and the net takes them (``takes_small_image_optimizer``). True when it
+    chose the augmentation and TTA of a --budget fit, which its first plan then decides."""
     model = getattr(cfg, "model", "auto")
     if image_size > SMALL_IMAGE_MAX or kind != "classification" or getattr(
             cfg, "pretrained", None) or not (model == "auto" or is_small_net(model)):
-        return
+        return False
+    chosen = {"augment", "tta"} - cfg.model_fields_set
     defaults = dict(SMALL_IMAGE_RECIPE)
     short = hasattr(cfg, "epochs") and cfg.budget is None and cfg.epochs < AUGMENT_FROM_EPOCHS
     if image_size < MIN_AUGMENT_SIZE or short:
@@ -253,6 +260,8 @@ def apply_small_image_recipe(cfg: ImageOptions, image_size: int,
     for name, value in defaults.items():
         if name in type(cfg).model_fields and name not in cfg.model_fields_set:
             setattr(cfg, name, value)
+    return chosen == {"augment", "tta"} and getattr(cfg, "budget", None) is not None and \
+        cfg.augment != "none"
 
 
 @dataclass

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import torch
 import yaml
 
 from .. import distributed, runs
+from ..augment.presets import resolve_augment
 from ..config import FitConfig, RunOptions, freeze_options, make_options
 from ..data.soft import soft_targets
 from ..data.table import Table
@@ -30,7 +32,7 @@ from ..errors import (
 from ..models.groups import layer_groups
 from ..report.html import DATA_SUMMARY
 from ..report.plots import save_lr_finder_plot
-from ..train.budget import Budget
+from ..train.budget import Budget, Plan
 from ..train.callbacks import RunWriter
 from ..train.callbacks.label_correction import check_label_correction
 from ..train.callbacks.tracking import end_trackers, require_trackers
@@ -38,6 +40,7 @@ from ..train.lr_finder import LRFinderResult
 from ..train.precompute import supports_precompute
 from ..train.schedules import Schedule
 from .build import (
+    AUGMENT_FROM_EPOCHS,
     LoadedData,
     TrainingParts,
     apply_pretrained_source,
@@ -244,11 +247,43 @@ def open_run_dir(run_dir: Path | None, data: str | Path | Table, prepared: Prepa
         run_dir = runs.new_run_dir(Path(cfg.runs_dir), cfg.name or run_name(data))
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
+    write_config(run_dir, data, prepared)
+    return run_dir
+
+
+def write_config(run_dir: Path, data: str | Path | Table, prepared: Prepared) -> None:
     source = None if isinstance(data, Table) else str(data)
     runs.save_yaml(run_dir / "config.yaml", {"data": source, "data_description": run_source(data),
-                                             **cfg.model_dump(),
+                                             **prepared.options.model_dump(),
                                              "batch_size_used": prepared.parts.batch_size})
-    return run_dir
+
+
+def augmentation_by_plan(run_dir: Path, data: str | Path | Table, prepared: Prepared,
+                         summary: dict) -> Callable[[Plan, object], bool]:
+    """The small-image recipe's augmentation in a --budget fit, decided at the first plan
+    (the length of the fit is not known before): a fit of fewer than AUGMENT_FROM_EPOCHS
+    epochs trains on without augmentation and ends without test-time augmentation, as an
+    --epochs fit that short does from the start (docs/RECIPES.md); config.yaml then says so,
+    so that a resumed fit continues as it ran. True when it turned them off."""
+    def decide(plan: Plan, learner) -> bool:
+        epochs = plan.steps / plan.steps_per_epoch
+        summary["augmentation_decided"] = {"planned_epochs": round(epochs, 2),
+                                           "augmentation": epochs >= AUGMENT_FROM_EPOCHS}
+        if epochs >= AUGMENT_FROM_EPOCHS:
+            return False
+        none = resolve_augment("none")
+        learner.pipeline.set_augment(none)
+        prepared.loaded.augment = none
+        prepared.options = prepared.options.model_copy(
+            update={"augment": "none", "augment_options": none, "tta": False})
+        if distributed.is_main():
+            write_config(run_dir, data, prepared)
+            print(f"augmentation off: {epochs:.3g} epochs planned, fewer than "
+                  f"{AUGMENT_FROM_EPOCHS} (short fits learn faster without it; no "
+                  "test-time augmentation either: docs/RECIPES.md)", flush=True)
+        return True
+
+    return decide
 
 
 def train_in_run_dir(run_dir: Path, data: str | Path | Table, prepared: Prepared, callbacks,
@@ -272,8 +307,10 @@ def train_in_run_dir(run_dir: Path, data: str | Path | Table, prepared: Prepared
         extra = {"test": test_loader} if cfg.test_every_epoch and test_loader else {}
         planner = None
         if prepared.budget is not None and resume_state is None:  # a resumed fit keeps it
-            planner = budget_planner(cfg, loaded, parts, prepared.budget.deadline,
-                                     len(extra) * len(loaded.test_rows))
+            planner = budget_planner(
+                cfg, loaded, parts, prepared.budget.deadline, len(extra) * len(loaded.test_rows),
+                augmentation_by_plan(run_dir, data, prepared, summary)
+                if loaded.augment_until_plan else None)
         learner = make_learner(cfg, parts, [*own, *callbacks], extra_loaders=extra)
         if resume_state is not None:
             learner.load_checkpoint_state(resume_state)

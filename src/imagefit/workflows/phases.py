@@ -5,6 +5,7 @@ of a --budget fit."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -109,19 +110,23 @@ def own_callbacks(run_dir: Path, cfg: FitConfig, loaded: LoadedData, parts: Trai
 
 
 def budget_planner(cfg: FitConfig, loaded, parts, deadline: float,
-                    every_epoch_images: int) -> BudgetPlanner:
+                   every_epoch_images: int,
+                   first_plan: Callable[[budget.Plan, Learner], bool] | None = None
+                   ) -> BudgetPlanner:
     """The planner of a --budget fit: the end evaluates the validation and test splits (timed
     on a sample, test-time augmentation included, as ``conclude`` will) and every epoch
-    validates."""
+    validates. ``first_plan``: told the first plan; True when it turned test-time
+    augmentation off (the end is then timed again)."""
     n_valid, n_test = len(loaded.valid_rows), len(loaded.test_rows)
     sample = np.concatenate([loaded.test_rows, loaded.valid_rows])[:FINAL_SAMPLE]
     if loaded.shares is not None:  # a shard times rows it holds
         sample = np.concatenate([loaded.own_rows("test")[0],
                                  loaded.own_rows("valid")[0]])[:FINAL_SAMPLE]
-    tta = TTA.from_options(cfg, loaded.augment) if cfg.tta_n else None
+    timed = {"tta": TTA.from_options(cfg, loaded.augment) if cfg.tta_n else None}
     images = loaded.prepared.cache.tensor()
 
     def time_final(learner: Learner) -> float:
+        tta = timed["tta"]
         if not len(sample):
             return float("inf")
         model = learner.eval_model
@@ -133,12 +138,19 @@ def budget_planner(cfg: FitConfig, loaded, parts, deadline: float,
                       plain_too=tta is not None, precision=cfg.precision, places=loaded.places)
         return len(sample) / (time.perf_counter() - started)
 
-    return BudgetPlanner(deadline, final_images=n_valid + n_test,
-                         n_valid=n_valid + every_epoch_images, time_final=time_final,
-                         fixed_seconds=budget.EXIT_SECONDS + (
-                             budget.FINAL_FIXED_SECONDS if cfg.report else 2.0),
-                         budget_text=cfg.budget or "",
-                         announce=cfg.progress and distributed.is_main())
+    def told(plan: budget.Plan, learner: Learner) -> None:
+        if first_plan(plan, learner):
+            timed["tta"] = None
+            planner.time_end(learner)
+
+    planner = BudgetPlanner(deadline, final_images=n_valid + n_test,
+                            n_valid=n_valid + every_epoch_images, time_final=time_final,
+                            fixed_seconds=budget.EXIT_SECONDS + (
+                                budget.FINAL_FIXED_SECONDS if cfg.report else 2.0),
+                            budget_text=cfg.budget or "",
+                            announce=cfg.progress and distributed.is_main(),
+                            first_plan=told if first_plan is not None else None)
+    return planner
 
 
 def budget_line(record: dict) -> str:
