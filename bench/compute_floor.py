@@ -6,7 +6,9 @@ Rows: imagefit's default small CNN on Fashion-MNIST (28 px, grey) and ResNet-18 
 128 px (RGB) on a folder of 256-px JPEGs cut from scikit-image's bundled photos (6 classes,
 one per photo; see photos.py), each source decoded once into imagefit's cache (in a temporary
 folder) before anything is timed. Switches: the defaults (channels-last, eager), channels-last
-off, and torch.compile on (small CNN and ResNet-18 at 64 px only).
+off, torch.compile on (small CNN and ResNet-18 at 64 px only), and, on a GPU, the cache kept
+in host memory and streamed (`streamed`) where the default holds a cache that fits on the
+device (``data.loader.on_device_if_it_fits``).
 
 For every row and switch, one process trains through imagefit's own ``Learner`` (built by
 ``build.load_data``, ``build_training`` and ``make_learner`` with the default options: AdamW,
@@ -50,6 +52,7 @@ from common import RESULTS, write_result
 from photos import write_photo_folder
 
 from imagefit.config import FitConfig
+from imagefit.data import loader as loader_module
 from imagefit.devices import resolve_device, resolve_precision
 from imagefit.tasks import Task
 from imagefit.train.callbacks.base import Callback
@@ -68,8 +71,11 @@ ROWS = {
                     "compile": True},
     "resnet18-128": {"data": "photos", "model": "resnet18", "image_size": 128, "channels": 3,
                      "compile": False},
+    "resnet18-224": {"data": "photos", "model": "resnet18", "image_size": 224, "channels": 3,
+                     "compile": False},  # for a GPU: too slow to time well on 2 CPU cores
 }
-SWITCHES = {"default": {}, "contiguous": {"channels_last": False}, "compile": {"compile": True}}
+SWITCHES = {"default": {}, "contiguous": {"channels_last": False}, "compile": {"compile": True},
+            "streamed": {}}  # streamed: the cache kept off a GPU (the same as default on a CPU)
 PROFILE_BELOW = 0.9
 PROFILE_ROWS = 30
 
@@ -246,6 +252,7 @@ def measure(name: str, row_name: str, switch_name: str, cfg: FitConfig, loaded,
         "image_size": cfg.image_size, "channels": cfg.channels,
         "channels_last": cfg.channels_last, "compile": cfg.compile,
         "precision": learner.precision, "batch_size": parts.batch_size,
+        "cache_on_device": train.images.device.type == "cuda",
         "rows_per_epoch": len(train.rows), "steps_per_epoch": len(train),
         "floor_images_per_second": round(statistics.median(paired.floor), 1),
         "end_to_end_images_per_second": round(end_to_end, 1),
@@ -294,6 +301,7 @@ def main() -> None:
         parser.error("--pairs must be at least 1")
 
     runs, cache_seconds = [], {}
+    resident = loader_module.RESIDENT_SHARE
     with tempfile.TemporaryDirectory(prefix="imagefit-floor-") as scratch:
         photo_folder = Path(scratch) / "photos"
         cache_dir = str(Path(scratch) / "cache")
@@ -325,8 +333,10 @@ def main() -> None:
                     loaded, train_rows=epoch_rows(loaded.train_rows, max(n_rows, cfg.bs * 32)),
                     valid_rows=loaded.valid_rows[:0], test_rows=loaded.test_rows[:0])
                 print(f"{row_name} {switch_name}", flush=True)
+                loader_module.RESIDENT_SHARE = 0.0 if switch_name == "streamed" else resident
                 runs.append(measure(args.name, row_name, switch_name, cfg, loaded, device,
                                     n_rows, args))
+                loader_module.RESIDENT_SHARE = resident
     write_result(args.name, {
         "command": "bench/compute_floor.py " + " ".join(sys.argv[1:]),
         "pairs": args.pairs, "seconds": args.seconds, "augment": args.augment,

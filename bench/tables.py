@@ -308,7 +308,8 @@ def time_to_accuracy(result: dict) -> list[str]:
     lines += [
         f"imagefit: `{result['imagefit_command']}` (all 60,000 training images, the recipe "
         "chosen on a carved validation split: docs/RECIPES.md); accuracy is the run's final "
-        "figure on the official test set, with its flip TTA. fastai "
+        "figure on the official test set, with its flip TTA where it ran (a fit planning "
+        "under 10 epochs trains and ends without augmentation: docs/RECIPES.md). fastai "
         f"{fastai['fastai']}: {fastai['recipe']}, one seed, the test set as its validation "
         "set; seconds from its process's start to the end of each epoch's evaluation.",
         "",
@@ -323,9 +324,10 @@ def time_to_accuracy(result: dict) -> list[str]:
             "" if v is None else f"**{v:.1f}x**" for v in result["fastai_over_imagefit"].values())
         + " |",
         "",
-        "| imagefit --budget | test accuracy per seed (with TTA) | median | median without TTA "
-        "| median wall s | longest wall s (process exit) | longest s to the run directory "
-        "complete | all exits within budget | epochs (median) |",
+        "| imagefit --budget | test accuracy per seed (with TTA where it ran) | median "
+        "| median without TTA | median wall s | longest wall s (process exit) "
+        "| longest s to the run directory complete | all exits within budget "
+        "| epochs (median) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in result["imagefit_budgets"]:

@@ -418,3 +418,21 @@ def test_sharded_ranks_read_their_own_rows_once_per_epoch(world_size, batch_size
         orders.append(seen[0])
     if train:
         assert not torch.equal(orders[0], orders[1])
+
+
+def test_a_cache_is_held_on_a_gpu_only_when_it_takes_at_most_half_its_free_memory(
+        monkeypatch):
+    """The device-resident cache is chosen by size (here against a stand-in for
+    torch.cuda.mem_get_info: no GPU on this machine); on a CPU the images stay where they
+    are, the same tensor, and batches are gathered from them as before."""
+    from imagefit.data import loader as loader_module
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1000, 4000))
+    cuda = torch.device("cuda", 0)
+    assert loader_module.fits_on_device(500, cuda)
+    assert not loader_module.fits_on_device(501, cuda)
+    assert not loader_module.fits_on_device(1, torch.device("cpu"))
+    images = torch.zeros(4, 2, 2, 1, dtype=torch.uint8)
+    assert loader_module.on_device_if_it_fits(images, "cpu") is images
+    loader = Loader(images, torch.arange(4), np.arange(4), 2, device="cpu")
+    assert not loader.prefetch

@@ -13,6 +13,27 @@ import torch
 from .. import distributed
 
 _END = object()
+RESIDENT_SHARE = 0.5  # of a GPU's free memory that an image cache may take to be held there
+
+
+def on_device_if_it_fits(images: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``images`` (a uint8 cache) moved once to a CUDA ``device`` when they take at most
+    half of its free memory: batches are then gathered there, with no copy per batch and
+    no thread. Otherwise (a CPU, or a cache too large) ``images`` as they are, and each
+    batch is copied from pinned memory by the loader's thread, ahead of its use."""
+    device = torch.device(device)
+    if images.device == device or not fits_on_device(
+            images.numel() * images.element_size(), device):
+        return images
+    return images.to(device)
+
+
+def fits_on_device(nbytes: int, device: torch.device) -> bool:
+    """Whether ``nbytes`` take at most RESIDENT_SHARE of a CUDA device's free memory."""
+    if device.type != "cuda":
+        return False
+    free, _ = torch.cuda.mem_get_info(device)
+    return nbytes <= RESIDENT_SHARE * free
 
 
 class Loader:
@@ -77,8 +98,10 @@ class Loader:
         self.device = torch.device(device)
         # A CUDA device computes while the thread gathers the next batch; on a CPU the thread
         # competes with the compute threads for the cores: on 2 cores the small CNN trained at
-        # 0.80 of its compute floor with it and 0.97 without (docs/BENCHMARKS.md).
-        self.prefetch = self.device.type == "cuda" if prefetch is None else prefetch
+        # 0.80 of its compute floor with it and 0.97 without (docs/BENCHMARKS.md). Images
+        # held on the device (``on_device_if_it_fits``) need no thread.
+        self.prefetch = (self.device.type == "cuda" and images.device.type == "cpu") \
+            if prefetch is None else prefetch
         self.sampler = sampler
         self.places = places
         self.batch_rows = torch.empty(0, dtype=torch.int64)
@@ -127,15 +150,19 @@ class Loader:
                 parts = [self._part(self.rank, step) for step in range(len(self))]
                 return [batch.sort().values for batch in rows[:sum(parts)].split(parts)]
             return [batch.sort().values for batch in torch.tensor_split(rows, len(self))]
-        return [self._share(rows[i * self.batch_size:(i + 1) * self.batch_size].sort().values,
-                            self.rank) for i in range(len(self))]
+        # each rank's share cut before sorting: a sorted batch split in halves would give the
+        # ranks the low and the high rows, which in a folder source are different classes
+        # (each rank's BatchNorm would see half the classes); unshuffled rows are in order
+        return [self._share(rows[i * self.batch_size:(i + 1) * self.batch_size],
+                            self.rank).sort().values for i in range(len(self))]
 
     def _share(self, batch: torch.Tensor, rank: int) -> torch.Tensor:
         return torch.tensor_split(batch, self.world_size)[rank]
 
     def share_positions(self, rank: int) -> torch.Tensor:
-        """Where the rows ``rank`` reads in an epoch stand among all ranks' rows in the
-        order of the global batches (sharded: after the rows of the ranks before it)."""
+        """Where the rows ``rank`` reads in an epoch of an unshuffled loader stand among all
+        ranks' rows in the order of the global batches (sharded: after the rows of the ranks
+        before it)."""
         if self.counts is not None:
             start = sum(self.counts[:rank])
             return torch.arange(start, start + self.counts[rank])
@@ -152,12 +179,14 @@ class Loader:
             local, [self.share_positions(rank) for rank in range(self.world_size)])
 
     def _load(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.images.index_select(0, index if self.places is None else self.places[index])
+        where = index if self.places is None else self.places[index]
+        x = self.images.index_select(0, where.to(self.images.device, non_blocking=True))
         if x.dim() == 4:  # images (N, H, W, C) -> (B, C, H, W); texts stay (B, L)
             x = x.permute(0, 3, 1, 2)
         y = self.targets.index_select(0, index)
         if self.device.type == "cuda":
-            x, y = x.pin_memory(), y.pin_memory()
+            x = x.pin_memory() if x.device.type == "cpu" else x
+            y = y.pin_memory()
         return (x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -170,13 +199,22 @@ class Loader:
             return
         queue: Queue = Queue(maxsize=2)
         stop = threading.Event()
+        # on a GPU the copies run on a stream of their own, beside the compute
+        stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
         def produce() -> None:
             try:
                 for index in batches:
                     if stop.is_set():
                         return
-                    queue.put((index, self._load(index)))
+                    if stream is None:
+                        queue.put((index, self._load(index), None))
+                        continue
+                    with torch.cuda.stream(stream):
+                        batch = self._load(index)
+                        copied = torch.cuda.Event()
+                        copied.record(stream)
+                    queue.put((index, batch, copied))
             except BaseException as error:  # handed to the consumer, raised there
                 queue.put(error)
                 return
@@ -188,7 +226,12 @@ class Loader:
             while (item := queue.get()) is not _END:
                 if isinstance(item, BaseException):
                     raise item
-                self.batch_rows, batch = item
+                self.batch_rows, batch, copied = item
+                if copied is not None:  # compute waits for the copy; the memory is kept
+                    current = torch.cuda.current_stream(self.device)  # until compute is done
+                    current.wait_event(copied)
+                    for tensor in batch:
+                        tensor.record_stream(current)
                 yield batch
         finally:
             stop.set()

@@ -25,7 +25,7 @@ from ..config import (
 from ..data.cache import CacheSettings
 from ..data.checks import check_has_training_rows, check_trainable, leak_notes
 from ..data.label_edits import apply_label_edits
-from ..data.loader import Loader
+from ..data.loader import Loader, on_device_if_it_fits
 from ..data.prepare import (
     STATS_MAX_IMAGES,
     PreparedImages,
@@ -347,8 +347,9 @@ def sampled_count(train: Loader | None, train_rows: np.ndarray, loaded: LoadedDa
 def _loaders(cfg: FitConfig, loaded: LoadedData, targets: torch.Tensor, train_rows: np.ndarray,
              batch_size: int, sampler, device: torch.device) -> dict[str, Loader | None]:
     """Training (shuffled, resampled), validation and test loaders over the cached images or
-    encoded texts; evaluation batches are twice as large (no gradients to keep)."""
-    items = loaded.prepared.cache.tensor()
+    encoded texts, held on a GPU when they fit (``on_device_if_it_fits``); evaluation batches
+    are twice as large (no gradients to keep)."""
+    items = on_device_if_it_fits(loaded.prepared.cache.tensor(), device)
 
     def loader(rows: np.ndarray, train: bool = False, **shard) -> Loader | None:
         if len(rows) == 0 and "counts" not in shard:  # a share may be empty, not all

@@ -71,6 +71,8 @@ def run_summary(data: str | Path | Table, loaded: LoadedData, parts: TrainingPar
         "skipped_files": len(prepared.cache.errors),
         "skipped": [table.paths[r] for r in prepared.cache.failed] if table.paths else [],
         "cache_seconds": round(loaded.cache_seconds, 3),
+        "cache_on_device": parts.loaders["train"] is not None
+        and parts.loaders["train"].images.device.type == "cuda",
         **notes,
     }
 
