@@ -2,7 +2,7 @@
 trains with the same --budget on Fashion-MNIST's training images, scored on a validation
 split carved from them (10,000 of the 60,000; the official test set is not looked at).
 
-    .venv/bin/python bench/recipe_ablation.py [--budget 1m] [--rows all]
+    .venv/bin/python bench/recipe_ablation.py [--budget 1m] [--rows all] [--name N]
 
 Every row is the real command, ``imagefit fit builtin:fashion-mnist --budget B
 --valid-pct 0.1667 --seed S`` plus its change, so the time each choice costs (a slower step,
@@ -43,6 +43,8 @@ ROWS = [
     ("EMA of the weights (decay 0.999)", ["--ema", "0.999"]),
     ("channels_last off", ["--no-channels-last"]),
     ("torch.compile", ["--compile"]),
+    ("random erasing: one box per image with probability 0.25 (2-25 % of the area)",
+     ["--augment-options", '{"erase_p": 0.25}']),
 ]
 NOISE_SEEDS = (1, 2)  # the recipe again, to show the spread between seeds
 
@@ -71,6 +73,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget", default="1m")
     parser.add_argument("--rows", default="all", help="comma-separated row numbers, or all")
+    parser.add_argument("--name", help="of the result file (default: by the budget)")
     args = parser.parse_args()
     chosen = range(len(ROWS)) if args.rows == "all" else [int(r) for r in args.rows.split(",")]
     rows = []
@@ -87,9 +90,11 @@ def main() -> None:
                 noise.append({"seed": seed, **run(args.budget, seed, [], Path(runs_dir))})
                 print(json.dumps(noise[-1]), flush=True)
     spread = [r["valid_tta_accuracy"] for r in noise if "valid_tta_accuracy" in r]
-    name = "recipe_ablation" if args.rows == "all" else f"recipe_ablation_{args.budget}"
+    name = args.name or ("recipe_ablation" if args.rows == "all" else
+                         f"recipe_ablation_{args.budget}")
     write_result(name, {
-        "command": f"bench/recipe_ablation.py --budget {args.budget} --rows {args.rows}",
+        "command": f"bench/recipe_ablation.py --budget {args.budget} --rows {args.rows}"
+                   + (f" --name {args.name}" if args.name else ""),
         "budget": args.budget, "valid_pct": float(VALID_PCT), "rows": rows,
         "recipe_seeds": noise,
         "recipe_median": statistics.median(spread) if spread else None,

@@ -117,29 +117,27 @@ class PipelineSeen(Callback):
         self.augment = learner.pipeline.augment
 
 
-@pytest.mark.parametrize("from_epochs, user_set, off", [(10**6, False, True),
-                                                        (0, False, False),
-                                                        (10**6, True, False)])
+@pytest.mark.parametrize("from_epochs, off", [(10**6, True), (0, False)])
 def test_a_budget_fit_decides_augmentation_at_its_first_plan(
-        class_folder, tmp_path, monkeypatch, capsys, from_epochs, user_set, off):
+        class_folder, tmp_path, monkeypatch, capsys, from_epochs, off):
     """Under --budget the fit's length is known only at the first plan: a plan shorter than
     AUGMENT_FROM_EPOCHS turns the recipe's augmentation and TTA off from then on (the
     threshold is moved here to make this fit short or long), and config.yaml, metrics.json
-    and a printed line say so; the user's own --augment stands."""
+    and a printed line say so; the user's own --augment or --tta is left alone."""
     import imagefit.workflows.fit as fit_module
 
     monkeypatch.setattr(fit_module, "AUGMENT_FROM_EPOCHS", from_epochs)
     seen = PipelineSeen()
-    extra = {"augment": "light", "tta": True} if user_set else {}
-    result = api.fit(str(class_folder), budget="12s", runs_dir=str(tmp_path / "runs"),
-                     progress=False, report=False, callbacks=[seen], **extra)
+    result = api.fit(str(class_folder), budget="10s", runs_dir=str(tmp_path / "runs"),
+                     progress=False, report=False, callbacks=[seen])
     config = yaml.safe_load((result.run_dir / "config.yaml").read_text())
     assert (config["augment"], config["tta"]) == (("none", False) if off else ("light", True))
     assert (seen.augment == AugmentOptions()) == off  # what the last batch trained with
     assert any(k.startswith("valid_tta_") for k in result.metrics) != off
-    decided = result.metrics.get("augmentation_decided")
-    assert (decided is None) == user_set
-    if decided:
-        assert decided["augmentation"] == (not off) and decided["planned_epochs"] > 0
-    printed = "augmentation off: " in capsys.readouterr().out
-    assert printed == off
+    decided = result.metrics["augmentation_decided"]
+    assert decided["augmentation"] == (not off) and decided["planned_epochs"] > 0
+    assert ("augmentation off: " in capsys.readouterr().out) == off
+    for users in ({"augment": "light"}, {"tta": True}, {"augment": "none"}):
+        assert not apply_small_image_recipe(FitConfig(budget="10s", **users), 28)
+    assert apply_small_image_recipe(FitConfig(budget="10s"), 28)
+    assert not apply_small_image_recipe(FitConfig(epochs=20), 28)
