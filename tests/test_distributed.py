@@ -394,3 +394,15 @@ def test_two_nodes_under_the_users_own_torchrun_cache_only_their_shares(tmp_path
         held.append(rows)
     assert sorted(map(len, held)) == [898, 899]
     assert np.array_equal(np.sort(np.concatenate(held)), np.arange(1797))
+
+
+def test_check_with_sharded_data_is_refused_in_one_line(tmp_path, monkeypatch):
+    """--check reads every image, which a rank of a sharded fit does not hold."""
+    monkeypatch.setattr(distributed, "sharded_data", lambda: True)
+    data = _digits_folder(tmp_path / "digits")
+    with pytest.raises(ImagefitError, match="--check reads every image, and each machine of "
+                       "this fit holds only its share: run imagefit check DATA on one "
+                       "machine, then fit without --check"):
+        api.fit(str(data), check=True, epochs=1, runs_dir=str(tmp_path / "runs"),
+                progress=False)
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())

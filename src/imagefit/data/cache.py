@@ -62,7 +62,7 @@ class ImageCache:
     folder: Path | None = None  # where a file cache lives
     in_use: Any = field(default=None, repr=False)  # the open use lock (see build_cache)
     # A shard (one rank's share, build_cache's ``rows``): ``images`` holds only the rows
-    # ``held`` (sorted), in that order; ``tensor_rows`` maps a row to its place there.
+    # ``held`` (sorted), in that order; ``places`` maps a row to its place there.
     held: np.ndarray | None = None
     paths: list[str] | None = field(default=None, repr=False)
     settings: CacheSettings | None = None
@@ -105,15 +105,15 @@ class ImageCache:
         rows = np.asarray(rows, dtype=np.int64)
         if self.held is None:
             return self.images[rows]
-        places = np.searchsorted(self.held, rows).clip(0, max(len(self.held) - 1, 0))
+        places = np.searchsorted(self.held, rows)
+        held = places < len(self.held)
+        held[held] = self.held[places[held]] == rows[held]
         result = np.zeros((len(rows), *self.images.shape[1:]), dtype=np.uint8)
-        for k, (row, place) in enumerate(zip(rows.tolist(), places.tolist())):
-            if len(self.held) and self.held[place] == row:
-                result[k] = self.images[place]
-            else:
-                array, _ = _try_decode(self.paths[row], self.settings)
-                if array is not None:
-                    result[k] = array
+        result[held] = self.images[places[held]]
+        for k in np.flatnonzero(~held).tolist():
+            array, _ = _try_decode(self.paths[rows[k]], self.settings)
+            if array is not None:
+                result[k] = array
         return result
 
 
