@@ -7,11 +7,11 @@ import pytest
 import torch
 import yaml
 
-from imagefit import api
+from imagefit import api, models
 from imagefit.augment.pipeline import BatchPipeline
 from imagefit.config import AugmentOptions, FitConfig, ShowBatchOptions
 from imagefit.forward import TTA, model_outputs
-from imagefit.models import create_model, default_model_name
+from imagefit.models import create_model, default_model_name, net_for_budget
 from imagefit.tasks import Task
 from imagefit.train.callbacks.base import Callback
 from imagefit.workflows.build import apply_small_image_recipe
@@ -117,16 +117,39 @@ class PipelineSeen(Callback):
         self.augment = learner.pipeline.augment
 
 
+def test_a_budget_holding_enough_epochs_of_the_wider_net_trains_it(monkeypatch):
+    """net_for_budget estimates the epochs of small_cnn_32 in the seconds left from its timed
+    steps (stood in for here): from WIDER_FROM_EPOCHS on, the wider net."""
+    per_second = 1000.0
+    monkeypatch.setattr(models, "training_images_per_second", lambda *a, **k: per_second)
+    seconds = models.WIDER_FROM_EPOCHS * 50_000 / (per_second * models.TRAINING_SHARE)
+    shape, cpu = (1, 28, 28), torch.device("cpu")
+    name, epochs = net_for_budget("small_cnn_16", seconds, 50_000, shape, 10, cpu)
+    assert name == "small_cnn_32" and epochs == pytest.approx(models.WIDER_FROM_EPOCHS)
+    assert net_for_budget("small_cnn_16", seconds * 0.99, 50_000, shape, 10, cpu)[0] == \
+        "small_cnn_16"
+    assert net_for_budget("small_cnn_16", seconds / 2, 50_000, shape, 10, cpu,
+                          world_size=2)[0] == "small_cnn_32"  # two ranks share the epoch
+
+
+def test_timing_a_net_gives_its_training_speed():
+    assert models.training_images_per_second("small_cnn_32", (1, 28, 28), 10,
+                                             torch.device("cpu"), batch_size=16) > 0
+
+
 @pytest.mark.parametrize("from_epochs, off", [(10**6, True), (0, False)])
 def test_a_budget_fit_decides_augmentation_at_its_first_plan(
         class_folder, tmp_path, monkeypatch, capsys, from_epochs, off):
     """Under --budget the fit's length is known only at the first plan: a plan shorter than
     AUGMENT_FROM_EPOCHS turns the recipe's augmentation and TTA off from then on (the
     threshold is moved here to make this fit short or long), and config.yaml, metrics.json
-    and a printed line say so; the user's own --augment or --tta is left alone."""
+    and a printed line say so; the user's own --augment or --tta is left alone. Before
+    that, the net: small_cnn_32 when the budget holds WIDER_FROM_EPOCHS epochs of it (moved
+    here too), else small_cnn_16."""
     import imagefit.workflows.fit as fit_module
 
     monkeypatch.setattr(fit_module, "AUGMENT_FROM_EPOCHS", from_epochs)
+    monkeypatch.setattr(models, "WIDER_FROM_EPOCHS", 10**9 if off else 0)
     seen = PipelineSeen()
     result = api.fit(str(class_folder), budget="10s", runs_dir=str(tmp_path / "runs"),
                      progress=False, report=False, callbacks=[seen])
@@ -136,7 +159,13 @@ def test_a_budget_fit_decides_augmentation_at_its_first_plan(
     assert any(k.startswith("valid_tta_") for k in result.metrics) != off
     decided = result.metrics["augmentation_decided"]
     assert decided["augmentation"] == (not off) and decided["planned_epochs"] > 0
-    assert ("augmentation off: " in capsys.readouterr().out) == off
+    printed = capsys.readouterr().out
+    assert ("augmentation off: " in printed) == off
+    wider = not off
+    assert config["model"] == ("small_cnn_32" if wider else "small_cnn_16")
+    assert result.metrics["net_by_budget"]["chosen"] == config["model"]
+    assert result.metrics["net_by_budget"]["estimated_epochs"] > 0
+    assert ("model auto: small_cnn_32, as the budget holds about " in printed) == wider
     for users in ({"augment": "light"}, {"tta": True}, {"augment": "none"}):
         assert not apply_small_image_recipe(FitConfig(budget="10s", **users), 28)
     assert apply_small_image_recipe(FitConfig(budget="10s"), 28)

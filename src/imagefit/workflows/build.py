@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import distributed
+from .. import distributed, models
 from ..augment.color import pca_statistics
 from ..augment.pipeline import BatchPipeline
 from ..augment.presets import resolve_augment
@@ -42,11 +42,13 @@ from ..devices import resolve_precision
 from ..errors import ImagefitError
 from ..metrics import available_metrics
 from ..models import (
+    NARROW_NET,
     PRETRAINED_SOURCES,
     SMALL_IMAGE_MAX,
     create_model,
     default_model_name,
     is_small_net,
+    net_for_budget,
     pretrained_statistics,
     takes_small_image_optimizer,
 )
@@ -278,13 +280,18 @@ class TrainingParts:
     lr_factor: float = 1.0  # on the learning rates, for --bs auto's batch size
 
 
-def build_training(cfg: FitConfig, loaded: LoadedData, device: torch.device) -> TrainingParts:
+def build_training(cfg: FitConfig, loaded: LoadedData, device: torch.device,
+                   budget_seconds: float | None = None) -> TrainingParts:
     """Task, seeded model, normalization, pipeline and loaders for ``loaded``; fills the
-    automatic choices (model) into ``cfg``."""
+    automatic choices (model) into ``cfg``. ``budget_seconds``: what is left of a --budget,
+    which may choose a wider small net (``models.net_for_budget``)."""
     table, settings = loaded.table, loaded.settings
     if cfg.model == "auto":
         cfg.model = "char_cnn" if settings is None else default_model_name(settings.size,
                                                                            table.task.kind)
+        if budget_seconds is not None and cfg.model == NARROW_NET and \
+                settings.size >= MIN_AUGMENT_SIZE:  # what the recipe was measured on
+            _widen_for_budget(cfg, loaded, device, budget_seconds)
     try:
         cfg.loss = resolve_loss(table.task.kind, cfg.loss)
     except ValueError as error:
@@ -334,6 +341,26 @@ def build_training(cfg: FitConfig, loaded: LoadedData, device: torch.device) -> 
     n_train_sampled = sampled_count(loaders["train"], train_rows, loaded)
     return TrainingParts(task, model, pipeline, batch_size, loaders, model_info, n_train_sampled,
                          lr_factor)
+
+
+def _widen_for_budget(cfg: FitConfig, loaded: LoadedData, device: torch.device,
+                      seconds: float) -> None:
+    """The small-image recipe's net for a --budget fit: small_cnn_32 when the budget holds
+    enough epochs of it (the same choice on every rank: rank 0's)."""
+    settings = loaded.settings
+    name, epochs = net_for_budget(cfg.model, seconds, len(loaded.train_rows),
+                                  (settings.channels, settings.size, settings.size),
+                                  len(loaded.table.task.names), device,
+                                  world_size=distributed.world_size(),
+                                  precision=cfg.precision)  # resolved by prepare
+    name, epochs = distributed.from_main((name, epochs))
+    wider_from = models.WIDER_FROM_EPOCHS
+    loaded.notes["net_by_budget"] = {"chosen": name, "estimated_epochs": round(epochs, 2),
+                                     "wider_from_epochs": wider_from}
+    if name != cfg.model and distributed.is_main():
+        print(f"model auto: {name}, as the budget holds about {epochs:.0f} epochs of it "
+              f"({wider_from} or more train the wider net: docs/RECIPES.md)", flush=True)
+    cfg.model = name
 
 
 def sampled_count(train: Loader | None, train_rows: np.ndarray, loaded: LoadedData

@@ -159,7 +159,8 @@ def prepare(device: torch.device, data: str | Path | Table, cfg: FitConfig,
     if budget is not None:
         budget.exclude(loaded.prepared.cache.built_seconds)  # decoding into the cache, once
     cfg.precision = resolve_precision(cfg.precision, device)
-    parts = build_training(cfg, loaded, device)
+    parts = build_training(cfg, loaded, device, None if budget is None else
+                           budget.deadline - time.monotonic())
     check_options_against(cfg, parts)
     if cfg.check:
         require_images(loaded, "--check")
