@@ -310,7 +310,8 @@ def time_to_accuracy(result: dict) -> list[str]:
         f"imagefit: `{result['imagefit_command']}` (all 60,000 training images, the recipe "
         "chosen on a carved validation split: docs/RECIPES.md); accuracy is the run's final "
         "figure on the official test set, with its flip TTA where it ran (a fit planning "
-        "under 10 epochs trains and ends without augmentation: docs/RECIPES.md). fastai "
+        "under 10 epochs trains and ends without augmentation, and a budget that holds 15 "
+        "epochs of small_cnn_32 trains it instead of small_cnn_16: docs/RECIPES.md). fastai "
         f"{fastai['fastai']}: {fastai['recipe']}, one seed, the test set as its validation "
         "set; seconds from its process's start to the end of each epoch's evaluation.",
         "",
@@ -332,14 +333,15 @@ def time_to_accuracy(result: dict) -> list[str]:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in result["imagefit_budgets"]:
-        complete = max(r["used_seconds"] for r in result["imagefit_runs"]
-                       if r["budget"] == row["budget"])
+        runs = [r for r in result["imagefit_runs"] if r["budget"] == row["budget"]]
+        complete = max(r["used_seconds"] for r in runs)
+        nets = sorted({r["model"] for r in runs if r.get("model")})
         lines.append(
             f"| {row['budget']} | {', '.join(f'{a:.4f}' for a in row['accuracies'])} | "
             f"**{row['median_accuracy']:.4f}** | {row['median_test_accuracy_without_tta']:.4f} "
             f"| {row['median_wall_seconds']:.1f} | {row['max_wall_seconds']:.1f} | "
             f"{complete:.1f} | {'yes' if row['all_within_budget'] else 'NO'} | "
-            f"{row['median_epochs']:.1f} |")
+            f"{row['median_epochs']:.1f}{' (' + ', '.join(nets) + ')' if nets else ''} |")
     lines += ["", "| fastai epoch | seconds since start | test accuracy |", "|---|---|---|"]
     lines += [f"| {e['epoch']} | {e['seconds']:.0f} | {e['test_accuracy']:.4f} |"
               for e in fastai["epochs"]]

@@ -47,6 +47,7 @@ def run_imagefit(budget: str, seed: int, runs_dir: Path) -> dict:
     row = {"budget": budget, "budget_seconds": record["budget_seconds"], "seed": seed,
            "wall_seconds": round(wall, 2), "used_seconds": record["used_seconds"],
            "within_budget": wall <= record["budget_seconds"],
+           "model": (metrics.get("net_by_budget") or {}).get("chosen"),
            "test_accuracy": round(metrics["test_accuracy"], 4),
            "test_tta_accuracy": round(metrics.get("test_tta_accuracy", float("nan")), 4),
            "epochs": metrics["epochs"], "steps": record["plan"]["steps"],
