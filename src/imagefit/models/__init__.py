@@ -39,7 +39,7 @@ SMALL_CNN_WIDTHS = {int(name.removeprefix("small_cnn_")): name for name in MODEL
 # small_cnn_16 (``net_for_budget``). On Fashion-MNIST's carved validation split, at --budget
 # 5m, small_cnn_32 (18-21 epochs) beat small_cnn_16 (37-45 epochs) on each of 3 seeds, by
 # 0.30 points on average (bench/recipe_ablation.py); at 13 epochs the two scored the same,
-# and at 1-2 minutes the wider net lost (docs/RECIPES.md).
+# and at --budget 1m (1.9 epochs of it) the wider net lost by a point (docs/RECIPES.md).
 WIDER_FROM_EPOCHS = 15
 NARROW_NET, WIDER_NET = "small_cnn_16", "small_cnn_32"
 TRAINING_SHARE = 0.85  # of a budget, spent in training steps (the rest: validation, the end)
