@@ -73,7 +73,8 @@ def training_images_per_second(name: str, shape: tuple[int, int, int], n_out: in
                                warmup: int = 2, timed: int = 5, precision: str = "fp32") -> float:
     """Images a second that ``name`` trains on (random batches, channels-last, SGD with
     momentum, autocast to ``precision`` as the fit's steps are), after ``warmup`` untimed
-    steps. Draws from torch's global random state: seed it afterwards."""
+    steps. Draws from torch's global random state: seed it afterwards. (Not
+    torch.utils.benchmark.Timer: importing it logs a CUDA warning on machines without one.)"""
     model = MODELS[name](shape[0], n_out).to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
     images = torch.randn(batch_size, *shape, device=device).contiguous(

@@ -346,14 +346,14 @@ def build_training(cfg: FitConfig, loaded: LoadedData, device: torch.device,
 def _widen_for_budget(cfg: FitConfig, loaded: LoadedData, device: torch.device,
                       seconds: float) -> None:
     """The small-image recipe's net for a --budget fit: small_cnn_32 when the budget holds
-    enough epochs of it (the same choice on every rank: rank 0's)."""
+    enough epochs of it (timed and chosen by rank 0, for every rank)."""
     settings = loaded.settings
-    name, epochs = net_for_budget(cfg.model, seconds, len(loaded.train_rows),
-                                  (settings.channels, settings.size, settings.size),
-                                  len(loaded.table.task.names), device,
-                                  world_size=distributed.world_size(),
-                                  precision=cfg.precision)  # resolved by prepare
-    name, epochs = distributed.from_main((name, epochs))
+    chosen = net_for_budget(cfg.model, seconds, len(loaded.train_rows),
+                            (settings.channels, settings.size, settings.size),
+                            len(loaded.table.task.names), device,
+                            world_size=distributed.world_size(),
+                            precision=cfg.precision) if distributed.is_main() else None
+    name, epochs = distributed.from_main(chosen)  # cfg.precision: resolved by prepare
     wider_from = models.WIDER_FROM_EPOCHS
     loaded.notes["net_by_budget"] = {"chosen": name, "estimated_epochs": round(epochs, 2),
                                      "wider_from_epochs": wider_from}
