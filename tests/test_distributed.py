@@ -406,3 +406,20 @@ def test_check_with_sharded_data_is_refused_in_one_line(tmp_path, monkeypatch):
         api.fit(str(data), check=True, epochs=1, runs_dir=str(tmp_path / "runs"),
                 progress=False)
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_a_budget_fit_in_two_processes_plans_once_for_both_and_ends(tmp_path):
+    """Each rank times its own steps, so each planned its own length and stopped at its own
+    deadline: one rank left the training loop while the other waited in an all-reduce, and
+    the fit hung. Rank 0's plan and a shared stop keep them in step."""
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "imagefit", "fit", "builtin:digits", "--budget", "20s",
+         "--devices", "2", "--runs-dir", str(tmp_path), "--no-progress", "--no-report"],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    metrics = json.loads((next(tmp_path.iterdir()) / "metrics.json").read_text())
+    assert metrics["status"] == "done"
+    assert metrics["budget"]["used_seconds"] <= 20
+    assert time.monotonic() - started < 60

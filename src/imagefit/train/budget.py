@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from .. import distributed
 from ..errors import ImagefitError
 from ..forward import run_model
 from .callbacks.base import Callback
@@ -267,8 +268,12 @@ class BudgetPlanner(Callback):
             self._plan(learner, validated=learner.epoch)
             self._last = self.clock()  # the forward passes are not a step
             self._forward_seconds = self._last - now
-        if learner.step < learner.n_steps and \
-                now >= self.deadline - self._end_seconds() - self._epoch_valid_seconds():
+        late = learner.step < learner.n_steps and \
+            now >= self.deadline - self._end_seconds() - self._epoch_valid_seconds()
+        if distributed.world_size() > 1:  # every rank stops at the same step, or none does
+            late = bool(distributed.sum_over_ranks(
+                torch.tensor(float(late), device=learner.device)).item())
+        if late:
             self.stopped_at_deadline = True
             learner.stop_now = learner.stop = True
 
@@ -316,6 +321,7 @@ class BudgetPlanner(Callback):
             epoch_valid_seconds=self._epoch_valid_seconds(), final_seconds=self._end_seconds(),
             epochs_validated=validated, eval_images_per_second=self._eval_rate,
             budget_text=self.budget_text)
+        plan = distributed.from_main(plan)  # each rank timed its own steps: rank 0's plan
         self.plans.append(plan)
         learner.set_total_steps(plan.steps)
         if self.announce and len(self.plans) == 1:
