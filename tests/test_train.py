@@ -463,6 +463,23 @@ def test_precision_auto_is_bf16_only_on_cpus_with_amx(cpuinfo, expected, monkeyp
     assert devices.resolve_precision("fp32", torch.device("cpu")) == "fp32"
 
 
+@pytest.mark.parametrize("cpuinfo", ["flags: avx2", "flags: avx512f amx_bf16 amx_tile"])
+def test_a_loaded_model_runs_in_the_precision_it_was_trained_in_on_any_cpu(cpuinfo,
+                                                                            monkeypatch):
+    """Without AMX, evaluate once ran a bf16 model in fp32, and its loss was 1.6e-4 off the
+    fit's: the figures agree only where the arithmetic is the same."""
+    import imagefit.devices as devices
+
+    monkeypatch.setattr(devices.Path, "read_text", lambda self, *a, **k: cpuinfo)
+    cpu = torch.device("cpu")
+    for trained in ("bf16", "fp32"):
+        assert devices.inference_precision("auto", trained, cpu) == trained
+    assert devices.inference_precision("fp32", "bf16", cpu) == "fp32"
+    # a CUDA fp16 model on a CPU, which has no fp16 arithmetic: what auto means there
+    expected = "bf16" if "amx" in cpuinfo else "fp32"
+    assert devices.inference_precision("auto", "fp16", cpu) == expected
+
+
 def test_head_on_precomputed_features_gets_the_full_forward_gradients():
     from imagefit.train.precompute import body_features
 

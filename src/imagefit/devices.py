@@ -56,12 +56,13 @@ def cpu_has_amx() -> bool:
 
 def inference_precision(requested: str, trained: str | None, device: torch.device) -> str:
     """The precision predict, evaluate and explain run a model in: the one asked for, or with
-    'auto' the one it was trained and measured in (model.json) when this device runs it
-    fast, else what 'auto' means here."""
+    'auto' the one it was trained and measured in (model.json) wherever this device has that
+    arithmetic, so that its figures are the fit's to the last digit (bf16 on a CPU without AMX
+    runs emulated and slower; ``--precision fp32`` trades that agreement for speed), else what
+    'auto' means here."""
     if requested != "auto":
         return resolve_precision(requested, device)
-    if trained in ("fp32", "bf16", "fp16") and (
-            device.type == "cuda" or trained == "fp32" or (trained == "bf16" and cpu_has_amx())):
+    if trained in ("fp32", "bf16") or (trained == "fp16" and device.type == "cuda"):
         return trained
     return resolve_precision("auto", device)
 

@@ -61,7 +61,7 @@ class LoadedModel:
 
 def load_model(run: str | Path, device: str = "auto", precision: str = "auto") -> LoadedModel:
     """The model of a run directory, from safetensors + JSON (no code is unpickled), to run
-    in ``precision`` (auto: as it was trained, where this device runs that fast)."""
+    in ``precision`` (auto: as it was trained, so its figures are the fit's)."""
     info = runs.read_model_info(run)
     task = Task.from_dict(info["task"])
     if info.get("input") == "text":
