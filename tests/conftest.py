@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -51,13 +53,103 @@ def pytest_runtest_makereport(item, call):
                            f"tests need: {reason}")
 
 
+ENVIRON_BEFORE = pytest.StashKey[dict]()
+# Not a test's doing: set for the whole process by libraries when first imported (the KMP
+# ones by scikit-learn, joblib and threadpoolctl; mlflow; torch's inductor, through timm), and
+# by pytest for each phase of a test.
+PROCESS_WIDE = {"KMP_DUPLICATE_LIB_OK", "KMP_INIT_AT_FORK", "_MLFLOW_TELEMETRY_SESSION_ID",
+                "TORCHINDUCTOR_CACHE_DIR", "PYTEST_CURRENT_TEST"}
+USER_CACHE = Path.home() / ".cache" / "imagefit"  # imagefit's default when no variable is set
+USER_CACHE_BEFORE = pytest.StashKey[dict]()
+USER_CACHE_WRITTEN = pytest.StashKey[list]()
+
+
+def environ() -> dict[str, str]:
+    return {name: value for name, value in os.environ.items() if name not in PROCESS_WIDE}
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    item.stash[ENVIRON_BEFORE] = environ()
+    return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    """A test, or a fixture it set up, must leave os.environ as it found it once its teardown
+    is done (monkeypatch's changes are undone by then): set variables with monkeypatch, or
+    pytest.MonkeyPatch.context() in a wider-scoped fixture. The environment is put back, so
+    the tests after it are not changed too."""
+    result = yield
+    before, after = item.stash.get(ENVIRON_BEFORE, None), environ()
+    if before is not None and after != before:
+        changed = sorted(name for name in before.keys() | after.keys()
+                         if before.get(name) != after.get(name))
+        for name in changed:
+            if name in before:
+                os.environ[name] = before[name]
+            else:
+                del os.environ[name]
+        raise AssertionError(f"{item.nodeid} left os.environ changed ({', '.join(changed)}): "
+                             "set variables with monkeypatch (pytest.MonkeyPatch.context() "
+                             "in a module-scoped fixture)")
+    return result
+
+
+def cache_state(folder: Path) -> dict[str, int]:
+    """Each path under ``folder`` (itself included) with its modification time."""
+    if not folder.exists():
+        return {}
+    return {str(path): path.stat().st_mtime_ns for path in [folder, *folder.rglob("*")]
+            if path.exists()}
+
+
+def pytest_sessionstart(session):
+    session.stash[USER_CACHE_BEFORE] = cache_state(USER_CACHE)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session, exitstatus):
+    """Nothing in the session may write to the user's own cache (~/.cache/imagefit): a
+    module-scoped fixture, set up before ``isolated_cache``, isolates itself (``isolated``).
+    Another imagefit process using that cache meanwhile would show here too."""
+    before, after = session.stash.get(USER_CACHE_BEFORE, {}), cache_state(USER_CACHE)
+    changed = sorted(path for path in before.keys() | after.keys()
+                     if before.get(path) != after.get(path))
+    if changed:
+        session.config.stash[USER_CACHE_WRITTEN] = changed
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    changed = config.stash.get(USER_CACHE_WRITTEN, None)
+    if changed:
+        terminalreporter.section("the user's cache was written", red=True)
+        terminalreporter.line(f"the tests wrote to {USER_CACHE}: {', '.join(changed[:5])}"
+                              f"{' ...' if len(changed) > 5 else ''}")
+
+
+def isolate(patch: pytest.MonkeyPatch, root: Path) -> None:
+    """The image cache and data home under ``root``, downloads off."""
+    patch.setenv("IMAGEFIT_CACHE", str(root / "images"))
+    patch.setenv("IMAGEFIT_HOME", str(root / "home"))
+    patch.setenv("IMAGEFIT_OFFLINE", "1")
+
+
+@contextmanager
+def isolated(root: Path) -> Iterator[None]:
+    """``isolated_cache`` for a module-scoped fixture, which is set up before it: the cache
+    and data home under ``root`` while the fixture builds what it shares."""
+    with pytest.MonkeyPatch.context() as patch:
+        isolate(patch, root)
+        yield
+
+
 @pytest.fixture(autouse=True)
 def isolated_cache(tmp_path_factory, monkeypatch):
     """Every test gets its own image cache and data home; nothing touches ~/.cache."""
     root = tmp_path_factory.mktemp("cache")
-    monkeypatch.setenv("IMAGEFIT_CACHE", str(root / "images"))
-    monkeypatch.setenv("IMAGEFIT_HOME", str(root / "home"))
-    monkeypatch.setenv("IMAGEFIT_OFFLINE", "1")
+    isolate(monkeypatch, root)
     return root
 
 

@@ -4,6 +4,7 @@ torchinfo counts them, a run's own model summarized at its own size."""
 from __future__ import annotations
 
 import builtins
+import re
 import subprocess
 import sys
 
@@ -45,15 +46,30 @@ def test_summary_is_torchinfos_table(name, size, channels):
     assert str(list(direct.summary_list[1].output_size)) in table  # first layer's shape
 
 
+def first_convolution(table: str) -> tuple[str, int]:
+    """The output shape and multiply-adds of the table's first Conv2d row."""
+    row = next(line for line in table.splitlines() if "Conv2d" in line)
+    shape, _, macs = re.search(r"(\[[\d, ]+\])\s+([\d,]+)\s+([\d,]+)\s*$", row).groups()
+    return shape, int(macs.replace(",", ""))
+
+
 def test_a_run_is_summarized_at_its_own_size_and_channels(tmp_path):
     result = imagefit.fit("builtin:digits", epochs=1, progress=False, report=False,
                           runs_dir=str(tmp_path))
     table = api.summary(result.run_dir)
     assert "[1, 10]" in table  # ten classes out
-    assert "[1, 1, 8, 8]" not in table or "Input size" in table
-    direct = torchinfo.summary(result.model.eval().cpu(), input_size=(1, 1, 8, 8),
-                               verbose=0, device="cpu")
-    assert f"Total params: {direct.total_params:,}" in table
+
+    def direct(size: int) -> str:
+        return str(torchinfo.summary(result.model.eval().cpu(), input_size=(1, 1, size, size),
+                                     depth=3, col_names=("output_size", "num_params",
+                                                         "mult_adds"), verbose=0, device="cpu"))
+
+    assert table == direct(8)  # at the run's 8 px and 1 channel
+    # its first convolution, 1 -> 16 channels, 3x3, "same" padding: 16 * 9 * 8 * 8 MACs
+    assert first_convolution(table) == ("[1, 16, 8, 8]", 16 * 9 * 8 * 8)
+    larger = api.summary(result.run_dir, image_size=16)
+    assert larger == direct(16) != table
+    assert first_convolution(larger) == ("[1, 16, 16, 16]", 16 * 9 * 16 * 16)
 
 
 def test_bad_names_and_missing_torchinfo_are_one_line(tmp_path, monkeypatch):
