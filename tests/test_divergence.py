@@ -97,3 +97,69 @@ def test_fp16_overflow_is_named_as_the_cause():
     assert "at step 3 of epoch 1" in message
     assert "fp16 arithmetic overflowed (its largest number is 65504): train with --precision " \
         "bf16 or fp32" in message
+
+
+class Bf16Fault(Callback):
+    """Stands in for a faulty bf16 kernel (torch 2.14's oneDNN on CPUs with AMX): at step
+    ``at``, NaN in the model's output or in one weight's gradient, under bf16 autocast only,
+    so that the step computed again in fp32 is finite."""
+
+    def __init__(self, at: int, where: str) -> None:
+        self.at, self.where, self.faults, self.handles, self.losses = at, where, 0, [], []
+
+    def before_fit(self, learner):
+        model = learner.model
+        self.handles = [model.register_forward_hook(self.poison_output)]
+        first = next(p for p in model.parameters() if p.requires_grad)
+        self.handles.append(first.register_hook(self.poison_gradient))
+        self.learner, self.steps = learner, len(learner.train_loader)
+
+    def after_batch(self, learner):
+        self.losses.append(float(learner.loss.detach()))
+
+    def after_fit(self, learner):
+        for handle in self.handles:
+            handle.remove()
+
+    def fault_now(self, where: str) -> bool:
+        bf16 = torch.is_autocast_enabled("cpu") and \
+            torch.get_autocast_dtype("cpu") == torch.bfloat16
+        if where == "gradient":  # the backward of a bf16 forward runs outside autocast
+            bf16 = self.learner.outputs is not None and self.learner.outputs.dtype == \
+                torch.bfloat16
+        return where == self.where and bf16 and self.learner.step == self.at
+
+    def poison_output(self, module, inputs, output):
+        if self.fault_now("output"):
+            self.faults += 1
+            return output * float("nan")
+        return None
+
+    def poison_gradient(self, grad):
+        if self.fault_now("gradient"):
+            self.faults += 1
+            return grad * float("nan")
+        return None
+
+
+@pytest.mark.parametrize("where", ["output", "gradient"])
+def test_a_bf16_fault_that_fp32_does_not_repeat_is_computed_again_and_counted(tmp_path, where):
+    fault = Bf16Fault(at=5, where=where)
+    with pytest.warns(ImagefitWarning, match=r"bf16 arithmetic gave a non-finite loss or "
+                      r"gradient at step 6: the step was computed in fp32"):
+        result = imagefit.fit("builtin:digits", epochs=1, precision="bf16", progress=False,
+                              runs_dir=str(tmp_path), report=False, callbacks=[fault])
+    assert fault.faults == 1
+    metrics = json.loads((result.run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "done" and metrics["bf16_steps_redone_in_fp32"] == 1
+    assert len(fault.losses) == fault.steps  # every step, finite
+    assert all(math.isfinite(loss) for loss in fault.losses)
+    assert metrics["valid_accuracy"] > 0.8  # it trained on: a NaN step would have stopped it
+    weights = load_file(result.run_dir / "model.safetensors")
+    assert all(torch.isfinite(t).all() for t in weights.values() if t.is_floating_point())
+
+
+def test_a_nan_that_fp32_repeats_is_a_divergence_in_bf16_too(tmp_path):
+    with pytest.raises(TrainingDiverged, match="training loss became NaN or infinite at step"):
+        imagefit.fit("builtin:digits", epochs=3, precision="bf16", runs_dir=str(tmp_path),
+                     progress=False, callbacks=[BlowUpInSecondEpoch()])

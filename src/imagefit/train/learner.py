@@ -115,6 +115,7 @@ class Learner:
         # set by --bs auto, out-of-memory halving and controllers such as reduce-on-plateau
         self.lr_factor = lr_factor
         self._first_bad_step = torch.full((), -1, device=self.device)
+        self.fp32_redone = 0  # bf16 steps computed again in fp32 (``_redo_in_fp32``)
 
     def emit(self, event: str) -> None:
         assert event in EVENTS, event
@@ -251,6 +252,7 @@ class Learner:
             "batch_size": self.train_loader.batch_size,
             "train_seconds": self.train_seconds,
             "train_images": self.train_images,
+            "fp32_redone": self.fp32_redone,
         }
 
     def load_checkpoint_state(self, state: dict) -> None:
@@ -265,6 +267,7 @@ class Learner:
         self.train_loader.batch_size = state.get("batch_size", self.train_loader.batch_size)
         self.train_seconds = state["train_seconds"]
         self.train_images = state["train_images"]
+        self.fp32_redone = state.get("fp32_redone", 0)
         self.resume_state = state
 
     def fit_one_cycle(self, epochs: int, lr_max: float, pct_start: float = 0.25,
@@ -321,12 +324,18 @@ class Learner:
             self.x = self.x.contiguous(memory_format=self.memory_format)
             self.emit("before_batch")
             with self._gradients_kept_local():
-                with self._autocast():
-                    self.outputs = self.forward_model(self.x)
-                    self.loss = self.task.loss(self.outputs.float(), self.y, weighted=True)
+                self._forward(self.precision)
+                redone = self._arithmetic_fault(self.loss.detach())
+                if redone:
+                    self._redo_in_fp32()
                 self.emit("after_loss")
                 self._watch_loss()
-                self._backward_and_step()
+                self._backward()
+                if not redone and self._arithmetic_fault(self._gradient_norm()):
+                    self._redo_in_fp32()
+                    self._watch_loss()
+                    self._backward()
+                self._step_if_due()
             self.step_log[-1]["loss"] = self.loss.detach()
             return True
         except RuntimeError as error:
@@ -431,13 +440,47 @@ class Learner:
         with torch.random.fork_rng(devices=devices):
             return find_lr(self, start_lr, end_lr, steps, progress=progress)
 
-    def _autocast(self):
-        return autocast(self.precision, self.device)
+    def _forward(self, precision: str) -> None:
+        with autocast(precision, self.device):
+            self.outputs = self.forward_model(self.x)
+            self.loss = self.task.loss(self.outputs.float(), self.y, weighted=True)
 
-    def _backward_and_step(self) -> None:
-        """Backward pass; every ``accumulate`` batches: unscale, clip, step, zero, EMA."""
+    def _arithmetic_fault(self, value: torch.Tensor | None) -> bool:
+        """Whether a non-finite loss or gradient norm may be bf16's fault on this CPU rather
+        than the fit's. torch 2.14's oneDNN (3.12) reads past the valid K columns of a matrix
+        in its AMX bf16 kernels when K is not a multiple of the tile (oneDNN issue 5717, fixed
+        after 3.14): stray NaN bytes then reach an output, now and then, on CPUs with AMX
+        only. One process: under data parallelism a step redone on one rank would leave the
+        others waiting, and a NaN there stops the fit as a divergence."""
+        return (value is not None and self.precision == "bf16" and self.device.type == "cpu"
+                and distributed.world_size() == 1 and not bool(torch.isfinite(value)))
+
+    def _gradient_norm(self) -> torch.Tensor | None:
+        if self.precision != "bf16" or self.device.type != "cpu":
+            return None
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        return torch.nn.utils.get_total_norm(grads) if grads else None
+
+    def _redo_in_fp32(self) -> None:
+        """The batch computed again without autocast: a loss or gradient that is finite in
+        fp32 was an arithmetic fault, and training goes on; one that is not is a divergence
+        (``_watch_loss``). Under ``--accumulate`` the group's gradients so far are dropped
+        with the faulty ones."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self._forward("fp32")
+        self.fp32_redone += 1
+        if self.fp32_redone == 1:
+            warnings.warn(f"bf16 arithmetic gave a non-finite loss or gradient at step "
+                          f"{self.step + 1}: the step was computed in fp32 (a fault of the CPU "
+                          f"kernels, see docs/DESIGN.md; metrics.json counts such steps)",
+                          ImagefitWarning, stacklevel=2)
+
+    def _backward(self) -> None:
         loss = self.loss / self.accumulate
         self.scaler.scale(loss).backward() if self.scaler else loss.backward()
+
+    def _step_if_due(self) -> None:
+        """Every ``accumulate`` batches: unscale, clip, step, zero, EMA."""
         if not self._steps_optimizer():
             return
         if self.scaler:

@@ -153,6 +153,8 @@ def write_final_metrics(run_dir: Path, learner: Learner | None, summary: dict,
         "train_seconds": round(train_seconds, 3),
         "images_per_second": round(train_images / max(train_seconds, 1e-9), 1),
     }
+    if learner is not None and learner.precision == "bf16":
+        metrics["bf16_steps_redone_in_fp32"] = learner.fp32_redone
     if distributed.is_main():
         runs.save_json(run_dir / "metrics.json", metrics)
     return metrics
