@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: install system data demo test lint bench-docs clean
+.PHONY: install system data demo test test-fast lint bench-docs mutation clean
 
 # torch and torchvision first, at the exact versions this machine holds as wheels, so that
 # nothing that follows pulls another torch build.
@@ -55,11 +55,19 @@ demo: install data
 test: install system
 	$(BIN)/python -m pytest -q
 
+# The edit-test loop: the tests not marked slow (under 3 minutes on 2 cores); `make test`
+# and CI run them all.
+test-fast: install system
+	$(BIN)/python -m pytest -q -m "not slow"
+
 lint: install
 	$(BIN)/ruff check src tests bench
 
 bench-docs: install
 	$(BIN)/python bench/tables.py
+
+mutation: install
+	$(BIN)/python bench/mutation_check.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
