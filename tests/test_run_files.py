@@ -5,7 +5,6 @@ run directory exists says so there; Ctrl-C before the first epoch leaves nothing
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -17,6 +16,7 @@ import torch
 import yaml
 
 import imagefit
+from conftest import isolated
 from imagefit.cli import main
 from imagefit.errors import FitInterrupted, ImagefitError
 from imagefit.report.history import list_runs
@@ -27,9 +27,9 @@ from imagefit.train.callbacks import Callback
 def trained(tmp_path_factory) -> Path:
     """A finished 2-epoch digits run, copied afresh by ``run_copy`` for each test."""
     root = tmp_path_factory.mktemp("trained")
-    os.environ.setdefault("IMAGEFIT_OFFLINE", "1")
-    result = imagefit.fit("builtin:digits", epochs=2, runs_dir=str(root), progress=False,
-                          report=False, cache_dir=str(root / "cache"))
+    with isolated(root / "cache"):
+        result = imagefit.fit("builtin:digits", epochs=2, runs_dir=str(root / "runs"),
+                              progress=False, report=False)
     return result.run_dir
 
 
