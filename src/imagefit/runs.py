@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import fcntl
+import hashlib
 import json
 import os
 import pickle
@@ -21,18 +22,20 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from safetensors import SafetensorError
 from safetensors.torch import load_model as load_safetensors_model
 from safetensors.torch import save_model as save_safetensors_model
 from torch import nn
 
-from .config import Activation, HeadKind
+from .config import Activation, FitConfig, HeadKind, SourceOptions
 from .errors import ImagefitError
 
 MODEL_WEIGHTS = "model.safetensors"
 MODEL_INFO = "model.json"
 MODEL_SUMMARY = "model_summary.txt"  # torchinfo's table of the model, for report.html
+WEIGHTS_CHECKSUM = "weights_sha256"  # model.json's record of model.safetensors's bytes
+RESTORE = "restore it from a copy of the run, or train the model again"
 
 
 def new_run_dir(root: str | Path, name: str) -> Path:
@@ -80,13 +83,13 @@ def write_atomic(path: Path, data: str | bytes) -> None:
         raise
 
 
-def output_file(path: str | Path, option: str) -> Path:
+def output_file(path: str | Path, option: str, example: str = "out.csv") -> Path:
     """``path`` checked before any work as a file a command may write (its folder is made):
-    not a folder, not inside a file."""
+    not a folder (``example`` names a file of the kind it writes), not inside a file."""
     path = Path(path)
     if path.is_dir():
         raise ImagefitError(f"{option} {path} is a folder: give a file name, e.g. "
-                            f"{path / ('out' + (path.suffix or '.csv'))}")
+                            f"{path / example}")
     _make_folder(path.parent, option, path)
     return path
 
@@ -104,6 +107,21 @@ def output_folder(path: str | Path, option: str, create: bool = True) -> Path:
     if create:
         _make_folder(path, option, path)
     return path
+
+
+@contextmanager
+def new_output_folder(path: str | Path, option: str) -> Iterator[Path]:
+    """``output_folder`` for the block, removed again with the parents it made when the
+    block fails, so that a failed command leaves no folder behind."""
+    path = Path(path)
+    made = next((p for p in reversed([path, *path.parents]) if not p.exists()), None)
+    folder = output_folder(path, option)
+    try:
+        yield folder
+    except BaseException:
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
+        raise
 
 
 def _make_folder(folder: Path, option: str, given: Path) -> None:
@@ -146,13 +164,20 @@ def append_metrics_row(run_dir: Path, row: dict) -> None:
 
 
 def save_model(run_dir: Path, model: nn.Module, info: dict) -> None:
-    """Weights to model.safetensors and the description to model.json, each atomically."""
+    """Weights to model.safetensors and the description to model.json, each atomically;
+    model.json records the weights' sha256, so that edited or damaged weights are named."""
     run_dir = Path(run_dir)
     handle, temporary = tempfile.mkstemp(dir=run_dir, prefix=".model.", suffix=".safetensors")
     os.close(handle)
     save_safetensors_model(_unwrapped(model), temporary)
+    checksum = file_sha256(Path(temporary))
     os.replace(temporary, run_dir / MODEL_WEIGHTS)
-    save_json(run_dir / MODEL_INFO, info)
+    save_json(run_dir / MODEL_INFO, {**info, WEIGHTS_CHECKSUM: checksum})
+
+
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
 
 
 def _unwrapped(model: nn.Module) -> nn.Module:
@@ -188,6 +213,7 @@ class ModelRecord(BaseModel):
     channels: Literal[1, 3]
     resize: Literal["crop", "squish", "pad"]
     normalization: _Normalization
+    weights_sha256: str | None = Field(None, pattern="^[0-9a-f]{64}$")
 
 
 class _TextRecord(BaseModel):
@@ -205,6 +231,93 @@ class TextModelRecord(BaseModel):
     architecture: str = Field(min_length=1)
     task: _TaskRecord
     text: _TextRecord
+    weights_sha256: str | None = Field(None, pattern="^[0-9a-f]{64}$")
+
+
+class MetricsRecord(BaseModel):
+    """What readers of metrics.json rely on (other keys are kept as they are)."""
+
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+
+    status: str | None = None
+    error: str | None = None
+    epochs: int | None = Field(None, ge=0)
+    seconds: float | None = Field(None, ge=0)
+    interrupted: bool | None = None
+
+
+RunConfigRecord = create_model(  # config.yaml: the options readers use, typed as FitConfig's
+    "RunConfigRecord", __config__=ConfigDict(extra="allow"), data=(str | None, None),
+    **{name: (FitConfig.model_fields[name].annotation, FitConfig.model_fields[name])
+       for name in (*SourceOptions.model_fields, "valid_pct", "stratify", "seed",
+                    "augment_options")})
+
+
+def read_record(path: str | Path, schema: type[BaseModel] | None = None,
+                advice: str = RESTORE, missing_ok: bool = False) -> dict | None:
+    """The mapping a run or export file holds, checked against ``schema``: one
+    ``ImagefitError`` naming the file, what is wrong and ``advice`` when it cannot be read,
+    parsed or checked. A missing file is None with ``missing_ok``."""
+    path = Path(path)
+    if missing_ok and not path.exists():
+        return None
+    data = parse_record(path, advice)
+    if not isinstance(data, dict):
+        what = "it is empty" if data is None else \
+            f"it holds a {_type_name(data)}, not a mapping of keys to values"
+        raise ImagefitError(f"{path} is damaged ({what}): {advice}")
+    if schema is not None:
+        try:
+            schema.model_validate(data)
+        except ValidationError as error:
+            raise ImagefitError(f"{path} is damaged ({_problem(error)}): {advice}") from None
+    return data
+
+
+def parse_record(path: Path, advice: str = RESTORE) -> Any:
+    """What a run or export file holds (YAML or JSON by its suffix; None when empty), or one
+    ``ImagefitError`` when it cannot be read or parsed."""
+    kind = "YAML" if path.suffix in (".yaml", ".yml") else "JSON"
+    try:
+        text = path.read_text()
+        parse = yaml.safe_load if kind == "YAML" else json.loads
+        return parse(text) if text.strip() else None
+    except FileNotFoundError:
+        raise ImagefitError(f"{path} not found: {advice}") from None
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as error:
+        raise ImagefitError(f"{path} is damaged (not readable {kind}){_parse_error(error)}: "
+                            f"{advice}") from None
+
+
+def _problem(error: ValidationError) -> str:
+    """pydantic's first complaint as 'where: what'."""
+    problem = error.errors()[0]
+    where = ".".join(str(p) for p in problem["loc"]) or "the file"
+    return f"{where}: {problem['msg'].lower()}"
+
+
+def _parse_error(error: BaseException) -> str:
+    """Where and why a file did not parse, as ' at line N (why)'."""
+    if isinstance(error, yaml.MarkedYAMLError) and error.problem_mark is not None:
+        return f" at line {error.problem_mark.line + 1} ({error.problem})"
+    if isinstance(error, json.JSONDecodeError):
+        return f" at line {error.lineno} ({error.msg})"
+    return f" ({_first_line(error)})"
+
+
+def _type_name(value: Any) -> str:
+    return {str: "string", list: "list", int: "number", float: "number",
+            bool: "true/false value"}.get(type(value), type(value).__name__)
+
+
+def read_config(run_dir: str | Path, advice: str = RESTORE) -> dict | None:
+    """A run's config.yaml, checked; None when the run has none."""
+    return read_record(Path(run_dir) / "config.yaml", RunConfigRecord, advice, missing_ok=True)
+
+
+def read_metrics(run_dir: str | Path) -> dict | None:
+    """A run's metrics.json, checked; None when it has none (it has not ended)."""
+    return read_record(Path(run_dir) / "metrics.json", MetricsRecord, missing_ok=True)
 
 
 def read_model_info(run_dir: str | Path) -> dict:
@@ -219,47 +332,65 @@ def read_model_info(run_dir: str | Path) -> dict:
             "directory made by imagefit fit"
         )
     path = run_dir / MODEL_INFO
-    try:
-        info = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as error:
-        reason = "it is empty" if not path.stat().st_size else f"not JSON: {_first_line(error)}"
-        raise ImagefitError(f"{path} is damaged ({reason}): restore it from a copy of the run, "
-                            "or train the model again") from None
-    text = isinstance(info, dict) and info.get("input") == "text"
+    return check_model_info(read_record(path), path)
+
+
+def check_model_info(info: dict, path: Path, advice: str = RESTORE) -> dict:
+    """``info`` (model.json's content, or an export's copy of it from ``path``) checked to
+    describe a model that can be rebuilt."""
+    text = info.get("input") == "text"
     try:
         record = (TextModelRecord if text else ModelRecord).model_validate(info)
     except ValidationError as error:
-        problem = error.errors()[0]
-        where = ".".join(str(p) for p in problem["loc"]) or "the file"
-        raise ImagefitError(f"{path} does not describe a model ({where}: "
-                            f"{problem['msg'].lower()}): restore it from a copy of the run, "
-                            "or train the model again") from None
+        raise ImagefitError(f"{path} does not describe a model ({_problem(error)}): "
+                            f"{advice}") from None
     if text:
         return info
     channels = record.channels
     norm = record.normalization
     if len(norm.mean) != channels or len(norm.std) != channels:
         raise ImagefitError(f"{path} does not describe a model (normalization has "
-                            f"{len(norm.mean)} mean(s) for {channels} channel(s)): restore it "
-                            "from a copy of the run, or train the model again")
+                            f"{len(norm.mean)} mean(s) for {channels} channel(s)): {advice}")
     return info
 
 
+def verify_checksum(path: Path, recorded: str | None, record: str, advice: str) -> None:
+    """``path``'s bytes against the sha256 ``record`` holds (files written before imagefit
+    recorded one are not checked)."""
+    if recorded is None:
+        return
+    try:
+        found = file_sha256(path)
+    except OSError as error:
+        raise ImagefitError(f"{path} cannot be read ({error.strerror}): {advice}") from None
+    if found != recorded:
+        raise ImagefitError(f"{path} does not match the checksum in {record}: the file was "
+                            f"changed or damaged; {advice}")
+
+
 def load_weights(model: nn.Module, run_dir: str | Path) -> nn.Module:
-    """Fill ``model`` with the run's safetensors weights (no pickle involved); a damaged
-    file, weights of another model and non-finite weights are each one clear error."""
+    """Fill ``model`` with the run's safetensors weights (no pickle involved); a damaged file,
+    weights that do not match model.json's checksum (edited since they were saved), weights
+    of another model and non-finite weights are each one clear error."""
     import torch
 
     path = Path(run_dir) / MODEL_WEIGHTS
+    mismatch = None
     try:
         load_safetensors_model(model, path, strict=True)
     except (SafetensorError, OSError) as error:
-        raise ImagefitError(f"{path} is damaged ({_first_line(error)}): restore it from a "
-                            "copy of the run, or train the model again") from None
+        raise ImagefitError(f"{path} is damaged ({_first_line(error)}): {RESTORE}") from None
     except RuntimeError as error:
+        mismatch = error
+    try:
+        recorded = read_record(Path(run_dir) / MODEL_INFO).get(WEIGHTS_CHECKSUM)
+    except ImagefitError:
+        recorded = None  # read_model_info names a damaged model.json
+    verify_checksum(path, recorded, MODEL_INFO, "train again or restore it")
+    if mismatch is not None:
         raise ImagefitError(f"{path} does not hold the weights model.json describes "
-                            f"({_first_line(error)}): the two files come from different "
-                            "fits; restore them together from one run") from None
+                            f"({_first_line(mismatch)}): the two files come from different "
+                            "fits; restore them together from one run")
     if not all(torch.isfinite(t).all() for t in model.state_dict().values()
                if t.is_floating_point()):
         raise ImagefitError(f"{path} holds NaN or infinite weights: its fit diverged; train "

@@ -2,9 +2,9 @@
 x S at the model's size, or a text model's character indices) and gives what ``predict``
 reports (class probabilities, label probabilities, or values in the targets' units), with the
 normalization inside; how to bring an image to that size (the resize policy) and the rest of
-model.json go in the graph's metadata and in a JSON file beside it. Each export is checked
-against PyTorch on real images: a probability (or value) that differs by more than
-``PARITY_LIMIT`` is an error."""
+model.json go in the graph's metadata and in a JSON file beside it, which also holds the file's
+sha256 (checked when it is loaded). Each export is checked against PyTorch on real images: a
+probability (or value) that differs by more than ``PARITY_LIMIT`` is an error."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from .. import runs
 from ..errors import ImagefitError
 from ..version import __version__
 from .inference import LoadedModel
-from .onnx_model import require_onnx
+from .onnx_model import ONNX_CHECKSUM, require_onnx
 
 PARITY_LIMIT = 1e-4
 DEFAULT_OPSET = 18
@@ -104,6 +104,7 @@ def export_onnx(loaded: LoadedModel | list[LoadedModel], out: Path, samples: tor
     entry = graph.metadata_props.add()
     entry.key, entry.value = "imagefit", json.dumps(description)
     onnx.save(graph, str(out))
+    description[ONNX_CHECKSUM] = runs.file_sha256(Path(out))  # the graph cannot hold its own
     runs.save_json(Path(f"{out}.json"), description)
     if description["parity"]["max_abs_diff"] > PARITY_LIMIT:
         raise ImagefitError(

@@ -11,7 +11,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-import yaml
 from torch import nn
 
 from .. import runs
@@ -114,10 +113,10 @@ def encode_texts(loaded: LoadedModel, texts: list[str]) -> torch.Tensor:
 def _warn_if_failed(run: Path) -> None:
     """A model kept from a run that ended in failure is its last finished epoch: say so."""
     try:
-        metrics = runs.load_json(run / "metrics.json")
-    except (OSError, ValueError):
-        return
-    if isinstance(metrics, dict) and metrics.get("status") == "failed":
+        metrics = runs.read_metrics(run) or {}
+    except ImagefitError:
+        return  # only a warning hangs on it: a damaged metrics.json does not stop the model
+    if metrics.get("status") == "failed":
         warnings.warn(f"{run} failed ({str(metrics.get('error', ''))[:160]}); its model is "
                       f"from epoch {metrics.get('epochs', '?')}, the last that finished",
                       ImagefitWarning, stacklevel=3)
@@ -313,13 +312,10 @@ def load_models(run: str | Path, device: str = "auto", snapshots: bool = False,
 
 def _cv_runs(path: Path) -> list[str]:
     """The fold runs a CV directory's cv.json lists, or one clear error when it is damaged."""
-    try:
-        names = runs.load_json(path).get("runs")
-    except (OSError, ValueError, AttributeError):
-        names = None
+    advice = "restore it from a copy, or predict with one fold's run directory"
+    names = runs.read_record(path, advice=advice).get("runs")
     if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
-        raise ImagefitError(f"{path} is damaged (no list of fold runs): restore it from a copy, "
-                            "or predict with one fold's run directory")
+        raise ImagefitError(f"{path} is damaged (no list of fold runs): {advice}")
     return names
 
 
@@ -373,7 +369,7 @@ def evaluate(run: str | Path, data: str | Path | Table, out: str | Path | None =
     one, else the validation split carved as the run carved it."""
     options = merge_options(EvaluateOptions, options, overrides)
     if out is not None:
-        out = runs.output_file(out, "--out")
+        out = runs.output_file(out, "--out", "metrics.json")
     loaded = load_model(run, options.device, options.precision)
     run_config = _read_run_config(Path(run))
     if is_text_model(loaded) and options.task is None:
@@ -421,16 +417,15 @@ def score(task: Task, outputs: torch.Tensor, targets: torch.Tensor) -> dict[str,
 def _trained_augment(folder: Path) -> dict | None:
     """The training augmentation recorded in a run's (or a snapshot's run's) config.yaml."""
     for candidate in (folder, folder.parent.parent):
-        path = candidate / "config.yaml"
-        if path.is_file():
-            return (yaml.safe_load(path.read_text()) or {}).get("augment_options")
+        config = runs.read_config(candidate)
+        if config is not None:
+            return config.get("augment_options")
     return None
 
 
 def _read_run_config(run: Path) -> dict:
-    path = run / "config.yaml"
-    if not path.is_file():
-        warnings.warn(f"{path} is missing: the validation split uses the default fraction "
-                      "and seed", ImagefitWarning, stacklevel=3)
-        return {}
-    return yaml.safe_load(path.read_text()) or {}
+    config = runs.read_config(run)
+    if config is None:
+        warnings.warn(f"{run / 'config.yaml'} is missing: the validation split uses the "
+                      "default fraction and seed", ImagefitWarning, stacklevel=3)
+    return config or {}

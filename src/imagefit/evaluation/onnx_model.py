@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .. import runs
 from ..errors import ImagefitError
@@ -26,24 +28,64 @@ def require_onnx():
     return onnx, onnxruntime
 
 
+EXPORT_AGAIN = "export the run again"
+ONNX_CHECKSUM = "onnx_sha256"  # FILE.json's record of FILE's bytes
+
+
+class _InputRecord(BaseModel):
+    name: str
+    dtype: Literal["uint8", "int64"]
+    shape: list[int | str] = Field(min_length=2)
+
+
+class ExportRecord(BaseModel):
+    """What an exported model's description must hold for ``predict`` and ``serve`` to run
+    it (other keys are kept as they are); its ``model`` is checked as model.json is."""
+
+    model_config = ConfigDict(extra="allow")
+
+    input: _InputRecord
+    model: dict
+    members: int = Field(1, ge=1)
+    source: str = ""
+    onnx_sha256: str | None = Field(None, pattern="^[0-9a-f]{64}$")
+
+
 def read_description(path: Path) -> dict:
-    """An exported model's description: FILE.json beside it, else the graph's metadata."""
+    """An exported model's description: FILE.json beside it (which also holds FILE's
+    checksum, verified here), else the graph's metadata; checked either way."""
     path = Path(path)
     if not path.is_file():
         raise ImagefitError(f"{path} not found: give a file written by imagefit export")
     beside = Path(f"{path}.json")
     if beside.is_file():
-        return runs.load_json(beside)
+        description = runs.read_record(beside, ExportRecord, EXPORT_AGAIN)
+        runs.verify_checksum(path, description.get(ONNX_CHECKSUM), beside.name, EXPORT_AGAIN)
+        where = beside
+    else:
+        where = path
+        description = _graph_description(path)
+    runs.check_model_info(description["model"], where, EXPORT_AGAIN)
+    return description
+
+
+def _graph_description(path: Path) -> dict:
+    """The description export wrote into the graph's metadata."""
     onnx, _ = require_onnx()
     try:
         graph = onnx.load(str(path), load_external_data=False)
     except Exception as error:  # onnx's parse errors come in several kinds
         raise ImagefitError(f"{path} is not a readable ONNX file ({type(error).__name__}): "
-                            "export the run again") from None
+                            f"{EXPORT_AGAIN}") from None
     found = {entry.key: entry.value for entry in graph.metadata_props}
     if "imagefit" not in found:
         raise ImagefitError(f"{path} was not written by imagefit export (no imagefit "
                             "metadata): export a run with imagefit export")
+    try:
+        ExportRecord.model_validate_json(found["imagefit"])
+    except ValidationError as error:
+        raise ImagefitError(f"{path}'s imagefit metadata is damaged "
+                            f"({error.errors()[0]['msg'].lower()}): {EXPORT_AGAIN}") from None
     return json.loads(found["imagefit"])
 
 
@@ -54,8 +96,12 @@ class OnnxModel:
     def __init__(self, path: Path) -> None:
         _, onnxruntime = require_onnx()
         self.description = read_description(path)
-        self.session = onnxruntime.InferenceSession(str(path),
-                                                    providers=["CPUExecutionProvider"])
+        try:
+            self.session = onnxruntime.InferenceSession(str(path),
+                                                        providers=["CPUExecutionProvider"])
+        except Exception as error:  # onnxruntime's load errors (InvalidProtobuf, Fail, ...)
+            raise ImagefitError(f"{path} is not a readable ONNX file ({type(error).__name__}"
+                                f"): {EXPORT_AGAIN}") from None
         self.input = self.session.get_inputs()[0].name
         self.fixed_batch = self.description["input"]["shape"][0] == 1
 

@@ -4,19 +4,41 @@ interpretation; rendered with autoescaping like the run report."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import pandas as pd
-import yaml
+from pydantic import BaseModel, ConfigDict, Field
 
 from .. import runs
 from ..tasks import MAIN_METRIC
-from .html import environment, read_run_file, sections_of, table_section
+from .html import environment, read_run_file, read_run_mapping, sections_of, table_section
+
+
+class CVRecord(BaseModel):
+    """What the CV report reads from cv.json (other keys are kept as they are)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    task: Literal[tuple(MAIN_METRIC)]
+    folds: int = Field(ge=2)
+    fold_method: str
+    runs: list[str] = Field(min_length=1)
+    mean: dict[str, float]
+    std: dict[str, float]
+    oof: dict
+    seconds: float = 0.0
+
+
+def read_cv_info(cv_dir: Path) -> dict:
+    """A CV directory's cv.json, checked."""
+    return runs.read_record(cv_dir / "cv.json", CVRecord, "restore it from a copy, or run "
+                            "imagefit cv again")
 
 
 def write_cv_report(cv_dir: str | Path) -> Path:
     cv_dir = Path(cv_dir)
-    info = runs.load_json(cv_dir / "cv.json")
-    config = read_run_file(cv_dir / "config.yaml", lambda p: yaml.safe_load(p.read_text())) or {}
+    info = read_cv_info(cv_dir)
+    config = read_run_mapping(cv_dir / "config.yaml")
     folds = pd.read_csv(cv_dir / "cv_metrics.csv").to_dict("records")
     main = MAIN_METRIC[info["task"]]
     shown = ["fold", "n_train", "n_valid", "epochs", f"valid_{main}", "valid_loss",
@@ -26,7 +48,7 @@ def write_cv_report(cv_dir: str | Path) -> Path:
     summary_rows = [{"figure": name, "mean": info["mean"][name], "std": info["std"][name],
                      "out-of-fold": info["oof"].get(name.removeprefix("valid_"))
                      if name.startswith("valid_") else None} for name in names]
-    interpretation = read_run_file(cv_dir / "interpretation.json", runs.load_json) or {}
+    interpretation = read_run_mapping(cv_dir / "interpretation.json")
     shown_interpretation = {k: v for k, v in interpretation.items()
                             if k not in ("metrics", "confusion", "split", "n_images",
                                          "top_losses", "top_paths")}
@@ -50,7 +72,7 @@ def write_cv_report(cv_dir: str | Path) -> Path:
 def label_issues_section(cv_dir: Path) -> dict | None:
     """The label issues (``imagefit label-issues``) as facts, tables and the grid of
     suspects, when the CV has them."""
-    info = read_run_file(cv_dir / "label_issues.json", runs.load_json)
+    info = read_run_mapping(cv_dir / "label_issues.json")
     if not info:
         return None
     frame = read_run_file(cv_dir / info.get("csv", "label_issues.csv"), lambda p: pd.read_csv(

@@ -8,18 +8,17 @@ writes ``config.yaml`` first, ``metrics.csv`` and ``model.json`` after each epoc
 
 from __future__ import annotations
 
-import json
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import datetime
 from numbers import Real
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import yaml
 from matplotlib.ticker import MaxNLocator
+from pydantic import BaseModel
 
 from .. import runs
 from ..errors import ImagefitError
@@ -123,7 +122,7 @@ def compare_curves(run_dirs: Sequence[str | Path]) -> dict[str, dict[str, pd.Ser
 def compare_runs(run_dirs: Sequence[str | Path], out: str | Path) -> Path:
     """One PNG at ``out`` with a panel per curve of ``compare_curves`` against epoch, one
     colour per run, the legend naming the runs; returns the path written."""
-    out = runs.output_file(out, "--out")
+    out = runs.output_file(out, "--out", "curves.png")
     curves = compare_curves(run_dirs)
     labels = list(dict.fromkeys(label for series in curves.values() for label in series))
     colours = {label: f"C{i % 10}" for i, label in enumerate(labels)}
@@ -160,9 +159,9 @@ def _describe_run(run_dir: Path) -> dict[str, Any]:
     if (run_dir / "tune.json").is_file():
         return _describe_tune(run_dir, row)
     try:
-        config = _read_mapping(run_dir / "config.yaml", yaml.safe_load) or {}
-        metrics = _read_mapping(run_dir / "metrics.json", json.loads)
-        info = _read_mapping(run_dir / "model.json", json.loads) or {}
+        config = _read_mapping(run_dir / "config.yaml") or {}
+        metrics = _read_mapping(run_dir / "metrics.json", runs.MetricsRecord)
+        info = _read_mapping(run_dir / runs.MODEL_INFO) or {}
         history = _read_history(run_dir)
     except _Unreadable:
         return row
@@ -190,8 +189,8 @@ def _describe_run(run_dir: Path) -> dict[str, Any]:
 def _describe_sweep(sweep_dir: Path, row: dict) -> dict:
     """A sweep directory (``imagefit sweep``): its models, and the best of their figures."""
     try:
-        config = _read_mapping(sweep_dir / "config.yaml", yaml.safe_load) or {}
-        info = _read_mapping(sweep_dir / "sweep.json", json.loads) or {}
+        config = _read_mapping(sweep_dir / "config.yaml") or {}
+        info = _read_mapping(sweep_dir / "sweep.json") or {}
     except _Unreadable:
         return row
     metric = info.get("metric")
@@ -211,8 +210,8 @@ def _describe_tune(tune_dir: Path, row: dict) -> dict:
     """A tune directory (``imagefit tune``): its study as one row, with the best trial's
     figure (``imagefit runs TUNE_DIR`` lists the trials)."""
     try:
-        setup = _read_mapping(tune_dir / "tune.yaml", yaml.safe_load) or {}
-        info = _read_mapping(tune_dir / "tune.json", json.loads) or {}
+        setup = _read_mapping(tune_dir / "tune.yaml") or {}
+        info = _read_mapping(tune_dir / "tune.json") or {}
     except _Unreadable:
         return row
     best = info.get("best") or {}
@@ -245,17 +244,13 @@ def _run_date(run_dir: Path, stamp: re.Match | None) -> datetime:
     return datetime.fromtimestamp(min(p.stat().st_mtime for p in files or [run_dir]))
 
 
-def _read_mapping(path: Path, parse: Callable[[str], Any]) -> dict | None:
-    """The mapping stored in ``path``; None when the file is missing."""
-    if not path.is_file():
-        return None
+def _read_mapping(path: Path, schema: type[BaseModel] | None = None) -> dict | None:
+    """The mapping stored in ``path``, checked against ``schema``; None when the file is
+    missing."""
     try:
-        data = parse(path.read_text())
-    except (OSError, ValueError, yaml.YAMLError) as error:
+        return runs.read_record(path, schema, missing_ok=True)
+    except ImagefitError as error:
         raise _Unreadable(path) from error
-    if not isinstance(data, dict):
-        raise _Unreadable(path)
-    return data
 
 
 def _read_history(run_dir: Path) -> pd.DataFrame:
@@ -296,8 +291,8 @@ def _compare_history(run_dir: Path) -> pd.DataFrame:
 def _main_metric(run_dir: Path, history: pd.DataFrame) -> str | None:
     """The main metric of a run's task; None when the kind cannot be told."""
     try:
-        info = _read_mapping(run_dir / "model.json", json.loads) or {}
-        metrics = _read_mapping(run_dir / "metrics.json", json.loads) or {}
+        info = _read_mapping(run_dir / runs.MODEL_INFO) or {}
+        metrics = _read_mapping(run_dir / "metrics.json", runs.MetricsRecord) or {}
     except _Unreadable:
         info, metrics = {}, {}
     kind = _task_kind(info, {**dict.fromkeys(history.columns), **metrics}, {})

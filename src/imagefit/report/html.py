@@ -19,7 +19,7 @@ from typing import Any
 
 import jinja2
 import pandas as pd
-import yaml
+from pydantic import BaseModel
 from safetensors import SafetensorError
 
 from .. import runs
@@ -81,10 +81,21 @@ def read_run_file(path: Path, reader) -> Any:
     page leaves out what it held)."""
     try:
         return reader(path) if path.is_file() else None
-    except (OSError, ValueError, yaml.YAMLError) as error:
+    except (OSError, ValueError) as error:
         warnings.warn(f"{path} is damaged ({type(error).__name__}): the report leaves out "
                       "what it held", ImagefitWarning, stacklevel=2)
         return None
+
+
+def read_run_mapping(path: Path, schema: type[BaseModel] | None = None) -> dict:
+    """A run file's mapping (YAML or JSON, checked by ``runs.read_record``); empty when it
+    is missing, and a warning when it is damaged (the page leaves out what it held)."""
+    try:
+        return runs.read_record(path, schema, "the report leaves out what it held",
+                                missing_ok=True) or {}
+    except ImagefitError as error:
+        warnings.warn(str(error), ImagefitWarning, stacklevel=2)
+        return {}
 
 
 def sections_of(summary: dict, run_dir: Path) -> dict:
@@ -145,14 +156,14 @@ def _headline(metrics: dict, kind: str | None) -> str | None:
 
 
 def build_context(run_dir: Path) -> dict:
-    config = read_run_file(run_dir / "config.yaml", lambda p: yaml.safe_load(p.read_text())) or {}
-    metrics = read_run_file(run_dir / "metrics.json", runs.load_json) or {}
-    info = read_run_file(run_dir / runs.MODEL_INFO, runs.load_json) or {}
-    task = info.get("task") or {}
+    config = read_run_mapping(run_dir / "config.yaml")
+    metrics = read_run_mapping(run_dir / "metrics.json", runs.MetricsRecord)
+    info = read_run_mapping(run_dir / runs.MODEL_INFO)
+    task = info.get("task") if isinstance(info.get("task"), dict) else {}
     kind = task.get("kind") or metrics.get("task")
     history = read_run_file(run_dir / "metrics.csv", pd.read_csv)
-    dataset = read_run_file(run_dir / DATA_SUMMARY, runs.load_json)
-    interpretation = read_run_file(run_dir / INTERPRETATION, runs.load_json)
+    dataset = read_run_mapping(run_dir / DATA_SUMMARY)
+    interpretation = read_run_mapping(run_dir / INTERPRETATION)
 
     epochs_table = None
     if history is not None and len(history):
@@ -234,10 +245,17 @@ def regenerate(run_dir: str | Path) -> Path:
                                run_dir / "plots" / "training.png")
     try:
         redraw_interpretation(run_dir)
+    except ImagefitError as error:  # a damaged file read through runs.read_record
+        warnings.warn(f"{error}; the report leaves the interpretation out", ImagefitWarning,
+                      stacklevel=2)
     except (SafetensorError, OSError, ValueError, KeyError, TypeError) as error:
         warnings.warn(f"the interpretation files of {run_dir} are damaged "
                       f"({type(error).__name__}): the report leaves the interpretation out; a "
                       "new fit writes them again", ImagefitWarning, stacklevel=2)
     if (run_dir / runs.MODEL_INFO).is_file() and (run_dir / runs.MODEL_WEIGHTS).is_file():
-        save_model_summary(run_dir)
+        try:
+            save_model_summary(run_dir)
+        except ImagefitError as error:  # the model cannot be loaded: the page goes on without
+            warnings.warn(f"{error}; the report leaves the model summary out", ImagefitWarning,
+                          stacklevel=2)
     return write_report(run_dir)

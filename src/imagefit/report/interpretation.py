@@ -87,8 +87,7 @@ def redraw_interpretation(run_dir: Path) -> dict | None:
         return None
     tensors = load_file(str(tensors_path))
     task = Task.from_dict(runs.read_model_info(run_dir)["task"])
-    previous = runs.load_json(run_dir / INTERPRETATION) if (
-        run_dir / INTERPRETATION).is_file() else {}
+    previous = runs.read_record(run_dir / INTERPRETATION, missing_ok=True) or {}
     targets = tensors["targets"]
     if task.single_label:
         targets = targets.long()

@@ -8,7 +8,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
 from .. import runs
 from ..config import ExportOptions, SourceOptions, merge_options
@@ -34,7 +33,7 @@ def export(run: str | Path, out: str | Path | None = None, options: ExportOption
     if len(members) > 1 and loaded.settings is None:
         raise ImagefitError(f"{run} holds text models whose folds read different characters: "
                             "export one fold's run directory (e.g. fold_0)")
-    out = runs.output_file(out or run / "model.onnx", "--out")
+    out = runs.output_file(out or run / "model.onnx", "--out", "model.onnx")
     samples = parity_samples(run, loaded, options)
     description = export_onnx(members, Path(out), samples, opset=options.opset,
                               dynamic_batch=options.dynamic_batch, source=str(run))
@@ -46,8 +45,8 @@ def parity_samples(run: Path, loaded: LoadedModel, options: ExportOptions) -> to
     """Up to ``parity_images`` inputs from the run's data, validation rows first (carved as
     the run carved them), as the graph takes them; random ones, with a warning, when the
     data cannot be read again (in-memory tables, moved files)."""
-    config_path = run / "config.yaml"
-    values = (yaml.safe_load(config_path.read_text()) or {}) if config_path.is_file() else {}
+    values = runs.read_config(run, "restore it from a copy of the run, or export another "
+                              "run") or {}
     data = values.get("data")
     try:
         if not data:

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 
 from .. import distributed, runs
 from ..augment.presets import resolve_augment
@@ -77,14 +76,10 @@ def run_name(data: str | Path | Table) -> str:
 def resume_options(run_dir: Path) -> tuple[str, FitConfig]:
     """The data and options a run was started with, from its config.yaml."""
     path = run_dir / "config.yaml"
-    try:
-        values = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
+    if not path.is_file():
         raise ImagefitError(f"{run_dir} has no config.yaml: it was not made by imagefit fit; "
-                            "start a new fit") from None
-    except (yaml.YAMLError, UnicodeDecodeError, OSError):
-        raise ImagefitError(f"{path} is damaged (not readable YAML): restore it from a copy, "
-                            "or start a new fit") from None
+                            "start a new fit")
+    values = runs.parse_record(path, "restore it from a copy, or start a new fit")
     if not isinstance(values, dict) or "data" not in values:
         raise ImagefitError(f"{path} does not hold the options of a fit (no 'data' key): "
                             "restore it from a copy, or start a new fit")

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-import yaml
 from torch import nn
 
 from .. import runs
@@ -58,6 +57,9 @@ def label_issues(cv_dir: str | Path, out: str | Path | None = None,
         raise ImagefitError(f"{cv_dir} is not a CV directory (no oof.csv and fold_0/): give a "
                             "folder written by imagefit cv")
     require_cleanlab()
+    from ..report.cv_report import read_cv_info, write_cv_report
+
+    read_cv_info(cv_dir)  # its report is written last: a damaged cv.json fails before the work
     task = Task.from_dict(runs.read_model_info(cv_dir / "fold_0")["task"])
     oof = pd.read_csv(cv_dir / "oof.csv", dtype={"label": str, "labels": str, "path": str,
                                                   "predicted": str}, keep_default_na=False)
@@ -81,8 +83,6 @@ def label_issues(cv_dir: str | Path, out: str | Path | None = None,
     if out is not None and Path(out).resolve() != csv.resolve():
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(csv, out)
-    from ..report.cv_report import write_cv_report
-
     write_cv_report(cv_dir)
     return LabelIssuesResult(issues, summary, Path(out) if out else csv)
 
@@ -90,8 +90,8 @@ def label_issues(cv_dir: str | Path, out: str | Path | None = None,
 def _cv_images(cv_dir: Path, options: LabelIssuesOptions) -> np.ndarray | list[str] | None:
     """The CV data's images as its folds saw them (the cache at their size), its texts for a
     text CV, or None for in-memory data, which cannot be read again."""
-    path = cv_dir / "config.yaml"
-    values = (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+    values = runs.read_config(cv_dir, "restore it from a copy of the CV directory, or run "
+                              "imagefit cv again") or {}
     data = values.get("data")
     if not data:
         return None
