@@ -36,12 +36,29 @@ def read_issues(path: str | Path, top: int | None, min_score: float | None,
         missing = sorted(need - set(frame.columns))
         raise ImagefitError(f"option {option}: {path} has no column {missing[0]}: give the "
                             "CSV written by imagefit label-issues")
+    for column, whole in (("row", True), ("rank", False), ("score", False)):
+        frame[column] = _numbers(frame[column], whole, path, option)
     frame = frame.sort_values("rank", kind="stable")
     if min_score is not None:
         frame = frame[frame["score"] >= min_score]
     if top is not None:
         frame = frame.head(top)
     return frame
+
+
+def _numbers(cells: pd.Series, whole: bool, path: Path, option: str) -> pd.Series:
+    """A column of the issues CSV as numbers (whole ones for ``row``), or one error naming
+    the first cell that is not one."""
+    values = pd.to_numeric(cells, errors="coerce")
+    bad = values.isna()
+    if whole:
+        bad |= ~np.isfinite(values) | (values.round() != values)
+    if bad.any():
+        line = int(np.flatnonzero(bad.to_numpy())[0])
+        raise ImagefitError(f"option {option}: {path} line {line + 2}: {cells.name} "
+                            f"'{cells.iloc[line]}' is not a {'whole ' if whole else ''}number: "
+                            "give the CSV written by imagefit label-issues")
+    return values.astype(np.int64) if whole else values
 
 
 def match_rows(table: Table, frame: pd.DataFrame, path: str | Path, option: str) -> np.ndarray:
