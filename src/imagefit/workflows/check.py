@@ -228,7 +228,12 @@ def overfit_one_batch(cfg: FitConfig, loaded: LoadedData, parts: TrainingParts,
         causes.append(f"{frozen:,} of {total:,} parameters are frozen (requires_grad False): "
                       "unfreeze the model (the fit trains what is unfrozen)")
     dead = _without_gradient(model, task, x, y, precision)
-    if dead:
+    if not bool((x != x.flatten()[0]).any()):  # e.g. all black: so the weights get no gradient
+        details["input_std"] = 0.0
+        causes.append("the images have no variation (std 0: every pixel of the batch has the "
+                      "same value), so there is nothing to learn from them: check that the "
+                      "images are not blank")
+    elif dead:
         details["without_gradient"] = dead[:SHOWN_NAMES]
         causes.append(f"{len(dead)} trainable tensor(s) get no gradient (e.g. {dead[0]}): "
                       "they are not used by the forward pass or are cut off from the loss")

@@ -32,9 +32,14 @@ def explain(run: str | Path, inputs: list[str | Path], out: str | Path,
             options: ExplainOptions | None = None, **overrides: Any) -> list[Path]:
     """A saliency overlay PNG (or, with method feature-maps, a grid of one layer's output)
     per readable image of files, folders or CSVs of paths, written to the folder ``out`` as
-    STEM_METHOD.png; returns their paths."""
+    STEM_METHOD.png; returns their paths. A folder it made is removed again when it fails."""
     options = merge_options(ExplainOptions, options, overrides)
-    out = runs.output_folder(out, "--out")
+    with runs.new_output_folder(out, "--out") as folder:
+        return _write_maps(run, list(inputs), folder, options)
+
+
+def _write_maps(run: str | Path, inputs: list[str | Path], out: Path,
+                options: ExplainOptions) -> list[Path]:
     loaded = load_model(run, options.device, options.precision)
     if loaded.settings is None:
         raise ImagefitError(f"{run} holds a text model: explain draws maps of images; see its "
@@ -46,12 +51,11 @@ def explain(run: str | Path, inputs: list[str | Path], out: str | Path,
         module_named(loaded.model, layer)  # an unknown name fails before any image is read
     elif options.method == "gradcam" and layer is None:
         layer = gradcam_layer(loaded.model, loaded.settings.size, loaded.settings.channels)
-    paths = expand_inputs(list(inputs), options)
+    paths = expand_inputs(inputs, options)
     cache = build_cache(paths, loaded.settings, options.cache_dir, progress=options.progress)
     warn_unreadable(cache, paths)
     rows = np.setdiff1d(np.arange(len(paths)), cache.failed)
     names = _file_names([paths[row] for row in rows], options.method)
-    out = Path(out)
     written = []
     for start in range(0, len(rows), options.bs):
         chunk = torch.as_tensor(rows[start:start + options.bs])

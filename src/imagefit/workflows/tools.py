@@ -33,7 +33,7 @@ def lr_find(data: str | Path | Table, out: str | Path | None = "lr_find.png",
     with the suggestions marked to ``out``, and return the sweep and its suggestions."""
     cfg: FitConfig = merge_options(FitConfig, config, options)
     if out is not None:
-        out = runs.output_file(out, "--out")
+        out = runs.output_file(out, "--out", "lr_find.png")
     apply_pretrained_source(cfg)
     loaded = load_data(data, cfg)
     parts = build_training(cfg, loaded, resolve_device(cfg.device))
@@ -48,7 +48,7 @@ def show_batch(data: str | Path | Table, out: str | Path,
     """Save a grid of augmented (and mixed) training images with their labels, as the model
     would see them before normalization; ``same_image`` augments one image many times."""
     cfg: ShowBatchOptions = merge_options(ShowBatchOptions, options, overrides)
-    out = runs.output_file(out, "--out")
+    out = runs.output_file(out, "--out", "batch.png")
     loaded = load_data(data, cfg)
     require_images(loaded, "show-batch")
     generator = torch.Generator().manual_seed(cfg.seed)
