@@ -9,20 +9,28 @@ import glob
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import optuna
+import pandas as pd
 import pytest
+import torch
 import yaml
 
 from imagefit import api
 from imagefit.cli import main
+from imagefit.config import TuneConfig
 from imagefit.errors import ImagefitError
-from imagefit.workflows.tune import Pruning, read_space
+from imagefit.workflows import tune as tune_module
+from imagefit.workflows.tune import Pruning, Search, confirm, read_space
 
 FAST = ["--epochs", "2", "--confirm", "0", "--no-progress"]
 
@@ -187,6 +195,99 @@ def test_budget_trials_are_compared_at_the_same_point_of_their_schedules():
     assert FakeBudgetLearner(20).run(pruning, curve(20, -0.05)) == 6  # 30%: six of 20
 
 
+# -- --confirm ----------------------------------------------------------------------------
+
+DEFAULTS = {"lr": 0.1}
+
+
+def confirm_on(tmp_path, monkeypatch, refits: dict, candidates: list[dict],
+               metric: str = "valid_accuracy", seed: int = 4) -> tuple[dict, list]:
+    """``confirm`` over hand-made trial results: the fit of learning rate ``lr`` at the k-th
+    fresh seed scores ``refits[lr][k]`` (the defaults' fit, which sets no lr, ``refits[None]``);
+    returns confirm's answer and the fits it ran (lr, seed and run directory)."""
+    fitted = []
+
+    def run_fit(table, options, run_dir, budget):
+        lr = options.lr if "lr" in options.model_fields_set else None
+        fitted.append((lr, options.seed, str(run_dir.relative_to(tmp_path))))
+        return SimpleNamespace(metrics={metric: refits[lr][options.seed - seed - 1]})
+
+    monkeypatch.setattr(tune_module, "run_fit", run_fit)
+    monkeypatch.setattr(tune_module, "default_trial", lambda table, cfg, space: DEFAULTS)
+    search = Search("builtin:digits", None, TuneConfig(seed=seed), [], tmp_path, metric)
+    return confirm(search, candidates, 3), fitted
+
+
+def test_confirm_chooses_the_best_median_of_the_refits(tmp_path, monkeypatch, capsys):
+    """The search's best (trial 3, 0.95 on its one split) refits to a median of 0.81 though
+    one lucky seed gives it the best mean; trial 5's median, 0.85, is the best and beats the
+    defaults' 0.83. Each candidate and the defaults are fitted on seeds 5-7 (--seed 4)."""
+    refits = {None: [0.82, 0.83, 0.84], 0.3: [0.80, 0.99, 0.81], 0.03: [0.86, 0.85, 0.84],
+              0.01: [0.83, 0.84, 0.70]}
+    candidates = [{"number": 3, "value": 0.95, "params": {"lr": 0.3}},
+                  {"number": 5, "value": 0.93, "params": {"lr": 0.03}},
+                  {"number": 7, "value": 0.92, "params": {"lr": 0.01}}]
+    confirmed, fitted = confirm_on(tmp_path, monkeypatch, refits, candidates)
+    assert confirmed["seeds"] == [5, 6, 7]
+    assert fitted == [(lr, seed, f"confirm/{folder}_seed{seed}")
+                      for lr, folder in ((None, "defaults"), (0.3, "trial_0003"),
+                                         (0.03, "trial_0005"), (0.01, "trial_0007"))
+                      for seed in (5, 6, 7)]
+    assert [(e["label"], e["values"], e["median"]) for e in confirmed["entries"]] == [
+        ("defaults", [0.82, 0.83, 0.84], 0.83), ("trial 3", [0.80, 0.99, 0.81], 0.81),
+        ("trial 5", [0.86, 0.85, 0.84], 0.85), ("trial 7", [0.83, 0.84, 0.70], 0.83)]
+    assert (confirmed["chosen"], confirmed["chosen_params"]) == (5, {"lr": 0.03})
+    assert (confirmed["median_chosen"], confirmed["median_defaults"]) == (0.85, 0.83)
+    assert confirmed["chosen_beats_defaults"] is True
+    printed = capsys.readouterr().out.splitlines()
+    assert printed == [f"confirm: {label}, seed {seed}: valid_accuracy {value:.4f}"
+                       for label, lr in (("defaults", None), ("trial 3", 0.3),
+                                         ("trial 5", 0.03), ("trial 7", 0.01))
+                       for seed, value in zip((5, 6, 7), refits[lr])]
+
+
+@pytest.mark.parametrize("metric, better, worse", [("valid_accuracy", 0.95, 0.93),
+                                                   ("valid_mae", 0.10, 0.20)])
+def test_confirm_breaks_a_tie_of_medians_by_the_search_value(tmp_path, monkeypatch, metric,
+                                                             better, worse):
+    """Equal medians: the candidate with the better search value wins (higher accuracy, lower
+    error), wherever it stands in the list; a chosen median equal to the defaults' does not
+    beat them."""
+    refits = {None: [0.5, 0.6, 0.7], 0.3: [0.7, 0.6, 0.5], 0.03: [0.6, 0.6, 0.6]}
+    candidates = [{"number": 3, "value": worse, "params": {"lr": 0.3}},
+                  {"number": 5, "value": better, "params": {"lr": 0.03}}]
+    confirmed, _ = confirm_on(tmp_path, monkeypatch, refits, candidates, metric)
+    assert confirmed["chosen"] == 5 and confirmed["median_chosen"] == 0.6
+    assert confirmed["chosen_beats_defaults"] is False  # 0.6 against 0.6
+
+
+def test_confirm_ranks_lower_medians_first_for_an_error_metric(tmp_path, monkeypatch):
+    """For an error (valid_mae) the lowest median wins: trial 3's 0.2, though its mean (0.4)
+    is above trial 5's (0.3)."""
+    refits = {None: [0.3, 0.3, 0.3], 0.3: [0.2, 0.1, 0.9], 0.03: [0.25, 0.3, 0.35]}
+    candidates = [{"number": 3, "value": 0.05, "params": {"lr": 0.3}},
+                  {"number": 5, "value": 0.07, "params": {"lr": 0.03}}]
+    confirmed, _ = confirm_on(tmp_path, monkeypatch, refits, candidates, "valid_mae")
+    assert (confirmed["chosen"], confirmed["median_chosen"]) == (3, 0.2)
+    assert confirmed["chosen_beats_defaults"] is True  # 0.2 below 0.3
+
+
+def test_a_candidate_holding_the_defaults_takes_their_refits(tmp_path, monkeypatch, capsys):
+    """The defaults' own trial is not fitted again: it counts the defaults' refits, and can
+    be chosen on them (here over trial 4, whose median is lower)."""
+    refits = {None: [0.9, 0.8, 0.85], 0.3: [0.7, 0.8, 0.75]}
+    candidates = [{"number": 0, "value": 0.95, "params": dict(DEFAULTS)},
+                  {"number": 4, "value": 0.94, "params": {"lr": 0.3}}]
+    confirmed, fitted = confirm_on(tmp_path, monkeypatch, refits, candidates)
+    assert [lr for lr, _, _ in fitted] == [None] * 3 + [0.3] * 3  # no refit of trial 0
+    entry = confirmed["entries"][1]
+    assert (entry["label"], entry["values"], entry["median"]) == ("trial 0", [0.9, 0.8, 0.85],
+                                                                  0.85)
+    assert confirmed["chosen"] == 0 and confirmed["chosen_beats_defaults"] is False
+    assert "confirm: trial 0 holds the defaults: their refits count for it" in \
+        capsys.readouterr().out.splitlines()
+
+
 # -- whole searches -----------------------------------------------------------------------
 
 
@@ -229,6 +330,138 @@ def test_a_search_its_report_best_yaml_and_continuing_it(tmp_path, capsys):
     assert refit.metrics["valid_accuracy"] == pytest.approx(best["value"], abs=1e-9)
     assert main(["fit", "builtin:digits", "--config", str(tune_dir / "best.yaml"),
                  "--runs-dir", str(tmp_path / "cli"), "--no-progress", "--no-report"]) == 0
+
+
+@pytest.fixture
+def one_thread():
+    """Fits in this process on one thread: this 2-core machine is shared with other jobs, and
+    there torch's two threads wait on each other (a fit's step took 10x as long, measured)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def digits_table(count: int):
+    """The first ``count`` images of builtin:digits (8 px) as arrays."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = np.round(digits.images[:count] * (255 / 16)).astype(np.uint8)
+    return api.from_arrays(images, digits.target[:count])
+
+
+def test_a_real_search_prunes_the_lagging_trial_and_pruner_none_prunes_none(
+        tmp_path, capsys, one_thread):
+    """Five trials of 3 epochs on 300 digits, where the space's second rate (1e-6) barely
+    learns. Seeded (--seed 0) the sampler draws the defaults' 0.1 for trial 0, then 1e-6,
+    0.1, 1e-6, 1e-6: trial 4, the first after the median pruner's four, is below the median
+    of trials 0-3 at epoch 2 (about 0.5) and is pruned there; the same search with --pruner
+    none runs it to the end. tune.csv and tune.json hold the trials by number, the best is
+    the finished trial with the highest figure (the first of equals), and each trial's
+    --log tensorboard events hold the epochs it ran and the figure it printed."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    space = tmp_path / "space.yaml"
+    space.write_text("lr: [0.1, 1.0e-6]\n")
+    table = digits_table(300)
+    results, printed = {}, {}
+    for pruner in ("median", "none"):
+        results[pruner] = api.tune(table, space=str(space), pruner=pruner, n_trials=5,
+                                   epochs=3, confirm=0, seed=0, tta=False, progress=False,
+                                   log=["tensorboard"], runs_dir=str(tmp_path / pruner))
+        printed[pruner] = capsys.readouterr().out.splitlines()
+    pruned, kept = results["median"].rows, results["none"].rows
+    drawn = [1e-1, 1e-6, 1e-1, 1e-6, 1e-6]
+    assert [r["param_lr"] for r in pruned] == [r["param_lr"] for r in kept] == drawn
+    assert [(r["state"], r["epochs"]) for r in pruned] == [("complete", 3)] * 4 + [("pruned", 2)]
+    assert [(r["state"], r["epochs"]) for r in kept] == [("complete", 3)] * 5
+    assert (results["median"].info["pruned"], results["none"].info["pruned"]) == (1, 0)
+    assert "trial 4: pruned after epoch 2 (lr=1e-06)" in printed["median"]
+    assert kept[4]["value"] < min(r["value"] for r in kept if r["param_lr"] == 0.1)
+
+    for pruner, result in results.items():
+        saved = rows_of(result.tune_dir)
+        csv = pd.read_csv(result.tune_dir / "tune.csv")
+        assert list(csv["number"]) == [r["number"] for r in saved] == [0, 1, 2, 3, 4]
+        assert list(csv["state"]) == [r["state"] for r in saved]
+        assert np.allclose(csv["value"], [r["value"] for r in saved], rtol=0, atol=1e-12)
+        finished = [r for r in saved if r["state"] == "complete"]
+        top = max(finished, key=lambda r: (r["value"], -r["number"]))
+        assert (result.best["number"], result.best["value"]) == (top["number"], top["value"])
+        assert yaml.safe_load((result.tune_dir / "best.yaml").read_text())["lr"] == \
+            top["param_lr"]
+        for row in saved:
+            events = EventAccumulator(str(Path(row["run_dir"]) / "tensorboard"))
+            events.Reload()
+            logged = events.Scalars("epoch/valid_accuracy")
+            assert [e.step for e in logged] == list(range(1, row["epochs"] + 1)), pruner
+            assert logged[-1].value == pytest.approx(row["value"], abs=1e-6)
+            if row["state"] == "complete":
+                assert f"trial {row['number']}: valid_accuracy {logged[-1].value:.4f} " \
+                       f"(lr={row['param_lr']:.3g})" in printed[pruner]
+
+
+def live_processes(marker: str) -> dict[int, str]:
+    """Live processes (not zombies) whose command line holds ``marker``: pid and command."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if marker in command and state != "Z":
+            found[int(entry.name)] = command
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the workers' parent-death "
+                    "signal is Linux's")
+@pytest.mark.parametrize("stop", ["kill -9 of the command", "Ctrl-C"])
+def test_stopping_tune_with_workers_leaves_no_process(tmp_path, stop):
+    """`imagefit tune --workers 2`, in a process group of its own as a shell starts it, once
+    both workers have started a trial: kill -9 of the command alone takes the workers with it (their
+    parent-death signal); Ctrl-C (SIGINT to the group) stops all three, each worker ending
+    its own trial (none is left running in the study) and the command with status 130 and
+    its results written. Within a bounded wait no process is left."""
+    runs_dir = tmp_path / "runs"
+    marker = str(runs_dir)  # in the command line of the command and of its workers
+    command = subprocess.Popen(
+        tune_command("builtin:digits", "--workers", "2", "--n-trials", "40", "--epochs", "30",
+                     "--confirm", "0", "--no-progress", "--runs-dir", marker),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    tune_dir = runs_dir / "digits_tune"
+    try:
+        deadline = time.monotonic() + 240
+        while len(list(tune_dir.glob("trials/trial_*"))) < 2:  # a trial each
+            assert command.poll() is None, command.stderr.read()[-2000:]
+            assert time.monotonic() < deadline, "the workers did not start two trials"
+            time.sleep(0.2)
+        workers = [pid for pid, line in live_processes(marker).items()
+                   if "imagefit.workflows.tune" in line]
+        assert len(workers) == 2
+        if stop == "Ctrl-C":
+            os.killpg(command.pid, signal.SIGINT)
+            assert command.wait(timeout=120) == 130
+            states = {r["state"] for r in rows_of(tune_dir)}  # the trials so far, written
+            assert "running" not in states  # each worker ended its own trial (failed)
+        else:
+            command.kill()
+            command.wait()
+        deadline = time.monotonic() + 20
+        while live_processes(marker) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert live_processes(marker) == {}
+    finally:
+        if command.poll() is None:
+            os.killpg(command.pid, signal.SIGKILL)
+            command.wait()
+        for pid in live_processes(marker):  # a worker the test found alive: not left behind
+            os.kill(pid, signal.SIGKILL)
 
 
 def test_two_workers_share_the_sqlite_study_without_duplicate_trials(tmp_path):
