@@ -20,9 +20,13 @@ import torch
 from PIL import Image
 
 from conftest import isolated
-from imagefit.api import check, export, fit, from_arrays, predict
+from imagefit.api import check, explain, export, fit, from_arrays, predict
 from imagefit.cli import main
-from imagefit.errors import ImagefitError
+from imagefit.data.audit import image_statistics
+from imagefit.data.cache import CacheSettings, cache_arrays
+from imagefit.data.prepare import channel_stats, measure_channels, prepare_images
+from imagefit.data.sources import read_source
+from imagefit.errors import ImagefitError, ImagefitWarning
 
 RESTORE = "restore it from a copy of the run, or train the model again"
 CHECKSUM = ("does not match the checksum in model.json: the file was changed or damaged; "
@@ -361,3 +365,89 @@ def test_the_installed_command_prints_one_line_and_no_traceback(run_copy, image)
     assert done.stderr.strip().splitlines() == [
         f"imagefit: error: {run_copy / 'config.yaml'} is damaged (it holds a string, not a "
         f"mapping of keys to values): {RESTORE}"]
+
+
+# -- issue 32: messages that name what is true and what the user can do --------------------
+
+def broken_image(folder: Path) -> Path:
+    path = folder / "broken.png"
+    path.write_bytes(b"not an image at all")
+    return path
+
+
+def test_predict_says_unreadable_files_have_no_row_not_to_use_strict(run_copy, image,
+                                                                     tmp_path):
+    broken = broken_image(tmp_path)
+    with pytest.warns(ImagefitWarning) as record:
+        frame = predict(run_copy, [broken, image], progress=False)
+    message = str(record[0].message)
+    assert f"skipped 1 unreadable file(s): {broken} (" in message
+    assert message.endswith(f"(1 file(s) have no row in the output, the first {broken})")
+    assert "--strict" not in message
+    assert list(frame["path"]) == [str(image)]
+
+
+def test_explain_says_unreadable_files_have_no_map_not_to_use_strict(run_copy, image,
+                                                                     tmp_path):
+    broken = broken_image(tmp_path)
+    with pytest.warns(ImagefitWarning) as record:
+        written = explain(run_copy, [broken, image], tmp_path / "maps", progress=False)
+    message = str(record[0].message)
+    assert message.endswith(f"(1 file(s) have no map in the output, the first {broken})")
+    assert "--strict" not in message and len(written) == 1
+
+
+def test_fit_still_says_use_strict_for_unreadable_files(image, tmp_path):
+    for label in ("a", "b"):
+        (tmp_path / "data" / label).mkdir(parents=True)
+        shutil.copy(image, tmp_path / "data" / label / "one.png")
+    broken = broken_image(tmp_path / "data" / "a")
+    table = read_source(tmp_path / "data")
+    with pytest.warns(ImagefitWarning, match=r"\(use --strict to stop instead\)$") as record:
+        prepare_images(table, CacheSettings(size=8, channels=1), progress=False)
+    assert str(broken) in str(record[0].message)
+
+
+def test_csv_of_missing_absolute_paths_shows_them_in_full_not_under_the_folder(run_copy,
+                                                                               tmp_path,
+                                                                               capsys):
+    gone = [tmp_path / "elsewhere" / f"gone{i}.png" for i in range(2)]
+    csv = tmp_path / "to_predict.csv"
+    csv.write_text("file\n" + "".join(f"{path}\n" for path in gone))
+    line = one_error_line(*cli(capsys, "predict", run_copy, csv, "--no-progress"))
+    assert line == (f"imagefit: error: to_predict.csv: 2 of 2 image paths do not exist (first: "
+                    f"{gone[0]} (line 2), {gone[1]} (line 3)); check the CSV's paths and "
+                    "--suffix")
+    assert "under" not in line
+
+
+def test_csv_of_missing_relative_paths_still_names_the_folder(run_copy, tmp_path, capsys):
+    csv = tmp_path / "to_predict.csv"
+    csv.write_text("file\ngone.png\n")
+    line = one_error_line(*cli(capsys, "predict", run_copy, csv, "--no-progress"))
+    assert line == (f"imagefit: error: to_predict.csv: 1 of 1 image paths do not exist under "
+                    f"{tmp_path} (first: gone.png (line 2)); check --folder and --suffix")
+
+
+@pytest.mark.parametrize("normalize", ["data", "pretrained"])
+def test_normalization_of_blank_images_reports_std_0_and_fails(normalize):
+    table = from_arrays(np.zeros((6, 8, 8), dtype=np.uint8), np.arange(6) % 2)
+    cache = cache_arrays(table.arrays, CacheSettings(size=8, channels=1))
+    mean, std = measure_channels(cache.images, np.arange(6))
+    assert std == [0.0] and channel_stats(cache.images, np.arange(6))[1] == [1.0]
+    finding = image_statistics(table, cache, np.arange(6), mean, std, normalize)[0]
+    assert finding.check == "normalization" and finding.status == "fail"
+    assert "std 0.000 (ImageNet" in finding.result and "std 1.000" not in finding.result
+    assert finding.advice == ("the images have no variation (std 0): check that the images "
+                              "are not blank")
+
+
+def test_normalization_of_one_constant_channel_warns_naming_it():
+    images = np.zeros((6, 8, 8, 3), dtype=np.uint8)
+    images[..., :2] = np.arange(6)[:, None, None, None] * 40
+    table = from_arrays(images, np.arange(6) % 2)
+    cache = cache_arrays(table.arrays, CacheSettings(size=8, channels=3))
+    mean, std = measure_channels(cache.images, np.arange(6))
+    finding = image_statistics(table, cache, np.arange(6), mean, std, "data")[0]
+    assert finding.status == "warn" and finding.advice.startswith(
+        "channel(s) 2 have no variation (std 0)")

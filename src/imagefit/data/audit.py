@@ -358,14 +358,21 @@ def image_statistics(table: Table, cache: ImageCache, train_rows: np.ndarray,
     channels = cache.images.shape[3]
     ref_mean = IMAGENET_MEAN if channels == 3 else (float(np.mean(IMAGENET_MEAN)),)
     ref_std = IMAGENET_STD if channels == 3 else (float(np.mean(IMAGENET_STD)),)
-    gap = max(abs(a - b) for a, b in zip(mean, ref_mean))
-    spread = max(max(a / b, b / a) for a, b in zip(std, ref_std))
     text = (f"mean {_joined(mean)}, std {_joined(std)} (ImageNet {_joined(ref_mean)} / "
             f"{_joined(ref_std)})")
     details = {"mean": mean, "std": std, "imagenet_mean": list(ref_mean),
                "imagenet_std": list(ref_std), "normalize": normalize}
-    far = gap > 0.15 or spread > 1.5
-    if far and normalize == "pretrained":
+    flat = [channel for channel, value in enumerate(std) if value == 0]
+    gap = max(abs(a - b) for a, b in zip(mean, ref_mean))
+    spread = 0.0 if flat else max(max(a / b, b / a) for a, b in zip(std, ref_std))
+    if len(flat) == len(std):
+        findings.append(Finding("normalization", "fail", text, "the images have no variation "
+                                "(std 0): check that the images are not blank", details))
+    elif flat:
+        findings.append(Finding("normalization", "warn", text, f"channel(s) "
+                                f"{', '.join(map(str, flat))} have no variation (std 0): "
+                                "they tell the model nothing; check the images", details))
+    elif (gap > 0.15 or spread > 1.5) and normalize == "pretrained":
         findings.append(Finding("normalization", "warn", text, "these images are far from "
                                 "ImageNet's statistics: --normalize data normalizes with "
                                 "their own", details))

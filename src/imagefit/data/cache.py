@@ -654,15 +654,23 @@ def evict(root: str | Path | None = None, limit: int | None = None,
     return removed
 
 
-def warn_unreadable(cache: ImageCache, paths: list[str]) -> None:
-    """One warning that lists the unreadable files and their count."""
+STRICT_REMEDY = "use --strict to stop instead"
+NO_ROW_REMEDY = "{count} file(s) have no row in the output, the first {first}"
+
+
+def warn_unreadable(cache: ImageCache, paths: list[str], remedy: str = STRICT_REMEDY) -> None:
+    """One warning that lists the unreadable files and their count, and ends with what the
+    command's user can do about them: ``remedy``, where ``{count}`` and ``{first}`` stand for
+    the number of skipped files and the first of them (fit takes --strict; predict and
+    explain do not, and leave the files out of their output)."""
     if not cache.errors:
         return
+    count, first = len(cache.errors), paths[cache.failed[0]]
     shown = "; ".join(f"{paths[r]} ({cache.errors[r]})" for r in cache.failed[:5])
-    more = f" and {len(cache.errors) - 5} more" if len(cache.errors) > 5 else ""
+    more = f" and {count - 5} more" if count > 5 else ""
     warnings.warn(
-        f"skipped {len(cache.errors)} unreadable file(s): {shown}{more} "
-        "(use --strict to stop instead)", ImagefitWarning, stacklevel=2
+        f"skipped {count} unreadable file(s): {shown}{more} "
+        f"({remedy.format(count=count, first=first)})", ImagefitWarning, stacklevel=2
     )
 
 

@@ -11,6 +11,7 @@ import numpy as np
 from .. import distributed
 from ..errors import ImagefitError
 from .cache import (
+    STRICT_REMEDY,
     CacheSettings,
     ImageCache,
     auto_size,
@@ -79,7 +80,7 @@ def prepare_images(
                             description=table.description, rows=rows)
         if rows is not None:
             _share_what_shards_found(cache)
-        warn_unreadable(cache, table.paths)
+        warn_unreadable(cache, table.paths, STRICT_REMEDY)
     usable = np.ones(len(table), dtype=bool)
     usable[cache.failed] = False
     return PreparedImages(cache=cache, usable=usable)
@@ -101,7 +102,16 @@ def _share_what_shards_found(cache: ImageCache) -> None:
 
 def channel_stats(images: np.ndarray, rows: np.ndarray, seed: int = 0,
                   max_images: int = STATS_MAX_IMAGES) -> tuple[list, list]:
-    """Per-channel mean and std on the 0..1 scale, from up to ``max_images`` of ``rows``."""
+    """Per-channel mean and std to normalize with: those measured, a std of 0 (a constant
+    channel) taken as 1 so that normalizing does not divide by zero."""
+    mean, std = measure_channels(images, rows, seed, max_images)
+    return mean, [value if value > 0 else 1.0 for value in std]
+
+
+def measure_channels(images: np.ndarray, rows: np.ndarray, seed: int = 0,
+                     max_images: int = STATS_MAX_IMAGES) -> tuple[list, list]:
+    """Per-channel mean and std on the 0..1 scale, from up to ``max_images`` of ``rows``, as
+    they are (a std of 0 for a constant channel)."""
     if len(rows) > max_images:
         rows = np.sort(np.random.default_rng(seed).choice(rows, max_images, replace=False))
     channels = images.shape[-1]
@@ -115,5 +125,4 @@ def channel_stats(images: np.ndarray, rows: np.ndarray, seed: int = 0,
         count += len(chunk)
     mean = total / max(count, 1)
     std = np.sqrt(np.maximum(squares / max(count, 1) - mean**2, 0.0))
-    std = np.where(std > 0, std, 255.0)
     return (mean / 255.0).tolist(), (std / 255.0).tolist()

@@ -346,10 +346,13 @@ def _resolve_paths(cells: list[str], csv_path: Path, options: SourceOptions) -> 
     paths = [str(folder / (cell + options.suffix)) for cell in cells]
     missing = [(i, p) for i, p in enumerate(paths) if not Path(p).is_file()]
     if missing:
-        shown = ", ".join(f"{Path(p).name} ({_line(i)})" for i, p in missing[:3])
+        absolute = all(Path(cells[i]).is_absolute() for i, _ in missing)
+        shown = ", ".join(f"{p if Path(cells[i]).is_absolute() else Path(p).name} ({_line(i)})"
+                          for i, p in missing[:3])
+        where, check = ("", "the CSV's paths") if absolute else (f" under {folder}", "--folder")
         raise ImagefitError(
-            f"{csv_path.name}: {len(missing)} of {len(paths)} image paths do not exist under "
-            f"{folder} (first: {shown}); check --folder and --suffix"
+            f"{csv_path.name}: {len(missing)} of {len(paths)} image paths do not exist{where} "
+            f"(first: {shown}); check {check} and --suffix"
         )
     return paths
 

@@ -23,7 +23,7 @@ from ..config import (
     SourceOptions,
     merge_options,
 )
-from ..data.cache import CacheSettings, build_cache, warn_unreadable
+from ..data.cache import NO_ROW_REMEDY, CacheSettings, build_cache, warn_unreadable
 from ..data.prepare import prepare_images
 from ..data.sources import (
     IMAGE_EXTENSIONS,
@@ -174,7 +174,7 @@ def predict(run: str | Path, inputs: list[str | Path], out: str | Path | None = 
         return frame
     paths = expand_inputs(list(inputs), options)
     cache = build_cache(paths, loaded.settings, options.cache_dir, progress=options.progress)
-    warn_unreadable(cache, paths)
+    warn_unreadable(cache, paths, NO_ROW_REMEDY)
     rows = np.setdiff1d(np.arange(len(paths)), cache.failed)
     outputs = ensemble_outputs(members, cache.tensor(), rows, options.bs, options)
     task = loaded.task
@@ -250,7 +250,7 @@ def _predict_onnx(path: Path, inputs: list[str | Path], texts: list[str] | None,
     settings = CacheSettings(info["image_size"], info["channels"], info["resize"])
     paths = expand_inputs(list(inputs), options)
     cache = build_cache(paths, settings, options.cache_dir, progress=options.progress)
-    warn_unreadable(cache, paths)
+    warn_unreadable(cache, paths, NO_ROW_REMEDY)
     rows = np.setdiff1d(np.arange(len(paths)), cache.failed)
     images = cache.tensor().index_select(0, torch.as_tensor(rows)).permute(0, 3, 1, 2)
     activated = _batched(model, images, options.bs)

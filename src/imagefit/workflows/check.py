@@ -22,7 +22,7 @@ from ..data import audit
 from ..data.audit import Finding
 from ..data.duplicates import training_copies
 from ..data.loader import Loader
-from ..data.prepare import channel_stats
+from ..data.prepare import measure_channels
 from ..data.table import SPLITS, Table
 from ..devices import resolve_device, resolve_precision
 from ..errors import ImagefitError
@@ -83,7 +83,7 @@ def check(data: str | Path | Table, cfg: CheckConfig, write: bool = True) -> Che
     findings.append(audit.label_in_pixels(table, cache, loaded.train_rows, loaded.valid_rows,
                                           cfg.seed))
     say("statistics")
-    mean, std = channel_stats(cache.images, loaded.train_rows, cfg.seed)
+    mean, std = measure_channels(cache.images, loaded.train_rows, cfg.seed)
     findings += audit.image_statistics(table, cache, loaded.train_rows, mean, std,
                                        cfg.normalize)
     say("one batch")

@@ -53,7 +53,7 @@ def _write_maps(run: str | Path, inputs: list[str | Path], out: Path,
         layer = gradcam_layer(loaded.model, loaded.settings.size, loaded.settings.channels)
     paths = expand_inputs(inputs, options)
     cache = build_cache(paths, loaded.settings, options.cache_dir, progress=options.progress)
-    warn_unreadable(cache, paths)
+    warn_unreadable(cache, paths, "{count} file(s) have no map in the output, the first {first}")
     rows = np.setdiff1d(np.arange(len(paths)), cache.failed)
     names = _file_names([paths[row] for row in rows], options.method)
     written = []
