@@ -271,7 +271,14 @@ def test_exit_codes_and_the_page_escapes_user_strings(tmp_path):
     shutil.copy(folder / "plain" / "0.png", folder / "plain" / "copy.png")
     done = run_cli("check", str(folder), "--no-progress", "--runs-dir", str(tmp_path / "r"),
                    "--overfit-steps", "40", "--sanity-steps", "20", cwd=tmp_path)
-    assert done.returncode in (0, 1), done.stderr
+    # the copy only warns, and nothing fails: distinct textures, one batch overfitted
+    # (loss 0.8 -> 3e-5, under its 5% goal), and so few validation images (8) that no
+    # accuracy on shuffled labels exceeds the limit: exit 0
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert any(line.split()[:3] == ["exact", "duplicates", "warn"] for line in lines)
+    assert "(1 exact copies in 1 groups)" in done.stdout
+    assert lines[-3].startswith("0 failed, 1 warned, 13 passed in ")
     page = (Path(done.stdout.splitlines()[-1]) / "check.html").read_text()
     assert "<script>alert(1)</script>" not in page
     missing = run_cli("check", str(tmp_path / "nowhere"), cwd=tmp_path)
