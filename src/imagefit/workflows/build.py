@@ -30,6 +30,7 @@ from ..data.prepare import (
     STATS_MAX_IMAGES,
     PreparedImages,
     channel_stats,
+    measure_channels,
     prepare_images,
     resolve_settings,
 )
@@ -578,8 +579,8 @@ def _normalization(cfg: FitConfig, model: nn.Module, loaded: LoadedData) -> tupl
         return channel_stats(images, loaded.train_rows, cfg.seed)
     own, _ = loaded.own_rows("train")
     most = STATS_MAX_IMAGES // distributed.world_size()
-    mean, std = (np.asarray(v) for v in channel_stats(images, loaded.prepared.cache.local(own),
-                                                      cfg.seed, most))
+    mean, std = (np.asarray(v) for v in measure_channels(
+        images, loaded.prepared.cache.local(own), cfg.seed, most))
     weight = float(min(len(own), most))
     sums = distributed.sum_over_ranks(torch.tensor(
         [weight, *(weight * mean), *(weight * (std ** 2 + mean ** 2))], dtype=torch.float64))
