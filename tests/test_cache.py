@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -601,3 +604,96 @@ def test_a_shard_decodes_again_only_its_changed_files(tmp_path, monkeypatch):
     shard = build(paths, settings, rows=rows)
     assert counter.paths == [paths[7]]
     assert shard.images[1].max() == 200
+
+
+# -- two processes ------------------------------------------------------------------------
+
+BUILDER = """
+import json, os, sys, threading, time
+from pathlib import Path
+
+import imagefit.data.cache as cache
+
+me, root, images, out = int(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4])
+other = 1 - me
+paths = sorted(str(path) for path in images.glob("*.png"))
+decoded, waited, first = [], [], threading.Lock()
+real_decode = cache.decode_image
+
+
+def other_waits_on_a_lock(pid):
+    lines = Path("/proc/locks").read_text().splitlines()
+    return any(" -> FLOCK " in line and f" {pid} " in line for line in lines)
+
+
+def decode(path, settings):
+    with first:  # the first decode of this process: hold it until the other is blocked
+        if not decoded:
+            pid = int((out / f"pid{other}").read_text())
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and not (
+                    (out / f"entered{other}").exists() and other_waits_on_a_lock(pid)):
+                time.sleep(0.02)
+            waited.append(other_waits_on_a_lock(pid))
+        decoded.append(path)
+    return real_decode(path, settings)
+
+
+cache.decode_image = decode
+(out / f"pid{me}.tmp").write_text(str(os.getpid()))
+(out / f"pid{me}.tmp").replace(out / f"pid{me}")
+while not (out / "go").exists():
+    time.sleep(0.02)
+(out / f"entered{me}").touch()
+built = cache.build_cache(paths, cache.CacheSettings(size=16, channels=1), root,
+                          progress=False)
+(out / f"result{me}.json").write_text(json.dumps({
+    "decoded": len(decoded), "saw_the_other_wait": waited == [True],
+    "folder": str(built.folder)}))
+"""
+
+
+def test_two_processes_building_one_cache_at_once_make_one_correct_cache(tmp_path,
+                                                                         monkeypatch):
+    """Two processes start building the cache of the same 300 PNGs at the same moment: the
+    first to take the build lock decodes every image once (holding its first decode until
+    /proc/locks shows the other process blocked on the lock), the other then opens that
+    cache without decoding; one cache folder results, whose images are the files' pixels
+    decoded independently here."""
+    rng = np.random.default_rng(0)
+    paths = [save(tmp_path / "pngs" / f"im{i:04d}.png", grey(rng.integers(0, 256, (16, 16))))
+             for i in range(300)]
+    root, out = tmp_path / "cache", tmp_path / "out"
+    out.mkdir()
+    script = tmp_path / "build.py"
+    script.write_text(BUILDER)
+    builders = [subprocess.Popen([sys.executable, str(script), str(k), str(root),
+                                  str(tmp_path / "pngs"), str(out)],
+                                 stderr=subprocess.PIPE, text=True,
+                                 env={**os.environ, "OMP_NUM_THREADS": "1"})
+                for k in range(2)]
+    try:
+        deadline = time.monotonic() + 120
+        while not all((out / f"pid{k}").exists() for k in range(2)):  # both imported
+            assert all(b.poll() is None for b in builders), builders[0].stderr.read()[-2000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        (out / "go").touch()
+        for builder in builders:
+            assert builder.wait(timeout=120) == 0, builder.stderr.read()[-2000:]
+    finally:
+        for builder in builders:
+            builder.kill()
+            builder.wait()
+    results = [json.loads((out / f"result{k}.json").read_text()) for k in range(2)]
+    assert sorted(r["decoded"] for r in results) == [0, 300]
+    assert [r["saw_the_other_wait"] for r in results if r["decoded"]] == [True]
+    (folder,) = {r["folder"] for r in results}
+    assert [p.name for p in root.iterdir()] == [Path(folder).name]  # one cache
+    counter = DecodeCounter()
+    monkeypatch.setattr(cache_module, "decode_image", counter)
+    cache = build(paths, CacheSettings(size=16, channels=1), root=root)
+    assert counter.paths == [] and str(cache.folder) == folder
+    expected = np.stack([np.asarray(Image.open(path)) for path in paths])[..., None]
+    np.testing.assert_array_equal(cache.images, expected)
+    assert cache.errors == {} and cache.failed == []
