@@ -16,6 +16,7 @@ from timm.layers.activations_me import SwishMe
 from torch import nn
 
 import imagefit
+from conftest import isolated
 from imagefit import ImagefitError
 from imagefit.augment.pipeline import BatchPipeline
 from imagefit.data.cache import CacheSettings
@@ -30,19 +31,22 @@ from imagefit.workflows.explain import explain
 SIZE = 28
 
 
-def shapes(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def shapes(count: int, seed: int, kinds: int = 2) -> tuple[np.ndarray, np.ndarray]:
     """Dark noisy images with one bright 9x9 square (class 0) or disc of the same area
-    (class 1) at a random place: only the object tells the classes apart."""
+    (class 1) at a random place: only the object tells the classes apart. ``kinds=3`` adds
+    class 2, the noise alone."""
     rng = np.random.default_rng(seed)
     images = rng.integers(0, 20, (count, SIZE, SIZE), dtype=np.uint8)
-    labels = np.arange(count) % 2
+    labels = np.arange(count) % kinds
     rows, columns = np.mgrid[:SIZE, :SIZE]
     for image, label in zip(images, labels):
         y, x = rng.integers(6, SIZE - 6, 2)
         if label == 0:
             inside = (abs(rows - y) <= 4) & (abs(columns - x) <= 4)
-        else:
+        elif label == 1:
             inside = (rows - y) ** 2 + (columns - x) ** 2 <= 25
+        else:
+            continue
         image[inside] = rng.integers(200, 256)
     return images, labels
 
@@ -56,10 +60,29 @@ def shapes_run(tmp_path_factory):
         patch.setenv("IMAGEFIT_OFFLINE", "1")
         images, labels = shapes(400, seed=0)
         table = imagefit.from_arrays(images, labels, names=["square", "disc"])
-        # fp32 wherever the suite runs: a bf16 fit (CPUs with AMX) learns another model,
-        # whose Grad-CAM of squares points at their absence around the disc test
+        # fp32 wherever the suite runs: the tests of this model are of files, modes and
+        # targets; where the maps fall is objects_run's, in both precisions
         result = imagefit.fit(table, epochs=3, runs_dir=str(root / "runs"), progress=False,
                               precision="fp32")
+    assert result.metrics["valid_accuracy"] >= 0.95
+    return result.run_dir
+
+
+@pytest.fixture(scope="module", params=["fp32", "bf16"])
+def objects_run(request, tmp_path_factory):
+    """Squares, discs and images with neither, trained in each precision (bf16 autocast runs
+    on any CPU, emulated without AMX), so that every machine checks both. With two classes,
+    one of them can be told by the other's absence: which one a fit learns that way depended
+    on the CPU's arithmetic (fp32 on an AVX2 CPU: Grad-CAM of squares on the background,
+    mass ratio 0.42-0.76, where an AMX Xeon gave 3.2), and a map of absent evidence has no
+    object to sit on. Where no object is a class of its own, each object is evidence for its
+    class."""
+    root = tmp_path_factory.mktemp("objects")
+    with isolated(root):
+        images, labels = shapes(600, seed=0, kinds=3)
+        table = imagefit.from_arrays(images, labels, names=["square", "disc", "none"])
+        result = imagefit.fit(table, epochs=5, runs_dir=str(root / "runs"), progress=False,
+                              report=False, precision=request.param)
     assert result.metrics["valid_accuracy"] >= 0.95
     return result.run_dir
 
@@ -86,17 +109,22 @@ def test_maps_have_the_images_shape_and_lie_in_unit_range(shapes_run, test_image
     assert torch.allclose(maps.amax(dim=(1, 2)), torch.ones(16))
 
 
-def test_gradcam_puts_its_mass_on_the_deciding_object(shapes_run, test_images):
-    loaded = load_model(shapes_run, "cpu")
-    objects = (test_images[:, 0] > 100).float()
+def test_gradcam_puts_its_mass_on_the_deciding_object(objects_run):
+    loaded = load_model(objects_run, "cpu")
+    images, labels = shapes(24, seed=1, kinds=3)
+    images = torch.from_numpy(images[labels < 2])[:, None]  # the 16 with an object
+    objects = (images[:, 0] > 100).float()
     for method in ("gradcam", "guided-backprop"):
-        maps = saliency_maps(loaded, test_images, method)
+        maps = saliency_maps(loaded, images, method)
         mass_on_object = (maps * objects).sum(dim=(1, 2)) / maps.sum(dim=(1, 2))
         # the object covers about a tenth of the image; a blind map puts a tenth there
         ratio = mass_on_object / objects.mean(dim=(1, 2))
-        if method == "gradcam":  # measured with the default small_cnn_16: 3.2 and 3.8
+        # measured over seeds 0-4 in fp32 and in bf16 on an AVX2 CPU (10 fits): Grad-CAM
+        # (small_cnn_16's default layer, stages.1) min 2.60-3.98, median 3.10-4.29; guided
+        # backprop's positive part min 4.02-7.51, median 5.49-8.29
+        if method == "gradcam":
             assert ratio.min() > 1.5 and ratio.median() > 2.5
-        else:  # guided backprop's positive part: 6.5 and 7.5 (the plain gradient 0.7, 2.3)
+        else:  # the plain gradient: 0.7 and 2.3
             assert ratio.min() > 3 and ratio.median() > 5
 
 
