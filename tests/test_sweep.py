@@ -16,8 +16,10 @@ import pytest
 import yaml
 from PIL import Image
 
+from conftest import isolated, shape_image
 from imagefit import api, cli
 from imagefit.config import FitConfig
+from imagefit.data.table import from_arrays
 from imagefit.errors import TrainingDiverged
 from imagefit.models import create_model
 from imagefit.train.callbacks import Callback
@@ -41,9 +43,9 @@ def config_of(run_dir: str | Path) -> dict:
 def digits_sweep(tmp_path_factory):
     """small_cnn_16 and small_cnn_32 (--widths 16,32) on 16 px digits, 3 epochs each."""
     root = tmp_path_factory.mktemp("sweep")
-    return api.sweep("builtin:digits", widths=[16, 32], epochs=3, image_size=16,
-                     progress=False, report=False, tta=False, runs_dir=str(root / "runs"),
-                     cache_dir=str(root / "cache"))
+    with isolated(root / "cache"):
+        return api.sweep("builtin:digits", widths=[16, 32], epochs=3, image_size=16,
+                         progress=False, report=False, tta=False, runs_dir=str(root / "runs"))
 
 
 def test_table_holds_each_models_best_epoch_and_gap_from_its_metrics_csv(digits_sweep):
@@ -80,6 +82,23 @@ def test_widths_train_the_small_nets_of_those_widths_with_early_stopping(digits_
     control = FitConfig(model="small_cnn_16", epochs=20)
     apply_small_image_recipe(control, 16)
     assert control.label_smoothing == 0.1 and control.augment == "light"
+
+
+def test_a_model_that_stops_improving_stops_three_epochs_after_its_best(tmp_path):
+    """Validation accuracy on 30 images of squares and bars stops rising within a few epochs
+    (its best at epoch 2-4 with seeds 0-2, at 1 in bf16), so the sweep's patience of 3 (not
+    set here) ends the fit long before its 20 epochs."""
+    rng = np.random.default_rng(0)
+    kinds = np.arange(150) % 3
+    images = np.stack([shape_image(int(kind), 16, rng, rgb=False) for kind in kinds])
+    result = api.sweep(from_arrays(images, kinds), widths=[16], epochs=20, progress=False,
+                       report=False, tta=False, runs_dir=str(tmp_path))
+    row = result.rows[0]
+    history = pd.read_csv(Path(row["run_dir"]) / "metrics.csv")
+    best = history["valid_accuracy"].max()
+    assert row["status"] == "done" and config_of(row["run_dir"])["early_stop"] == 3
+    assert row["epochs"] == len(history) == row["best_epoch"] + 3 < 20
+    assert (history["valid_accuracy"].iloc[row["best_epoch"]:] <= best).all()
 
 
 def test_figure_is_a_png_with_a_colour_per_model(digits_sweep):

@@ -150,13 +150,53 @@ def test_sgdr_with_conflicting_epochs_is_refused():
         imagefit.fit("builtin:digits", schedule="sgdr", epochs=5, progress=False)
 
 
+def cosine_from(start: float, end: float, p: float) -> float:
+    return end + (start - end) * (1 + np.cos(np.pi * p)) / 2
+
+
+# The learning rate at progress p of each schedule, as docs/ and the docstrings state them:
+# flat, then cosine to lr/1e5 over the last quarter; linear warm-up over 5%, then cosine to
+# lr/1e4; a tenth at half way and a hundredth at three quarters.
+SCHEDULES = {
+    "flat_cos": lambda lr, p: lr if p < 0.75 else cosine_from(lr, lr / 1e5, (p - 0.75) / 0.25),
+    "warmup_cosine": lambda lr, p: lr * p / 0.05 if p < 0.05 else cosine_from(
+        lr, lr / 1e4, (p - 0.05) / 0.95),
+    "step": lambda lr, p: lr * (1.0 if p < 0.5 else 0.1 if p < 0.75 else 0.01),
+}
+
+
+def is_ranger(optimizer) -> bool:  # timm's Lookahead around RAdam
+    from timm.optim import Lookahead
+
+    return isinstance(optimizer, Lookahead) and isinstance(optimizer._base_optimizer,
+                                                           torch.optim.RAdam)
+
+
+OPTIMIZERS = {"ranger": is_ranger,
+              "sgd": lambda o: type(o) is torch.optim.SGD and o.defaults["nesterov"]
+              and o.defaults["momentum"] == 0.9,
+              "adamw": lambda o: type(o) is torch.optim.AdamW}
+
+
 @pytest.mark.parametrize("schedule, opt", [("flat_cos", "ranger"), ("warmup_cosine", "sgd"),
                                            ("step", "adamw")])
 def test_other_schedules_and_optimizers_train(tmp_path, schedule, opt):
-    result = imagefit.fit("builtin:digits", schedule=schedule, opt=opt, epochs=2,
-                          lr=0.05 if opt == "sgd" else 3e-3, label_smoothing=0.1,
-                          runs_dir=str(tmp_path), progress=False)
+    lr = 0.05 if opt == "sgd" else 3e-3
+    steps = Watch("before_batch", lambda learner: (
+        learner.progress, learner.optimizer.param_groups[0]["lr"] / learner.lr_factor /
+        learner.optimizer.param_groups[0].get("lr_scale", 1.0), learner.optimizer))
+    result = imagefit.fit("builtin:digits", schedule=schedule, opt=opt, epochs=2, lr=lr,
+                          label_smoothing=0.1, runs_dir=str(tmp_path), progress=False,
+                          callbacks=[steps])
     assert result.metrics["valid_accuracy"] > 0.8
+    progress, rates, optimizers = zip(*steps.values)
+    assert progress[0] == 0 and progress[-1] > 0.95 and len(progress) > 40
+    expected = [SCHEDULES[schedule](lr, p) for p in progress]
+    np.testing.assert_allclose(rates, expected, rtol=1e-6, atol=1e-12)
+    assert OPTIMIZERS[opt](optimizers[0]) and len(set(map(id, optimizers))) == 1
+    # the control: the one-cycle default would have set other rates at the same steps
+    one_cycle = schedules.one_cycle(lr)
+    assert not np.allclose(rates, [one_cycle(p) for p in progress], rtol=0.01)
 
 
 class FakeLearner:
