@@ -11,7 +11,7 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
-from conftest import write_image
+from conftest import isolated, write_image
 from imagefit import api, cli
 from imagefit.data.soft import soft_targets
 from imagefit.data.table import from_arrays
@@ -25,8 +25,9 @@ from imagefit.workflows.cv import cv
 def digits_cv(tmp_path_factory):
     """3 folds of digits, 1 epoch each, and a final model on everything."""
     root = tmp_path_factory.mktemp("cv")
-    return cv("builtin:digits", folds=3, epochs=1, progress=False, runs_dir=str(root),
-              tta=False, train_on_all=True)
+    with isolated(root):
+        return cv("builtin:digits", folds=3, epochs=1, progress=False,
+                  runs_dir=str(root / "runs"), tta=False, train_on_all=True)
 
 
 @pytest.fixture
@@ -161,11 +162,30 @@ def test_soft_targets_blend_given_labels_with_oof_probabilities(tmp_path):
         soft_targets(tmp_path, 0.5, table, Task("regression", ["v"]), np.array([0]))
 
 
+class FirstBatch:
+    """The training rows and the targets of the first batch's loss."""
+
+    def after_loss(self, learner) -> None:
+        if not hasattr(self, "targets"):
+            self.rows = learner.train_loader.batch_rows.clone()
+            self.targets = learner.y.detach().clone()
+
+
 def test_fit_trains_on_soft_labels_from_a_cv_directory(digits_cv, tmp_path):
+    first = FirstBatch()
     result = api.fit("builtin:digits", epochs=1, progress=False, runs_dir=str(tmp_path),
                      report=False, tta=False, soft_labels=str(digits_cv.cv_dir),
-                     soft_alpha=0.5)
+                     soft_alpha=0.5, callbacks=[first])
     assert result.metrics["valid_accuracy"] > 0.8
+    # the loss saw half the one-hot label and half the out-of-fold probabilities (oof.csv's
+    # 6 decimals), not the labels alone
+    oof = pd.read_csv(digits_cv.cv_dir / "oof.csv").set_index("row")
+    rows = first.rows.numpy()
+    predicted = oof.loc[rows, [f"prob_{k}" for k in range(10)]].to_numpy(np.float32)
+    hard = np.eye(10, dtype=np.float32)[load_digits().target[rows]]
+    assert first.targets.shape == (len(rows), 10)
+    np.testing.assert_allclose(first.targets.numpy(), 0.5 * hard + 0.5 * predicted, atol=1e-6)
+    assert not np.allclose(first.targets.numpy(), hard, atol=0.01)
     with pytest.raises(ImagefitError, match="--soft-labels and --plc both change"):
         api.fit("builtin:digits", epochs=1, progress=False, runs_dir=str(tmp_path),
                 soft_labels=str(digits_cv.cv_dir), plc=True)
