@@ -17,6 +17,7 @@ import yaml
 
 import imagefit
 from conftest import isolated
+from imagefit import runs
 from imagefit.cli import main
 from imagefit.errors import FitInterrupted, ImagefitError
 from imagefit.report.history import list_runs
@@ -94,6 +95,10 @@ def test_nan_weights_are_refused(run_copy, tmp_path):
     name = next(k for k, v in tensors.items() if v.is_floating_point())
     tensors[name] = torch.full_like(tensors[name], float("nan"))
     save_file(tensors, run_copy / "model.safetensors")
+    # saved by a fit, so model.json records their checksum (edited weights: test_damaged_files)
+    info = json.loads((run_copy / "model.json").read_text())
+    info[runs.WEIGHTS_CHECKSUM] = runs.file_sha256(run_copy / "model.safetensors")
+    (run_copy / "model.json").write_text(json.dumps(info))
     assert "holds NaN or infinite weights: its fit diverged" in predict_error(run_copy, tmp_path)
 
 
