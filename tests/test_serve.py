@@ -4,6 +4,7 @@ the batching of concurrent requests, and its page driven in headless Chromium.""
 
 from __future__ import annotations
 
+import base64
 import builtins
 import io
 import os
@@ -21,9 +22,11 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from matplotlib import colormaps
 from PIL import Image
 
 import imagefit
+from conftest import isolated
 from imagefit import api
 from imagefit.cli import main
 from imagefit.data.builtin import read_digits
@@ -36,8 +39,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("IMAGEFIT_CACHE", str(root / "cache"))
+    with isolated(root):
         result = imagefit.fit("builtin:digits", epochs=2, progress=False, report=False,
                               runs_dir=str(root / "runs"))
     return result.run_dir
@@ -65,12 +67,13 @@ def server(source, *options: str):
         found = re.search(r"http://\S+/", line)
         assert found, f"no address printed: {line!r} {process.stderr.read() if not line else ''}"
         url = found.group(0)
-        for _ in range(100):
+        deadline, status = time.monotonic() + 30, None
+        while status != 200 and time.monotonic() < deadline:  # it listens before it prints
             try:
-                if httpx.get(url + "health", timeout=2).status_code == 200:
-                    break
+                status = httpx.get(url + "health", timeout=2).status_code
             except httpx.TransportError:
                 time.sleep(0.1)
+        assert status == 200, f"{url}health answered {status} for 30 s"
         yield url
     finally:
         process.send_signal(signal.SIGINT)
@@ -82,6 +85,46 @@ def server(source, *options: str):
         stderr = process.stderr.read()
     assert code == 0, stderr
     assert "Traceback" not in stderr, stderr
+
+
+JET = colormaps["jet"](np.linspace(0, 1, 1001))[:, :3] * 255.0
+
+
+def map_under(overlay_url: str, plain: torch.Tensor) -> np.ndarray:
+    """The saliency map an overlay carries: the overlay is half the plain image (C, S, S)
+    and half the jet colour of the map, so 2 * overlay - plain is a jet colour at every
+    pixel, whose place on the colour scale is the map's value (to about 0.005)."""
+    header, data = overlay_url.split(",", 1)
+    assert header == "data:image/png;base64"
+    with Image.open(io.BytesIO(base64.b64decode(data))) as overlay:
+        assert overlay.size == tuple(plain.shape[1:]) and overlay.mode == "RGB"
+        pixels = np.asarray(overlay, dtype=np.float64)
+    heat = 2 * pixels - plain.permute(1, 2, 0).numpy().astype(np.float64)
+    distance = np.abs(heat[..., None, :] - JET).max(axis=-1)
+    assert distance.min(axis=-1).max() <= 3, "not the image under a jet heat map"
+    return distance.argmin(axis=-1) / (len(JET) - 1)
+
+
+def gradcam_of(run: Path, files: list[Path], targets: list[int]) -> tuple[torch.Tensor,
+                                                                          torch.Tensor]:
+    """The images as the server reads them and the run's Grad-CAM maps of ``targets``,
+    computed here by the server's own model class."""
+    served = ServedModel.load(run)
+    images = torch.stack([served.decode(f.read_bytes(), f.name, 10**6) for f in files])
+    return images, served.explain(images, torch.tensor(targets))
+
+
+def assert_overlays_carry_the_runs_gradcam(answers: list[dict], run: Path,
+                                           files: list[Path]) -> None:
+    """Each overlay is its image under a heat map spanning the whole scale (Grad-CAM scales
+    each map to 0..1), the run's Grad-CAM of the class it names (to 0.02: the PNG's 8-bit
+    rounding), not a blank or constant map."""
+    names = [str(k) for k in range(10)]
+    images, maps = gradcam_of(run, files, [names.index(a["explained"]) for a in answers])
+    for answer, image, expected in zip(answers, images, maps):
+        found = map_under(answer["saliency"], image)
+        assert found.min() < 0.02 and found.max() > 0.98, answer["file"]
+        np.testing.assert_allclose(found, expected.numpy(), atol=0.02, err_msg=answer["file"])
 
 
 def post(url: str, *files: tuple[str, bytes], timeout: float = 30, **params) -> httpx.Response:
@@ -114,11 +157,8 @@ def test_predict_answers_what_predict_answers_with_top_k_and_saliency(digits_run
             for entry in answer["top"]:
                 assert entry["probability"] == pytest.approx(row[f"prob_{entry['label']}"],
                                                              abs=1e-5)
-            header, data = answer["saliency"].split(",", 1)
-            assert header == "data:image/png;base64"
-            overlay = Image.open(io.BytesIO(__import__("base64").b64decode(data)))
-            assert overlay.size == (8, 8) and overlay.mode == "RGB"
             assert answer["explained"] == answer["label"]
+        assert_overlays_carry_the_runs_gradcam(answers, digits_run, digit_pngs)
         plain = post(url, (digit_pngs[0].name, digit_pngs[0].read_bytes())).json()
         assert len(plain["predictions"][0]["top"]) == 5 and "saliency" not in plain[
             "predictions"][0]
@@ -137,10 +177,10 @@ def test_an_exported_model_is_served_by_onnxruntime_with_the_runs_gradcam(
         answers = post(url, *[(p.name, p.read_bytes()) for p in digit_pngs],
                        saliency="true").json()["predictions"]
     for answer, (_, row) in zip(answers, expected.iterrows()):
-        assert answer["label"] == row["label"]
+        assert answer["label"] == row["label"] == answer["explained"]
         assert answer["top"][0]["probability"] == pytest.approx(row[f"prob_{row['label']}"],
                                                                 abs=1e-6)
-        assert answer["saliency"].startswith("data:image/png;base64,")
+    assert_overlays_carry_the_runs_gradcam(answers, digits_run, digit_pngs)
 
 
 def test_bad_uploads_get_4xx_with_a_message_and_the_server_goes_on(digits_run, digit_pngs,
