@@ -267,13 +267,35 @@ def test_help_states_when_tta_is_on(capsys):
     assert "True" not in tta
 
 
+def colour_count(pixels: np.ndarray, colour: tuple[int, int, int]) -> int:
+    return int((np.abs(pixels.astype(int) - colour).sum(axis=-1) < 10).sum())
+
+
 def test_lr_find_explain_and_compare_through_the_command_line(tmp_path, capsys):
+    from imagefit import api
+
     plot = tmp_path / "sweep.png"
     assert main(["lr-find", "builtin:digits", "--out", str(plot), "--no-progress"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert [line.split(":")[0] for line in lines[:3]] == ["steepest", "valley", "minimum/10"]
-    assert all(float(line.split(": ")[1]) > 0 for line in lines[:3])
-    assert lines[-1] == str(plot) and plot.stat().st_size > 10_000
+    assert lines[-1] == str(plot)
+    printed = dict(line.split(": ") for line in lines[:3])
+    # the sweep the API gives for the same data and seed, its suggestions printed to 3 digits
+    sweep = api.lr_find("builtin:digits", None, progress=False)
+    assert printed == {name: f"{lr:.2e}" for name, lr in sweep.suggestions.items()}
+    assert list(printed) == ["steepest", "valley", "minimum/10"]
+    # as documented: a tenth of the rate at the lowest smoothed loss (the first 5% of the
+    # points left out), and the steepest fall and the valley before that lowest loss
+    skip = len(sweep.losses) // 20
+    lowest = sweep.lrs[skip + int(np.argmin(sweep.losses[skip:]))]
+    assert sweep.suggestions["minimum/10"] == pytest.approx(lowest / 10, rel=1e-12)
+    assert 1e-7 <= sweep.suggestions["steepest"] <= lowest
+    assert 1e-7 <= sweep.suggestions["valley"] <= lowest
+    with Image.open(plot) as picture:
+        assert picture.size == (600, 400)  # 6 x 4 inches at 100 dpi
+        pixels = np.asarray(picture.convert("RGB"))
+    assert colour_count(pixels, (31, 119, 180)) > 300  # the loss curve, tab:blue (807 here)
+    for marker in ((214, 39, 40), (44, 160, 44), (255, 127, 14)):  # the three suggestions
+        assert colour_count(pixels, marker) > 50, marker  # each dot and its legend: 122
 
     runs_dir = tmp_path / "runs"
     for seed in (0, 1):
@@ -293,6 +315,20 @@ def test_lr_find_explain_and_compare_through_the_command_line(tmp_path, capsys):
     assert capsys.readouterr().out.strip() == f"wrote 3 overlays to {overlays}"
     assert sorted(p.name for p in overlays.iterdir()) == [
         f"digit_{i}_gradcam.png" for i in range(3)]
+    drawn = []
+    for i in range(3):
+        with Image.open(overlays / f"digit_{i}_gradcam.png") as picture:
+            pixels = np.asarray(picture.convert("RGB")).astype(int)
+        drawn.append(pixels)
+        half = pixels.shape[1] // 2
+        image, overlay = pixels[:, :half], pixels[:, half:]
+        # the digit in grey, beside it under a jet heat map spanning the scale (Grad-CAM
+        # scales each map to 0..1): red where it looked, blue where not (4,000-18,000
+        # pixels of each here; a blank or constant map gives one hue)
+        assert ((image.max(axis=-1) - image.min(axis=-1)) <= 3).all()
+        assert ((overlay[..., 0] - overlay[..., 2]) > 60).sum() > 1000
+        assert ((overlay[..., 2] - overlay[..., 0]) > 60).sum() > 1000
+    assert not np.array_equal(drawn[0], drawn[1])
 
     compare = tmp_path / "compare.png"
     assert main(["runs", "--compare", str(first), str(second), "--out", str(compare)]) == 0
