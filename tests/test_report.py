@@ -21,7 +21,7 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from conftest import shape_image, write_image
+from conftest import isolated, shape_image, write_image
 from imagefit import api, cli
 from imagefit.data.table import from_arrays
 from imagefit.metrics import best_threshold
@@ -56,8 +56,9 @@ def hostile_run(tmp_path_factory) -> Path:
         write_image(root / "images" / file, shape_image(kind, 16, rng, rgb=False))
         rows.append({"file": file, "label": names[kind]})
     pd.DataFrame(rows).to_csv(root / "labels.csv", index=False)
-    result = api.fit(str(root / "labels.csv"), folder=str(root / "images"), epochs=2,
-                     progress=False, runs_dir=str(root / "runs"), tta=True, tta_n=2)
+    with isolated(root / "cache"):
+        result = api.fit(str(root / "labels.csv"), folder=str(root / "images"), epochs=2,
+                         progress=False, runs_dir=str(root / "runs"), tta=True, tta_n=2)
     return result.run_dir
 
 
