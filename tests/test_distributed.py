@@ -61,6 +61,20 @@ def test_devices_outside_torchrun_say_how_to_start_them():
         api.fit("builtin:digits", devices=2, epochs=1)
 
 
+# Validation images (of 359) by which a two-process fit's accuracy may differ from one
+# process's after 6 epochs of builtin:digits (BatchNorm sees each rank's half batch). Measured
+# on this 2-core CPU (fp32, seeds 0, 1, 2): --devices 2 and two nodes 2, 2 and 2 images
+# apart; the folder under the user's torchrun (c10d) 3, 0 and 2; on other CPUs up to 4
+# (0.9805 against 0.9916). 6 is half as much again as the most seen.
+TOLERANCE_IMAGES = 6
+
+
+def assert_close_in_accuracy(two: dict, one: dict) -> None:
+    """The fits' validation accuracies, from their metrics, within TOLERANCE_IMAGES."""
+    apart = abs(two["valid_accuracy"] - one["valid_accuracy"]) * one["n_valid"]
+    assert round(apart, 6) <= TOLERANCE_IMAGES, (two["valid_accuracy"], one["valid_accuracy"])
+
+
 def test_two_processes_learn_what_one_does_and_write_one_run(tmp_path):
     """`imagefit fit --devices 2` (torchrun, gloo) against a 1-process fit with the same
     --bs (the global batch) and seed. The ranks step through the same global batches (with
@@ -71,7 +85,7 @@ def test_two_processes_learn_what_one_does_and_write_one_run(tmp_path):
     image of 360), 0.9861 against 0.9972 on this one with AMX; once each rank's part of a
     batch was cut before sorting, 0.9805 against 0.9972 after 3 epochs (6 images: too
     early to compare), 0.9889 against 0.9972 after 5, 0.9944 against 0.9916 after 6. The
-    tolerance, 0.015, is 5 images, after 6 epochs."""
+    tolerance is TOLERANCE_IMAGES, after 6 epochs."""
     common = dict(epochs=6, progress=False, tta=False, report=False, seed=0, precision="fp32")
     one = api.fit("builtin:digits", runs_dir=str(tmp_path / "one"), **common)
     runs_dir = tmp_path / "two"
@@ -89,7 +103,7 @@ def test_two_processes_learn_what_one_does_and_write_one_run(tmp_path):
     assert done.stdout.count("train_loss") == 1  # rank 0 alone prints
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["n_train"] == one.metrics["n_train"]
-    assert abs(metrics["valid_accuracy"] - one.metrics["valid_accuracy"]) <= 0.015
+    assert_close_in_accuracy(metrics, one.metrics)
     assert "devices: 2" in (run_dir / "config.yaml").read_text()
     assert (run_dir / "checkpoints" / "last.pt").is_file()
 
@@ -233,12 +247,75 @@ def _node(rank: int, port: int, runs_dir: Path, *args: str) -> subprocess.Popen:
         env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
-def _free_port() -> int:
+def _unused_port() -> int:
+    """A loopback port no one listens on, below the kernel's range of ports it hands to
+    outgoing connections (a port bound to 0 and released comes from that range, and the
+    rendezvous's own connections may be handed it before node 0 binds it)."""
+    import random
     import socket
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    while True:
+        port = random.randrange(20000, ephemeral_low)
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+
+
+def _listener(port: int) -> int | None:
+    """The process listening on TCP ``port`` (IPv4 or IPv6), if any."""
+    sockets = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                sockets.add(f"socket:[{fields[9]}]")
+    if not sockets:
+        return None
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and any(os.readlink(fd) in sockets
+                                            for fd in (entry / "fd").iterdir()):
+                return int(entry.name)
+        except OSError:
+            continue
+    return None
+
+
+def _descends_from(pid: int, parents: set[int]) -> bool:
+    while pid > 1 and pid not in parents:
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except OSError:
+            return False
+    return pid in parents
+
+
+def _started_on_a_port(start, tries: int = 5) -> tuple[list[subprocess.Popen], int]:
+    """The processes ``start(port)`` starts (stdout and stderr piped), once one of them
+    listens on the port for the rendezvous. Another process may take the port between its
+    choice and that bind: node 0 then fails with EADDRINUSE (a static rendezvous) or joins
+    the stranger's store (c10d), so they are stopped and started again on another port."""
+    for _ in range(tries):
+        port = _unused_port()
+        processes = start(port)
+        deadline = time.monotonic() + 240
+        owner = None
+        while owner is None and time.monotonic() < deadline and all(
+                p.poll() is None for p in processes):
+            owner = _listener(port)
+            time.sleep(0.1)
+        if owner is not None and _descends_from(owner, {p.pid for p in processes}):
+            return processes, port
+        for process in processes:
+            process.kill()
+        errors = "".join(process.communicate()[1] for process in processes)
+        if owner is None and "EADDRINUSE" not in errors and "in use" not in errors:
+            raise AssertionError(f"no process listened on port {port}: {errors[-3000:]}")
+    raise AssertionError(f"{tries} ports were taken before the rendezvous bound them")
 
 
 def test_two_nodes_on_loopback_train_one_run_and_resume_after_one_is_killed(tmp_path):
@@ -254,9 +331,9 @@ def test_two_nodes_on_loopback_train_one_run_and_resume_after_one_is_killed(tmp_
     data = _digits_folder(tmp_path / "digits")  # files: each node caches its share
     common = [str(data), "--epochs", "12", "--no-tta", "--no-report", "--seed", "0",
               "--precision", "fp32"]
-    port = _free_port()
-    nodes = [_node(k, port, node_dirs[k], *common, "--runs-dir", str(node_dirs[k] / "runs"))
-             for k in range(2)]
+    nodes, _ = _started_on_a_port(lambda port: [
+        _node(k, port, node_dirs[k], *common, "--runs-dir", str(node_dirs[k] / "runs"))
+        for k in range(2)])
     try:
         deadline = time.monotonic() + 240
         while not [p for p in node_dirs[0].glob("runs/*/metrics.csv")
@@ -278,8 +355,8 @@ def test_two_nodes_on_loopback_train_one_run_and_resume_after_one_is_killed(tmp_
     (run_dir,) = (node_dirs[0] / "runs").iterdir()
     assert len((run_dir / "metrics.csv").read_text().splitlines()) >= 2
 
-    port = _free_port()
-    nodes = [_node(k, port, node_dirs[k], "--resume", str(run_dir)) for k in range(2)]
+    nodes, _ = _started_on_a_port(lambda port: [
+        _node(k, port, node_dirs[k], "--resume", str(run_dir)) for k in range(2)])
     outs = [node.communicate(timeout=300) for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
     assert Path(outs[0][0].strip().splitlines()[-1]) == run_dir and outs[1][0] == ""
@@ -291,21 +368,20 @@ def test_two_nodes_on_loopback_train_one_run_and_resume_after_one_is_killed(tmp_
 
 def test_two_nodes_on_loopback_learn_what_one_process_does(tmp_path):
     """The same fit on two "machines" (one process each, static rendezvous on loopback)
-    against one process: the tolerance of test_two_processes_learn_what_one_does..., 0.015
-    (5 validation images), after 6 epochs."""
+    against one process: within TOLERANCE_IMAGES, after 6 epochs."""
     common = dict(epochs=6, progress=False, tta=False, report=False, seed=0, precision="fp32")
     one = api.fit("builtin:digits", runs_dir=str(tmp_path / "one"), **common)
-    port = _free_port()
-    nodes = [_node(k, port, tmp_path, "builtin:digits", "--epochs", "6", "--no-tta",
-                   "--no-report", "--seed", "0", "--precision", "fp32", "--runs-dir",
-                   str(tmp_path / f"two{k}")) for k in range(2)]
+    nodes, _ = _started_on_a_port(lambda port: [
+        _node(k, port, tmp_path, "builtin:digits", "--epochs", "6", "--no-tta", "--no-report",
+              "--seed", "0", "--precision", "fp32", "--runs-dir", str(tmp_path / f"two{k}"))
+        for k in range(2)])
     outs = [node.communicate(timeout=300) for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
     (run_dir,) = (tmp_path / "two0").iterdir()
     assert not (tmp_path / "two1").exists() or not any((tmp_path / "two1").iterdir())
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["n_train"] == one.metrics["n_train"]
-    assert abs(metrics["valid_accuracy"] - one.metrics["valid_accuracy"]) <= 0.015
+    assert_close_in_accuracy(metrics, one.metrics)
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -358,23 +434,23 @@ def test_two_nodes_under_the_users_own_torchrun_cache_only_their_shares(tmp_path
     loopback (the user's own launcher, elastic rendezvous: either may become rank 0) train
     a folder of digits PNGs to one run directory; each "machine" has its own cache folder,
     and each rank's cache holds only its share of the images, the two shares together
-    every image once (rows counted); the accuracy is a one-process fit's within the
-    tolerance of test_two_processes_learn_what_one_does... (0.015; measured 0.9805 against
-    0.9916 at seed 0, 0.9861 against 0.9861 at seed 1, 0.9944 against 0.9916 at seed 2)."""
+    every image once (rows counted); the accuracy is a one-process fit's within
+    TOLERANCE_IMAGES (measured on another CPU: 0.9805 against 0.9916 at seed 0, 0.9861
+    against 0.9861 at seed 1, 0.9944 against 0.9916 at seed 2; here 0.9833 against 0.9916,
+    0.9861 against 0.9861, 0.9972 against 0.9916)."""
     data = _digits_folder(tmp_path / "digits")
     flags = ["--epochs", "6", "--no-tta", "--no-report", "--seed", "0", "--precision", "fp32",
              "--no-progress"]
     one = api.fit(str(data), runs_dir=str(tmp_path / "one"), epochs=6, tta=False,
                   report=False, seed=0, precision="fp32", progress=False,
                   cache_dir=str(tmp_path / "one-cache"))
-    port = _free_port()
-    nodes = [subprocess.Popen(
+    nodes, _ = _started_on_a_port(lambda port: [subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node",
          "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id",
          "digits", "-m", "imagefit", "fit", str(data), *flags, "--runs-dir",
          str(tmp_path / f"runs{k}")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True, env={**os.environ, "OMP_NUM_THREADS": "1",
-                        "IMAGEFIT_CACHE": str(tmp_path / f"cache{k}")}) for k in range(2)]
+                        "IMAGEFIT_CACHE": str(tmp_path / f"cache{k}")}) for k in range(2)])
     outs = [node.communicate(timeout=300) for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
     run_dirs = [d for k in range(2) if (tmp_path / f"runs{k}").exists()
@@ -382,7 +458,7 @@ def test_two_nodes_under_the_users_own_torchrun_cache_only_their_shares(tmp_path
     assert len(run_dirs) == 1  # on whichever machine rank 0 ran
     metrics = json.loads((run_dirs[0] / "metrics.json").read_text())
     assert metrics["status"] == "done" and metrics["n_train"] == one.metrics["n_train"]
-    assert abs(metrics["valid_accuracy"] - one.metrics["valid_accuracy"]) <= 0.015
+    assert_close_in_accuracy(metrics, one.metrics)
 
     held = []
     for k in range(2):
