@@ -41,6 +41,20 @@ def pytest_configure(config):
             settings.load_profile("ci")
 
 
+# The edit-test loop (`make test-fast`, `pytest -m "not slow"`): the modules of unit-level
+# tests, which train no model or only a few steps of one. Every other module trains models
+# end to end and is marked slow; `make test` and CI run everything.
+FAST_MODULES = {"test_forward", "test_folds", "test_tasks", "test_augment", "test_loader",
+                "test_layers", "test_dataset_summary", "test_sources", "test_metrics",
+                "test_runs_table", "test_mutation_anchors"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.stem not in FAST_MODULES:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """Under CI, a skip fails the test, with its reason (which says what to install)."""

@@ -652,7 +652,8 @@ def test_a_fit_logged_to_tensorboard_and_mlflow_reads_back(tmp_path, monkeypatch
     assert len(steps) == len(events.Scalars("step/lr")) > 2
     assert "plots/training" in events.Tags()["images"]
 
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    # set for this test only: mlflow.set_tracking_uri would set it for the whole process
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     found = mlflow.search_runs(experiment_names=["imagefit"])
     assert len(found) == 1 and found.loc[0, "status"] == "FINISHED"
     assert found.loc[0, "tags.mlflow.runName"] == result.run_dir.name
