@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import random
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -213,3 +215,34 @@ def labelled_images(tmp_path) -> tuple[Path, list[str], np.ndarray]:
         names.append(f"img_{i}.png")
         write_image(folder / names[-1], shape_image(int(kind), 24, rng, rgb=False))
     return folder, names, kinds
+
+
+def live_processes(marker: str) -> dict[int, str]:
+    """Live processes (not zombies) whose command line holds ``marker``: pid and command."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if marker in command and state != "Z":
+            found[int(entry.name)] = command
+    return found
+
+
+def unused_port() -> int:
+    """A loopback port no one listens on, below the kernel's range of ports it hands to
+    outgoing connections (a port bound to 0 and released comes from that range, and may be
+    handed out again, to a server's own connections too, before the server binds it)."""
+    ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    while True:
+        port = random.randrange(20000, ephemeral_low)
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port

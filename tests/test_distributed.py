@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import live_processes, unused_port
 from imagefit import api, distributed
 from imagefit.data.loader import Loader
 from imagefit.errors import ImagefitError
@@ -119,22 +120,6 @@ def test_more_devices_than_cores_is_refused_naming_the_limit(capsys):
         f"needs one of its own: give --devices {cores} or fewer" in err
 
 
-def _imagefit_processes(marker: str) -> list[int]:
-    """PIDs of live processes whose command line holds ``marker``."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if marker in command and state != "Z":
-            found.append(int(entry.name))
-    return found
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signals are "
                     "Linux's; elsewhere torchrun's own handling applies")
 def test_killing_the_command_kills_its_workers(tmp_path):
@@ -152,14 +137,14 @@ def test_killing_the_command_kills_its_workers(tmp_path):
         while not list(runs_dir.glob("*/metrics.csv")):  # training, in all three processes
             assert parent.poll() is None and time.monotonic() < deadline
             time.sleep(0.2)
-        assert len(_imagefit_processes(marker)) >= 4  # imagefit, torchrun and two workers
+        assert len(live_processes(marker)) >= 4  # imagefit, torchrun and two workers
     finally:
         parent.kill()
         parent.wait()
     deadline = time.monotonic() + 10
-    while _imagefit_processes(marker) and time.monotonic() < deadline:
+    while live_processes(marker) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert _imagefit_processes(marker) == []
+    assert live_processes(marker) == {}
 
 
 def test_a_one_process_fit_resumes_in_two_processes(tmp_path, capfd):
@@ -247,24 +232,6 @@ def _node(rank: int, port: int, runs_dir: Path, *args: str) -> subprocess.Popen:
         env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
-def _unused_port() -> int:
-    """A loopback port no one listens on, below the kernel's range of ports it hands to
-    outgoing connections (a port bound to 0 and released comes from that range, and the
-    rendezvous's own connections may be handed it before node 0 binds it)."""
-    import random
-    import socket
-
-    ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    while True:
-        port = random.randrange(20000, ephemeral_low)
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        return port
-
-
 def _listener(port: int) -> int | None:
     """The process listening on TCP ``port`` (IPv4 or IPv6), if any."""
     sockets = set()
@@ -300,7 +267,7 @@ def _started_on_a_port(start, tries: int = 5) -> tuple[list[subprocess.Popen], i
     choice and that bind: node 0 then fails with EADDRINUSE (a static rendezvous) or joins
     the stranger's store (c10d), so they are stopped and started again on another port."""
     for _ in range(tries):
-        port = _unused_port()
+        port = unused_port()
         processes = start(port)
         deadline = time.monotonic() + 240
         owner = None

@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import live_processes, unused_port
 from imagefit import api
 from imagefit.cli import main
 from imagefit.config import TuneConfig
@@ -407,22 +407,6 @@ def test_a_real_search_prunes_the_lagging_trial_and_pruner_none_prunes_none(
                        f"(lr={row['param_lr']:.3g})" in printed[pruner]
 
 
-def live_processes(marker: str) -> dict[int, str]:
-    """Live processes (not zombies) whose command line holds ``marker``: pid and command."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if marker in command and state != "Z":
-            found[int(entry.name)] = command
-    return found
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the workers' parent-death "
                     "signal is Linux's")
 @pytest.mark.parametrize("stop", ["kill -9 of the command", "Ctrl-C"])
@@ -506,23 +490,6 @@ def test_two_workers_share_the_sqlite_study_without_duplicate_trials(tmp_path):
 # -- PostgreSQL ---------------------------------------------------------------------------
 
 PG_BIN = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
-
-
-def unused_port() -> int:
-    """A loopback port no one listens on, below the kernel's range of ports it hands to
-    outgoing connections (a port bound to 0 and released comes from that range, and may be
-    handed out again before a server binds it)."""
-    import random
-
-    ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    while True:
-        port = random.randrange(20000, ephemeral_low)
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        return port
 
 
 def start_postgres(pg_ctl: list[str], options: str, log: Path, ports) -> int:
