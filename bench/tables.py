@@ -506,19 +506,33 @@ def budget_regression(result: dict) -> list[str]:
     return lines
 
 
+def _cell(text: str) -> str:
+    """Source code as a table cell: one line, its pipes escaped."""
+    return " ".join(line.strip() for line in text.splitlines()).replace("|", "\\|")
+
+
 def mutation_check(result: dict) -> list[str]:
-    lines = ["## Mutation check of the option tests", ""] + header(result)
+    lines = ["## Mutation check of the tests", ""] + header(result)
     lines += [
-        f"Each option's effect disabled by changing one line of the source; the option tests "
-        f"then run. Caught: **{result['caught']} of {result['total']}**.",
+        "Each option's or feature's effect disabled by changing one place of the source "
+        "(found by module, function and a pattern over its syntax tree), in a copy of the "
+        "tree; the tests named for it then run. Caught: "
+        f"**{result['caught']} of {result['total']}**, in {result['seconds'] / 60:.0f} min "
+        f"(the unchanged tests first: {result['baseline_seconds']:.0f} s).",
         "",
-        "| option | file | line | changed to | failing tests |",
-        "|---|---|---|---|---|",
+        "| mutation | function | line | changed to | failing tests | s |",
+        "|---|---|---|---|---|---|",
     ]
     for m in result["mutations"]:
-        failed = ", ".join(f"`{name}`" for name in m["tests_failed"]) or "**none**"
-        lines.append(f"| {m['option']} | `{m['file']}` | `{m['line']}` | `{m['mutant']}` | "
-                     f"{failed} |")
+        failed = ", ".join(f"`{name.split('::')[-1]}`" for name in m["failing_tests"])
+        if m["timed_out"]:
+            failed = "timed out"
+        lines.append(f"| {m['name']} | `{m['module']}:{m['function']}` | `{_cell(m['before'])}` "
+                     f"| `{_cell(m['after'])}` | {failed or '**none**'} | {m['seconds']:.0f} |")
+    gaps = [m for m in result["mutations"] if not m["caught"]]
+    if gaps:
+        lines += ["", "Not caught:", ""]
+        lines += [f"- {m['name']}: {m['gap']}" for m in gaps]
     return lines
 
 
