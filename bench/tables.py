@@ -484,6 +484,24 @@ def precision(result: dict) -> list[str]:
     return lines
 
 
+def bf16_stress(result: dict) -> list[str]:
+    lines = ["## bf16 against fp32: runs that diverge", ""] + header(result)
+    lines += [
+        f"AMX on this CPU: {'yes' if result['cpu_has_amx'] else 'no'}; oneDNN "
+        f"{result['onednn']}. ResNet-18 on 16 px digits, two precomputed epochs then one of the "
+        "whole model, each seed in both precisions. A bf16 step whose loss or gradient is not "
+        "finite is computed again in fp32 (docs/DESIGN.md, Training): such runs are counted "
+        "apart from those that diverged.",
+        "",
+        "| precision | runs | diverged | runs with steps redone in fp32 | steps redone |",
+        "|---|---|---|---|---|",
+    ]
+    for name, count in result["counts"].items():
+        lines.append(f"| {name} | {count['runs']} | **{count['diverged']}** | "
+                     f"{count['runs_with_steps_redone']} | {count['steps_redone']} |")
+    return lines
+
+
 def budget_regression(result: dict) -> list[str]:
     lines = ["## --budget on Fashion-MNIST: the regression check", ""] + header(result)
     lines += [
@@ -989,6 +1007,7 @@ SECTIONS = {"time_to_accuracy": time_to_accuracy,
             "noisy_labels": noisy_labels,
             "pretrained_regression": pretrained_regression,
             "precision": precision,
+            "bf16_stress": bf16_stress,
             "budget_regression": budget_regression,
             "mutation_check": mutation_check,
             "check_speed": check_speed,
