@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import builtins
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 import imagefit
+from conftest import isolated
 from imagefit.config import LabelIssuesOptions
 from imagefit.errors import ImagefitError
 
@@ -39,7 +41,8 @@ def noisy_cv(tmp_path_factory):
     root = tmp_path_factory.mktemp("noisy")
     images, labels, flipped = flipped_digits(0.05, seed=0)
     table = imagefit.from_arrays(images, labels, description="noisy digits")
-    result = imagefit.cv(table, runs_dir=str(root), **CV)
+    with isolated(root / "cache"):
+        result = imagefit.cv(table, runs_dir=str(root / "runs"), **CV)
     return result, flipped
 
 
@@ -53,8 +56,15 @@ def test_planted_flips_on_digits_are_found_with_precision_and_recall_above_06(no
     frame = pd.read_csv(result.cv_dir / "label_issues.csv")
     assert list(frame.columns) == ["rank", "row", "fold", "path", "given", "suggested", "score"]
     assert list(frame["rank"]) == list(range(1, len(frame) + 1))
-    assert frame["score"].is_monotonic_decreasing or frame["score"].iloc[0] >= \
-        frame["score"].iloc[-1]
+    # the score is 1 - the out-of-fold probability of the given label (self-confidence, from
+    # oof.csv's 6 decimals), the suggestion the most probable class, and rank 1 the most suspect
+    oof = pd.read_csv(result.cv_dir / "oof.csv", dtype={"label": str}).set_index("row")
+    probabilities = oof.loc[frame["row"], [f"prob_{k}" for k in range(10)]].to_numpy()
+    given = probabilities[np.arange(len(frame)), frame["given"].astype(int).to_numpy()]
+    np.testing.assert_allclose(frame["score"], 1 - given, rtol=0, atol=1.5e-6)
+    assert (frame["suggested"].astype(int) == probabilities.argmax(axis=1)).all()
+    assert list(frame["row"]) == list(frame.sort_values("score", ascending=False,
+                                                        kind="stable")["row"])
     assert (frame["given"].astype(str) != frame["suggested"].astype(str)).mean() > 0.9
     summary = json.loads((result.cv_dir / "label_issues.json").read_text())
     assert summary["flagged"] == len(frame) and summary["rows"] == 1797
@@ -87,39 +97,64 @@ def test_multilabel_planted_drops_are_found(tmp_path):
     flagged = set(found.issues.frame["row"])
     recall = len(flagged & set(dropped.tolist())) / len(dropped)
     assert recall > 0.6, (recall, len(flagged))
-    row = found.issues.frame[found.issues.frame["row"] == dropped[0]]
-    if len(row):
-        assert "even" in row["suggested"].iloc[0] and "even" not in row["given"].iloc[0]
+    # every planted row found (over 24 of them) is flagged for 'even', left off its labels
+    found_planted = found.issues.frame[found.issues.frame["row"].isin(dropped)]
+    assert len(found_planted) > 0.6 * len(dropped)
+    for given, suggested in zip(found_planted["given"], found_planted["suggested"]):
+        assert "even" in suggested.split(";") and "even" not in given.split(";"), (given,
+                                                                                   suggested)
+
+
+DIGIT_FILES = [f"d<{i}>.png" for i in range(600)]
+SAME_FOLD_COPIES = {f"same_{k}.png": f"d<{i}>.png" for k, i in enumerate((10, 21, 32))}
+OTHER_FOLD_COPIES = {f"other_{k}.png": f"d<{i}>.png" for k, i in enumerate((40, 51, 62))}
+NOISE_FILES = [f"noise_{k}.png" for k in range(3)]
 
 
 @pytest.fixture(scope="module")
 def folder_cv(tmp_path_factory):
     """A CSV dataset of digit images as files, 10% of labels flipped, a CV with
-    --find-label-issues (grid, Datalab and the report section)."""
+    --find-label-issues (grid, Datalab and the report section). Planted for Datalab: three
+    copies of digits in their originals' folds, three in other folds, and three images of
+    uniform noise; the folds are given (row i in fold i % 5)."""
     root = tmp_path_factory.mktemp("folder")
     images, labels, flipped = flipped_digits(0.10, seed=2)
-    keep = np.arange(600)
-    rows = []
-    for i in keep:
-        name = f"d<{i}>.png"
+    rows, folds = [], []
+    for i, name in enumerate(DIGIT_FILES):
         Image.fromarray(images[i]).resize((16, 16)).save(root / name)
         rows.append({"file": name, "label": f"n{labels[i]}"})
+        folds.append(i % 5)
+    for copies, moved in ((SAME_FOLD_COPIES, 0), (OTHER_FOLD_COPIES, 1)):
+        for name, original in copies.items():
+            shutil.copy(root / original, root / name)
+            i = DIGIT_FILES.index(original)
+            rows.append({"file": name, "label": f"n{labels[i]}"})
+            folds.append((i + moved) % 5)
+    noise = np.random.default_rng(3).integers(0, 256, (len(NOISE_FILES), 16, 16), np.uint8)
+    for k, name in enumerate(NOISE_FILES):
+        Image.fromarray(noise[k]).save(root / name)
+        rows.append({"file": name, "label": f"n{k}"})
+        folds.append(k)
     pd.DataFrame(rows).to_csv(root / "labels.csv", index=False)
-    result = imagefit.cv(str(root / "labels.csv"), runs_dir=str(root / "runs"),
-                         find_label_issues=True, **CV)
+    pd.DataFrame({"row": range(len(rows)), "fold": folds}).to_csv(root / "folds.csv",
+                                                                   index=False)
+    with isolated(root / "cache"):
+        result = imagefit.cv(str(root / "labels.csv"), runs_dir=str(root / "runs"),
+                             folds_file=str(root / "folds.csv"), find_label_issues=True, **CV)
     return root, result, set(flipped[flipped < 600].tolist())
 
 
 def test_cv_find_label_issues_writes_the_csv_the_grid_and_the_report_section(folder_cv):
     root, result, flipped = folder_cv
     frame = pd.read_csv(result.cv_dir / "label_issues.csv", keep_default_na=False)
-    assert len(frame) and set(Path(p).name for p in frame["path"]) <= {
-        f"d<{i}>.png" for i in range(600)}
+    files = pd.read_csv(root / "labels.csv")["file"]
+    assert len(frame) and set(Path(p).name for p in frame["path"]) <= set(files)
     summary = json.loads((result.cv_dir / "label_issues.json").read_text())
     assert (result.cv_dir / summary["plot"]).is_file()
     assert "outliers_count" in summary and "near_duplicates_count" in summary
     features = np.load(result.cv_dir / summary["features"])
-    assert features.shape[0] == 600 and features.shape[1] > 1 and np.isfinite(features).all()
+    assert features.shape[0] == len(files) and features.shape[1] > 1
+    assert np.isfinite(features).all()
     page = (result.cv_dir / "report.html").read_text()
     section = page.split('<section id="label-issues">')[1].split("</section>")[0]
     assert "d&lt;" in section and "d<" not in section.replace("<td>", "").replace(
@@ -129,40 +164,99 @@ def test_cv_find_label_issues_writes_the_csv_the_grid_and_the_report_section(fol
     assert hits / len(frame) > 0.5
 
 
+def test_datalab_pairs_each_copy_with_its_original_when_one_fold_model_saw_both(folder_cv):
+    """Exact copies in one fold get the same features from that fold's model: Datalab lists
+    each with its original, nearest of all (score 0)."""
+    root, result, _ = folder_cv
+    summary = json.loads((result.cv_dir / "label_issues.json").read_text())
+    listed = {Path(row["image"]).name: row for row in summary["near_duplicates"]}
+    for copy, original in SAME_FOLD_COPIES.items():
+        for name, other in ((copy, original), (original, copy)):
+            assert name in listed, (name, sorted(listed))
+            assert listed[name]["score"] == 0.0
+            assert other in {Path(p).name for p in listed[name]["near"].split(", ")}
+    assert summary["near_duplicates_count"] >= 2 * len(SAME_FOLD_COPIES)
+    folds = pd.read_csv(result.cv_dir / "oof.csv").set_index("path")["fold"]
+    for copy, original in OTHER_FOLD_COPIES.items():  # the planting the test below relies on
+        assert folds[str(root / copy)] != folds[str(root / original)]
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "label-issues takes each row's features from the fold model that did not train on it: "
+    "the folds' feature spaces differ, so a copy in another fold is as far from its original "
+    "as any other digit (distance about 3.5 against 1.0 to a usual nearest neighbour), and "
+    "some noise images are no outliers; with one model's features for all rows Datalab flags "
+    "all of these (measured with fold 0's model)"))
+def test_datalab_finds_copies_across_folds_and_noise_images(folder_cv):
+    from imagefit.evaluation.label_issues import data_issues
+
+    root, result, _ = folder_cv
+    oof = pd.read_csv(result.cv_dir / "oof.csv", keep_default_na=False)
+    found = data_issues(np.load(result.cv_dir / "features.npy"))
+    place = {Path(p).name: i for i, p in enumerate(oof["path"])}
+    duplicates, outliers = found["near_duplicate"], found["outlier"]
+    for copy, original in OTHER_FOLD_COPIES.items():
+        assert duplicates["is_near_duplicate_issue"].iloc[place[copy]], copy
+        assert place[original] in set(duplicates["near_duplicate_sets"].iloc[place[copy]])
+    for name in NOISE_FILES:
+        assert outliers["is_outlier_issue"].iloc[place[name]], name
+
+
 def test_drop_rows_never_touches_validation_or_test_rows(folder_cv, tmp_path):
     root, result, _ = folder_cv
     frame = pd.read_csv(result.cv_dir / "label_issues.csv", keep_default_na=False)
     data = pd.read_csv(root / "labels.csv")
     listed = {Path(p).name for p in frame["path"]}
-    # the first 100 files become test rows, the listed ones among them must stay
+    # the first 100 files become test rows, the listed ones among them must stay; the CSV
+    # goes beside the test's files, naming the fixture's images
     data["split"] = ["test" if i < 100 else "train" for i in range(len(data))]
-    data.to_csv(root / "split.csv", index=False)
+    data.to_csv(tmp_path / "split.csv", index=False)
     in_test = sum(1 for name in data["file"][:100] if name in listed)
     assert in_test > 0
-    fit = imagefit.fit(str(root / "split.csv"), drop_rows=str(result.cv_dir /
-                                                              "label_issues.csv"),
-                       epochs=1, progress=False, report=False, tta=False,
-                       runs_dir=str(tmp_path), valid_pct=0.2)
+    fit = imagefit.fit(str(tmp_path / "split.csv"), folder=str(root),
+                       drop_rows=str(result.cv_dir / "label_issues.csv"), epochs=1,
+                       progress=False, report=False, tta=False, runs_dir=str(tmp_path),
+                       valid_pct=0.2)
     edits = fit.metrics["label_edits"]
     assert edits["action"] == "drop" and edits["listed"] == len(frame)
     assert edits["not_training"] >= in_test
     assert edits["dropped"] + edits["not_training"] == len(frame)
-    control = imagefit.fit(str(root / "split.csv"), epochs=1, progress=False, report=False,
-                           tta=False, runs_dir=str(tmp_path), valid_pct=0.2)
+    control = imagefit.fit(str(tmp_path / "split.csv"), folder=str(root), epochs=1,
+                           progress=False, report=False, tta=False, runs_dir=str(tmp_path),
+                           valid_pct=0.2)
     assert fit.metrics["n_train"] == control.metrics["n_train"] - edits["dropped"]
     assert fit.metrics["n_valid"] == control.metrics["n_valid"]
     assert fit.metrics["n_test"] == control.metrics["n_test"] == 100
 
 
+class TrainingTargets:
+    """The targets of the training rows as the learner holds them when the fit starts."""
+
+    def before_fit(self, learner) -> None:
+        self.names = list(learner.task.names)
+        self.rows = learner.train_loader.rows.tolist()
+        self.targets = learner.train_loader.targets.clone()
+
+
 def test_relabel_gives_the_top_rows_their_suggested_label(folder_cv, tmp_path):
     root, result, _ = folder_cv
+    seen = TrainingTargets()
     fit = imagefit.fit(str(root / "labels.csv"), relabel=str(result.cv_dir /
                                                               "label_issues.csv"),
                        top=5, valid_pct=0, epochs=1, progress=False, report=False, tta=False,
-                       runs_dir=str(tmp_path))
+                       runs_dir=str(tmp_path), callbacks=[seen])
     edits = fit.metrics["label_edits"]
     assert edits["action"] == "relabel" and edits["listed"] == 5
     assert edits["relabelled"] == 5 and edits["not_training"] == 0
+    given = pd.read_csv(root / "labels.csv")
+    top = pd.read_csv(result.cv_dir / "label_issues.csv", keep_default_na=False).head(5)
+    relabelled = {list(given["file"]).index(Path(p).name): label
+                  for p, label in zip(top["path"], top["suggested"])}
+    assert sorted(seen.rows) == list(range(len(given)))  # all train (valid_pct 0)
+    for row in seen.rows:
+        label = relabelled.get(row, given["label"][row])
+        assert seen.names[int(seen.targets[row])] == label, (row, label)
+    assert all(label != given["label"][row] for row, label in relabelled.items())
 
 
 def test_an_issues_csv_naming_files_not_in_the_data_is_one_line(folder_cv, tmp_path):
