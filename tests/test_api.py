@@ -14,6 +14,7 @@ import yaml
 from safetensors.torch import load_file
 
 import imagefit
+from conftest import isolated
 from imagefit import FitInterrupted, ImagefitError
 from imagefit.data.builtin import read_builtin
 from imagefit.data.sources import read_source
@@ -27,8 +28,10 @@ RUN_FILES = ["config.yaml", "metrics.csv", "metrics.json", "model.safetensors", 
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory):
     """One 5-epoch fit on builtin:digits with the defaults, shared by the tests below."""
-    runs_dir = tmp_path_factory.mktemp("runs")
-    return imagefit.fit("builtin:digits", epochs=5, runs_dir=str(runs_dir), progress=False)
+    root = tmp_path_factory.mktemp("digits_run")
+    with isolated(root):
+        return imagefit.fit("builtin:digits", epochs=5, runs_dir=str(root / "runs"),
+                            progress=False)
 
 
 def test_digits_reaches_097_and_writes_the_run_files(digits_run):

@@ -55,9 +55,7 @@ def shapes(count: int, seed: int, kinds: int = 2) -> tuple[np.ndarray, np.ndarra
 def shapes_run(tmp_path_factory):
     """A small CNN that tells squares from discs, trained once for the tests below."""
     root = tmp_path_factory.mktemp("explain")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("IMAGEFIT_CACHE", str(root / "cache"))
-        patch.setenv("IMAGEFIT_OFFLINE", "1")
+    with isolated(root):
         images, labels = shapes(400, seed=0)
         table = imagefit.from_arrays(images, labels, names=["square", "disc"])
         # fp32 wherever the suite runs: the tests of this model are of files, modes and

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 import imagefit
+from conftest import isolated
 from imagefit import ImagefitError, cli
 from imagefit.augment.pipeline import BatchPipeline
 from imagefit.data.cache import CacheSettings
@@ -39,9 +40,7 @@ VIRIDIS_YELLOW = np.array([253, 231, 37])  # viridis at 1: each channel's maximu
 def digits_run(tmp_path_factory):
     """One epoch of the default small CNN on the 8 px digits, with its report."""
     root = tmp_path_factory.mktemp("feature_maps")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("IMAGEFIT_CACHE", str(root / "cache"))
-        patch.setenv("IMAGEFIT_OFFLINE", "1")
+    with isolated(root):
         result = imagefit.fit("builtin:digits", epochs=1, progress=False,
                               runs_dir=str(root / "runs"))
     return result.run_dir

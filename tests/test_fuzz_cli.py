@@ -22,6 +22,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import isolated
 from imagefit.cli import main
 
 
@@ -389,8 +390,7 @@ TRAINED: list[Path] = []
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("fuzz_run")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("IMAGEFIT_CACHE", str(root / "cache"))
+    with isolated(root):
         code = main(["fit", "builtin:digits", "--epochs", "1", "--runs-dir",
                      str(root / "runs"), "--no-progress", "--no-report"])
     assert code == 0
