@@ -71,10 +71,11 @@ def pytest_runtest_makereport(item, call):
 
 ENVIRON_BEFORE = pytest.StashKey[dict]()
 # Not a test's doing: set for the whole process by libraries when first imported (the KMP
-# ones by scikit-learn, joblib and threadpoolctl; mlflow; torch's inductor, through timm), and
-# by pytest for each phase of a test.
+# ones by scikit-learn, joblib and threadpoolctl; mlflow; torch's inductor, through timm and
+# when it first compiles), and by pytest for each phase of a test.
 PROCESS_WIDE = {"KMP_DUPLICATE_LIB_OK", "KMP_INIT_AT_FORK", "_MLFLOW_TELEMETRY_SESSION_ID",
-                "TORCHINDUCTOR_CACHE_DIR", "PYTEST_CURRENT_TEST"}
+                "TORCHINDUCTOR_CACHE_DIR", "_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR",
+                "PYTEST_CURRENT_TEST"}
 USER_CACHE = Path.home() / ".cache" / "imagefit"  # imagefit's default when no variable is set
 USER_CACHE_BEFORE = pytest.StashKey[dict]()
 USER_CACHE_WRITTEN = pytest.StashKey[list]()
