@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -247,3 +248,13 @@ def unused_port() -> int:
             except OSError:
                 continue
         return port
+
+
+@pytest.fixture
+def one_thread():
+    """Fits in this process on one thread: this 2-core machine is shared with other jobs, and
+    there torch's two threads wait on each other (a fit's step took 10x as long, measured)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -8,20 +8,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 
 from imagefit.cli import main
 from imagefit.workflows.cv import FOLD_METRICS
-
-
-@pytest.fixture
-def one_thread():
-    """Fits in this process on one thread: this 2-core machine is shared with other jobs, and
-    there torch's two threads wait on each other (a fit's step took 10x as long, measured)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_cv_logs_each_fold_to_tensorboard_and_mlflow(tmp_path, capsys, monkeypatch, one_thread):

@@ -21,7 +21,6 @@ import numpy as np
 import optuna
 import pandas as pd
 import pytest
-import torch
 import yaml
 
 from conftest import live_processes, unused_port
@@ -335,16 +334,6 @@ def test_a_search_its_report_best_yaml_and_continuing_it(tmp_path, capsys):
     assert difference * refit.metrics["n_valid"] <= 1 + 1e-6, (difference, best)
     assert main(["fit", "builtin:digits", "--config", str(tune_dir / "best.yaml"),
                  "--runs-dir", str(tmp_path / "cli"), "--no-progress", "--no-report"]) == 0
-
-
-@pytest.fixture
-def one_thread():
-    """Fits in this process on one thread: this 2-core machine is shared with other jobs, and
-    there torch's two threads wait on each other (a fit's step took 10x as long, measured)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def digits_table(count: int):
