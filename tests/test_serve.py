@@ -9,8 +9,11 @@ import builtins
 import io
 import os
 import re
+import resource
+import selectors
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -240,6 +243,82 @@ def test_bad_uploads_get_4xx_with_a_message_and_the_server_goes_on(digits_run, d
         assert health["status"] == "ok" and health["failed"] == 0
         assert health["refused"] == len(cases) + 96
         assert post(url, good).status_code == 200
+
+
+def test_silent_connections_are_closed_after_the_idle_timeout_and_never_starve_health(
+        digits_run, digit_pngs):
+    """300 connections that send nothing and 2 that stop halfway through their headers:
+    /health and /predict answer at once, the oldest connections beyond --max-connections are
+    closed as new ones come, and every other one when it has waited the idle timeout."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # the server inherits it too
+    if hard < 1024:
+        pytest.skip(f"the limit of open files is {hard}: 300 connections need more")
+    timeout, bound = 1.5, 256
+    opened, closed, sockets = {}, {}, []
+    try:
+        with server(digits_run, "--idle-timeout", str(timeout),
+                    "--max-connections", str(bound)) as url:
+            address = (httpx.URL(url).host, httpx.URL(url).port)
+            for k in range(302):
+                sockets.append(socket.create_connection(address, timeout=5))
+                opened[sockets[-1]] = time.monotonic()
+                if k >= 300:
+                    sockets[-1].sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Wait")
+            started = time.perf_counter()
+            health = httpx.get(url + "health", timeout=5)
+            latency = time.perf_counter() - started
+            predicted = post(url, (digit_pngs[0].name, digit_pngs[0].read_bytes()), timeout=5)
+            with selectors.DefaultSelector() as waiting:
+                for sock in sockets:
+                    waiting.register(sock, selectors.EVENT_READ)
+                deadline = time.monotonic() + timeout + 8
+                while waiting.get_map() and time.monotonic() < deadline:
+                    for key, _ in waiting.select(timeout=0.5):
+                        assert key.fileobj.recv(1) == b""  # closed by the server, unanswered
+                        closed[key.fileobj] = time.monotonic()
+                        waiting.unregister(key.fileobj)
+            print(f"/health in {latency * 1000:.1f} ms with 302 silent connections open")
+    finally:
+        for sock in sockets:
+            sock.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert health.status_code == 200 and latency < 1.0, (health.status_code, latency)
+    assert predicted.status_code == 200, predicted.text
+    assert len(closed) == len(sockets), f"{len(sockets) - len(closed)} still open"
+    waited = [closed[sock] - opened[sock] for sock in sockets]
+    evicted = [k for k, seconds in enumerate(waited) if seconds < timeout - 0.1]
+    assert len(evicted) >= len(sockets) - bound and evicted == list(range(len(evicted)))
+    later = waited[len(evicted):]
+    assert timeout - 0.1 < min(later) and max(later) < timeout + 3, (min(later), max(later))
+    print(f"evicted {len(evicted)} oldest; the others closed after {min(later):.2f} to "
+          f"{max(later):.2f} s")
+
+
+def test_503_counts_requests_in_progress_not_idle_connections(digits_run):
+    """With --max-connections 2, silent connections cost nothing (the oldest are closed),
+    two requests whose bodies never come make the next one 503, and once they are gone the
+    server answers again."""
+    stalled = (b"POST /predict HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+               b"Content-Type: multipart/form-data; boundary=zz\r\n\r\n")
+    with server(digits_run, "--max-connections", "2") as url:
+        address = (httpx.URL(url).host, httpx.URL(url).port)
+        silent = [socket.create_connection(address, timeout=5) for _ in range(5)]
+        assert httpx.get(url + "health", timeout=5).status_code == 200
+        waiting = [socket.create_connection(address, timeout=5) for _ in range(2)]
+        for sock in waiting:
+            sock.sendall(stalled)
+        deadline, busy = time.monotonic() + 10, None
+        while time.monotonic() < deadline and getattr(busy, "status_code", None) != 503:
+            busy = httpx.get(url + "health", timeout=5)  # until both have reached the app
+        for sock in silent + waiting:
+            sock.close()
+        deadline, status = time.monotonic() + 10, None
+        while time.monotonic() < deadline and status != 200:
+            status = httpx.get(url + "health", timeout=5).status_code
+    assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
+    assert busy.json()["detail"] == "the server is busy with 2 requests: try again in a moment"
+    assert status == 200
 
 
 def test_concurrent_requests_share_forward_passes_and_each_gets_its_own_rows(

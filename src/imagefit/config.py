@@ -860,7 +860,12 @@ class ServeOptions(Options):
         "batch (0: none; the images that arrive while a pass runs still join the next one)"
     )
     max_connections: int = Field(
-        256, ge=1, description="concurrent connections; more are answered 503"
+        256, ge=1, description="open connections: a new one beyond them closes the one that "
+        "has waited longest for a request; requests beyond them in progress are answered 503"
+    )
+    idle_timeout: float = Field(
+        5.0, gt=0, description="seconds a connection may wait for a request (silent after "
+        "connecting or after an answer, or sending its headers slowly) before it is closed"
     )
     saliency: bool = Field(
         True, description="Grad-CAM overlays on the page (needs the run's PyTorch model)"

@@ -11,6 +11,7 @@ import base64
 import socket
 import time
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,31 @@ class _BodyLimit:
         return await self.app(scope, limited, send)
 
 
+class _RequestLimit:
+    """Answers 503 to a request while ``limit`` others are in progress. It counts requests,
+    not connections: a connection waiting for a request costs nothing here (uvicorn's
+    ``limit_concurrency`` counted those, and silent connections starved every request)."""
+
+    def __init__(self, app, limit: int) -> None:
+        self.app, self.limit, self.running = app, limit, 0
+
+    async def __call__(self, scope, receive, send):
+        from fastapi.responses import JSONResponse
+
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if self.running >= self.limit:
+            busy = JSONResponse({"detail": f"the server is busy with {self.limit} requests: "
+                                           "try again in a moment"}, 503,
+                                headers={"Retry-After": "1"})
+            return await busy(scope, receive, send)
+        self.running += 1
+        try:
+            return await self.app(scope, receive, send)
+        finally:
+            self.running -= 1
+
+
 def create_app(served: ServedModel, options: ServeOptions | None = None):
     """The FastAPI app serving ``served``; its batcher stops with the app."""
     from fastapi import FastAPI, Request
@@ -96,6 +122,7 @@ def create_app(served: ServedModel, options: ServeOptions | None = None):
     app = FastAPI(title="imagefit", summary=f"serving {served.source}", lifespan=lifespan)
     app.add_middleware(_BodyLimit, limit=options.max_files * max_file + REQUEST_SLACK,
                        counts=counts)
+    app.add_middleware(_RequestLimit, limit=options.max_connections)  # outermost: first
 
     @app.exception_handler(UploadError)
     async def refused(request: Request, error: UploadError):
@@ -217,14 +244,18 @@ def serve(source: str | Path, options: ServeOptions | None = None, **overrides: 
     require_serve()
     import uvicorn
 
+    from .serve_connections import IdleClosingProtocol, IdleConnections
+
     served = ServedModel.load(source, options.device, options.precision, options.saliency)
     app = create_app(served, options)
     sock = bind(options.host, options.port)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
+    idle = IdleConnections(options.idle_timeout, options.max_connections)
     config = uvicorn.Config(app, log_level="info" if options.log_requests else "warning",
-                            access_log=options.log_requests, lifespan="on",
-                            limit_concurrency=options.max_connections, timeout_keep_alive=5)
+                            access_log=options.log_requests, lifespan="on", ws="none",
+                            http=partial(IdleClosingProtocol, idle=idle),
+                            timeout_keep_alive=options.idle_timeout)
     print(f"serving {source} ({served.engine}, {served.task.kind}) at http://{shown}:{port}/ "
           "(Ctrl-C stops)", flush=True)
     try:
