@@ -14,9 +14,11 @@ import selectors
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -135,6 +137,19 @@ def post(url: str, *files: tuple[str, bytes], timeout: float = 30, **params) -> 
                       timeout=timeout)
 
 
+def png_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header says ``width`` x ``height`` (1-bit grey) over one tiny IDAT: PIL
+    reads its size without decoding it, and making it costs nothing."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data)))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0,
+                                                                 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b""))
+
+
 def test_predict_answers_what_predict_answers_with_top_k_and_saliency(digits_run, digit_pngs):
     expected = api.predict(digits_run, digit_pngs, progress=False)
     with server(digits_run) as url:
@@ -208,6 +223,12 @@ def test_bad_uploads_get_4xx_with_a_message_and_the_server_goes_on(digits_run, d
             "too many pixels": (post(url, ("wide.png", big.getvalue())), 413,
                                 "wide.png has 1200 x 1000 pixels, more than the limit of "
                                 "1,000,000"),
+            "over PIL's limit": (post(url, ("big.png", png_claiming(10_000, 10_000))), 413,
+                                 "big.png has 10000 x 10000 pixels, more than the limit of "
+                                 "1,000,000"),
+            "a decompression bomb": (post(url, ("bomb.png", png_claiming(20_000, 20_000))),
+                                     413, "bomb.png has 400,000,000 pixels, more than the "
+                                     "limit of 1,000,000"),
             "too many files": (post(url, *[good] * 5), 413,
                                "too many files: at most 4 images per request"),
             "no files": (httpx.post(url + "predict", data={"x": "1"}), 400,
@@ -374,6 +395,8 @@ def test_serve_refusals_are_one_line(digits_run, tmp_path, capsys, monkeypatch):
     cases = [
         ([str(text_run)], f"{text_run} holds a text model; serve shows images"),
         ([str(tmp_path / "nothing")], f"{tmp_path / 'nothing'} not found: give a run directory"),
+        ([str(text_run), "--max-pixels", "100000000"], "--max-pixels 100,000,000 is over the "
+         "89,478,485 pixels PIL opens"),
     ]
     for argv, message in cases:
         assert main(["serve", *argv, "--port", "0"]) == 2

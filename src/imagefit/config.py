@@ -849,7 +849,7 @@ class ServeOptions(Options):
     max_file_mb: float = Field(10.0, gt=0, description="largest image file accepted, in MB")
     max_pixels: int = Field(
         50_000_000, ge=1, description="largest image accepted, in pixels (width x height), "
-        "checked before it is decoded"
+        "checked before it is decoded (at most PIL's decompression-bomb limit, 89 million)"
     )
     max_batch: int = Field(
         64, ge=1, description="images of concurrent requests run in one forward pass (1: each "

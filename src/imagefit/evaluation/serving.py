@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import queue
+import re
 import threading
 import time
 import warnings
@@ -90,14 +91,21 @@ class ServedModel:
 
     def decode(self, data: bytes, name: str, max_pixels: int) -> torch.Tensor:
         """One uploaded file as the model's uint8 image (C, S, S), decoded and resized as the
-        cache decodes files; anything that is not a readable image is an ``UploadError``."""
+        cache decodes files; anything that is not a readable image is an ``UploadError``.
+        ``max_pixels`` is at most PIL's ``Image.MAX_IMAGE_PIXELS`` (serve checks), so an
+        image PIL refuses as a decompression bomb is over it too: 413, as the README says."""
         if not data:
             raise UploadError(400, f"{name} is empty: choose an image file")
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with warnings.catch_warnings():  # the size is checked below
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 with Image.open(io.BytesIO(data)) as image:
                     width, height = image.size
+        except Image.DecompressionBombError as error:  # over twice PIL's limit: not opened
+            found = re.search(r"\((\d+) pixels\)", str(error))
+            pixels = f"{int(found[1]):,}" if found else f"over {2 * Image.MAX_IMAGE_PIXELS:,}"
+            raise UploadError(413, f"{name} has {pixels} pixels, more than the limit of "
+                                   f"{max_pixels:,}: send a smaller image") from None
         except Exception:  # PIL's many kinds of "this is no image"
             raise UploadError(415, f"{name} is not an image PIL can read (PNG, JPEG, BMP, "
                                    "TIFF, WebP, ...): choose an image file") from None

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 
 from ..config import ServeOptions, merge_options
 from ..errors import ImagefitError
@@ -246,6 +247,10 @@ def serve(source: str | Path, options: ServeOptions | None = None, **overrides: 
 
     from .serve_connections import IdleClosingProtocol, IdleConnections
 
+    if options.max_pixels > Image.MAX_IMAGE_PIXELS:
+        raise ImagefitError(f"--max-pixels {options.max_pixels:,} is over the "
+                            f"{Image.MAX_IMAGE_PIXELS:,} pixels PIL opens (its decompression-"
+                            "bomb limit): give at most that")
     served = ServedModel.load(source, options.device, options.precision, options.saliency)
     app = create_app(served, options)
     sock = bind(options.host, options.port)
