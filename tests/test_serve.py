@@ -342,6 +342,16 @@ def test_503_counts_requests_in_progress_not_idle_connections(digits_run):
     assert status == 200
 
 
+def test_the_page_and_the_api_name_the_run_never_its_path_on_the_server(digits_run):
+    with server(digits_run) as url:
+        texts = {path: httpx.get(url + path, timeout=10).text
+                 for path in ("", "openapi.json", "docs", "model")}
+    for path, text in texts.items():
+        assert str(digits_run.parent) not in text, path
+    for path in ("", "openapi.json", "model"):
+        assert digits_run.name in texts[path], path
+
+
 def test_concurrent_requests_share_forward_passes_and_each_gets_its_own_rows(
         digits_run, digit_pngs):
     files = [(p.name, p.read_bytes()) for p in digit_pngs]

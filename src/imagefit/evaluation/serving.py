@@ -87,6 +87,12 @@ class ServedModel:
                    onnx=onnx, explainer=explainer,
                    metrics=_run_metrics(origin) if origin.name else {})
 
+    @property
+    def name(self) -> str:
+        """The run's (or CV directory's, or ONNX file's) name: what the page, /model and
+        /docs show, never the path on the server."""
+        return self.source.resolve().name
+
     # -- inputs and outputs ---------------------------------------------------------------
 
     def decode(self, data: bytes, name: str, max_pixels: int) -> torch.Tensor:
@@ -162,7 +168,7 @@ class ServedModel:
     def describe(self) -> dict:
         """What ``GET /model`` says: the task, its classes, how images are seen, metrics."""
         return {
-            "source": str(self.source), "engine": self.engine,
+            "source": self.name, "engine": self.engine,
             "architecture": self.info.get("architecture"), "task": self.task.kind,
             ("classes" if self.task.has_classes else "targets"): list(self.task.names),
             "threshold": self.task.threshold if self.task.kind == "multilabel" else None,

@@ -120,7 +120,7 @@ def create_app(served: ServedModel, options: ServeOptions | None = None):
         yield
         batcher.close()
 
-    app = FastAPI(title="imagefit", summary=f"serving {served.source}", lifespan=lifespan)
+    app = FastAPI(title="imagefit", summary=f"serving {served.name}", lifespan=lifespan)
     app.add_middleware(_BodyLimit, limit=options.max_files * max_file + REQUEST_SLACK,
                        counts=counts)
     app.add_middleware(_RequestLimit, limit=options.max_connections)  # outermost: first
