@@ -237,7 +237,7 @@ def test_channel_stats_of_a_constant_channel_do_not_divide_by_zero():
 def test_channel_stats_across_chunks(monkeypatch):
     import imagefit.data.prepare as prepare
 
-    monkeypatch.setattr(prepare, "STATS_CHUNK", 3)
+    monkeypatch.setattr(prepare, "STATS_CHUNK_BYTES", 3 * 4 * 4 * 8)  # 3 images a chunk
     rng = np.random.default_rng(1)
     images = rng.integers(0, 256, (11, 4, 4, 1), dtype=np.uint8)
     mean, std = channel_stats(images, np.arange(11))

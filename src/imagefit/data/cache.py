@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from ..errors import ImagefitError, ImagefitWarning
 from ..runs import lock_held
+from .resources import format_bytes, free_disk
 
 CACHE_FORMAT = 2
 CHUNK = 256
@@ -234,6 +235,7 @@ IMAGES, SIZES, HASHES, STATS, PATHS = "images.u8", "sizes.i32", "hashes.u8", "st
     "paths.json"
 HELD = "held.npy"  # a shard's rows; the arrays then hold these rows, in this order
 HASH_BYTES = 16
+ROW_BYTES = 2 * 4 + HASH_BYTES + 4 * 8  # sizes.i32, hashes.u8 and stats.npy of one row
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
@@ -326,6 +328,9 @@ def build_cache(
     ``rows`` makes a shard: only those files are looked at, decoded and stored (one rank of a
     multi-machine fit holds its share, ``distributed.sharded_data``). Its ``images`` hold
     those rows in order; ``errors`` and the rest are indexed by the file's row as always.
+
+    A cache the disk has no room for is refused before anything is written; a build that
+    fails before its first chunk is done leaves no folder behind.
     """
     root = Path(root) if root else default_cache_root()
     if rows is not None:
@@ -333,6 +338,7 @@ def build_cache(
     folder = root / cache_key(paths, settings, rows)
     held = np.arange(len(paths)) if rows is None else rows
     stats = file_stats([paths[row] for row in held.tolist()])
+    _require_disk(folder, root, len(held), settings)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -344,8 +350,12 @@ def build_cache(
         if (folder / META).is_file():
             decoded = _refresh(folder, paths, held, settings, stats, progress, threads)
         else:
-            decoded = _build(folder, root, paths, held, settings, stats, progress, threads,
-                             strict, description, shard=rows is not None)
+            try:
+                decoded = _build(folder, root, paths, held, settings, stats, progress,
+                                 threads, strict, description, shard=rows is not None)
+            except BaseException:
+                _remove_unstarted(folder)
+                raise
         cache = _open(folder, paths, held, settings, strict)  # in use before the lock goes
     if rows is not None:
         cache.held, cache.paths, cache.settings = rows, paths, settings
@@ -353,6 +363,51 @@ def build_cache(
         cache.built_seconds = time.perf_counter() - started
         evict(root, keep=folder)
     return cache
+
+
+def cache_bytes(count: int, settings: CacheSettings) -> int:
+    """Bytes a complete cache of ``count`` images takes on disk: the pixels (uint8, size x
+    size x channels each) and, per row, the original size, the digest and the file stats."""
+    return count * (settings.size * settings.size * settings.channels + ROW_BYTES)
+
+
+def bytes_to_build(paths: list[str], settings: CacheSettings, root: str | Path | None = None,
+                   rows: np.ndarray | None = None) -> int:
+    """Disk bytes that building this cache would still add: none when it is complete (a
+    refresh rewrites rows in place), the rest of it when a build was interrupted."""
+    root = Path(root) if root else default_cache_root()
+    if rows is not None:
+        rows = np.unique(np.asarray(rows, dtype=np.int64))
+    folder = root / cache_key(paths, settings, rows)
+    count = len(paths) if rows is None else len(rows)
+    return _bytes_to_build(folder, count, settings)
+
+
+def _bytes_to_build(folder: Path, count: int, settings: CacheSettings) -> int:
+    if (folder / META).is_file():
+        return 0
+    written = folder_bytes(folder) if folder.is_dir() else 0
+    return max(0, cache_bytes(count, settings) - written)
+
+
+def decode_bytes(settings: CacheSettings, threads: int | None = None) -> int:
+    """Memory that decoding into the cache holds at once, beyond the source images: per
+    thread about three PIL images of the cache's size (4 bytes a pixel: the resized, the
+    converted, the padded) and the array copied from them."""
+    threads = threads or os.cpu_count() or 1
+    return threads * settings.size * settings.size * (3 * 4 + settings.channels)
+
+
+def _require_disk(folder: Path, root: Path, count: int, settings: CacheSettings) -> None:
+    """Refuse, before anything is written, a cache the disk has no room for."""
+    needed = _bytes_to_build(folder, count, settings)
+    free = free_disk(root)
+    if needed > free:
+        raise ImagefitError(
+            f"the image cache of {count} images at {settings.size} px would need "
+            f"{format_bytes(needed)} on {root} (free: {format_bytes(free)}): free space there, "
+            "give a folder on a larger disk with --cache-dir or $IMAGEFIT_CACHE, or cache at a "
+            "smaller size")
 
 
 def _new_arrays(folder: Path, count: int, settings: CacheSettings, mode: str):
@@ -420,6 +475,14 @@ def _build(folder: Path, root: Path, paths: list[str], held: np.ndarray,
                                 "description": description, "created": time.time()})
     (folder / PROGRESS).unlink(missing_ok=True)
     return True
+
+
+def _remove_unstarted(folder: Path) -> None:
+    """Remove a cache whose build stopped before it recorded any progress: what it leaves
+    cannot be resumed, and its images file is a sparse file the size of the whole cache.
+    (The build lock is held; a process waiting for it makes the folder again.)"""
+    if not (folder / PROGRESS).is_file():
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _refresh(folder: Path, paths: list[str], held: np.ndarray, settings: CacheSettings,
@@ -676,6 +739,8 @@ def warn_unreadable(cache: ImageCache, paths: list[str], remedy: str = STRICT_RE
 
 # -- in-memory arrays ---------------------------------------------------------------------
 
+RESIZE_CHUNK_BYTES = 256 << 20  # float pixels resized at once, in and out
+
 
 def cache_arrays(arrays: np.ndarray, settings: CacheSettings) -> ImageCache:
     """Arrays already decoded (uint8 N,H,W,C) brought to the cache's size and channels."""
@@ -688,8 +753,10 @@ def cache_arrays(arrays: np.ndarray, settings: CacheSettings) -> ImageCache:
             weights = np.array([0.299, 0.587, 0.114], dtype=np.float32)
             images = np.round(images.astype(np.float32) @ weights)[..., None].astype(np.uint8)
     if (height, width) != (settings.size, settings.size):
+        pixels = height * width + settings.size * settings.size  # float32, in and out
+        step = max(1, RESIZE_CHUNK_BYTES // (4 * settings.channels * pixels))
         images = np.concatenate([
-            _resize_batch(images[i:i + 1024], settings) for i in range(0, n, 1024)
+            _resize_batch(images[i:i + step], settings) for i in range(0, n, step)
         ]) if n else images.reshape(0, settings.size, settings.size, settings.channels)
     sizes = np.tile(np.array([width, height], dtype=np.int32), (n, 1))
     return ImageCache(images=np.ascontiguousarray(images), original_sizes=sizes)
