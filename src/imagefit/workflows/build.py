@@ -39,7 +39,7 @@ from ..data.sources import read_source
 from ..data.splits import assign_validation
 from ..data.table import Table
 from ..data.text import PreparedText, prepare_texts
-from ..devices import resolve_precision
+from ..devices import resolve_device, resolve_precision
 from ..errors import ImagefitError
 from ..metrics import available_metrics
 from ..models import (
@@ -61,6 +61,7 @@ from ..train.learner import Learner
 from ..train.memory import largest_batch_size
 from ..train.schedules import Schedule
 from ..version import __version__
+from .preflight import check_image_room, check_text_room
 
 MIN_STEPS_PER_EPOCH = 32
 
@@ -130,6 +131,7 @@ def load_data(data: str | Path | Table, cfg: ImageOptions) -> LoadedData:
         table.arrays is None else None
     held = None if shares is None else np.concatenate(
         [split[distributed.rank()] for split in shares.values()])
+    check_image_room(table, settings, cfg, *preflight_batch(table, cfg), rows=held)
     prepared = prepare_images(table, settings, cache_dir=cfg.cache_dir, strict=cfg.strict,
                               progress=cfg.progress, rows=held)
     cache_seconds = time.perf_counter() - started
@@ -168,6 +170,8 @@ def _data_shares(table: Table, seed: int) -> dict[str, list[np.ndarray]]:
 def _load_texts(table: Table, cfg: ImageOptions, edits: dict | None) -> LoadedData:
     """A text table encoded with its training split's characters: no images, so no
     augmentation, test-time augmentation or channels-last batches."""
+    if cfg.text_length:
+        check_text_room(table, cfg.text_length, *preflight_batch(table, cfg, text=True))
     texts = prepare_texts(table, length=cfg.text_length, percentile=cfg.text_percentile,
                           lowercase=not cfg.keep_case)
     rows = [texts.rows(table, s) for s in ("train", "valid", "test")]
@@ -208,6 +212,8 @@ def check_data(table: Table, cfg: FitConfig) -> None:
     built here is the one the folds then read."""
     check_has_training_rows(table)
     if table.texts is not None:
+        if cfg.text_length:
+            check_text_room(table, cfg.text_length, *preflight_batch(table, cfg, text=True))
         texts = prepare_texts(table, length=cfg.text_length, percentile=cfg.text_percentile,
                               lowercase=not cfg.keep_case)
         check_trainable(table, texts.cache, np.flatnonzero(table.split != "test"))
@@ -217,6 +223,7 @@ def check_data(table: Table, cfg: FitConfig) -> None:
     settings = resolve_settings(table, cfg.image_size or (max(cfg.image_sizes) if
                                                           cfg.image_sizes else None),
                                 cfg.channels, cfg.resize, cfg.seed)
+    check_image_room(table, settings, cfg, *preflight_batch(table, cfg))
     prepared = prepare_images(table, settings, cache_dir=cfg.cache_dir, strict=cfg.strict,
                               progress=cfg.progress)
     check_trainable(table, prepared.cache, np.flatnonzero(prepared.usable &
@@ -258,6 +265,10 @@ def apply_small_image_recipe(cfg: ImageOptions, image_size: int,
     if image_size < MIN_AUGMENT_SIZE or short:
         defaults.update(augment="none", tta=False)
         del defaults["tta_augment"]
+    if {"tta_n", "tta_augment"} & cfg.model_fields_set:  # asked for: TTA it is, as asked
+        defaults.pop("tta", None)
+        defaults.pop("tta_augment", None)
+        chosen.discard("tta")
     if "opt" not in cfg.model_fields_set and takes_small_image_optimizer(model):
         defaults.update(SMALL_IMAGE_OPTIMIZER)
     for name, value in defaults.items():
@@ -453,6 +464,23 @@ def choose_batch_size(cfg: FitConfig, model: nn.Module, input_shape: tuple[int, 
     print(f"bs auto: {size}, the largest power of two whose training step fits in GPU memory; "
           f"learning rate x{factor:g}")
     return size, factor
+
+
+def preflight_batch(table: Table, cfg: ImageOptions, text: bool = False
+                    ) -> tuple[int | None, torch.device | None]:
+    """The batch one process trains on and its device, as the fit will choose them, for the
+    preflight (``check_image_room``); show-batch's grid, which no model sees, on the CPU.
+    --bs auto counts as one image on a GPU (its search halves down to that), as the default
+    elsewhere and for texts (``choose_batch_size``, ``_text_training``)."""
+    if not hasattr(cfg, "bs"):
+        return getattr(cfg, "n_images", None), None
+    device = resolve_device(cfg.device)
+    requested = cfg.bs
+    if requested == "auto":
+        on_gpu = device.type == "cuda" and not text
+        requested = 1 if on_gpu else FitConfig.model_fields["bs"].default
+    batch = training_batch_size(requested, int(np.sum(table.split == "train")))
+    return max(1, -(-batch // distributed.world_size())), device
 
 
 def _training_rows(cfg: FitConfig, kind: str, table: Table, train_rows: np.ndarray

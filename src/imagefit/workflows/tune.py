@@ -50,6 +50,7 @@ from ..train.budget import Budget, parse_duration
 from ..train.callbacks import Callback
 from .build import apply_recipe, apply_small_image_recipe, check_data
 from .fit import run_fit, run_name
+from .preflight import check_workers_room
 from .sweep import folder_name, one_line, require_validation
 
 MISSING = "tune needs optuna: pip install 'imagefit[tune]' (or pip install optuna)"
@@ -533,6 +534,8 @@ def tune(data: str | Path | Table, config: TuneConfig | None = None,
     if cfg.workers > 1 and isinstance(data, Table):
         raise ImagefitError("--workers starts processes that read the data themselves: give "
                             "it as a folder, CSV file or builtin:NAME")
+    if cfg.workers > 1:
+        check_workers_room(cfg.workers)
     deadline = time.time() + parse_duration(cfg.timeout) if cfg.timeout else None
     check_data(table, cfg)
     require_validation(table, cfg)
