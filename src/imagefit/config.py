@@ -165,7 +165,9 @@ class ImageOptions(SourceOptions):
         None,
         ge=4,
         description="side of the square images the model sees (default: the images' typical "
-        "short side, at most 224)",
+        "short side, at most 224); refused before caching, with the largest size that fits, "
+        "when the cache would not fit the free disk or a training step the memory "
+        "(docs/LIMITS.md)",
     )
     channels: Literal[1, 3] | None = Field(
         None, description="1 for grey, 3 for RGB (default: 1 when every image is grey)"
@@ -187,7 +189,7 @@ class ImageOptions(SourceOptions):
     image_sizes: list[int] | None = Field(
         None,
         description="progressive resizing: sizes spread evenly over the epochs, e.g. "
-        "64,128,224; the cache is built at the largest",
+        "64,128,224; the cache is built at the largest, which is checked as --image-size is",
     )
     valid_pct: float = Field(
         0.2, ge=0, lt=1, description="fraction of the training images held out for validation"
@@ -198,7 +200,9 @@ class ImageOptions(SourceOptions):
     seed: int = Field(0, description="seed of everything random")
     text_length: int | None = Field(
         None, ge=1, description="--task text: characters read of each text, the rest cut and "
-        "shorter ones padded (default: the --text-percentile of the training texts' lengths)"
+        "shorter ones padded (default: the --text-percentile of the training texts' lengths, "
+        "of all but a few outliers, at most 256); refused, with the largest that fits, when "
+        "the encoded texts or a training step would not fit in memory (docs/LIMITS.md)"
     )
     text_percentile: float = Field(
         99.0, gt=0, le=100, description="--task text: the percentile of the training texts' "
@@ -297,7 +301,7 @@ class FitConfig(ImageOptions):
     )
     head_hidden: int | None = Field(
         None, ge=1, description="width of the hidden layers of --head mlp and concat_pool "
-        "(default 512)",
+        "(default 512; refused when the weights would not fit in memory)",
     )
     dropout: float = Field(
         0.0, ge=0, lt=1,
@@ -420,7 +424,8 @@ class FitConfig(ImageOptions):
         description="batch size (lowered for small training sets); 'auto' on a CUDA GPU: the "
         "largest power of two whose training step fits in its memory, with the learning "
         "rate(s) scaled by that batch over the one 128 would give (the defaults were tuned "
-        "for 128; not with --lr auto); on the CPU 'auto' is 128",
+        "for 128; not with --lr auto); on the CPU 'auto' is 128; refused, with the largest "
+        "that fits, when a training step would not fit in memory (docs/LIMITS.md)",
     )
     compile: bool = Field(
         False,
@@ -694,7 +699,8 @@ class TuneConfig(FitConfig):
         "continue a study"
     )
     workers: int = Field(1, ge=1, description="local processes that run trials in parallel, "
-                         "sharing the storage (each with cores / workers threads)")
+                         "sharing the storage (each with cores / workers threads; no more "
+                         "than memory holds at about 1.1 GB each)")
     pruner: Literal["median", "hyperband", "none"] = Field(
         "median", description="stops trials whose validation metric is behind the others' at "
         "the same epoch (median: below the median of earlier trials)"
