@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -360,8 +362,14 @@ def test_two_nodes_on_loopback_learn_what_one_process_does(tmp_path):
      "machine's number, 0 to 1 (--nnodes 2)"),
     (["--nnodes", "2", "--master", "10.0.0.1"], "--master 10.0.0.1: give node 0's address "
      "and a port, e.g. --master 10.0.0.1:29500"),
-    (["--master", "h:29500"], "--master and --node-rank are for fits on several machines: "
-     "give --nnodes N too"),
+    (["--master", "h:29500"], "--master, --node-rank and --join-timeout are for fits on "
+     "several machines: give --nnodes N too"),
+    (["--join-timeout", "60"], "--master, --node-rank and --join-timeout are for fits on "
+     "several machines: give --nnodes N too"),
+    (["--nnodes", "2", "--master", "h:1", "--join-timeout", "0"], "--join-timeout 0: give the "
+     "seconds each node waits for the others, e.g. --join-timeout 600"),
+    (["--nnodes", "2", "--master", "h:1", "--join-timeout", "soon"], "--join-timeout soon: "
+     "give the seconds each node waits for the others, e.g. --join-timeout 600"),
 ])
 def test_node_flag_mistakes_are_one_line(flags, message, capsys):
     from imagefit.cli import main
@@ -369,6 +377,138 @@ def test_node_flag_mistakes_are_one_line(flags, message, capsys):
     assert main(["fit", "builtin:digits", *flags]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"imagefit: error: {message}"]
+
+
+def _timed_lines(process: subprocess.Popen) -> list[tuple[float, str]]:
+    """Each line of ``process``'s stderr as it came, with the time it came."""
+    return [(time.monotonic(), line.rstrip("\n")) for line in process.stderr]
+
+
+def _launch_folders(tmp: Path) -> list[str]:
+    """What torchrun made in the temporary directory ``tmp``: torchelastic_* folders of its
+    own, or the log folder imagefit gives it."""
+    return [entry.name for entry in tmp.iterdir()
+            if entry.name.startswith(("torchelastic_", "imagefit-torchrun-"))]
+
+
+def test_a_node_that_does_not_come_ends_the_wait_in_one_line(tmp_path):
+    """Node 0 of 2 alone, --join-timeout 4: a waiting line at once naming node 1, then at
+    4 s one line saying it did not join and what to do, exit 2, no process left (torchrun
+    is stopped: it would have waited 600 s in silence) and no torchrun folder left in the
+    temporary directory."""
+    tmp, marker = tmp_path / "tmp", str(tmp_path / "runs")
+    tmp.mkdir()
+    port = unused_port()
+    node = subprocess.Popen(
+        [sys.executable, "-m", "imagefit", "fit", "builtin:digits", "--nnodes", "2",
+         "--node-rank", "0", "--master", f"127.0.0.1:{port}", "--join-timeout", "4",
+         "--runs-dir", marker], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp)})
+    try:
+        lines = _timed_lines(node)
+        node.wait(timeout=30)
+    finally:
+        node.kill()
+        node.wait()
+    assert node.returncode == 2
+    (waited, first), (ended, last) = lines[0], lines[-1]
+    assert first == f"imagefit: waiting for node 1 of 2 at 127.0.0.1:{port}, 0 s of 4 s"
+    assert last == (f"imagefit: error: node 1 of 2 did not join at 127.0.0.1:{port} within "
+                    "4 s (--join-timeout): start it with the same command and --node-rank 1, "
+                    f"check that it reaches 127.0.0.1:{port} (a firewall may block the port), "
+                    "or wait longer with --join-timeout SECONDS")
+    assert [line for _, line in lines] == [first, last]  # nothing of torchrun's
+    assert 4 <= ended - waited < 4 + 3
+    assert live_processes(marker) == {}
+    assert _launch_folders(tmp) == []
+
+
+def test_ctrl_c_while_the_nodes_wait_leaves_nothing_behind(tmp_path):
+    """Ctrl-C (SIGINT to the terminal's process group) while node 0 waits for node 1: the
+    command ends at once with 130; torchrun, which does not act on it while it waits in the
+    store, is stopped, and its folder removed."""
+    tmp, marker = tmp_path / "tmp", str(tmp_path / "runs")
+    tmp.mkdir()
+    node = subprocess.Popen(
+        [sys.executable, "-m", "imagefit", "fit", "builtin:digits", "--nnodes", "2",
+         "--node-rank", "0", "--master", f"127.0.0.1:{unused_port()}", "--runs-dir", marker],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp)})
+    try:
+        assert node.stderr.readline().startswith("imagefit: waiting for node 1 of 2 at ")
+        deadline = time.monotonic() + 60
+        while len(live_processes(marker)) < 2:  # torchrun started
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        os.killpg(node.pid, signal.SIGINT)
+        _, err = node.communicate(timeout=10)
+    finally:
+        node.kill()
+        node.wait()
+    assert node.returncode == 130 and err.strip().splitlines() == ["imagefit: interrupted"]
+    assert live_processes(marker) == {}
+    assert _launch_folders(tmp) == []
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_a_master_name_that_does_not_resolve_is_one_line_at_once(rank, capfd):
+    """Before any torchrun: torch's client would repeat its address warnings until killed."""
+    from imagefit.cli import main
+
+    started = time.monotonic()
+    assert main(["fit", "builtin:digits", "--nnodes", "2", "--node-rank", rank, "--master",
+                 "nohost.invalid:29500"]) == 2
+    assert time.monotonic() - started < 3
+    err = capfd.readouterr().err.strip().splitlines()
+    assert err == ["imagefit: error: --master nohost.invalid:29500: the name nohost.invalid "
+                   "does not resolve on this machine (Name or service not known): give node "
+                   "0's IP address, or a name every node resolves"]
+
+
+def test_a_node_waits_for_node_0_saying_so_and_starts_no_torchrun_meanwhile(capfd):
+    """Node 1 whose master does not answer (node 0 may start later): the waiting line, no
+    torch warnings (torchrun starts once node 0 answers), and at --join-timeout one line."""
+    from imagefit.cli import main
+
+    port = unused_port()
+    started = time.monotonic()
+    assert main(["fit", "builtin:digits", "--nnodes", "2", "--node-rank", "1", "--master",
+                 f"127.0.0.1:{port}", "--join-timeout", "3"]) == 2
+    assert 3 <= time.monotonic() - started < 3 + 3
+    err = capfd.readouterr().err.strip().splitlines()
+    assert err == [
+        f"imagefit: waiting for node 0 at 127.0.0.1:{port} (nothing answers there yet), 0 s "
+        "of 3 s",
+        f"imagefit: error: node 0 did not answer at 127.0.0.1:{port} within 3 s "
+        "(--join-timeout): start it with the same command and --node-rank 0 on 127.0.0.1, "
+        f"check that this machine reaches 127.0.0.1 on port {port} (a firewall may block it), "
+        "or wait longer with --join-timeout SECONDS"]
+
+
+def test_node_0_on_a_port_in_use_is_one_line(capsys):
+    from imagefit.cli import main
+
+    with socket.create_server(("127.0.0.1", 0)) as stranger:
+        port = stranger.getsockname()[1]
+        assert main(["fit", "builtin:digits", "--nnodes", "2", "--master",
+                     f"127.0.0.1:{port}"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"imagefit: error: --master 127.0.0.1:{port}: port {port} is in use on this machine "
+        "(node 0): give a free port, the same on every node"]
+
+
+def test_a_fit_in_two_processes_leaves_no_torchrun_folder(tmp_path):
+    """torchrun makes a torchelastic_* folder in the temporary directory and leaves it; the
+    launch gives it a log folder of its own and removes it."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    done = subprocess.run(
+        [sys.executable, "-m", "imagefit", "fit", "builtin:digits", "--devices", "2",
+         "--epochs", "1", "--no-tta", "--no-report", "--no-progress", "--runs-dir",
+         str(tmp_path / "runs")], capture_output=True, text=True, timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert _launch_folders(tmp) == []
 
 
 def test_resuming_on_a_node_without_the_run_directory_is_one_line(tmp_path, monkeypatch):

@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from . import rendezvous
 from .config import (
     RECORDED_KEYS,
     CheckConfig,
@@ -151,6 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
     nodes.add_argument("--master", metavar="HOST:PORT",
                        help="where node 0 listens for the others: its address and a free port, "
                        "the same on every node")
+    nodes.add_argument("--join-timeout", metavar="SECONDS",
+                       help="how long each node waits for the others, saying every "
+                       f"{rendezvous.WAIT_LINE_EVERY} s whom it waits for; then it stops in "
+                       f"one line naming them (default: {rendezvous.JOIN_TIMEOUT}, time to "
+                       "start the nodes by hand)")
 
     predict = commands.add_parser(
         "predict", help="predict images (or texts) with a trained model",
@@ -404,9 +410,10 @@ def _fit(args: argparse.Namespace, argv: list[str]) -> int:
             raise ImagefitError("give DATA to fit, or --resume RUN")
         config = resolve_options(FitConfig, args, ("data",))
         devices = config.devices
+    nodes = rendezvous.parse_nodes(args.nnodes, args.node_rank, args.master,
+                                   args.join_timeout)  # before torch loads: at once
     from . import api, distributed
 
-    nodes = distributed.parse_nodes(args.nnodes, args.node_rank, args.master)
     if (devices > 1 or nodes is not None) and not distributed.launched():
         return distributed.launch(argv, devices, device=config.device if config else "auto",
                                   nodes=nodes)

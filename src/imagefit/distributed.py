@@ -13,12 +13,13 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -26,6 +27,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from . import rendezvous
 from .errors import ImagefitError
 
 
@@ -280,63 +282,18 @@ def _alive(pid: int) -> bool:
     return True
 
 
-@dataclass(frozen=True)
-class Nodes:
-    """The machines of a multi-node fit: how many, this one's number, node 0's address."""
-
-    count: int
-    rank: int
-    host: str
-    port: int
-
-    def torchrun_args(self) -> list[str]:
-        """torchrun's static rendezvous at node 0: node R's ranks follow node R-1's, so rank 0
-        (the run directory's writer) is on node 0."""
-        return [f"--nnodes={self.count}", f"--node-rank={self.rank}",
-                f"--master-addr={self.host}", f"--master-port={self.port}"]
-
-
-def parse_nodes(count: str, node_rank: str, master: str | None) -> Nodes | None:
-    """``--nnodes``, ``--node-rank`` and ``--master HOST:PORT``, checked; None for one
-    machine."""
-    try:
-        count_value = int(count)
-    except ValueError:
-        count_value = 0
-    if count_value < 1:
-        raise ImagefitError(f"--nnodes {count}: give the number of machines, 1 or more")
-    try:
-        rank_value = int(node_rank)
-    except ValueError:
-        rank_value = -1
-    if not 0 <= rank_value < count_value:
-        raise ImagefitError(f"--node-rank {node_rank}: give this machine's number, 0 to "
-                            f"{count_value - 1} (--nnodes {count_value})")
-    if count_value == 1:
-        if master is not None or rank_value:
-            raise ImagefitError("--master and --node-rank are for fits on several machines: "
-                                "give --nnodes N too")
-        return None
-    if master is None:
-        raise ImagefitError(f"--nnodes {count_value} needs --master HOST:PORT: node 0's "
-                            "address and a free port, the same on every node")
-    host, _, port = master.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ImagefitError(f"--master {master}: give node 0's address and a port, e.g. "
-                            "--master 10.0.0.1:29500")
-    return Nodes(count_value, rank_value, host.strip("[]"), int(port))
-
-
-LAUNCH_FLAGS = ("--devices", "--nnodes", "--node-rank", "--master")
+LAUNCH_FLAGS = ("--devices", "--nnodes", "--node-rank", "--master", "--join-timeout")
 
 
 def launch(argv: Sequence[str], processes: int, device: str = "auto",
-           nodes: Nodes | None = None) -> int:
+           nodes: rendezvous.Nodes | None = None) -> int:
     """Run ``imagefit ARGV`` (less its launch flags) in ``processes`` processes on this
-    machine under torchrun, joined with the other machines' of ``nodes``; returns its exit
-    status, raises when a process failed. torchrun dies with this process (a parent-death
-    signal), and its processes with torchrun (``die_with_launcher``), so none outlives the
-    command, even after a kill -9."""
+    machine under torchrun, joined with the other machines' of ``nodes`` (see
+    ``rendezvous``); returns its exit status, raises when a process failed. torchrun dies
+    with this process (a parent-death signal), and its processes with torchrun
+    (``die_with_launcher``), so none outlives the command, even after a kill -9. torchrun's
+    log folder is one this function makes and removes, not a torchelastic_* folder of its
+    own in the temporary directory, which it would leave behind."""
     check_devices(processes, device)
     rest, args = [], iter(argv)
     for arg in args:
@@ -344,27 +301,47 @@ def launch(argv: Sequence[str], processes: int, device: str = "auto",
             next(args, None)
         elif not arg.startswith(tuple(f"{flag}=" for flag in LAUNCH_FLAGS)):
             rest.append(arg)
-    where = nodes.torchrun_args() if nodes is not None else ["--standalone"]
-    command = [sys.executable, "-m", "torch.distributed.run", *where,
-               f"--nproc_per_node={processes}", "-m", "imagefit", *rest]
-    set_death_signal = _death_signal_setter()
-    launcher = subprocess.Popen(
-        command, env={**os.environ, LAUNCHER_PID: str(os.getpid())},
-        preexec_fn=None if set_death_signal is None else lambda: set_death_signal(
-            signal.SIGKILL))
+    clock = rendezvous.prepare(nodes) if nodes is not None else None
+    logs = tempfile.mkdtemp(prefix="imagefit-torchrun-")
     try:
-        status = launcher.wait()
-    except KeyboardInterrupt:  # torchrun got Ctrl-C too and stops its processes
-        return launcher.wait() or 130
+        where = nodes.torchrun_args() if nodes is not None else ["--standalone"]
+        status = _run_torchrun([sys.executable, "-m", "torch.distributed.run", *where,
+                                f"--log-dir={logs}", f"--nproc_per_node={processes}", "-m",
+                                "imagefit", *rest], clock)
+    finally:
+        shutil.rmtree(logs, ignore_errors=True)
     if status and nodes is not None:
         raise ImagefitError(f"a process on this node (node {nodes.rank} of {nodes.count}) or "
                             f"another failed (torchrun's report is above; exit status "
                             f"{status}): node 0's run directory keeps its last finished epoch, "
                             f"continue it with imagefit fit --resume RUN --nnodes N "
-                            f"--node-rank R --master {nodes.host}:{nodes.port} on every node")
+                            f"--node-rank R --master {nodes.master} on every node")
     if status:
         raise ImagefitError(f"a process of the {processes} failed (torchrun's report is above; "
                             f"exit status {status}): a run directory keeps its last finished "
                             f"epoch, continue it with imagefit fit --resume RUN --devices "
                             f"{processes}")
     return status
+
+
+def _run_torchrun(command: list[str], clock: rendezvous.JoinClock | None) -> int:
+    """torchrun's exit status; with ``clock``, the nodes' rendezvous watched until all have
+    joined. torchrun has a process group of its own, so Ctrl-C reaches it from here only:
+    before the rendezvous it is stopped (at its start Python would print a traceback of the
+    import it was in), after it torchrun gets the Ctrl-C and stops its processes."""
+    set_death_signal = _death_signal_setter()
+    launcher = subprocess.Popen(
+        command, env={**os.environ, LAUNCHER_PID: str(os.getpid())}, process_group=0,
+        preexec_fn=None if set_death_signal is None else lambda: set_death_signal(
+            signal.SIGKILL))
+    if clock is not None and not rendezvous.watch(launcher, clock):
+        raise ImagefitError(f"torchrun stopped before every node joined at "
+                            f"{clock.nodes.master} (its report is above; exit status "
+                            f"{launcher.returncode}): start every node again with the same "
+                            "command")
+    try:
+        return launcher.wait()
+    except KeyboardInterrupt:
+        launcher.send_signal(signal.SIGINT)
+        launcher.wait()
+        raise
