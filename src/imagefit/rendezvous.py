@@ -234,25 +234,22 @@ def watch(launcher: subprocess.Popen, clock: JoinClock) -> bool:
 
 
 def _missing_nodes(nodes: Nodes) -> list[int] | None:
-    """The nodes other than 0 that have not joined yet, [] once all have (node 0 too); None
-    while node 0's store does not answer. A plain connection is tried first: a TCPStore
-    client that cannot connect repeats torch's warnings."""
+    """The nodes other than 0 that have not joined yet ([]: the rendezvous is complete);
+    None while node 0's store does not answer. A plain connection is tried first: a
+    TCPStore client that cannot connect repeats torch's warnings."""
     try:
         socket.create_connection((nodes.host, nodes.port), timeout=CONNECT_BOUND).close()
     except OSError:
         return None
     from torch.distributed import TCPStore
 
-    keys = [f"{RDZV_ID}/torchelastic/role_info/{rank}" for rank in range(nodes.count)]
     try:
         store = TCPStore(nodes.host, nodes.port, is_master=False, wait_for_workers=False,
                          timeout=timedelta(seconds=CONNECT_BOUND))
-        joined = [store.check([key]) for key in keys]
+        return [rank for rank in range(1, nodes.count)
+                if not store.check([f"{RDZV_ID}/torchelastic/role_info/{rank}"])]
     except RuntimeError:  # torch's DistError: the store went away meanwhile
         return None
-    if all(joined):
-        return []
-    return [rank for rank in range(1, nodes.count) if not joined[rank]]
 
 
 def _named(missing: list[int], count: int) -> str:
