@@ -71,7 +71,7 @@ def test_a_huge_image_size_is_refused_at_once_without_memory_or_cache(tiny_folde
     assert len(lines) == 1 and lines[0].startswith("imagefit: error: --image-size 100000: ")
     largest = int(re.search(r"the largest size that fits is (\d+)", lines[0]).group(1))
     assert 4 <= largest < 100_000
-    assert "image cache would need" in lines[0] and "training step" in lines[0]
+    assert re.search(r"a training step on a batch of \d+ about \d+ TB", lines[0])  # any machine
     assert elapsed < 5 + 2 * startup, (elapsed, startup)
     assert memory < 2 * GB and memory < startup_memory + 400 * 2**20, (memory, startup_memory)
     cache_root = Path(os.environ["IMAGEFIT_CACHE"])

@@ -62,10 +62,13 @@ class Room:
     def step_memory(self) -> int:
         return self.host if self.device is None else self.device
 
-    def step_phrase(self, batch_size: int, step: int, training: bool = True) -> str:
+    def step_memory_phrase(self) -> str:
         where = "available" if self.device is None else "free on the GPU"
+        return f"{where}: {format_bytes(self.step_memory)}"
+
+    def step_phrase(self, batch_size: int, step: int, training: bool = True) -> str:
         return (f"{'a training step on ' if training else ''}a batch of {batch_size} about "
-                f"{format_bytes(step)} of memory ({where}: {format_bytes(self.step_memory)})")
+                f"{format_bytes(step)} of memory ({self.step_memory_phrase()})")
 
 
 @dataclass
@@ -175,10 +178,9 @@ def check_weights_room(footprint: Footprint, cfg: ImageOptions, room: Room) -> N
         return
     option = (f"--head-hidden {cfg.head_hidden}" if getattr(cfg, "head_hidden", None)
               else f"--model {cfg.model}")
-    where = "available" if room.device is None else "free on the GPU"
     raise ImagefitError(f"{option}: the model's weights, with their gradients and optimizer "
-                        f"moments, would take {format_bytes(weights)} of memory ({where}: "
-                        f"{format_bytes(room.step_memory)}); choose a smaller one")
+                        f"moments, would take {format_bytes(weights)} of memory "
+                        f"({room.step_memory_phrase()}); choose a smaller one")
 
 
 def _size_option(cfg: ImageOptions, size: int) -> str:
@@ -214,8 +216,9 @@ def check_text_room(table: Table, length: int, batch_size: int | None,
         if step > room.step_memory:
             return room.step_phrase(batch_size, step)
         if host > room.host:
-            return (f"the encoded texts would take {format_bytes(codes)} of memory "
-                    f"(available: {format_bytes(room.host)})")
+            what = "the encoded texts" + (" and a training step" if host > codes else "")
+            return (f"{what} would take {format_bytes(host)} of memory (available: "
+                    f"{format_bytes(room.host)})")
         return None
 
     reason = shortfall(length)
