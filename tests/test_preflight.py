@@ -152,6 +152,22 @@ def test_show_batch_counts_its_grid_and_no_model(tiny_folder, monkeypatch):
     assert "the largest size that fits is" in str(refused.value)
 
 
+def test_a_summary_too_large_for_memory_is_refused_before_its_forward_pass(monkeypatch):
+    import imagefit.models.zoo as zoo
+    from imagefit.models import create_model
+
+    pytest.importorskip("torchinfo")
+    monkeypatch.setattr(zoo, "available_memory", lambda: GB)
+    model = create_model("small_cnn", 3, 2)  # a run's model: real weights, on the CPU
+    with pytest.raises(ImagefitError) as refused:
+        zoo.summary_table(model, 100_000, 3)
+    largest = int(re.search(r"the largest size that fits is (\d+)$", str(refused.value))[1])
+    assert str(refused.value).startswith("--image-size 100000: one image through the model ")
+    assert "Total params" in zoo.summary_table(model, largest, 3)  # 506 px: it runs
+    with pytest.raises(ImagefitError):
+        zoo.summary_table(model, largest + 1, 3)
+
+
 def test_largest_that_fits_and_sizes_in_words():
     assert largest_that_fits(lambda value: value * value <= 1000, 4, 100) == 31
     assert largest_that_fits(lambda value: value < 4, 4, 100) is None

@@ -6,13 +6,16 @@ torchinfo's (``imagefit[zoo]``), not ours."""
 from __future__ import annotations
 
 import fnmatch
+import math
 
 import timm
 import torch
 from torch import nn
 
+from ..data.resources import available_memory, format_bytes
 from ..errors import ImagefitError
 from . import MODELS, check_model_name, create_model
+from .footprint import FALLBACK_BYTES_PER_INPUT
 from .text import TEXT_MODELS
 
 MISSING = ("model summaries need torchinfo: pip install 'imagefit[zoo]' (or pip install "
@@ -58,6 +61,8 @@ def _costs_or_why(name: str, image_size: int, channels: int) -> dict:
         return model_costs(name, image_size, channels)
     except RuntimeError:
         return {"model": name, "note": f"cannot run on a {image_size} px image"}
+    except ImagefitError:  # counted on the CPU, and too large for its memory
+        return {"model": name, "note": f"too large to count at {image_size} px here"}
 
 
 def _statistics(model: nn.Module, channels: int, image_size: int, depth: int = 3,
@@ -67,11 +72,28 @@ def _statistics(model: nn.Module, channels: int, image_size: int, depth: int = 3
     torchinfo = _torchinfo()
     model.eval()
     device = next(model.parameters(), torch.zeros(0)).device
+    if text_length is None and device.type != "meta":
+        _require_memory(channels, image_size)
     shape = {"input_size": (1, channels, image_size, image_size)} if text_length is None \
         else {"input_data": torch.ones(1, text_length, dtype=torch.long, device=device)}
     with torch.no_grad():
         return torchinfo.summary(model, **shape, depth=depth, col_names=columns, verbose=0,
                                  device=device)
+
+
+def _require_memory(channels: int, image_size: int) -> None:
+    """Refuse an image size whose forward pass on a real device might not fit in memory,
+    before it runs: counted at the largest bytes per input value measured of the nets'
+    layer outputs (``models.footprint``). The meta device, where models are counted when
+    they can be, needs none."""
+    needed = FALLBACK_BYTES_PER_INPUT * channels * image_size * image_size
+    available = available_memory()
+    if needed <= available:
+        return
+    largest = math.isqrt(int(available / (FALLBACK_BYTES_PER_INPUT * channels)))
+    raise ImagefitError(f"--image-size {image_size}: one image through the model would take "
+                        f"up to {format_bytes(needed)} of memory (available: "
+                        f"{format_bytes(available)}); the largest size that fits is {largest}")
 
 
 def _counted(name: str, channels: int, n_out: int, image_size: int, depth: int,
