@@ -382,6 +382,193 @@ CASES = [
          words=("cv.json is damaged",)),
     Case("unknown command", lambda f: ["trian", "x"]),
     Case("unknown cache action", lambda f: ["cache", "burn"]),
+    # -- options given where nothing would read them (issue 32) ---------------------------
+    *[Case(f"{' '.join(options)} alone", fit(*options),
+           words=(options[-1] if options[-1].startswith("--") else options[-2],))
+      for options in [
+        ("--cycle-len", "2"), ("--cycle-mult", "3"), ("--sgdr-cycles", "2"), ("--snapshots",),
+        ("--recipe-max-cycles", "2"), ("--monitor", "valid_loss"), ("--monitor-mode", "max"),
+        ("--min-delta", "0.1"), ("--plateau-factor", "0.5"), ("--plc-warmup", "0.5"),
+        ("--plc-theta-start", "0.2"), ("--plc-theta-end", "0.2"), ("--plc-schedule", "step"),
+        ("--soft-alpha", "0.2"), ("--no-train-bn",), ("--no-tta", "--tta-n", "8"),
+        ("--no-tta", "--tta-augment", "light"), ("--tta-augment", "flip", "--tta-n", "8"),
+        ("--lr-groups", "1e-3,1e-2", "--lr-low", "1e-4"),
+        ("--schedule", "flat_cos", "--pct-start", "0.4")]],
+    *[Case(f"{option} with a class folder", fit(option, value), words=(option, "not a CSV"))
+      for option, value in [("--label-col", "y"), ("--path-col", "p"), ("--split-col", "s"),
+                            ("--label-delim", ";"), ("--folder", "x"), ("--suffix", ".png")]],
+    *[Case(f"{option} with images", fit(*filter(None, (option, value))),
+           words=(option, "not texts"))
+      for option, value in [("--text-length", "8"), ("--text-percentile", "90"),
+                            ("--keep-case", None)]],
+    Case("resume with --lr", with_run(nothing, "fit", "--resume", "RUN", "--lr", "1"),
+         needs_run=True, words=("--lr: a resumed fit",)),
+    Case("resume with --no-report and --epochs",
+         with_run(nothing, "fit", "--resume", "RUN", "--no-report", "--epochs", "9"),
+         needs_run=True, words=("--epochs", "--no-report")),
+    Case("resume with --config", with_run(nothing, "fit", "--resume", "RUN", "--config",
+                                          "x.yaml"), needs_run=True, words=("--config",)),
+    # -- options that scale memory or time -------------------------------------------------
+    Case("image size of a satellite", fit("--image-size", "100000"),
+         words=("--image-size 100000", "largest")),
+    Case("progressive sizes too large", fit("--image-sizes", "16,100000"),
+         words=("--image-sizes",)),
+    Case("text length of a hundred million", fit_file(raw_csv(
+        "name,label\n" + "".join(f"name{i},{'ab'[i % 2]}\n" for i in range(40)), images=0),
+        "--task", "text", "--text-length", "100000000"), words=("--text-length 100000000",)),
+    Case("show-batch at a huge size", lambda f: ["show-batch", str(class_folder(f / "data")),
+                                                 "--image-size", "100000", "--out",
+                                                 str(f / "b.png")], words=("--image-size",)),
+    Case("lr-find at a huge size", lambda f: ["lr-find", str(class_folder(f / "data")),
+                                              "--image-size", "100000", "--out",
+                                              str(f / "lr.png"), "--no-progress"],
+         words=("--image-size",)),
+    Case("summary at a huge size", lambda f: ["summary", "resnet18", "--image-size", "100000"],
+         words=("--image-size",)),
+    # -- several machines ------------------------------------------------------------------
+    Case("nodes without a master", fit("--nnodes", "2"), words=("--master",)),
+    Case("master that does not resolve", fit("--nnodes", "2", "--node-rank", "1", "--master",
+                                             "nohost.invalid:29500"),
+         words=("nohost.invalid",)),
+    Case("master without a port", fit("--nnodes", "2", "--master", "127.0.0.1"),
+         words=("--master",)),
+    Case("node rank beyond the nodes", fit("--nnodes", "2", "--node-rank", "5", "--master",
+                                           "127.0.0.1:29500"), words=("--node-rank",)),
+    Case("join timeout zero", fit("--nnodes", "2", "--master", "127.0.0.1:29500",
+                                  "--join-timeout", "0"), words=("--join-timeout",)),
+    Case("join timeout for one node", fit("--join-timeout", "30"), words=("--join-timeout",)),
+    # -- the other commands ----------------------------------------------------------------
+    Case("lr-find with --lr", lambda f: ["lr-find", str(class_folder(f / "data")), "--lr", "1",
+                                         "--out", str(f / "lr.png")], words=("--lr",)),
+    Case("lr-find of missing data", lambda f: ["lr-find", str(f / "nowhere")],
+         words=("not found",)),
+    Case("lr-find --out a folder", lambda f: ["lr-find", str(class_folder(f / "data")),
+                                              "--out", str(a_folder(f / "out"))],
+         words=("--out",)),
+    Case("show-batch of no images", lambda f: ["show-batch", str(class_folder(f / "data")),
+                                               "--n-images", "0", "--out", str(f / "b.png")],
+         words=("--n-images",)),
+    Case("show-batch of a CSV of texts", lambda f: ["show-batch", str(raw_csv(
+        "name,label\nanna,f\nbob,m\ncarl,m\ndora,f\n", images=0)(f)), "--out",
+        str(f / "b.png")], words=("texts",)),
+    Case("check of missing data", lambda f: ["check", str(f / "nowhere")],
+         words=("not found",)),
+    Case("check with one overfit step", lambda f: ["check", str(class_folder(f / "data")),
+                                                   "--overfit-steps", "1"],
+         words=("--overfit-steps",)),
+    Case("check with a negative hash distance", lambda f: ["check", str(class_folder(
+        f / "data")), "--near-hamming", "-1"], words=("--near-hamming",)),
+    Case("cv of one fold", lambda f: ["cv", str(class_folder(f / "data")), "--folds", "1"],
+         words=("--folds",)),
+    Case("cv of more folds than images", lambda f: ["cv", str(class_folder(f / "data")),
+                                                    "--folds", "40", "--epochs", "1"],
+         words=("fold",)),
+    Case("cv grouped without groups", lambda f: ["cv", str(class_folder(f / "data")),
+                                                 "--fold-method", "group"], words=("group",)),
+    Case("cv --group-col of a folder", lambda f: ["cv", str(class_folder(f / "data")),
+                                                  "--group-col", "patient"],
+         words=("--group-col",)),
+    Case("cv with a missing folds file", lambda f: ["cv", str(class_folder(f / "data")),
+                                                    "--folds-file", "nope.csv"],
+         words=("nope.csv",)),
+    Case("sweep of an unknown model", lambda f: ["sweep", str(class_folder(f / "data")),
+                                                 "--models", "nonsense"],
+         words=("nonsense",)),
+    Case("sweep of width zero", lambda f: ["sweep", str(class_folder(f / "data")),
+                                           "--widths", "0"], words=("--widths",)),
+    Case("sweep of widths in words", lambda f: ["sweep", str(class_folder(f / "data")),
+                                                "--widths", "wide"], words=("--widths",)),
+    Case("tune of a garbled space", lambda f: ["tune", str(class_folder(f / "data")),
+                                               "--space", "lr=?"], words=("--space",)),
+    Case("tune of an unknown option", lambda f: ["tune", str(class_folder(f / "data")),
+                                                 "--space", "lrr=1e-3:1e-1:log"],
+         words=("lrr",)),
+    Case("tune of unknown models", lambda f: ["tune", str(class_folder(f / "data")),
+                                              "--space", "model=resnet18|resnet81"],
+         words=("resnet81",)),
+    Case("tune of no trials", lambda f: ["tune", str(class_folder(f / "data")),
+                                         "--n-trials", "0"], words=("--n-trials",)),
+    Case("tune of zero workers", lambda f: ["tune", str(class_folder(f / "data")),
+                                            "--workers", "0"], words=("--workers",)),
+    Case("tune with an unknown pruner", lambda f: ["tune", str(class_folder(f / "data")),
+                                                   "--pruner", "axe"], words=("--pruner",)),
+    Case("tune with a storage of no kind", lambda f: ["tune", str(class_folder(f / "data")),
+                                                      "--storage", "nothing://x"],
+         words=("--storage",)),
+    Case("tune with a timeout in words", lambda f: ["tune", str(class_folder(f / "data")),
+                                                    "--timeout", "soon"],
+         words=("--timeout",)),
+    Case("label-issues of a folder that is no CV", lambda f: ["label-issues", str(a_folder(
+        f / "nocv"))], words=("nocv",)),
+    Case("label-issues of a CV directory without predictions",
+         lambda f: ["label-issues", str(a_cv_dir(f))], words=("not a CV directory",)),
+    Case("label-issues with an unknown method", lambda f: ["label-issues", str(a_cv_dir(f)),
+                                                           "--method", "guess"],
+         words=("--method",)),
+    Case("export of a folder that is no run", lambda f: ["export", str(a_folder(f / "norun"))],
+         words=("norun",)),
+    Case("export with an ancient opset", with_run(nothing, "export", "RUN", "--opset", "3"),
+         needs_run=True, words=("--opset",)),
+    Case("export --out a folder", with_run(nothing, "export", "RUN", "--out", "RUN"),
+         needs_run=True, words=("--out",)),
+    Case("export with cut weights", with_run(cut_weights, "export", "RUN"), needs_run=True,
+         words=("damaged",)),
+    Case("serve a missing run", lambda f: ["serve", str(f / "nowhere")], words=("nowhere",)),
+    Case("serve on port 70000", with_run(nothing, "serve", "RUN", "--port", "70000"),
+         needs_run=True, words=("--port",)),
+    Case("serve beyond PIL's pixel limit", with_run(nothing, "serve", "RUN", "--max-pixels",
+                                                    "1000000000"), needs_run=True,
+         words=("--max-pixels",)),
+    Case("serve with no idle time", with_run(nothing, "serve", "RUN", "--idle-timeout", "0"),
+         needs_run=True, words=("--idle-timeout",)),
+    Case("serve with cut weights", with_run(cut_weights, "serve", "RUN", "--port", "0"),
+         needs_run=True, words=("damaged",)),
+    Case("predict --tta-n without --tta", with_run(nothing, "predict", "RUN", "IMAGE",
+                                                   "--tta-n", "8"),
+         needs_run=True, words=("--tta-n",)),
+    Case("predict --path-col of an image", with_run(nothing, "predict", "RUN", "IMAGE",
+                                                    "--path-col", "p"),
+         needs_run=True, words=("--path-col", "no INPUT is a CSV")),
+    Case("predict --id-col of a table", with_run(nothing, "predict", "RUN", "IMAGE",
+                                                 "--id-col", "name"),
+         needs_run=True, words=("--id-col",)),
+    Case("predict --text with an image model", with_run(nothing, "predict", "RUN", "--text",
+                                                        "anna"), needs_run=True,
+         words=("image",)),
+    Case("predict a batch of zero", with_run(nothing, "predict", "RUN", "IMAGE", "--bs", "0"),
+         needs_run=True, words=("--bs",)),
+    Case("evaluate an unknown split", with_run(nothing, "evaluate", "RUN", "builtin:digits",
+                                               "--split", "later"),
+         needs_run=True, words=("--split",)),
+    Case("evaluate --tta-augment without --tta",
+         with_run(nothing, "evaluate", "RUN", "builtin:digits", "--tta-augment", "light"),
+         needs_run=True, words=("--tta-augment",)),
+    Case("evaluate missing data", with_run(nothing, "evaluate", "RUN", "nowhere"),
+         needs_run=True, words=("not found",)),
+    Case("explain with an unknown method", with_run(nothing, "explain", "RUN", "IMAGE",
+                                                    "--method", "xray"),
+         needs_run=True, words=("--method",)),
+    Case("explain with no opacity", with_run(nothing, "explain", "RUN", "IMAGE", "--alpha",
+                                             "0"), needs_run=True, words=("--alpha",)),
+    Case("explain a layer that is not there", with_run(nothing, "explain", "RUN", "IMAGE",
+                                                       "--layer", "nolayer", "--out",
+                                                       "RUN/explained"),
+         needs_run=True, words=("nolayer",)),
+    Case("explain a class that is not there", with_run(nothing, "explain", "RUN", "IMAGE",
+                                                       "--target", "zebra", "--out",
+                                                       "RUN/explained"),
+         needs_run=True, words=("zebra",)),
+    Case("summary of an unknown model", lambda f: ["summary", "resnet81"], words=("resnet81",)),
+    Case("summary of a folder that is no run", lambda f: ["summary", str(a_folder(f / "x"))],
+         words=("x",)),
+    Case("models at image size zero", lambda f: ["models", "--image-size", "0"],
+         words=("--image-size",)),
+    Case("report of a run with damaged metrics",
+         with_run(write_to("metrics.json", '{"epochs": "many"'), "report", "RUN"),
+         codes=(0,), needs_run=True),  # a warning: the report leaves out what it held
+    Case("runs with a damaged metrics.json",
+         with_run(write_to("metrics.json", '{"epochs": "many"}'), "runs", "RUN/.."),
+         codes=(0,), needs_run=True),
 ]
 
 TRAINED: list[Path] = []
@@ -402,8 +589,24 @@ def files_under(folder: Path) -> set[str]:
     return {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
 
 
-def test_there_are_at_least_fifty_cases():
-    assert len(CASES) >= 50
+def test_there_are_at_least_150_cases():
+    assert len(CASES) >= 150
+
+
+def children() -> set[int]:
+    """Live processes whose parent is this one."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if stat[1] == str(os.getpid()) and stat[0] != "Z":
+            found.add(int(entry.name))
+    return found
+
+
+COMMANDS_RUN: dict[str, str] = {}  # case name -> command, as the cases run
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
@@ -418,11 +621,14 @@ def test_malformed_input_gets_one_clear_line(case, tmp_path, monkeypatch, capsys
         argv += ["--runs-dir", str(work / "runs")]
     before = files_under(work)
     runs_before = set(os.listdir(work / "runs")) if (work / "runs").is_dir() else set()
+    processes_before = children()
     try:
         code = main(argv)
     except SystemExit as exit:  # argparse's own errors
         code = exit.code
     out, err = capsys.readouterr()
+    COMMANDS_RUN[case.name] = argv[0]
+    assert children() - processes_before == set(), "a process outlived the command"
     assert code in case.codes, f"{argv}: exit {code}\n{out}\n{err}"
     assert "Traceback" not in out + err
     if code == 2:
@@ -437,6 +643,16 @@ def test_malformed_input_gets_one_clear_line(case, tmp_path, monkeypatch, capsys
     if code == 2 and case.name != "diverging fit" and runs_dir.is_dir():
         made = set(os.listdir(runs_dir)) - runs_before
         assert made == set(), f"a failed command left {made}"
+
+
+def test_the_cases_cover_every_command():
+    from imagefit.cli import build_parser
+
+    if len(COMMANDS_RUN) < len(CASES):
+        pytest.skip("runs after the cases, when they all ran")  # pragma: no cover
+    parser = build_parser()
+    commands = set(parser._subparsers._group_actions[0].choices)
+    assert commands - set(COMMANDS_RUN.values()) == set()
 
 
 SUBPROCESS_CASES = ["negative lr", "one class", "class all unreadable", "predict with cut "

@@ -76,11 +76,12 @@ def expected_stop(values: list[float], patience: int) -> int:
 
 
 def test_early_stop_ends_exactly_patience_epochs_after_the_best(tmp_path):
-    common = dict(epochs=12, lr=0.5, opt="sgd", monitor="valid_loss")
+    common = dict(epochs=12, lr=0.5, opt="sgd")
     control = [row["valid_loss"] for row in digits(tmp_path, **common).history]
     stop = expected_stop(control, patience=2)
     assert stop < 12  # the control does have a plateau of two epochs
-    stopped = [row["valid_loss"] for row in digits(tmp_path, early_stop=2, **common).history]
+    stopped = [row["valid_loss"] for row in digits(tmp_path, early_stop=2, monitor="valid_loss",
+                                                   **common).history]
     assert len(stopped) == stop
     assert stopped == control[:stop]  # the same fit up to there: stopping is all it changed
 

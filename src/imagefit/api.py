@@ -11,7 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from . import distributed, runs
-from .config import CheckConfig, FitConfig, LabelIssuesOptions, merge_options
+from .config import (
+    CheckConfig,
+    FitConfig,
+    LabelIssuesOptions,
+    merge_options,
+    refuse_resume_options,
+)
 from .data.table import Table, from_arrays
 from .errors import ImagefitError
 from .evaluation.inference import evaluate, load_model, predict
@@ -49,10 +55,14 @@ def fit(data: str | Path | Table, config: FitConfig | None = None, *,
     return run_fit(data, cfg, callbacks, budget=Budget.from_options(cfg))
 
 
-def resume(run: str | Path, callbacks: list[Callback] | tuple = ()) -> FitResult:
+def resume(run: str | Path, callbacks: list[Callback] | tuple = (), **options: Any
+           ) -> FitResult:
     """Continue a stopped or killed fit from its last finished epoch, in the same run
     directory: model, optimizer, schedule position, random state and metrics so far. The
-    run is locked while it trains, so a run still being written cannot be resumed."""
+    run is locked while it trains, so a run still being written cannot be resumed.
+    ``options`` may change how it runs (``devices``, ``progress``, ``cache_dir``), never what
+    it trains: any other option is refused."""
+    refuse_resume_options(options)
     run_dir = Path(run)
     if not run_dir.is_dir() and not distributed.is_main():
         raise ImagefitError(f"run {run_dir} is not on this machine: every node reads the run "
@@ -66,7 +76,7 @@ def resume(run: str | Path, callbacks: list[Callback] | tuple = ()) -> FitResult
         if distributed.is_main():
             runs.remove_partial_files(run_dir)  # of a write the stopped fit was killed in
         state = runs.load_checkpoint(run_dir)
-        data, cfg = resume_options(run_dir)
+        data, cfg = resume_options(run_dir, options)
         return run_fit(data, cfg, callbacks, run_dir=run_dir, resume_state=state)
 
 

@@ -37,6 +37,8 @@ from .config import (
     TuneConfig,
     make_options,
     read_yaml_options,
+    refuse_resume_options,
+    refuse_unused_options,
 )
 from .errors import ChecksFailed, FitInterrupted, ImagefitError, ImagefitWarning
 from .version import __version__
@@ -61,6 +63,20 @@ def _choices(annotation: Any) -> list | None:
         if typing.get_origin(arg) is typing.Literal:
             return list(typing.get_args(arg))
     return None
+
+
+def whole_number(least: int) -> typing.Callable[[str], int]:
+    """An argparse type: a whole number of at least ``least``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = least - 1
+        if value < least:
+            raise argparse.ArgumentTypeError(f"give a whole number of at least {least} "
+                                             f"(got '{text}')")
+        return value
+    return parse
 
 
 def add_options(parser: argparse.ArgumentParser, model: type[Options]) -> None:
@@ -111,7 +127,9 @@ def resolve_options(model: type[Options], args: argparse.Namespace,
     for name in model.model_fields:
         if hasattr(args, name):
             values[name] = _cli_value(model, name, getattr(args, name))
-    return make_options(model, values)
+    options = make_options(model, values)
+    refuse_unused_options(options)
+    return options
 
 
 def data_command(commands, name: str, model: type[Options], help: str,
@@ -328,11 +346,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     listing_models.add_argument("pattern", metavar="PATTERN", nargs="?",
                                 help="names to list (default: all)")
-    listing_models.add_argument("--image-size", type=int, default=224,
+    listing_models.add_argument("--image-size", type=whole_number(8), default=224,
                                 help="side of the image the MACs are counted at (default 224)")
-    listing_models.add_argument("--channels", type=int, default=3,
+    listing_models.add_argument("--channels", type=whole_number(1), default=3,
                                 help="input channels (default 3)")
-    listing_models.add_argument("--limit", type=int, default=50,
+    listing_models.add_argument("--limit", type=whole_number(1), default=50,
                                 help="count parameters and MACs of this many matches at most "
                                 "(default 50; each model is built)")
     listing_models.add_argument("--no-costs", dest="costs", action="store_false",
@@ -347,11 +365,11 @@ def build_parser() -> argparse.ArgumentParser:
     summarizing.add_argument("model", metavar="MODEL|RUN",
                              help="a model name (imagefit models lists them) or a run "
                              "directory")
-    summarizing.add_argument("--image-size", type=int, help="image side (default: the run's, "
-                             "or 224)")
-    summarizing.add_argument("--channels", type=int, help="input channels (default: the "
-                             "run's, or 3)")
-    summarizing.add_argument("--depth", type=int, default=3,
+    summarizing.add_argument("--image-size", type=whole_number(8),
+                             help="image side (default: the run's, or 224)")
+    summarizing.add_argument("--channels", type=whole_number(1),
+                             help="input channels (default: the run's, or 3)")
+    summarizing.add_argument("--depth", type=whole_number(0), default=3,
                              help="how deep into nested modules the table goes (default 3)")
 
     cache = commands.add_parser(
@@ -397,12 +415,20 @@ def _format_evaluation(results: dict) -> str:
 
 
 def _fit(args: argparse.Namespace, argv: list[str]) -> int:
-    config = None
+    config, given = None, {}
     if args.resume:
         if args.data:
             raise ImagefitError("--resume RUN takes its data and options from the run: "
                                 "leave out DATA")
-        devices = make_options(FitConfig, {"devices": getattr(args, "devices", 1)}).devices
+        if args.config:
+            raise ImagefitError(f"--config {args.config}: a resumed fit continues with the "
+                                "options it started with (RUN/config.yaml); leave it out")
+        given = {name: _cli_value(FitConfig, name, getattr(args, name))
+                 for name in FitConfig.model_fields if hasattr(args, name)}
+        resumed = make_options(FitConfig, given)  # each value checked, then the rule
+        given = {name: getattr(resumed, name) for name in given}
+        refuse_resume_options(given)  # before processes are launched
+        devices = resumed.devices
     else:
         if not args.data and args.config:  # a run's config.yaml names its data
             args.data = read_yaml_options(args.config).get("data")
@@ -419,7 +445,8 @@ def _fit(args: argparse.Namespace, argv: list[str]) -> int:
                                   nodes=nodes)
     if config is not None and config.budget:
         _start_budget_clock(args)
-    result = api.resume(args.resume) if config is None else api.fit(args.data, config)
+    result = api.resume(args.resume, **given) if config is None else \
+        api.fit(args.data, config)
     if not distributed.is_main():
         return 0
     shown = list(result.history[-1]) if result.history else []

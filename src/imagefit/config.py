@@ -7,8 +7,9 @@ The command line and YAML files are generated from and checked against these mod
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -29,6 +30,75 @@ class Options(BaseModel):
             return {key: str(value) if isinstance(value, Path) else value
                     for key, value in values.items()}
         return values
+
+
+def option_flag(name: str, value: Any = None) -> str:
+    """``name`` as the command line spells it: ``lr`` -> ``--lr``, ``(report, False)`` ->
+    ``--no-report``."""
+    flag = name.replace("_", "-")
+    return f"--no-{flag}" if value is False else f"--{flag}"
+
+
+class Use(NamedTuple):
+    """When an option acts: ``acts(options)``, and the words that say so ("only with
+    --plc")."""
+
+    acts: Callable[[Any], bool]
+    when: str
+    fix: str = "give that too, or leave it out"
+
+
+def refuse_unused_options(options: Options) -> None:
+    """One line for an option given a value other than its default where nothing reads it
+    (``--plc-warmup`` without ``--plc``): no flag is silently ignored. The rules are each
+    model's ``USES``; options that depend on the data (CSV columns, text) are checked where
+    the data is read."""
+    for name, use in getattr(type(options), "USES", {}).items():
+        value = getattr(options, name)
+        if name in options.model_fields_set and value != type(options).model_fields[
+                name].default and not use.acts(options):
+            raise ImagefitError(f"{option_flag(name, value)} acts {use.when}: {use.fix}")
+
+
+def refuse_unused(options: Options, names: tuple[str, ...], why: str) -> None:
+    """One line naming the ``names`` given (a value other than the default) that ``why``
+    leaves without effect: no option is silently ignored."""
+    fields = type(options).model_fields
+    given = [option_flag(name, getattr(options, name)) for name in names
+             if name in fields and name in options.model_fields_set
+             and getattr(options, name) != fields[name].default]
+    if given:
+        them = "it" if len(given) == 1 else "them"
+        raise ImagefitError(f"{', '.join(given)}: {why}, so nothing would read {them}: "
+                            f"leave {them} out")
+
+
+# What a resumed fit may be given: how it runs, never what it trains. Every other option is
+# the run's own (config.yaml) and refused, so that no flag is silently ignored.
+RESUME_OPTIONS = ("devices", "progress", "cache_dir")
+
+
+def refuse_resume_options(options: dict[str, Any]) -> None:
+    """One line naming the options a resumed fit cannot take."""
+    refused = [option_flag(name, value) for name, value in options.items()
+               if name not in RESUME_OPTIONS]
+    if refused:
+        them = "it" if len(refused) == 1 else "them"
+        raise ImagefitError(
+            f"{', '.join(refused)}: a resumed fit continues with the options it started with "
+            f"(RUN/config.yaml); leave {them} out, or start a new fit with {them} (a resumed "
+            f"fit takes only {', '.join(option_flag(name) for name in RESUME_OPTIONS)})")
+
+
+def _with_tta(options: Any) -> bool:
+    return bool(options.tta)
+
+
+TTA_USES = {
+    "tta_augment": Use(_with_tta, "only with --tta"),
+    "tta_n": Use(lambda o: o.tta and o.tta_augment != "flip",
+                 "only with --tta and a --tta-augment other than flip (one mirror image)"),
+}
 
 
 class SourceOptions(Options):
@@ -214,8 +284,54 @@ class ImageOptions(SourceOptions):
     )
 
 
+def _sgdr(cfg: Any) -> bool:
+    return cfg.schedule == "sgdr"
+
+
+def _watching(cfg: Any) -> bool:
+    return bool(cfg.early_stop or cfg.plateau or cfg.keep_best)
+
+
+def _frozen_first(cfg: Any) -> bool:
+    """A phase with the body frozen: --freeze-epochs, or its default with --pretrained or
+    --recipe (workflows.build and workflows.fit)."""
+    if cfg.freeze_epochs is not None:
+        return cfg.freeze_epochs > 0
+    return bool(cfg.pretrained or cfg.recipe)
+
+
+def _plc(cfg: Any) -> bool:
+    return bool(cfg.plc)
+
+
 class FitConfig(ImageOptions):
     """Options of ``fit``."""
+
+    # Options that act only beside another (``refuse_unused_options``).
+    USES: ClassVar[dict[str, Use]] = {
+        "sgdr_cycles": Use(_sgdr, "only with --schedule sgdr"),
+        "snapshots": Use(_sgdr, "only with --schedule sgdr"),
+        "cycle_len": Use(lambda c: _sgdr(c) or c.recipe, "only with --schedule sgdr or --recipe"),
+        "cycle_mult": Use(lambda c: _sgdr(c) or c.recipe,
+                          "only with --schedule sgdr or --recipe"),
+        "recipe_max_cycles": Use(lambda c: c.recipe, "only with --recipe"),
+        "monitor": Use(_watching, "only with --early-stop, --plateau or --keep-best"),
+        "monitor_mode": Use(_watching, "only with --early-stop, --plateau or --keep-best"),
+        "min_delta": Use(lambda c: bool(c.early_stop or c.plateau),
+                         "only with --early-stop or --plateau"),
+        "plateau_factor": Use(lambda c: bool(c.plateau), "only with --plateau"),
+        "plc_warmup": Use(_plc, "only with --plc"),
+        "plc_theta_start": Use(_plc, "only with --plc"),
+        "plc_theta_end": Use(_plc, "only with --plc"),
+        "plc_schedule": Use(_plc, "only with --plc"),
+        "soft_alpha": Use(lambda c: bool(c.soft_labels), "only with --soft-labels"),
+        "train_bn": Use(_frozen_first, "only while the body is frozen (--freeze-epochs)"),
+        "lr_low": Use(lambda c: not c.lr_groups, "only without --lr-groups (which gives "
+                      "every group its rate)", "leave out one of the two"),
+        "pct_start": Use(lambda c: c.schedule == "one_cycle" or _frozen_first(c),
+                         "only with --schedule one_cycle or a frozen phase"),
+        **TTA_USES,
+    }
 
     epochs: int = Field(
         5, ge=1, description="number of epochs (with --schedule sgdr: set by the cycles)"
@@ -779,6 +895,8 @@ class EvaluateOptions(SourceOptions):
     bs: int = Field(256, ge=1, description="batch size")
     device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'")
     precision: Precision = _inference_precision()
+    USES: ClassVar[dict[str, Use]] = TTA_USES
+
     tta: bool = _tta_flag(False, "measure")
     tta_n: int = _tta_n()
     tta_augment: TTAAugment = _tta_augment()
@@ -805,6 +923,9 @@ class InputOptions(Options):
 
 class PredictOptions(InputOptions):
     """Options of ``predict``."""
+
+    USES: ClassVar[dict[str, Use]] = {
+        **TTA_USES, "id_col": Use(lambda o: o.format != "table", "only with a kaggle --format")}
 
     tta: bool = _tta_flag(False, "predict")
     tta_n: int = _tta_n()
@@ -980,9 +1101,12 @@ def make_options(model: type[Options], values: dict[str, Any]) -> Options:
 
 def merge_options(model: type[Options], base: Options | None,
                   overrides: dict[str, Any]) -> Options:
-    """``base``'s explicitly set values with ``overrides`` on top, validated into ``model``."""
-    return make_options(model, {**(base.model_dump(exclude_unset=True) if base else {}),
-                                **overrides})
+    """``base``'s explicitly set values with ``overrides`` on top, validated into ``model``;
+    an option given where it cannot act is refused."""
+    options = make_options(model, {**(base.model_dump(exclude_unset=True) if base else {}),
+                                   **overrides})
+    refuse_unused_options(options)
+    return options
 
 
 def read_yaml_options(path: str | Path) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..config import SourceOptions
+from ..config import SourceOptions, refuse_unused
 from ..errors import ImagefitError, ImagefitWarning
 from ..tasks import Task
 from .builtin import read_builtin
@@ -24,21 +24,35 @@ MOSTLY_WHOLE = 0.05  # at most this share of decimals in a column of whole numbe
 
 
 def read_source(spec: str | Path, options: SourceOptions | None = None) -> Table:
-    """A table from ``builtin:NAME``, a folder of class folders or a CSV file."""
+    """A table from ``builtin:NAME``, a folder of class folders or a CSV file; options that
+    this data cannot use (a CSV column named for a folder, a text setting for images) are
+    refused."""
     options = options or SourceOptions()
     text = str(spec)
     if text.startswith("builtin:"):
-        table = read_builtin(text.removeprefix("builtin:"))
-        return _force_task(table, options.task, text)
-    path = Path(text).expanduser()
-    if path.is_dir():
-        return _force_task(read_folder(path), options.task, text)
-    if path.is_file():
-        return read_csv(path, options)
-    raise ImagefitError(
-        f"data {text} not found: give a folder of class folders, a CSV file, "
-        "or builtin:digits / builtin:fashion-mnist"
-    )
+        refuse_unused(options, CSV_OPTIONS, f"{text} is a built-in dataset, not a CSV file")
+        table = _force_task(read_builtin(text.removeprefix("builtin:")), options.task, text)
+    else:
+        path = Path(text).expanduser()
+        if path.is_dir():
+            refuse_unused(options, CSV_OPTIONS, f"{text} is a folder, not a CSV file")
+            table = _force_task(read_folder(path), options.task, text)
+        elif path.is_file():
+            table = read_csv(path, options)
+        else:
+            raise ImagefitError(
+                f"data {text} not found: give a folder of class folders, a CSV file, "
+                "or builtin:digits / builtin:fashion-mnist"
+            )
+    if table.texts is None:
+        refuse_unused(options, TEXT_OPTIONS, f"{text} holds images, not texts")
+    return table
+
+
+# Options only a CSV file uses, and options only texts use (``--task text``).
+CSV_OPTIONS = ("path_col", "label_col", "text_col", "label_delim", "folder", "suffix",
+               "split_col")
+TEXT_OPTIONS = ("text_col", "text_length", "text_percentile", "keep_case")
 
 
 def _force_task(table: Table, task: str | None, spec: str) -> Table:

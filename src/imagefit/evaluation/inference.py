@@ -22,6 +22,7 @@ from ..config import (
     PredictOptions,
     SourceOptions,
     merge_options,
+    refuse_unused,
 )
 from ..data.cache import NO_ROW_REMEDY, CacheSettings, build_cache, warn_unreadable
 from ..data.prepare import prepare_images
@@ -128,8 +129,15 @@ def _outputs(loaded: LoadedModel, images: torch.Tensor, rows: np.ndarray, batch_
                          batch_size, tta, precision=loaded.precision)
 
 
+# What only a CSV file of image paths uses.
+CSV_INPUT_OPTIONS = ("path_col", "folder", "suffix")
+
+
 def expand_inputs(inputs: list[str | Path], options: InputOptions) -> list[str]:
     """Image files from files, folders (searched recursively) and CSV files of paths."""
+    refuse_unused(options, ("text_col",), "the model reads images, not texts")
+    if not any(Path(item).suffix.lower() == ".csv" for item in inputs):
+        refuse_unused(options, CSV_INPUT_OPTIONS, "no INPUT is a CSV file")
     paths: list[str] = []
     for item in map(Path, inputs):
         if item.is_dir():
@@ -211,6 +219,9 @@ def _text_frame(task: Task, texts: list[str], activated: torch.Tensor) -> pd.Dat
 def _texts_of(inputs: list[str | Path], texts: list[str] | None,
               options: PredictOptions) -> list[str]:
     """The texts of --text and of CSV files (``text_col``, else the first column)."""
+    refuse_unused(options, CSV_INPUT_OPTIONS, "a text model reads texts, not image paths")
+    if not inputs:
+        refuse_unused(options, ("text_col",), "no INPUT is a CSV file")
     texts = list(texts or [])
     for item in map(Path, inputs):
         if item.suffix.lower() not in (".csv", ".tsv") or not item.is_file():

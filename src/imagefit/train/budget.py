@@ -52,8 +52,9 @@ EVAL_MARGIN = 1.25
 _command_started: float | None = None
 
 
-def parse_duration(text: str | float | int) -> float:
-    """Seconds in a duration such as '90s', '10m', '2h' or '1h30m' (a bare number: seconds)."""
+def parse_duration(text: str | float | int, option: str = "--budget") -> float:
+    """Seconds in a duration such as '90s', '10m', '2h' or '1h30m' (a bare number: seconds),
+    given as ``option``."""
     if isinstance(text, (int, float)):
         seconds = float(text)
     else:
@@ -63,11 +64,11 @@ def parse_duration(text: str | float | int) -> float:
         except ValueError:
             parts = _DURATION.findall(spelled)
             if not parts or _DURATION.sub("", spelled).strip():
-                raise ImagefitError(f"option --budget: '{text}' is not a duration; write it "
+                raise ImagefitError(f"option {option}: '{text}' is not a duration; write it "
                                     "like 90s, 10m, 2h or 1h30m") from None
             seconds = sum(float(value) * _UNITS[unit.lower()] for value, unit in parts)
     if not 0 < seconds < math.inf:
-        raise ImagefitError(f"option --budget: '{text}' must be a finite time longer than 0 s")
+        raise ImagefitError(f"option {option}: '{text}' must be a finite time longer than 0 s")
     return seconds
 
 

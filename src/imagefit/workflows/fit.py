@@ -12,12 +12,13 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from .. import distributed, runs
 from ..augment.presets import resolve_augment
-from ..config import FitConfig, RunOptions, freeze_options, make_options
+from ..config import FitConfig, RunOptions, freeze_options, make_options, refuse_resume_options
 from ..data.soft import soft_targets
 from ..data.table import Table
 from ..devices import resolve_device, resolve_precision
@@ -73,8 +74,12 @@ def run_name(data: str | Path | Table) -> str:
     return text.removeprefix("builtin:") if text.startswith("builtin:") else Path(text).stem
 
 
-def resume_options(run_dir: Path) -> tuple[str, FitConfig]:
-    """The data and options a run was started with, from its config.yaml."""
+def resume_options(run_dir: Path, overrides: dict[str, Any] | None = None
+                   ) -> tuple[str, FitConfig]:
+    """The data and options a run was started with, from its config.yaml, with
+    ``overrides`` (of ``RESUME_OPTIONS`` only) on top."""
+    overrides = overrides or {}
+    refuse_resume_options(overrides)
     path = run_dir / "config.yaml"
     if not path.is_file():
         raise ImagefitError(f"{run_dir} has no config.yaml: it was not made by imagefit fit; "
@@ -91,9 +96,11 @@ def resume_options(run_dir: Path) -> tuple[str, FitConfig]:
         raise ImagefitError(f"{run_dir} was trained on an in-memory table ({described}), "
                             "which cannot be read again: start a new fit")
     try:
-        return str(data), make_options(FitConfig, values)
+        recorded = make_options(FitConfig, values)
     except ImagefitError as error:
         raise ImagefitError(f"{path}: {error}; fix the file or start a new fit") from None
+    return str(data), make_options(FitConfig, {**recorded.model_dump(exclude_unset=True),
+                                               **overrides})
 
 
 def run_fit(data: str | Path | Table, cfg: FitConfig, callbacks=(), run_dir: Path | None = None,
@@ -181,7 +188,8 @@ def prepare(device: torch.device, data: str | Path | Table, cfg: FitConfig,
         cfg.precompute_epochs = 2 if supports_precompute(parts.model) else 0
     if cfg.freeze_epochs is None:  # a pretrained body is frozen for an epoch first
         cfg.freeze_epochs = int(bool(cfg.pretrained))
-    if cfg.lr_low is None and (cfg.pretrained or cfg.recipe):  # the body at a 100th
+    if cfg.lr_low is None and not cfg.lr_groups and (cfg.pretrained or cfg.recipe):
+        # the body at a 100th
         cfg.lr_low = float(cfg.lr) / 100
     return Prepared(freeze_options(cfg), loaded, parts, epochs, lr_schedule, momentum, finder,
                     budget, notes=loaded.notes)

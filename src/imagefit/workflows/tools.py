@@ -11,7 +11,7 @@ import torch
 
 from .. import runs
 from ..augment.pipeline import BatchPipeline
-from ..config import FitConfig, ShowBatchOptions, merge_options
+from ..config import FitConfig, ShowBatchOptions, merge_options, refuse_unused
 from ..data.table import Table
 from ..devices import resolve_device
 from ..report.plots import save_image_grid, save_lr_finder_plot
@@ -26,12 +26,21 @@ from .build import (
 )
 from .record import run_source
 
+# Fit options the sweep has no use for: it trains a few hundred steps at rising rates in
+# one process, with no schedule, phases, callbacks, measurement or run directory.
+LR_FIND_UNUSED = ("lr", "schedule", "pct_start", "freeze_epochs", "precompute_epochs",
+                  "lr_low", "lr_groups", "recipe", "early_stop", "plateau", "keep_best",
+                  "plc", "soft_labels", "tta", "tta_n", "tta_augment", "test_every_epoch",
+                  "report", "log", "check", "name", "runs_dir", "devices")
+
 
 def lr_find(data: str | Path | Table, out: str | Path | None = "lr_find.png",
             config: FitConfig | None = None, **options: Any) -> LRFinderResult:
     """Run the LR finder on ``data`` with the model and options a fit would use, save its plot
     with the suggestions marked to ``out``, and return the sweep and its suggestions."""
     cfg: FitConfig = merge_options(FitConfig, config, options)
+    refuse_unused(cfg, LR_FIND_UNUSED, "lr-find sweeps the rate over the first steps of one "
+                  "process, without the fit's schedule, phases or outputs")
     if out is not None:
         out = runs.output_file(out, "--out", "lr_find.png")
     apply_pretrained_source(cfg)

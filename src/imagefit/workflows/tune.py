@@ -18,6 +18,7 @@ from __future__ import annotations
 import difflib
 import math
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -536,21 +537,31 @@ def tune(data: str | Path | Table, config: TuneConfig | None = None,
                             "it as a folder, CSV file or builtin:NAME")
     if cfg.workers > 1:
         check_workers_room(cfg.workers)
-    deadline = time.time() + parse_duration(cfg.timeout) if cfg.timeout else None
+    deadline = time.time() + parse_duration(cfg.timeout, "--timeout") if cfg.timeout \
+        else None
     check_data(table, cfg)
     require_validation(table, cfg)
     metric = f"valid_{MAIN_METRIC[table.task.kind]}"
     direction = "maximize" if HIGHER_IS_BETTER[MAIN_METRIC[table.task.kind]] else "minimize"
     study_name = cfg.study or run_name(data)
-    tune_dir = runs.output_folder(Path(cfg.runs_dir) / f"{folder_name(study_name)}_tune",
-                                  "--runs-dir")
+    tune_dir = Path(cfg.runs_dir) / f"{folder_name(study_name)}_tune"
+    new_folder = not tune_dir.exists()
+    runs.output_folder(tune_dir, "--runs-dir")
     url = storage_url(cfg, tune_dir)
     search = Search(data, table, cfg, space, tune_dir, metric, deadline, cfg.n_trials)
     lock = runs.RunLock(tune_dir) if cfg.storage is None else None
     if lock is not None:
         lock.__enter__()  # one command at a time on a tune directory's own SQLite file
     try:
-        study = open_study(optuna, url, study_name, direction, cfg)
+        try:
+            study = open_study(optuna, url, study_name, direction, cfg)
+        except ImagefitError:
+            if new_folder:  # a storage that cannot be opened leaves no folder behind
+                if lock is not None:
+                    lock.__exit__(None, None, None)
+                    lock = None
+                shutil.rmtree(tune_dir, ignore_errors=True)
+            raise
         if lock is not None:
             _fail_left_running(optuna, url, study)  # killed earlier: nobody else runs them
         runs.save_yaml(tune_dir / TUNE_SETUP, {
