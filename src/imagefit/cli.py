@@ -129,7 +129,20 @@ def resolve_options(model: type[Options], args: argparse.Namespace,
             values[name] = _cli_value(model, name, getattr(args, name))
     options = make_options(model, values)
     refuse_unused_options(options)
+    _refuse_images_beyond_memory(options)
     return options
+
+
+def _refuse_images_beyond_memory(options: Options) -> None:
+    """An image size whose images alone exceed the memory, refused before torch is imported
+    (the preflight, which needs the data and the model, refines it later)."""
+    from .data.resources import check_one_image_fits
+
+    channels = getattr(options, "channels", None)  # one image: a batch is cut to the data
+    if getattr(options, "image_size", None):
+        check_one_image_fits("--image-size", options.image_size, channels)
+    if getattr(options, "image_sizes", None):
+        check_one_image_fits("--image-sizes", max(options.image_sizes), channels)
 
 
 def data_command(commands, name: str, model: type[Options], help: str,

@@ -10,6 +10,8 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from ..errors import ImagefitError
+
 _UNITS = ("bytes", "kB", "MB", "GB", "TB", "PB", "EB")
 
 
@@ -64,3 +66,22 @@ def largest_that_fits(fits: Callable[[int], bool], low: int, high: int) -> int |
         else:
             high = middle - 1
     return low
+
+
+FLOAT_BYTES = 4  # an image value in a training step (32-bit)
+
+
+def check_one_image_fits(option: str, size: int, channels: int | None = None) -> None:
+    """Refuse at once, before torch is imported, an image size of which one image alone (one
+    channel at least, as 32-bit numbers, nothing else of the step counted) exceeds the memory
+    available: the floor under every estimate the preflight makes later, checked in a
+    fraction of a second where the preflight needs the data and the model."""
+    channels = channels or 1
+    need = channels * size * size * FLOAT_BYTES
+    have = available_memory()
+    if need > have:
+        bound = int((have / (channels * FLOAT_BYTES)) ** 0.5)
+        raise ImagefitError(f"{option} {size}: one image alone would take {format_bytes(need)} "
+                            f"of memory as 32-bit numbers (available: {format_bytes(have)}); "
+                            f"give a size well under {bound:,}: the preflight then names the "
+                            "largest a training step fits")
