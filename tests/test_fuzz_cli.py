@@ -174,6 +174,11 @@ def raw_csv(text: bytes | str, name: str = "data.csv", images: int = 3):
     return write
 
 
+def space_file(folder: Path, text: str) -> Path:
+    (folder / "space.yaml").write_text(text)
+    return folder / "space.yaml"
+
+
 def yaml_config(text: str):
     def make(folder: Path) -> list[str]:
         (folder / "fit.yaml").write_text(text)
@@ -479,13 +484,19 @@ CASES = [
     Case("sweep of widths in words", lambda f: ["sweep", str(class_folder(f / "data")),
                                                 "--widths", "wide"], words=("--widths",)),
     Case("tune of a garbled space", lambda f: ["tune", str(class_folder(f / "data")),
-                                               "--space", "lr=?"], words=("--space",)),
+                                               "--space", str(space_file(f, "lr: [0.1,\n"))],
+         words=("space.yaml", "YAML")),
     Case("tune of an unknown option", lambda f: ["tune", str(class_folder(f / "data")),
-                                                 "--space", "lrr=1e-3:1e-1:log"],
-         words=("lrr",)),
+                                                 "--space", str(space_file(
+                                                     f, "lrr: {type: float, low: 0, high: 1}\n"
+                                                 ))], words=("lrr", "did you mean lr")),
     Case("tune of unknown models", lambda f: ["tune", str(class_folder(f / "data")),
-                                              "--space", "model=resnet18|resnet81"],
-         words=("resnet81",)),
+                                              "--space", str(space_file(
+                                                  f, "model: [small_cnn, resnet81]\n"))],
+         words=("resnet81", "did you mean resnet18")),
+    Case("tune of a space that is no file", lambda f: ["tune", str(class_folder(f / "data")),
+                                                       "--space", "lr=?"],
+         words=("--space",)),
     Case("tune of no trials", lambda f: ["tune", str(class_folder(f / "data")),
                                          "--n-trials", "0"], words=("--n-trials",)),
     Case("tune of zero workers", lambda f: ["tune", str(class_folder(f / "data")),

@@ -84,6 +84,8 @@ def test_the_space_reads_every_type(tmp_path):
     ("lr: {type: categorical, choices: []}\n", "lr: a categorical needs a non-empty list"),
     ("dropout: {type: float, low: 0, high: 1.5}\n", "dropout: 1.5 is not a value"),
     ("- lr\n", "the space is a mapping of fit options"),
+    ("model: [small_cnn, resnet81]\n", "model: 'resnet81' is not a value of imagefit fit's "
+                                       "--model (unknown model 'resnet81': did you mean resnet18"),
 ])
 def test_space_mistakes_are_one_line_naming_the_key(tmp_path, text, message):
     path = tmp_path / "space.yaml"

@@ -45,7 +45,7 @@ from ..data.prepare import resolve_settings
 from ..data.sources import read_source
 from ..data.table import Table
 from ..errors import FitInterrupted, ImagefitError
-from ..models import SMALL_CNN_WIDTHS, default_model_name
+from ..models import SMALL_CNN_WIDTHS, check_model_name, default_model_name
 from ..tasks import HIGHER_IS_BETTER, MAIN_METRIC
 from ..train.budget import Budget, parse_duration
 from ..train.callbacks import Callback
@@ -252,6 +252,8 @@ def _check_value(name: str, value: Any, where: str) -> None:
             make_options(AugmentOptions, {name: value})
         else:
             make_options(FitConfig, {name: value})
+        if name == "model" and value != "auto":  # a name no trial could build: now
+            check_model_name(value)
     except ImagefitError as error:
         raise ImagefitError(f"{where}: {value!r} is not a value of imagefit fit's --"
                             f"{name.replace('_', '-')} ({error})") from None
