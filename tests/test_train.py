@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 
 import numpy as np
 import pandas as pd
@@ -117,6 +118,106 @@ def test_lr_finder_restores_the_weights_and_plots(tmp_path):
     assert set(result.suggestions) == {"steepest", "valley", "minimum/10"}
     out = imagefit.lr_find("builtin:digits", tmp_path / "lr.png", progress=False)
     assert (tmp_path / "lr.png").is_file() and out.suggestions
+
+
+class ForwardWatch:
+    """A forward hook on the model: the arithmetic and memory format of each forward pass;
+    with ``bf16_fault_at``, a NaN output at that bf16 forward only (a faulty CPU kernel,
+    which fp32 does not repeat), and with ``nan_from``, NaN from that bf16 forward on in
+    every precision (a divergence)."""
+
+    def __init__(self, bf16_fault_at: int = 0, nan_from: int = 0) -> None:
+        self.calls, self.bf16_calls = [], 0
+        self.bf16_fault_at, self.nan_from = bf16_fault_at, nan_from
+
+    def __call__(self, module, inputs, output):
+        bf16 = torch.is_autocast_enabled("cpu") and \
+            torch.get_autocast_dtype("cpu") == torch.bfloat16
+        self.bf16_calls += bf16
+        self.calls.append({"bf16": bf16, "output": output.dtype, "channels_last":
+                           inputs[0].is_contiguous(memory_format=torch.channels_last)})
+        fault = bf16 and self.bf16_calls == self.bf16_fault_at
+        if fault or 0 < self.nan_from <= self.bf16_calls:
+            return output * float("nan")
+        return None
+
+
+def sweep(parts, steps: int, watch: ForwardWatch | None = None, **options):
+    from imagefit.config import FitConfig
+    from imagefit.workflows.build import make_learner
+
+    learner = make_learner(FitConfig(progress=False, **options), parts)
+    handle = parts.model.register_forward_hook(watch or ForwardWatch())
+    try:
+        return learner, learner.lr_find(steps=steps, progress=False)
+    finally:
+        handle.remove()
+
+
+@pytest.fixture(scope="module")
+def digits_parts():
+    from imagefit.config import FitConfig
+    from imagefit.workflows.build import build_training, load_data
+
+    cfg = FitConfig(progress=False)
+    return build_training(cfg, load_data("builtin:digits", cfg), torch.device("cpu"))
+
+
+def test_lr_finder_sweeps_in_the_fits_precision(digits_parts):
+    """`lr-find --precision bf16` and the sweep of `fit --lr auto` before a bf16 fit: the
+    forward passes run under bf16 autocast, as the fit's do; fp32 ones without."""
+    watches = {"fp32": ForwardWatch(), "bf16": ForwardWatch()}
+    results = {precision: sweep(digits_parts, 12, watch, precision=precision)[1]
+               for precision, watch in watches.items()}
+    assert len(watches["fp32"].calls) == len(watches["bf16"].calls) == 12
+    assert all(not call["bf16"] and call["output"] == torch.float32
+               for call in watches["fp32"].calls)
+    assert all(call["bf16"] and call["output"] == torch.bfloat16
+               for call in watches["bf16"].calls)
+    fp32, bf16 = results["fp32"].losses, results["bf16"].losses
+    assert results["fp32"].lrs == results["bf16"].lrs
+    assert bf16[0] == pytest.approx(fp32[0], rel=0.05) and bf16 != fp32  # other arithmetic
+
+
+def test_lr_finder_clips_and_accumulates_as_the_fit_does(digits_parts, monkeypatch):
+    """One rate per optimizer step over --accumulate batches, clipped to --grad-clip."""
+    clips, clip = [], torch.nn.utils.clip_grad_norm_
+
+    def counted_clip(parameters, max_norm):
+        clips.append(max_norm)
+        return clip(parameters, max_norm)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", counted_clip)
+    watch = ForwardWatch()
+    _, result = sweep(digits_parts, 6, watch, precision="fp32", accumulate=2, grad_clip=0.5)
+    assert len(result.lrs) == 6 and len(watch.calls) == 12 and clips == [0.5] * 6
+
+def test_lr_finder_feeds_batches_in_the_fits_memory_format():
+    from imagefit.config import FitConfig
+    from imagefit.workflows.build import build_training, load_data
+
+    colour = np.random.default_rng(0).integers(0, 255, (64, 8, 8, 3), dtype=np.uint8)
+    table = imagefit.from_arrays(colour, np.arange(64) % 2)
+    cfg = FitConfig(progress=False)
+    parts = build_training(cfg, load_data(table, cfg), torch.device("cpu"))
+    for channels_last in (True, False):
+        watch = ForwardWatch()
+        sweep(parts, 2, watch, precision="fp32", channels_last=channels_last)
+        assert [call["channels_last"] for call in watch.calls] == [channels_last] * 2
+
+
+def test_lr_finder_computes_a_bf16_fault_again_and_stops_where_fp32_diverges_too(
+        digits_parts, recwarn):
+    """The training step's bf16 guard in the sweep: a NaN that fp32 does not repeat is
+    computed again and the sweep goes on; one that it repeats ends the sweep as the
+    divergence it is (no error, not counted or told as a fault)."""
+    watch = ForwardWatch(bf16_fault_at=3, nan_from=8)
+    learner, result = sweep(digits_parts, 20, watch, precision="bf16")
+    assert [call["bf16"] for call in watch.calls] == [True] * 2 + [True, False] + \
+        [True] * 4 + [True, False]  # step 3 and step 8 computed again in fp32
+    assert len(result.lrs) == 7 and all(math.isfinite(loss) for loss in result.losses)
+    assert learner.fp32_redone == 0
+    assert not [w for w in recwarn if "bf16 arithmetic" in str(w.message)]
 
 
 def test_lr_auto_records_the_rate_and_draws_the_sweep(tmp_path):

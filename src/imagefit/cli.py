@@ -218,8 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     finder = commands.add_parser(
         "lr-find", help="sweep the learning rate and suggest one",
         description="Train briefly with a growing learning rate on DATA (the model and "
-        "options a fit would use), save the loss curve with the suggestions marked, and "
-        "print them. The model is not kept.",
+        "options a fit would use, in its precision), save the loss curve with the "
+        "suggestions marked, and print them. The model is not kept.",
     )
     finder.add_argument("data", metavar="DATA", help="folder, CSV file or builtin:NAME")
     finder.add_argument("--out", metavar="PNG", default="lr_find.png",

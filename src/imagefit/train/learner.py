@@ -319,22 +319,11 @@ class Learner:
         False when it ran out of memory: the batch size was halved, nothing was learned."""
         self._set_hyper(lr(self.progress), momentum(self.progress) if momentum else None)
         try:
-            self.x, self.y = self.pipeline.train_batch(x, y, generator, size=self.image_size,
-                                                       mix=self.mixing)
-            self.x = self.x.contiguous(memory_format=self.memory_format)
-            self.emit("before_batch")
             with self._gradients_kept_local():
-                self._forward(self.precision)
-                redone = self._arithmetic_fault(self.loss.detach())
-                if redone:
-                    self._redo_in_fp32()
-                self.emit("after_loss")
+                redone = self._add_gradients(x, y, generator, events=True)
                 self._watch_loss()
-                self._backward()
-                if not redone and self._arithmetic_fault(self._gradient_norm()):
-                    self._redo_in_fp32()
-                    self._watch_loss()
-                    self._backward()
+                if redone:
+                    self._count_fp32_redo()
                 self._step_if_due()
             self.step_log[-1]["loss"] = self.loss.detach()
             return True
@@ -349,6 +338,38 @@ class Learner:
                                     "--model or --image-size, or --precision bf16") from error
         self._halve_batch()  # outside the handler, once its frames no longer hold tensors
         return False
+
+    def sweep_gradients(self, x: torch.Tensor, y: torch.Tensor,
+                        generator: torch.Generator) -> torch.Tensor:
+        """The LR finder's half of a training step: the batch's loss (detached; NaN or
+        infinite where it diverged) with its gradients added to the model's, computed as
+        ``_train_step`` computes them, without events and without stopping on a non-finite
+        loss (the finder reads that as its end)."""
+        self._add_gradients(x, y, generator, events=False)
+        return self.loss.detach()
+
+    def _add_gradients(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator,
+                       events: bool) -> bool:
+        """Augment the batch, forward it in the learner's precision and memory format, and
+        add its gradients (divided by ``accumulate``). A loss or gradient that bf16 made
+        non-finite on a CPU is computed again in fp32 (``_redo_in_fp32``); whether it was."""
+        self.x, self.y = self.pipeline.train_batch(x, y, generator, size=self.image_size,
+                                                   mix=self.mixing)
+        self.x = self.x.contiguous(memory_format=self.memory_format)
+        if events:
+            self.emit("before_batch")
+        self._forward(self.precision)
+        redone = self._arithmetic_fault(self.loss.detach())
+        if redone:
+            self._redo_in_fp32()
+        if events:
+            self.emit("after_loss")
+        self._backward()
+        if not redone and self._arithmetic_fault(self._gradient_norm()):
+            self._redo_in_fp32()
+            self._backward()
+            redone = True
+        return redone
 
     def _gradients_kept_local(self):
         """On the micro-steps of --accumulate that do not step the optimizer, the ranks keep
@@ -431,14 +452,21 @@ class Learner:
 
     def lr_find(self, start_lr: float = 1e-7, end_lr: float = 10.0, steps: int = 200,
                 progress: bool = True):
-        """Sweep the learning rate (see ``lr_finder.find_lr``); the model is left as it was."""
+        """Sweep the learning rate (see ``lr_finder.find_lr``) with the arithmetic of this
+        learner's training steps; the model and the grad scaler are left as they were."""
         from .lr_finder import find_lr
 
         # the random state stays too (dropout draws from it), so that the fit after the sweep
         # trains as one at the rate it found: `fit --config RUN/config.yaml` repeats it
         devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            return find_lr(self, start_lr, end_lr, steps, progress=progress)
+        scaler = self.scaler.state_dict() if self.scaler else None
+        try:
+            with torch.random.fork_rng(devices=devices):
+                return find_lr(self, start_lr, end_lr, steps, progress=progress)
+        finally:
+            self.x = self.y = self.outputs = self.loss = None  # the sweep's last batch
+            if scaler:
+                self.scaler.load_state_dict(scaler)
 
     def _forward(self, precision: str) -> None:
         with autocast(precision, self.device):
@@ -462,12 +490,16 @@ class Learner:
         return torch.nn.utils.get_total_norm(grads) if grads else None
 
     def _redo_in_fp32(self) -> None:
-        """The batch computed again without autocast: a loss or gradient that is finite in
-        fp32 was an arithmetic fault, and training goes on; one that is not is a divergence
-        (``_watch_loss``). Under ``--accumulate`` the group's gradients so far are dropped
-        with the faulty ones."""
-        self.optimizer.zero_grad(set_to_none=True)
+        """The batch computed again without autocast: a loss that is finite in fp32 was an
+        arithmetic fault, and training goes on (``_count_fp32_redo``); one that is not is a
+        divergence (``_watch_loss``; the LR finder's end). Under ``--accumulate`` the
+        group's gradients so far are dropped with the faulty ones."""
+        self.model.zero_grad(set_to_none=True)
         self._forward("fp32")
+
+    def _count_fp32_redo(self) -> None:
+        """A training step that fp32 computed where bf16 failed: counted, the first one
+        told."""
         self.fp32_redone += 1
         if self.fp32_redone == 1:
             warnings.warn(f"bf16 arithmetic gave a non-finite loss or gradient at step "
@@ -480,22 +512,27 @@ class Learner:
         self.scaler.scale(loss).backward() if self.scaler else loss.backward()
 
     def _step_if_due(self) -> None:
-        """Every ``accumulate`` batches: unscale, clip, step, zero, EMA."""
+        """Every ``accumulate`` batches: step (``step_optimizer``), EMA."""
         if not self._steps_optimizer():
             return
-        if self.scaler:
-            self.scaler.unscale_(self.optimizer)
-        if self.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-        if self.scaler:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.step_optimizer(self.optimizer)
         if self.ema is not None:
             self.ema.update(self.model)
         self.emit("after_step")
+
+    def step_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """A training step's update (the LR finder's too, with its own ``optimizer``):
+        unscale (fp16), clip to ``grad_clip``, step and zero the gradients."""
+        if self.scaler:
+            self.scaler.unscale_(optimizer)
+        if self.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        if self.scaler:
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
     @property
     def eval_model(self) -> nn.Module:

@@ -92,10 +92,18 @@ def suggest(lrs: list[float], losses: list[float]) -> dict[str, float]:
 
 def find_lr(learner, start_lr: float = 1e-7, end_lr: float = 10.0, steps: int = 200,
             beta: float = 0.98, diverge: float = 4.0, progress: bool = True) -> LRFinderResult:
-    """Train ``learner``'s model for up to ``steps`` batches with the learning rate growing
-    exponentially from ``start_lr`` to ``end_lr``; stop when the smoothed loss exceeds
-    ``diverge`` times its minimum. The model's weights, buffers and gradients and the random
-    state are restored after."""
+    """Train ``learner``'s model for up to ``steps`` optimizer steps with the learning rate
+    growing exponentially from ``start_lr`` to ``end_lr``; stop when the smoothed loss exceeds
+    ``diverge`` times its minimum or is not finite. The model's weights, buffers and
+    gradients and the random state are restored after.
+
+    Each step is computed as the fit's (``Learner.sweep_gradients``, ``step_optimizer``), so
+    the rate found is for the fit's arithmetic: its precision (bf16 or fp16 autocast; a bf16
+    fault on a CPU is computed again in fp32 as in training, while a loss that fp32 cannot
+    compute either ends the sweep as a divergence), memory format (channels_last), compiled
+    model (``--compile``), gradient clipping and ``accumulate`` (one rate per optimizer step
+    over that many batches, as the fit steps). Not the fit's: its schedule, layer groups'
+    rates, callbacks and EMA."""
     model = learner.model
     saved = copy.deepcopy(model.state_dict())
     optimizer = make_optimizer(model, learner.optimizer_name, start_lr, learner.weight_decay)
@@ -104,18 +112,18 @@ def find_lr(learner, start_lr: float = 1e-7, end_lr: float = 10.0, steps: int = 
     lrs, losses = [], []
     average, best = 0.0, math.inf
     model.train()
+    model.zero_grad(set_to_none=True)
+    batches = _endless(learner.train_loader)
     bar = tqdm(total=steps, desc="lr find", leave=False, disable=None if progress else True)
     try:
-        for x, y in _endless(learner.train_loader):
+        while True:
             lr = start_lr * ratio ** len(lrs)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            x, y = learner.pipeline.train_batch(x, y, generator)
-            loss = learner.task.loss(model(x), y, weighted=True)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            average = beta * average + (1 - beta) * loss.item()
+            loss = sum(float(learner.sweep_gradients(*next(batches), generator))
+                       for _ in range(learner.accumulate)) / learner.accumulate
+            learner.step_optimizer(optimizer)
+            average = beta * average + (1 - beta) * loss
             smoothed = average / (1 - beta ** (len(lrs) + 1))
             lrs.append(lr)
             losses.append(smoothed)
