@@ -658,6 +658,38 @@ def label_issues_rules(result: dict) -> list[str]:
     return lines
 
 
+def data_issue_features(result: dict) -> list[str]:
+    lines = ["## Label issues: the features Datalab compares for outliers and near-duplicates",
+             ""] + header(result)
+    lines += [
+        f"tests/test_label_issues.py's digits ({result['results'][0]['rows']} 16-pixel files, "
+        "10% of labels moved, row i in fold i % 5, a 5-fold CV of "
+        f"{result['cv']['epochs']} epochs with --train-on-all per seed) with planted copies (3 "
+        "in their original's fold, 3 in another; 5 altered in another: JPEG, a 1-pixel shift, "
+        "darker, noisier, blurred) and 8 odd images (3 of uniform noise, an inverted digit, "
+        "gray, a checkerboard, a hollow square, bars). Each candidate's features go to "
+        "Datalab as label-issues gives them; per seed, separated by commas: copies paired with "
+        "their original, other rows called duplicates, odd images flagged outliers, the worst "
+        "outlier rank of an odd image, and other rows flagged outliers (how many of them had "
+        "a label moved).",
+        "",
+        "| features | copies | altered copies | other duplicates | odd images flagged "
+        "| worst odd rank | other outliers (label moved) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    runs = result["results"]
+    for name in runs[0]["candidates"]:
+        per_seed = [run["candidates"][name] for run in runs]
+        cells = [", ".join(str(v[key]) for v in per_seed) for key in (
+            "copies found", "altered copies found", "other rows called duplicates",
+            "odd images flagged")]
+        cells.append(", ".join(str(max(v["odd images' outlier ranks"])) for v in per_seed))
+        cells.append(", ".join(f"{v['other rows flagged outliers']} "
+                               f"({v['of which label moved']})" for v in per_seed))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def summary_speed(result: dict) -> list[str]:
     lines = ["## imagefit summary and imagefit models", ""] + header(result)
     lines += ["Wall seconds from outside the process, start to exit, imports included "
@@ -1014,6 +1046,7 @@ SECTIONS = {"time_to_accuracy": time_to_accuracy,
             "sweep_fashion_mnist": sweep_fashion_mnist,
             "label_issues": label_issues,
             "label_issues_rules": label_issues_rules,
+            "data_issue_features": data_issue_features,
             "summary_speed": summary_speed,
             "text": text,
             "export": export,

@@ -221,7 +221,8 @@ def test_cv_on_names_averages_its_folds_and_lists_suspect_texts(tmp_path, names,
     assert (oof["text"] == written["name"].iloc[oof["row"]].to_numpy()).all()
     issues = pd.read_csv(cv_dir / "label_issues.csv", keep_default_na=False)
     assert len(issues) and (issues["text"] == written["name"].iloc[issues["row"]].to_numpy()).all()
-    assert np.load(cv_dir / "features.npy").shape == (600, 256)  # the head's hidden layer
+    # the head's hidden layer of both fold models, side by side: one space for every row
+    assert np.load(cv_dir / "features.npy").shape == (600, 2 * 256)
 
 
 @pytest.fixture(scope="module")

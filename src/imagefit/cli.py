@@ -283,7 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
         "label-issues", help="the training images most likely mislabelled, from a CV",
         description="Rank the training images of CV_DIR (written by imagefit cv) most likely "
         "mislabelled, by confident learning (cleanlab) on the out-of-fold probabilities; "
-        "find outliers and near-duplicates on the fold models' features; write "
+        "find outliers and near-duplicates on thumbnails of the images (of texts, on every "
+        "fold model's features); write "
         "label_issues.csv (rank, row, fold, path, given, suggested, score) and a section of "
         "the CV report. imagefit fit DATA --drop-rows or --relabel CSV acts on it. Needs "
         "imagefit[labels].",

@@ -860,8 +860,9 @@ class LabelIssuesOptions(Options):
         "probable given label first), both for multi-label: the rules that found planted "
         "errors best (docs/BENCHMARKS.md)")
     data_issues: bool = Field(
-        True, description="also find outliers and near-duplicates (cleanlab's Datalab on the "
-        "fold models' penultimate features: one forward pass)"
+        True, description="also find outliers and near-duplicates (cleanlab's Datalab on "
+        "16-pixel thumbnails of the images, one space for every row; texts: every fold "
+        "model's features side by side, a forward pass per fold)"
     )
     shown: int = Field(24, ge=0, le=200, description="suspects drawn in the CV report")
     cache_dir: str | None = Field(

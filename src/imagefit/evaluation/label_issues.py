@@ -142,9 +142,9 @@ def _multilabel(labels: list[list[int]], probs: np.ndarray, task: Task, method: 
 
 
 def data_issues(features: np.ndarray) -> dict[str, pd.DataFrame]:
-    """Outliers and near-duplicates among the images by cleanlab's Datalab on their
-    penultimate-layer features: per row a flag and a score (low: more of an outlier or
-    nearer a duplicate)."""
+    """Outliers and near-duplicates among the rows by cleanlab's Datalab on their
+    ``features`` (one space for all rows: Datalab compares neighbours): per row a flag and a
+    score (low: more of an outlier or nearer a duplicate)."""
     require_cleanlab()
     try:
         from cleanlab import Datalab

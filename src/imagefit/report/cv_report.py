@@ -87,7 +87,8 @@ def label_issues_section(cv_dir: Path) -> dict | None:
              "estimated errors by class pair (confident joint)": info.get("pairs", [])}
     for kind in ("outliers", "near_duplicates"):
         if f"{kind}_count" in info:
-            shown[f"{kind} (Datalab, penultimate features)"] = info[f"{kind}_count"]
+            compared = f" on {info['features_of']}" if "features_of" in info else ""
+            shown[f"{kind} (Datalab{compared})"] = info[f"{kind}_count"]
             shown[f"{kind.replace('_', ' ')} shown"] = info[kind]
     if info.get("plot"):
         shown["plots"] = [{"file": info["plot"],

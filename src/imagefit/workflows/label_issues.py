@@ -1,8 +1,26 @@
 """``imagefit label-issues CV_DIR``: the training images most likely mislabelled, from a
 CV's out-of-fold probabilities (``evaluation.label_issues``, cleanlab's confident learning),
-with outliers and near-duplicates from the fold models' penultimate features (Datalab),
-written beside the CV (label_issues.csv, label_issues.json, a grid of the top suspects) and
-shown in its report. ``imagefit fit --drop-rows/--relabel label_issues.csv`` acts on it."""
+with outliers and near-duplicates (cleanlab's Datalab), written beside the CV
+(label_issues.csv, label_issues.json, features.npy, a grid of the top suspects) and shown in
+its report. ``imagefit fit --drop-rows/--relabel label_issues.csv`` acts on it.
+
+Datalab finds both among nearest neighbours, so every row's features must lie in one space.
+Each row's features from its own out-of-fold model do not: each fold model has its own
+space, and a copy in another fold than its original was no nearer to it than other digits.
+Images are compared as thumbnails (at most 16 pixels a side, less their mean; no forward
+pass); texts, which have no pixels, as every fold model's features side by side (a forward
+pass per fold, k times one model's width; the mean of un-aligned models' features is no
+space). bench/data_issue_features.py chose the thumbnails, on the digits of
+tests/test_label_issues.py with planted copies and odd images, 2 seeds: they found 6/6
+copies and 4/5 altered ones (JPEG, darker, noisier, blurred; not a 1-pixel shift) with no
+other row called a duplicate, and ranked the 8 noise and odd images the 8 most outlying
+with 4 other rows flagged. The fold models side by side found 6/6 and 2/5, ranked the odd
+images down to 8th (seed 0) and 32nd (seed 1) and flagged 28 and 26 other rows; the all-data
+model (--train-on-all) 6/6 and 1/5 or 3/5, down to 13th and 31st, 34 and 47 others; about two
+in five of those others had a label planted wrong, which the models had trained on. Each
+row's own fold model (before): 3/6 copies, 0/5 altered, 4/8 and 1/8 odd images flagged.
+Thumbnails see what looks out of place (blank, noise, corrupt, inverted), not a well-formed
+picture of the wrong subject."""
 
 from __future__ import annotations
 
@@ -34,7 +52,8 @@ from ..tasks import Task
 ISSUES_CSV = "label_issues.csv"
 ISSUES_JSON = "label_issues.json"
 ISSUES_PLOT = "plots/label_issues.png"
-FEATURES = "features.npy"  # penultimate-layer features, in oof.csv's row order
+FEATURES = "features.npy"  # what Datalab compared, in oof.csv's row order
+THUMBNAIL = 16  # pixels a side of the images Datalab compares
 DATA_ISSUES_SHOWN = 10
 RECORDED = ("data", "data_description", "batch_size_used", "devices")
 
@@ -64,7 +83,7 @@ def label_issues(cv_dir: str | Path, out: str | Path | None = None,
     oof = pd.read_csv(cv_dir / "oof.csv", dtype={"label": str, "labels": str, "path": str,
                                                   "predicted": str}, keep_default_na=False)
     issues = find_label_issues(oof, task, options.method, options.filter_by)
-    images = _cv_images(cv_dir, options)
+    images = cv_images(cv_dir, options)
     summary = {"method": options.method, "filter_by": issues.extra["filter_by"],
                "rows": issues.n_rows, "flagged": len(issues.frame), "task": task.kind,
                "pairs": issues.pairs, "csv": ISSUES_CSV}
@@ -72,9 +91,11 @@ def label_issues(cv_dir: str | Path, out: str | Path | None = None,
         _save_suspects(images, issues.frame.head(options.shown), cv_dir / ISSUES_PLOT)
         summary["plot"] = ISSUES_PLOT
     if options.data_issues and images is not None:
-        features = penultimate_features(cv_dir, oof, images, task)
+        features = data_features(cv_dir, oof, images, task)
         np.save(cv_dir / FEATURES, features)  # row i of oof.csv: for other tools too
         summary["features"] = FEATURES
+        summary["features_of"] = ("the fold models' features side by side"
+                                  if isinstance(images, list) else "image thumbnails")
         found = data_issues(features)
         summary.update(_data_issue_rows(found, oof))
     csv = cv_dir / ISSUES_CSV
@@ -87,7 +108,7 @@ def label_issues(cv_dir: str | Path, out: str | Path | None = None,
     return LabelIssuesResult(issues, summary, Path(out) if out else csv)
 
 
-def _cv_images(cv_dir: Path, options: LabelIssuesOptions) -> np.ndarray | list[str] | None:
+def cv_images(cv_dir: Path, options: LabelIssuesOptions) -> np.ndarray | list[str] | None:
     """The CV data's images as its folds saw them (the cache at their size), its texts for a
     text CV, or None for in-memory data, which cannot be read again."""
     values = runs.read_config(cv_dir, "restore it from a copy of the CV directory, or run "
@@ -111,32 +132,50 @@ def _cv_images(cv_dir: Path, options: LabelIssuesOptions) -> np.ndarray | list[s
                           progress=cfg.progress).cache.images
 
 
-def penultimate_features(cv_dir: Path, oof: pd.DataFrame, images: np.ndarray | list[str],
-                         task: Task) -> np.ndarray:
-    """Each out-of-fold row's features before the last linear layer of the fold model that
-    did not train on it: one forward pass per fold (texts encoded as that model reads
-    them)."""
-    features: np.ndarray | None = None
-    texts = images if isinstance(images, list) else None
-    tensor = None if texts is not None else torch.from_numpy(images)
-    for fold, part in oof.groupby("fold"):
+def data_features(cv_dir: Path, oof: pd.DataFrame, images: np.ndarray | list[str],
+                  task: Task) -> np.ndarray:
+    """One feature space for every row of oof.csv, in its order, so that Datalab's
+    nearest neighbours compare like with like: pixel thumbnails of images, every fold
+    model's features side by side for texts."""
+    rows = oof["row"].to_numpy()
+    if isinstance(images, list):
+        return fold_model_features(cv_dir, sorted(set(oof["fold"])), images, rows, task)
+    return thumbnail_features(images, rows)
+
+
+def thumbnail_features(images: np.ndarray, rows: np.ndarray,
+                       batch_size: int = 1024) -> np.ndarray:
+    """Each image (uint8 NHWC) area-averaged to at most THUMBNAIL pixels a side, less its
+    mean: no model, so copies match whichever fold they sit in, and a brighter or darker
+    copy matches too (Datalab's cosine distance ignores contrast)."""
+    parts = []
+    for start in range(0, len(rows), batch_size):
+        batch = torch.from_numpy(images[rows[start:start + batch_size]]).permute(0, 3, 1, 2)
+        side = (min(THUMBNAIL, batch.shape[2]), min(THUMBNAIL, batch.shape[3]))
+        flat = nn.functional.adaptive_avg_pool2d(batch.float() / 255, side).flatten(1)
+        parts.append(flat - flat.mean(1, keepdim=True))
+    return torch.cat(parts).numpy()
+
+
+def fold_model_features(cv_dir: Path, folds: list[int], texts: list[str], rows: np.ndarray,
+                        task: Task) -> np.ndarray:
+    """Every fold model's features (the input of its last linear layer) of every row, side
+    by side: one space for all rows, where each row's own fold model alone would give each
+    fold its own. A forward pass per fold over all the rows, k times one model's width."""
+    parts = []
+    for fold in folds:
         loaded = load_model(cv_dir / f"fold_{int(fold)}")
-        if texts is not None:
-            tensor = encode_texts(loaded, texts)
         last = [m for m in loaded.model.modules() if isinstance(m, nn.Linear)][-1]
         seen: list[torch.Tensor] = []
         hook = last.register_forward_hook(
             lambda module, args, out, seen=seen: seen.append(args[0].float()))
         try:
-            model_outputs(loaded.model, loaded.pipeline, task, tensor,
-                          np.array(part["row"]), 256, precision=loaded.precision)
+            model_outputs(loaded.model, loaded.pipeline, task, encode_texts(loaded, texts),
+                          rows, 256, precision=loaded.precision)
         finally:
             hook.remove()
-        values = torch.cat(seen).flatten(1).cpu().numpy()
-        if features is None:
-            features = np.zeros((len(oof), values.shape[1]), dtype=np.float32)
-        features[part.index.to_numpy()] = values
-    return features
+        parts.append(torch.cat(seen).flatten(1).cpu().numpy())
+    return np.concatenate(parts, axis=1)
 
 
 def _data_issue_rows(found: dict[str, pd.DataFrame], oof: pd.DataFrame) -> dict:
