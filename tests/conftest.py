@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import random
+import signal
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -217,6 +218,13 @@ def labelled_images(tmp_path) -> tuple[Path, list[str], np.ndarray]:
         names.append(f"img_{i}.png")
         write_image(folder / names[-1], shape_image(int(kind), 24, rng, rgb=False))
     return folder, names, kinds
+
+
+def as_from_a_terminal() -> None:
+    """A child's Ctrl-C as a shell's foreground command has it (``preexec_fn``): a test run
+    started in the background (nohup, ``&`` in a script) ignores SIGINT, and its children
+    would inherit that and never see a Ctrl-C a test sends."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def live_processes(marker: str) -> dict[int, str]:

@@ -13,6 +13,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from conftest import as_from_a_terminal
 from imagefit.cli import build_parser, main
 from imagefit.config import EvaluateOptions, FitConfig, PredictOptions
 from imagefit.data.sources import read_source
@@ -150,9 +151,7 @@ def test_sigint_keeps_the_last_finished_epoch(tmp_path):
          "--runs-dir", str(tmp_path), "--no-progress"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        # as from a terminal: a test runner started in the background (nohup, &) ignores
-        # SIGINT, and a child would inherit that
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        preexec_fn=as_from_a_terminal,
     )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import live_processes, unused_port
+from conftest import as_from_a_terminal, live_processes, unused_port
 from imagefit import api, distributed
 from imagefit.data.loader import Loader
 from imagefit.errors import ImagefitError
@@ -433,7 +433,8 @@ def test_ctrl_c_while_the_nodes_wait_leaves_nothing_behind(tmp_path):
         [sys.executable, "-m", "imagefit", "fit", "builtin:digits", "--nnodes", "2",
          "--node-rank", "0", "--master", f"127.0.0.1:{unused_port()}", "--runs-dir", marker],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp)})
+        env={**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp)},
+        preexec_fn=as_from_a_terminal)
     try:
         assert node.stderr.readline().startswith("imagefit: waiting for node 1 of 2 at ")
         deadline = time.monotonic() + 60

@@ -31,7 +31,7 @@ from matplotlib import colormaps
 from PIL import Image
 
 import imagefit
-from conftest import isolated
+from conftest import as_from_a_terminal, isolated
 from imagefit import api
 from imagefit.cli import main
 from imagefit.data.builtin import read_digits
@@ -66,7 +66,8 @@ def server(source, *options: str):
     the end, Ctrl-C (SIGINT), and the process must exit 0."""
     process = subprocess.Popen([sys.executable, "-m", "imagefit", "serve", str(source),
                                 "--port", "0", *options], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+                               stderr=subprocess.PIPE, text=True,
+                               preexec_fn=as_from_a_terminal)
     try:
         line = process.stdout.readline()
         found = re.search(r"http://\S+/", line)
