@@ -27,11 +27,12 @@ from .build import (
 from .record import run_source
 
 # Fit options the sweep has no use for: it trains a few hundred steps at rising rates in
-# one process, with no schedule, phases, callbacks, measurement or run directory.
+# one process, with no schedule, phases, callbacks, weight averaging, measurement or run
+# directory.
 LR_FIND_UNUSED = ("lr", "schedule", "pct_start", "freeze_epochs", "precompute_epochs",
                   "lr_low", "lr_groups", "recipe", "early_stop", "plateau", "keep_best",
                   "plc", "soft_labels", "tta", "tta_n", "tta_augment", "test_every_epoch",
-                  "report", "log", "check", "name", "runs_dir", "devices")
+                  "report", "log", "check", "name", "runs_dir", "devices", "ema")
 
 
 def lr_find(data: str | Path | Table, out: str | Path | None = "lr_find.png",
