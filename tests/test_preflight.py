@@ -80,7 +80,7 @@ def test_a_huge_image_size_is_refused_at_once_without_memory_or_cache(tiny_folde
     else:
         largest = int(re.search(r"the largest size that fits is (\d+)", lines[0]).group(1))
         assert 4 <= largest < 100_000
-        assert re.search(r"a training step on a batch of \d+ about \d+ TB", lines[0])
+        assert re.search(r"a training step on a batch of \d+ would take about \d+ TB", lines[0])
         assert elapsed < 5 + 2 * startup, (elapsed, startup)
         assert memory < 2 * GB and memory < startup_memory + 400 * 2**20, (memory,
                                                                            startup_memory)
@@ -121,7 +121,7 @@ def test_a_batch_too_large_names_bs_and_the_largest_batch(tiny_folder, monkeypat
     with pytest.raises(ImagefitError) as refused:
         preflight.check_image_room(table, CacheSettings(224, 3), cfg, 64)
     message = str(refused.value)
-    assert message.startswith("--bs 64: a training step on a batch of 64 about ")
+    assert message.startswith("--bs 64: a training step on a batch of 64 would take about ")
     batch = int(re.search(r"the largest batch that fits is (\d+)", message).group(1))
     preflight.check_image_room(table, CacheSettings(224, 3), cfg, batch)
     with pytest.raises(ImagefitError):

@@ -654,6 +654,8 @@ def test_tune_refusals_are_one_line(tmp_path, capsys):
     space.write_text("epochs: {type: int, low: 2, high: 4}\n")
     broken = tmp_path / "broken.yaml"
     broken.write_text("model: [no_such_net_at_all]\n")
+    too_big = tmp_path / "too_big.yaml"
+    too_big.write_text("image_size: [60000]\n")
     runs_dir = ["--runs-dir", str(tmp_path / "runs")]
     cases = [
         (["--devices", "2"], "imagefit tune trains each trial in one process: use --workers K"),
@@ -661,7 +663,10 @@ def test_tune_refusals_are_one_line(tmp_path, capsys):
          "--budget sets each trial's length: leave epochs out of the space"),
         (["--storage", "notadb://nowhere", *FAST], "--storage notadb://nowhere: cannot open it ("),
         (["--space", str(broken), "--n-trials", "5", *FAST],
-         "3 trials in a row failed (the last: "),
+         f"{broken}: model: 'no_such_net_at_all' is not a value of imagefit fit's --model "
+         "(unknown model 'no_such_net_at_all': give small_cnn or a timm model name"),
+        (["--space", str(too_big), "--n-trials", "5", *FAST],
+         "3 trials in a row failed (the last: --image-size 60000: a training step on a batch "),
     ]
     for argv, message in cases:
         assert main(["tune", "builtin:digits", *runs_dir, *argv]) == 2

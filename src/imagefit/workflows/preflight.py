@@ -67,8 +67,8 @@ class Room:
         return f"{where}: {format_bytes(self.step_memory)}"
 
     def step_phrase(self, batch_size: int, step: int, training: bool = True) -> str:
-        return (f"{'a training step on ' if training else ''}a batch of {batch_size} about "
-                f"{format_bytes(step)} of memory ({self.step_memory_phrase()})")
+        return (f"{'a training step on ' if training else ''}a batch of {batch_size} would take "
+                f"about {format_bytes(step)} of memory ({self.step_memory_phrase()})")
 
 
 @dataclass
