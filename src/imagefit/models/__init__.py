@@ -49,7 +49,8 @@ def default_model_name(image_size: int, kind: str = "classification") -> str:
     """For images of 32 px or less: the small-image recipe's net for single-label
     classification (small_cnn_16; a --budget long enough for it trains small_cnn_32:
     ``net_for_budget``), imagefit 0.1's small_cnn for the tasks the recipe was not measured
-    on. resnet18 above 32 px."""
+    on. resnet18 above 32 px: the net photos train from scratch (when pretrained weights can
+    be had they start from those instead: ``workflows.build.choose_photo_weights``)."""
     if image_size > SMALL_IMAGE_MAX:
         return "resnet18"
     return NARROW_NET if kind == "classification" else "small_cnn"

@@ -54,6 +54,7 @@ from ..models import (
     takes_small_image_optimizer,
 )
 from ..models.heads import resolve_head
+from ..models.pretrained import SCRATCH_PHOTO_NET, default_photo_weights, weights_record
 from ..models.text import create_text_model
 from ..tasks import HIGHER_IS_BETTER, MAIN_METRIC, Regression, Task, resolve_loss
 from ..train import schedules
@@ -125,6 +126,7 @@ def load_data(data: str | Path | Table, cfg: ImageOptions) -> LoadedData:
     if cfg.image_sizes and cfg.image_size is None:
         cfg.image_size = max(cfg.image_sizes)
     settings = resolve_settings(table, cfg.image_size, cfg.channels, cfg.resize, cfg.seed)
+    choose_photo_weights(cfg, settings.size)
     augment_until_plan = apply_small_image_recipe(cfg, settings.size, table.task.kind)
     started = time.perf_counter()
     shares = _data_shares(table, cfg.seed) if distributed.sharded_data() and \
@@ -248,6 +250,27 @@ MIN_AUGMENT_SIZE = 16
 AUGMENT_FROM_EPOCHS = 10
 
 
+def choose_photo_weights(cfg: ImageOptions, image_size: int, say: bool = True) -> None:
+    """Photos (above 32 px) with neither --model nor --pretrained start from pretrained
+    weights when they can be had without asking (``models.pretrained.default_photo_weights``:
+    timm's cached or fetched, else an installed package, else from scratch), at the images'
+    own size; ``--pretrained none`` trains from scratch. Says which in one line, and fills
+    ``cfg.model`` and ``cfg.pretrained`` (config.yaml records them); ``say``: print the
+    line (rank 0)."""
+    if not hasattr(cfg, "pretrained") or cfg.model != "auto" or image_size <= SMALL_IMAGE_MAX:
+        return
+    if cfg.pretrained is not None:
+        return
+    if "pretrained" in cfg.model_fields_set:  # --pretrained none
+        cfg.model, line = SCRATCH_PHOTO_NET, (f"weights: none (--pretrained none), so "
+                                              f"{SCRATCH_PHOTO_NET} trains from scratch")
+    else:
+        chosen = default_photo_weights()  # each process looks (the same files: the same)
+        cfg.model, cfg.pretrained, line = chosen.model, chosen.source, chosen.line
+    if say and distributed.is_main():
+        print(line)
+
+
 def apply_small_image_recipe(cfg: ImageOptions, image_size: int,
                              kind: str = "classification") -> bool:
     """The small-image recipe's values for the options the user left unset, when single-label
@@ -346,6 +369,7 @@ def build_training(cfg: FitConfig, loaded: LoadedData, device: torch.device,
         "channels": settings.channels,
         "resize": settings.resize,
         "normalization": {"mean": mean, "std": std},
+        "pretrained": weights_record(model, cfg.pretrained),
         "lighting": loaded.lighting,
         "precision": resolve_precision(cfg.precision, device),  # predict and evaluate's too
     }

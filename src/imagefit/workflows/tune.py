@@ -49,7 +49,7 @@ from ..models import SMALL_CNN_WIDTHS, check_model_name, default_model_name
 from ..tasks import HIGHER_IS_BETTER, MAIN_METRIC
 from ..train.budget import Budget, parse_duration
 from ..train.callbacks import Callback
-from .build import apply_recipe, apply_small_image_recipe, check_data
+from .build import apply_recipe, apply_small_image_recipe, check_data, choose_photo_weights
 from .fit import run_fit, run_name
 from .preflight import check_workers_room
 from .sweep import folder_name, one_line, require_validation
@@ -203,6 +203,7 @@ def fit_defaults(table: Table, cfg: FitConfig) -> FitConfig:
     if table.texts is None:
         size = probe.image_size or (max(probe.image_sizes) if probe.image_sizes else None)
         settings = resolve_settings(table, size, probe.channels, probe.resize, probe.seed)
+        choose_photo_weights(probe, settings.size, say=False)
         apply_small_image_recipe(probe, settings.size, table.task.kind)
         if probe.model == "auto" and not probe.pretrained:
             probe.model = default_model_name(settings.size, table.task.kind)

