@@ -54,7 +54,7 @@ def write_fashion_mnist(root: Path, train: int, test: int, seed: int = 0) -> Pat
             label = names[int(table.targets[row])]
             path = root / split / label / f"{row:05d}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
-            image = Image.fromarray(table.arrays[row]).resize((64, 64), Image.BICUBIC)
+            image = Image.fromarray(table.arrays[row].squeeze()).resize((64, 64), Image.BICUBIC)
             image.convert("RGB").save(path)
     (root / "done").touch()
     return root
@@ -84,6 +84,8 @@ def fit(data: Path, budget: str, seed: int, extra: list[str], runs_dir: Path) ->
     row = {"budget": budget, "seed": seed, "wall_seconds": round(wall, 1),
            "model": info["architecture"], "weights": info.get("pretrained"),
            "image_size": info["image_size"], "epochs": metrics["epochs"],
+           "budget_used_seconds": metrics["budget"]["used_seconds"],
+           "train_seconds": metrics["train_seconds"], "final_seconds": metrics["final_seconds"],
            "test_accuracy": round(metrics["test_accuracy"], 4),
            "headline_accuracy": round(tta if tta is not None else metrics["test_accuracy"], 4),
            "weights_line": next((line for line in done.stdout.splitlines()

@@ -188,3 +188,14 @@ def test_the_hub_is_probed_briefly_and_named_when_it_does_not_answer(monkeypatch
     assert pretrained.hub_unreachable() == "the hub is off (HF_HUB_OFFLINE)"
     monkeypatch.setenv("IMAGEFIT_OFFLINE", "1")
     assert pretrained.hub_unreachable() == "downloads are off (IMAGEFIT_OFFLINE)"
+
+
+def test_cv_of_photos_chooses_the_weights_once_for_every_fold(tmp_path, capsys, hub_cache):
+    assert main(["cv", str(folder(tmp_path / "photos")), "--folds", "2", "--runs-dir",
+                 str(tmp_path / "runs"), *QUICK]) == 0
+    out = capsys.readouterr().out
+    assert out.count("weights: ") == 1 and f"(the installed package {PHOTO_PACKAGE})" in out
+    (cv_dir,) = (tmp_path / "runs").iterdir()
+    for fold in ("fold_0", "fold_1"):
+        config = yaml.safe_load((cv_dir / fold / "config.yaml").read_text())
+        assert (config["model"], config["pretrained"]) == (PHOTO_NET, PHOTO_PACKAGE)

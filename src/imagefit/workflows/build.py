@@ -208,10 +208,10 @@ def _describe_edits(edits: dict) -> str:
     return f"label issues: {done} of the {edits['listed']} chosen in {edits['file']}{kept}"
 
 
-def check_data(table: Table, cfg: FitConfig) -> None:
+def check_data(table: Table, cfg: FitConfig) -> int | None:
     """The checks a fit makes of its data, on a whole table at once (cross-validation, before
     its directory exists): training rows, readable images, classes, targets. The image cache
-    built here is the one the folds then read."""
+    built here is the one the folds then read. Returns the image size (None for texts)."""
     check_has_training_rows(table)
     if table.texts is not None:
         if cfg.text_length:
@@ -219,7 +219,7 @@ def check_data(table: Table, cfg: FitConfig) -> None:
         texts = prepare_texts(table, length=cfg.text_length, percentile=cfg.text_percentile,
                               lowercase=not cfg.keep_case)
         check_trainable(table, texts.cache, np.flatnonzero(table.split != "test"))
-        return
+        return None
     cfg = cfg.model_copy()
     apply_pretrained_source(cfg)
     settings = resolve_settings(table, cfg.image_size or (max(cfg.image_sizes) if
@@ -230,6 +230,7 @@ def check_data(table: Table, cfg: FitConfig) -> None:
                               progress=cfg.progress)
     check_trainable(table, prepared.cache, np.flatnonzero(prepared.usable &
                                                           (table.split != "test")))
+    return settings.size
 
 
 # The small-image recipe (32 px or less, a small_cnn net from scratch), chosen by measurement

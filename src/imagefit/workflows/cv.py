@@ -38,7 +38,7 @@ from ..metrics import all_metrics
 from ..report.interpret import interpret
 from ..tasks import HIGHER_IS_BETTER, MAIN_METRIC, Task
 from ..train.budget import Budget
-from .build import apply_recipe, check_data
+from .build import apply_recipe, check_data, choose_photo_weights
 from .fit import run_fit
 from .record import FitResult
 
@@ -71,7 +71,9 @@ def cv(data: str | Path | Table, config: CVConfig | None = None, **options: Any)
         raise ImagefitError("--find-label-issues is for classification; this data's task is "
                             "regression: look at its largest errors in the CV report instead")
     folds = _folds(table, cfg, data)
-    check_data(table, cfg)  # before the CV directory: the folds' fits find the cache made
+    size = check_data(table, cfg)  # before the CV directory: the folds find the cache made
+    if size is not None:
+        choose_photo_weights(cfg, size)  # once for every fold, said once
     name = (cfg.name or _source_name(data)) + "_cv"
     cv_dir = runs.new_run_dir(cfg.runs_dir, name)
     runs.save_yaml(cv_dir / "config.yaml", {
