@@ -4,7 +4,6 @@ network: the hub is off or pointed at a closed port."""
 
 from __future__ import annotations
 
-import importlib.resources
 import json
 import socket
 import time
@@ -21,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 import imagefit.models.pretrained as pretrained
 from imagefit.cli import main
-from imagefit.models.pretrained import PHOTO_NET, PHOTO_PACKAGE, PRETRAINED_SOURCES
+from imagefit.models.pretrained import PHOTO_NET, PHOTO_PACKAGE
 
 QUICK = ["--epochs", "1", "--no-report", "--no-progress", "--no-tta"]
 HUB_REPO = "timm/tf_efficientnet_lite0.in1k"
@@ -71,9 +70,8 @@ def hub_cache(tmp_path, monkeypatch):
 
 
 def package_weights() -> dict[str, torch.Tensor]:
-    spec = PRETRAINED_SOURCES[PHOTO_PACKAGE]
-    path = importlib.resources.files(spec["module"]).joinpath(spec["file"])
-    return torch.load(str(path), map_location="cpu", weights_only=True)
+    return torch.load(pretrained._package_file(PHOTO_PACKAGE), map_location="cpu",
+                      weights_only=True)
 
 
 def test_photos_with_no_options_start_from_the_installed_weights_and_say_so(
@@ -199,3 +197,13 @@ def test_cv_of_photos_chooses_the_weights_once_for_every_fold(tmp_path, capsys, 
     for fold in ("fold_0", "fold_1"):
         config = yaml.safe_load((cv_dir / fold / "config.yaml").read_text())
         assert (config["model"], config["pretrained"]) == (PHOTO_NET, PHOTO_PACKAGE)
+
+
+def test_with_the_hub_answering_timm_fetches_the_weights_and_the_line_says_so(
+        hub_cache, monkeypatch):
+    monkeypatch.setattr(pretrained, "hub_unreachable", lambda: None)  # no network is touched
+    chosen = pretrained.default_photo_weights()
+    assert (chosen.model, chosen.source) == (PHOTO_NET, "timm")
+    assert chosen.line == (f"weights: {PHOTO_NET} pretrained on ImageNet-1k (timm's, fetched "
+                           "from the Hugging Face hub once, then cached); --pretrained none "
+                           "trains from scratch")

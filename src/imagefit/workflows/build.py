@@ -54,7 +54,7 @@ from ..models import (
     takes_small_image_optimizer,
 )
 from ..models.heads import resolve_head
-from ..models.pretrained import SCRATCH_PHOTO_NET, default_photo_weights, weights_record
+from ..models.pretrained import default_photo_weights, weights_record
 from ..models.text import create_text_model
 from ..tasks import HIGHER_IS_BETTER, MAIN_METRIC, Regression, Task, resolve_loss
 from ..train import schedules
@@ -258,15 +258,14 @@ def choose_photo_weights(cfg: ImageOptions, image_size: int, say: bool = True) -
     own size; ``--pretrained none`` trains from scratch. Says which in one line, and fills
     ``cfg.model`` and ``cfg.pretrained`` (config.yaml records them); ``say``: print the
     line (rank 0)."""
-    if not hasattr(cfg, "pretrained") or cfg.model != "auto" or image_size <= SMALL_IMAGE_MAX:
-        return
-    if cfg.pretrained is not None:
+    if not hasattr(cfg, "pretrained") or cfg.model != "auto" or cfg.pretrained is not None \
+            or image_size <= SMALL_IMAGE_MAX:
         return
     if "pretrained" in cfg.model_fields_set:  # --pretrained none
-        cfg.model, line = SCRATCH_PHOTO_NET, (f"weights: none (--pretrained none), so "
-                                              f"{SCRATCH_PHOTO_NET} trains from scratch")
-    else:
-        chosen = default_photo_weights()  # each process looks (the same files: the same)
+        cfg.model = default_model_name(image_size)
+        line = f"weights: none (--pretrained none), so {cfg.model} trains from scratch"
+    else:  # every process looks for itself: the same files give the same answer
+        chosen = default_photo_weights()
         cfg.model, cfg.pretrained, line = chosen.model, chosen.source, chosen.line
     if say and distributed.is_main():
         print(line)
