@@ -23,8 +23,9 @@ CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
            "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 
 
-def ensure_fastai_venv(path: Path = DEFAULT_VENV) -> Path:
-    """Create (once) a venv at `path` with pinned torch/torchvision and fastai; return its python.
+def ensure_fastai_venv(path: Path = DEFAULT_VENV, extra: tuple[str, ...] = ()) -> Path:
+    """Create (once) a venv at `path` with pinned torch/torchvision and fastai (and the
+    pinned `extra` packages, under the same constraints); return its python.
 
     torch and torchvision go in first, then fastai under a constraints file holding the same
     pins, so that fastai cannot pull another torch build. A stamp file naming the pins marks a
@@ -34,7 +35,7 @@ def ensure_fastai_venv(path: Path = DEFAULT_VENV) -> Path:
     path = Path(path)
     python = path / "bin" / "python"
     stamp = path / ".fastai-installed"
-    wanted = " ".join([*TORCH_PINS, FASTAI_PIN]) + "\n"
+    wanted = " ".join([*TORCH_PINS, FASTAI_PIN, *extra]) + "\n"
     if stamp.is_file() and stamp.read_text() == wanted and python.exists():
         return python
     if not python.exists():
@@ -42,8 +43,8 @@ def ensure_fastai_venv(path: Path = DEFAULT_VENV) -> Path:
     constraints = path / "constraints.txt"
     constraints.write_text("\n".join(TORCH_PINS) + "\n")
     _run([str(python), "-m", "pip", "install", "--quiet", *TORCH_PINS], path)
-    _run([str(python), "-m", "pip", "install", "--quiet", "-c", str(constraints), FASTAI_PIN],
-         path)
+    _run([str(python), "-m", "pip", "install", "--quiet", "-c", str(constraints), FASTAI_PIN,
+          *extra], path)
     stamp.write_text(wanted)
     return python
 

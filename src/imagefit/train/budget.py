@@ -180,10 +180,12 @@ class Plan:
 
 def plan_steps(left: float, *, step_seconds: float, steps_per_epoch: int, steps_done: int,
                epoch_valid_seconds: float, final_seconds: float, epochs_validated: int = 0,
-               eval_images_per_second: float = 0.0, budget_text: str = "") -> Plan:
-    """The most training steps that fit in ``left`` seconds (with a safety margin), counting
-    what is still to come: the steps after ``steps_done``, a validation after every epoch
-    (a partial last one included) not yet validated, and the final evaluation."""
+               eval_images_per_second: float = 0.0, budget_text: str = "",
+               min_steps: int = MIN_STEPS, max_steps: int | None = None) -> Plan:
+    """The most training steps (up to ``max_steps``) that fit in ``left`` seconds (with a
+    safety margin), counting what is still to come: the steps after ``steps_done``, a
+    validation after every epoch (a partial last one included) not yet validated, and the
+    final evaluation. Fewer than ``min_steps`` is an error."""
     usable = left * SAFETY - final_seconds
 
     def cost(steps: int) -> float:  # of the steps after steps_done, their validations included
@@ -194,12 +196,12 @@ def plan_steps(left: float, *, step_seconds: float, steps_per_epoch: int, steps_
     while low < high:  # the most steps whose cost fits (cost grows with the steps)
         middle = (low + high + 1) // 2
         low, high = (middle, high) if cost(middle) <= usable else (low, middle - 1)
-    steps = low
-    if steps < MIN_STEPS:
-        needed = (MIN_STEPS - steps_done) * step_seconds + epoch_valid_seconds + final_seconds
+    steps = low if max_steps is None else max(min(low, max_steps), steps_done)
+    if steps < min_steps:
+        needed = (min_steps - steps_done) * step_seconds + epoch_valid_seconds + final_seconds
         raise ImagefitError(
             f"option --budget {budget_text}: {format_duration(max(left, 0))} were left after "
-            f"the start, which is not enough for {MIN_STEPS} training steps, a validation and "
+            f"the start, which is not enough for {min_steps} training steps, a validation and "
             f"the final evaluation (about {format_duration(needed)}); give a budget at least "
             f"{format_duration(needed - left)} longer")
     return Plan(steps=steps, epochs=math.ceil(steps / steps_per_epoch),
@@ -218,7 +220,8 @@ class BudgetPlanner(Callback):
     of them it evaluates a second, test-time augmentation included (default: as
     ``time_forward`` does); ``fixed_seconds``: the rest of the end (plots, report);
     ``time_forward``: measures validation's images per second (``measure_forward``);
-    ``first_plan``: told the first plan (a choice that depends on the fit's length)."""
+    ``first_plan``: told the first plan (a choice that depends on the fit's length); True
+    when it changed the end (which ``time_end`` timed again): the fit is planned anew."""
 
     order = 5
 
@@ -228,8 +231,10 @@ class BudgetPlanner(Callback):
                  time_forward: Callable[[object], float] | None = None,
                  time_final: Callable[[object], float] | None = None,
                  announce: bool = False,
-                 first_plan: Callable[[Plan, object], None] | None = None) -> None:
+                 first_plan: Callable[[Plan, object], bool] | None = None,
+                 min_steps: int = MIN_STEPS, max_steps: int | None = None) -> None:
         self.deadline = deadline
+        self.min_steps, self.max_steps = min_steps, max_steps
         self.announce = announce  # print the first plan
         self.final_images = final_images
         self.n_valid = n_valid
@@ -302,6 +307,11 @@ class BudgetPlanner(Callback):
         self._eval_rate = self._eval_rate or self.time_forward(learner)
         self._final_rate = self.time_final(learner) if self.time_final else self._eval_rate
 
+    def evaluation_seconds(self) -> float:
+        """The end's evaluation as planned for (the final images at the measured rate, with
+        the margin), without its fixed part."""
+        return self._end_seconds() - self.fixed_seconds
+
     def _epoch_valid_seconds(self) -> float:
         if self._valid_times:
             return statistics.median(self._valid_times)
@@ -321,7 +331,7 @@ class BudgetPlanner(Callback):
             steps_per_epoch=len(learner.train_loader), steps_done=learner.step,
             epoch_valid_seconds=self._epoch_valid_seconds(), final_seconds=self._end_seconds(),
             epochs_validated=validated, eval_images_per_second=self._eval_rate,
-            budget_text=self.budget_text)
+            budget_text=self.budget_text, min_steps=self.min_steps, max_steps=self.max_steps)
         plan = distributed.from_main(plan)  # each rank timed its own steps: rank 0's plan
         self.plans.append(plan)
         learner.set_total_steps(plan.steps)
@@ -330,8 +340,18 @@ class BudgetPlanner(Callback):
                   f"({plan.steps / plan.steps_per_epoch:.3g} epochs at "
                   f"{plan.step_seconds * 1000:.3g} ms a step), then "
                   f"{format_duration(plan.final_seconds)} to evaluate and report", flush=True)
-        if self.first_plan is not None and len(self.plans) == 1:
-            self.first_plan(plan, learner)
+        if self.first_plan is not None and len(self.plans) == 1 and \
+                self.first_plan(plan, learner):  # the end changed: plan again
+            self._plan(learner, validated)
+
+    def phase(self, share: float, max_steps: int) -> BudgetPlanner:
+        """A planner for a phase before the main fit (a fine-tune's frozen epochs): at most
+        ``max_steps`` steps, in at most ``share`` of the time left; it may plan none."""
+        now = self.clock()
+        return BudgetPlanner(now + share * (self.deadline - now), final_images=0,
+                             n_valid=self.n_valid, fixed_seconds=0.0,
+                             budget_text=self.budget_text, clock=self.clock,
+                             time_forward=self.time_forward, min_steps=0, max_steps=max_steps)
 
     def summary(self) -> dict:
         """What metrics.json records of the planning."""

@@ -290,6 +290,25 @@ def augmentation_by_plan(run_dir: Path, data: str | Path | Table, prepared: Prep
     return decide
 
 
+def tta_by_cost(run_dir: Path, data: str | Path | Table, prepared: Prepared,
+                summary: dict) -> Callable[[float, float], None]:
+    """Test-time augmentation turned off in a --budget fit whose end it would lengthen by
+    more than a ``share`` of the budget (phases.TTA_BUDGET_SHARE: those seconds train
+    instead); config.yaml then says so."""
+    def drop(seconds: float, share: float) -> None:
+        cfg = prepared.options
+        summary["tta_decided"] = {"tta_seconds": round(seconds, 2), "tta": False,
+                                  "most_of_the_budget": share}
+        prepared.options = cfg.model_copy(update={"tta": False})
+        if distributed.is_main():
+            write_config(run_dir, data, prepared)
+            print(f"test-time augmentation off: it would take about {seconds:.0f} s of the "
+                  f"{cfg.budget} budget (more than {share:.0%}), which trains instead",
+                  flush=True)
+
+    return drop
+
+
 def train_in_run_dir(run_dir: Path, data: str | Path | Table, prepared: Prepared, callbacks,
                      resume_state: dict | None, started: float) -> FitResult:
     """Train, then conclude; Ctrl-C keeps the finished epochs (or, before the first one,
@@ -314,7 +333,9 @@ def train_in_run_dir(run_dir: Path, data: str | Path | Table, prepared: Prepared
             planner = budget_planner(
                 cfg, loaded, parts, prepared.budget.deadline, len(extra) * len(loaded.test_rows),
                 augmentation_by_plan(run_dir, data, prepared, summary)
-                if loaded.augment_until_plan else None)
+                if loaded.augment_until_plan else None,
+                drop_tta=tta_by_cost(run_dir, data, prepared, summary) if cfg.tta else None,
+                budget_seconds=prepared.budget.seconds)
         learner = make_learner(cfg, parts, [*own, *callbacks], extra_loaders=extra)
         if resume_state is not None:
             learner.load_checkpoint_state(resume_state)

@@ -35,7 +35,17 @@ from ..train.precompute import fit_head_on_features
 from ..train.schedules import Schedule
 from .build import LoadedData, TrainingParts, monitor_column
 
-FINAL_SAMPLE = 1024  # images timed to plan a --budget fit's final evaluation
+FINAL_SAMPLE = 1024  # images timed to plan a --budget fit's final evaluation, at most
+# seconds of that timing: the 1024 images took 12 s with TTA at 64 px (Lite0, 2 CPU cores),
+# a fifth of a 1-minute budget, before it was bounded
+FINAL_TIMING_SECONDS = 1.5
+# the most of a --budget that test-time augmentation may add to the end of the fit: Lite0's
+# 4 versions of 2,400 images at 64 px took 20 s of a 1-minute budget on 2 CPU cores, which
+# left half an epoch to fine-tune every layer (docs/RECIPES.md, "Photos")
+TTA_BUDGET_SHARE = 0.1
+# the most of what is left of a --budget that a fine-tune's frozen epochs may take (fastai's
+# fine_tune gives one frozen epoch to a few unfrozen ones); a planner cuts them to it
+FROZEN_BUDGET_SHARE = 0.2
 
 
 def train_phases(learner: Learner, cfg: FitConfig, epochs: int, lr_schedule: Schedule,
@@ -50,8 +60,19 @@ def train_phases(learner: Learner, cfg: FitConfig, epochs: int, lr_schedule: Sch
             fit_head_on_features(learner, cfg.precompute_epochs, lr), 3)
     if cfg.freeze_epochs:
         learner.freeze(cfg.train_bn)
-        learner.fit(cfg.freeze_epochs, schedules.one_cycle(lr, cfg.pct_start),
-                    schedules.one_cycle_momentum(pct_start=cfg.pct_start))
+        own = learner.callbacks
+        frozen = None
+        if planner is not None:  # within the budget: at most a share of it
+            frozen = planner.phase(FROZEN_BUDGET_SHARE,
+                                   cfg.freeze_epochs * len(learner.train_loader))
+            learner.callbacks = sorted([*own, frozen], key=callback_order)
+        try:
+            learner.fit(cfg.freeze_epochs, schedules.one_cycle(lr, cfg.pct_start),
+                        schedules.one_cycle_momentum(pct_start=cfg.pct_start))
+        finally:
+            learner.callbacks = own
+        if frozen is not None:
+            summary["frozen_budget"] = frozen.summary()
         learner.unfreeze()
     if cfg.lr_groups:
         learner.group_lrs(cfg.lr_groups)
@@ -111,12 +132,15 @@ def own_callbacks(run_dir: Path, cfg: FitConfig, loaded: LoadedData, parts: Trai
 
 def budget_planner(cfg: FitConfig, loaded, parts, deadline: float,
                    every_epoch_images: int,
-                   first_plan: Callable[[budget.Plan, Learner], bool] | None = None
-                   ) -> BudgetPlanner:
+                   first_plan: Callable[[budget.Plan, Learner], bool] | None = None,
+                   drop_tta: Callable[[float, float], None] | None = None,
+                   budget_seconds: float = float("inf")) -> BudgetPlanner:
     """The planner of a --budget fit: the end evaluates the validation and test splits (timed
     on a sample, test-time augmentation included, as ``conclude`` will) and every epoch
     validates. ``first_plan``: told the first plan; True when it turned test-time
-    augmentation off (the end is then timed again)."""
+    augmentation off. ``drop_tta``: called with the seconds test-time augmentation would
+    add to the end and TTA_BUDGET_SHARE when they exceed that share of ``budget_seconds``
+    (it turns it off). After either, the end is timed again and the fit planned anew."""
     n_valid, n_test = len(loaded.valid_rows), len(loaded.test_rows)
     sample = np.concatenate([loaded.test_rows, loaded.valid_rows])[:FINAL_SAMPLE]
     if loaded.shares is not None:  # a shard times rows it holds
@@ -130,18 +154,33 @@ def budget_planner(cfg: FitConfig, loaded, parts, deadline: float,
         if not len(sample):
             return float("inf")
         model = learner.eval_model
-        batch = max(parts.batch_size, 256)
-        model_outputs(model, parts.pipeline, parts.task, images, sample[:batch], batch, tta,
-                      precision=cfg.precision, places=loaded.places)
-        started = time.perf_counter()  # after a warm-up batch
-        model_outputs(model, parts.pipeline, parts.task, images, sample, batch, tta,
-                      plain_too=tta is not None, precision=cfg.precision, places=loaded.places)
-        return len(sample) / (time.perf_counter() - started)
+        chunk = min(2 * parts.batch_size, len(sample))
 
-    def told(plan: budget.Plan, learner: Learner) -> None:
-        if first_plan(plan, learner):
+        def outputs(rows: np.ndarray) -> None:
+            model_outputs(model, parts.pipeline, parts.task, images, rows, chunk, tta,
+                          plain_too=tta is not None, precision=cfg.precision,
+                          places=loaded.places)
+
+        outputs(sample[:chunk])  # a warm-up batch
+        started, timed_rows = time.perf_counter(), 0
+        while timed_rows < len(sample) and (
+                timed_rows == 0 or time.perf_counter() - started < FINAL_TIMING_SECONDS):
+            outputs(sample[timed_rows:timed_rows + chunk])
+            timed_rows += len(sample[timed_rows:timed_rows + chunk])
+        return timed_rows / (time.perf_counter() - started)
+
+    def told(plan: budget.Plan, learner: Learner) -> bool:
+        turned_off = first_plan is not None and first_plan(plan, learner)
+        tta = timed["tta"]
+        if not turned_off and tta is not None and drop_tta is not None:
+            extra = planner.evaluation_seconds() * tta.n / (tta.n + 1)
+            if extra > TTA_BUDGET_SHARE * budget_seconds:
+                drop_tta(extra, TTA_BUDGET_SHARE)
+                turned_off = True
+        if turned_off:
             timed["tta"] = None
             planner.time_end(learner)
+        return turned_off
 
     planner = BudgetPlanner(deadline, final_images=n_valid + n_test,
                             n_valid=n_valid + every_epoch_images, time_final=time_final,
@@ -149,7 +188,7 @@ def budget_planner(cfg: FitConfig, loaded, parts, deadline: float,
                                 budget.FINAL_FIXED_SECONDS if cfg.report else 2.0),
                             budget_text=cfg.budget or "",
                             announce=cfg.progress and distributed.is_main(),
-                            first_plan=told if first_plan is not None else None)
+                            first_plan=told if first_plan or drop_tta else None)
     return planner
 
 
