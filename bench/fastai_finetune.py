@@ -17,8 +17,9 @@ validation (a seeded RandomSplitter: imagefit's own split takes the same share),
 valley as the rate (or --lr), then fine_tune(epochs, base_lr): one frozen epoch, then every
 layer at slice(base_lr/200, base_lr/2). fastai has no budget: the unfrozen epochs are chosen
 the way a careful user would, from what is left after the frozen epoch, an unfrozen epoch's
-time (the frozen epoch's time scaled by the measured ratio of unfrozen to frozen training
-steps) and the test evaluation's time (from the validation's rate), never fewer than one.
+time (the frozen epoch's, plus for each batch what a training step through every layer
+takes over a frozen one: both timed on a copy of the model) and the test evaluation's time
+(from the validation's rate), never fewer than one.
 """
 
 import time
@@ -128,13 +129,16 @@ def main() -> None:
         started = time.perf_counter()
         learn.validate()
         valid_seconds = time.perf_counter() - started
-        ratio = step_seconds(learn, frozen=False) / step_seconds(learn, frozen=True)
+        frozen_step, unfrozen_step = step_seconds(learn, True), step_seconds(learn, False)
+        # an unfrozen epoch: the frozen one (loading, augmenting, validating) and, for each
+        # batch, what a step through every layer adds
+        unfrozen_epoch = frozen_epoch + len(dls.train) * (unfrozen_step - frozen_step)
         test_files = get_image_files(args.root / "test")
         test_seconds = valid_seconds * len(test_files) / len(dls.valid_ds)
         left = args.budget - (time.perf_counter() - t0) - test_seconds - 1.0
-        epochs = max(1, math.floor(left / (frozen_epoch * ratio)))
+        epochs = max(1, math.floor(left / unfrozen_epoch))
         timings.update(frozen_epoch_seconds=round(frozen_epoch, 2),
-                       unfrozen_to_frozen_step=round(ratio, 2),
+                       unfrozen_epoch_estimate_seconds=round(unfrozen_epoch, 2),
                        planned_unfrozen_epochs=epochs)
         learn.unfreeze()
         learn.fit_one_cycle(epochs, slice(lr / 2 / 100, lr / 2), pct_start=0.3, div=5.0)

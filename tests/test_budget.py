@@ -348,6 +348,11 @@ def test_a_budget_fit_drops_tta_that_would_take_too_much_of_it(
             assert second["steps"] >= first["steps"]
     else:
         assert "tta_decided" not in result.metrics
+    if off:  # TTA the user asks for is kept, whatever it costs
+        kept = imagefit.fit(str(class_folder), budget="15s", tta=True,
+                            runs_dir=str(tmp_path / "asked"), progress=False, report=False)
+        assert "tta_decided" not in kept.metrics
+        assert yaml.safe_load((kept.run_dir / "config.yaml").read_text())["tta"] is True
 
 
 @pytest.mark.parametrize("share, cut", [(0.0, True), (1.0, False)])

@@ -99,6 +99,7 @@ class LoadedData:
     places: torch.Tensor | None = None  # where this rank's cache holds each row (a shard)
     # the small-image recipe's augmentation, left to a --budget fit's first plan
     augment_until_plan: bool = False
+    tta_asked: bool = False  # the user asked for test-time augmentation: a budget keeps it
 
     def own_rows(self, split: str) -> tuple[np.ndarray, dict]:
         """The rows of ``split`` this rank reads, and the Loader arguments that share them."""
@@ -126,6 +127,7 @@ def load_data(data: str | Path | Table, cfg: ImageOptions) -> LoadedData:
     if cfg.image_sizes and cfg.image_size is None:
         cfg.image_size = max(cfg.image_sizes)
     settings = resolve_settings(table, cfg.image_size, cfg.channels, cfg.resize, cfg.seed)
+    tta_asked = bool(ASKED_TTA & cfg.model_fields_set)  # before a recipe sets any of them
     choose_photo_weights(cfg, settings.size)
     augment_until_plan = apply_small_image_recipe(cfg, settings.size, table.task.kind)
     started = time.perf_counter()
@@ -156,7 +158,7 @@ def load_data(data: str | Path | Table, cfg: ImageOptions) -> LoadedData:
         notes["label_edits"] = edits
     return LoadedData(table, settings, prepared, train_rows, valid_rows, test_rows, augment,
                       lighting, cache_seconds, notes, shares, prepared.cache.places(),
-                      augment_until_plan)
+                      augment_until_plan, tta_asked)
 
 
 def _data_shares(table: Table, seed: int) -> dict[str, list[np.ndarray]]:
@@ -235,6 +237,7 @@ def check_data(table: Table, cfg: FitConfig) -> int | None:
 
 # The small-image recipe (32 px or less, a small_cnn net from scratch), chosen by measurement
 # on a validation split carved from Fashion-MNIST's training images: docs/RECIPES.md.
+ASKED_TTA = {"tta", "tta_n", "tta_augment"}  # options that ask for test-time augmentation
 SMALL_IMAGE_RECIPE = {"augment": "light", "label_smoothing": 0.1, "tta_augment": "flip"}
 SMALL_IMAGE_OPTIMIZER = {"opt": "sgd", "lr": 0.1, "wd": 5e-4}  # Nesterov momentum
 # Below this side a shift of 1/14 is under a pixel, a blur: builtin:digits (8 px) lost 5

@@ -292,9 +292,9 @@ def augmentation_by_plan(run_dir: Path, data: str | Path | Table, prepared: Prep
 
 def tta_by_cost(run_dir: Path, data: str | Path | Table, prepared: Prepared,
                 summary: dict) -> Callable[[float, float], None]:
-    """Test-time augmentation turned off in a --budget fit whose end it would lengthen by
-    more than a ``share`` of the budget (phases.TTA_BUDGET_SHARE: those seconds train
-    instead); config.yaml then says so."""
+    """Test-time augmentation, which the user did not ask for, turned off in a --budget fit
+    whose end it would lengthen by more than a ``share`` of the budget
+    (phases.TTA_BUDGET_SHARE: those seconds train instead); config.yaml then says so."""
     def drop(seconds: float, share: float) -> None:
         cfg = prepared.options
         summary["tta_decided"] = {"tta_seconds": round(seconds, 2), "tta": False,
@@ -334,7 +334,8 @@ def train_in_run_dir(run_dir: Path, data: str | Path | Table, prepared: Prepared
                 cfg, loaded, parts, prepared.budget.deadline, len(extra) * len(loaded.test_rows),
                 augmentation_by_plan(run_dir, data, prepared, summary)
                 if loaded.augment_until_plan else None,
-                drop_tta=tta_by_cost(run_dir, data, prepared, summary) if cfg.tta else None,
+                drop_tta=tta_by_cost(run_dir, data, prepared, summary)
+                if cfg.tta and not loaded.tta_asked else None,
                 budget_seconds=prepared.budget.seconds)
         learner = make_learner(cfg, parts, [*own, *callbacks], extra_loaders=extra)
         if resume_state is not None:
