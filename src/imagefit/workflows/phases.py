@@ -165,8 +165,9 @@ def budget_planner(cfg: FitConfig, loaded, parts, deadline: float,
         started, timed_rows = time.perf_counter(), 0
         while timed_rows < len(sample) and (
                 timed_rows == 0 or time.perf_counter() - started < FINAL_TIMING_SECONDS):
-            outputs(sample[timed_rows:timed_rows + chunk])
-            timed_rows += len(sample[timed_rows:timed_rows + chunk])
+            rows = sample[timed_rows:timed_rows + chunk]
+            outputs(rows)
+            timed_rows += len(rows)
         return timed_rows / (time.perf_counter() - started)
 
     def told(plan: budget.Plan, learner: Learner) -> bool:
