@@ -387,6 +387,15 @@ MUTATIONS = [
              condition("extra > TTA_BUDGET_SHARE * budget_seconds"), "False",
              ("tests/test_budget.py::test_a_budget_fit_drops_tta_that_would_take_too_much_of_it",),
              "the test of TTA's share of a --budget"),
+    Mutation("lr auto within the budget", "imagefit.train.lr_finder", "find_lr",
+             condition("seconds is not None and len(lrs) == TIMED_STEPS"), "False",
+             ("tests/test_train.py::"
+              "test_lr_finder_within_seconds_spreads_its_whole_range_over_the_steps_that_fit",),
+             "the LR finder's sweep spread over the steps that fit its seconds"),
+    Mutation("photo weights' frozen options", "imagefit.config", "_frozen_first",
+             call("may_take_photo_weights"), "False",
+             ("tests/test_photo_default.py::test_no_train_bn_acts_on_the_default_photo_weights",),
+             "--no-train-bn accepted before the images tell whether weights come"),
 ]
 
 # Mutations no test catches: why, and what would catch them.

@@ -20,7 +20,10 @@ Data (written once under --root, as PNG folders `train/<class>/`, `test/<class>/
   saturates near 1.0 at longer budgets.
 
     .venv/bin/python bench/photo_default.py [--budgets 1m,2m] [--seeds 0,1,2] [--sets ...]
-        [--fastai] [--no-speed] [--tag T]
+        [--fastai] [--fastai-rates find,2e-3] [--no-speed] [--tag T]
+
+The result file is written again after each side, so an interrupted run keeps what it
+finished (its "complete" is false until the last side).
 """
 
 from __future__ import annotations
@@ -122,7 +125,8 @@ def lite0_weights(root: Path) -> Path:
 
 def image_size(data: Path) -> int:
     """The side of the set's images (each set's are square, of one size)."""
-    with Image.open(next((data / "train").rglob("*.png"))) as image:
+    first = next(path for path in sorted((data / "train").rglob("*")) if path.is_file())
+    with Image.open(first) as image:
         return image.width
 
 
@@ -185,6 +189,8 @@ def main() -> None:
     parser.add_argument("--no-speed", action="store_true")
     parser.add_argument("--fastai", action="store_true",
                         help="also fastai's fine_tune on the same weights (its own venv)")
+    parser.add_argument("--fastai-rates", default="find,2e-3",
+                        help="fastai's sides: 'find' (its LR finder's rate) and/or 2e-3")
     parser.add_argument("--tag", default="", help="appended to the result file's name")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -198,7 +204,12 @@ def main() -> None:
         speed = {f"{name} @{size}px": training_speed(name, size)
                  for name in SPEED_NETS for size in (64, 128)}
         print(json.dumps(speed), flush=True)
-    sides = [*SIDES, *(FASTAI_SIDES if args.fastai else ())]
+    rates = args.fastai_rates.split(",")
+    unknown = set(rates) - set(FASTAI_SIDES.values())
+    if unknown:
+        parser.error(f"--fastai-rates: {sorted(unknown)} unknown; give find and/or 2e-3")
+    sides = [*SIDES, *(side for side, rate in FASTAI_SIDES.items()
+                       if args.fastai and rate in rates)]
     if args.fastai:
         from fastai_env import ensure_fastai_venv
 
@@ -206,6 +217,15 @@ def main() -> None:
         args.root.mkdir(parents=True, exist_ok=True)
         weights = lite0_weights(args.root)
     rows, summary = [], []
+    command = (f"bench/photo_default.py --budgets {args.budgets} --seeds {args.seeds} "
+               f"--sets {args.sets} --train {args.train} --test {args.test}"
+               + (f" --fastai --fastai-rates {args.fastai_rates}" if args.fastai else ""))
+
+    def write(complete: bool) -> None:
+        write_result("photo_default" + (f"_{args.tag}" if args.tag else ""), {
+            "command": command, "complete": complete, "training_images_per_second": speed,
+            "summary": summary, "runs": rows})
+
     with tempfile.TemporaryDirectory() as runs_dir:
         for name in args.sets.split(","):
             data = writers[name]()
@@ -226,11 +246,8 @@ def main() -> None:
                         "median_wall_seconds": statistics.median(r["wall_seconds"]
                                                                  for r in runs)})
                     print(json.dumps(summary[-1]), flush=True)
-    write_result("photo_default" + (f"_{args.tag}" if args.tag else ""), {
-        "command": f"bench/photo_default.py --budgets {args.budgets} --seeds {args.seeds} "
-                   f"--sets {args.sets} --train {args.train} --test {args.test}"
-                   + (" --fastai" if args.fastai else ""),
-        "training_images_per_second": speed, "summary": summary, "runs": rows})
+                    write(complete=False)
+    write(complete=True)
 
 
 if __name__ == "__main__":

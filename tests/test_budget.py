@@ -377,3 +377,30 @@ def test_a_budget_fit_plans_its_frozen_epochs_within_their_share(class_folder, t
         assert frozen["plan"]["steps"] == 2 * frozen["plan"]["steps_per_epoch"]
     main_plan = result.metrics["budget"]["plan"]
     assert main_plan is not None and main_plan["steps"] >= budget.MIN_STEPS
+
+
+def test_lr_auto_in_a_budget_fit_sweeps_within_its_share_of_the_budget(
+        class_folder, tmp_path, monkeypatch):
+    """`--lr auto --budget`: the LR finder is given LR_FIND_BUDGET_SHARE of what is left
+    (its 200 steps had taken over a minute of a 1-minute fit of Lite0 on 2 CPU cores), and
+    the fit uses the rate it found; without a budget it sweeps unbounded."""
+    import imagefit.train.lr_finder as lr_finder
+    from imagefit.workflows.phases import LR_FIND_BUDGET_SHARE
+
+    given = []
+    real = lr_finder.find_lr
+
+    def spy(*args, seconds=None, **kwargs):
+        given.append(seconds)
+        return real(*args, seconds=seconds, **kwargs)
+
+    monkeypatch.setattr(lr_finder, "find_lr", spy)
+    result = imagefit.fit(str(class_folder), budget="15s", lr="auto",
+                          runs_dir=str(tmp_path / "runs"), progress=False, report=False)
+    (seconds,) = given
+    assert 0.5 * LR_FIND_BUDGET_SHARE * 15 < seconds <= LR_FIND_BUDGET_SHARE * 15
+    config = yaml.safe_load((result.run_dir / "config.yaml").read_text())
+    assert isinstance(config["lr"], float)  # the rate found, recorded
+    imagefit.fit(str(class_folder), epochs=1, lr="auto", runs_dir=str(tmp_path / "plain"),
+                 progress=False, report=False)
+    assert given[1] is None

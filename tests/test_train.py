@@ -787,3 +787,33 @@ def test_precision_is_the_arithmetic_of_the_fit_and_is_recorded(tmp_path, precis
     assert json.loads((result.run_dir / "model.json").read_text())["precision"] == precision
     scores = imagefit.evaluate(result.run_dir, "builtin:digits", progress=False)
     assert scores["loss"] == pytest.approx(result.metrics["valid_loss"], rel=1e-6)
+
+
+class StepClock:
+    """perf_counter for the LR finder: each call after the first is ``step`` seconds later
+    (called at the sweep's start and once its first steps are timed)."""
+
+    def __init__(self, step: float):
+        self.step, self.calls = step, 0
+
+    def perf_counter(self) -> float:
+        self.calls += 1
+        return (self.calls - 1) * 3 * self.step  # three timed steps between the two calls
+
+
+@pytest.mark.parametrize("seconds, steps", [(None, 60), (40.0, 40), (1.0, 32)])
+def test_lr_finder_within_seconds_spreads_its_whole_range_over_the_steps_that_fit(
+        digits_parts, monkeypatch, seconds, steps):
+    """`fit --lr auto --budget` gives the sweep a share of the budget: at a second a step,
+    40 s are 40 steps (of the 60 asked), 1 s the fewest (32); the sweep still ends at its
+    last rate, and its first steps are the control's."""
+    import imagefit.train.lr_finder as lr_finder
+    from imagefit.config import FitConfig
+    from imagefit.workflows.build import make_learner
+
+    monkeypatch.setattr(lr_finder, "time", StepClock(1.0))
+    learner = make_learner(FitConfig(progress=False), digits_parts)
+    result = learner.lr_find(1e-7, 1e-4, steps=60, progress=False, seconds=seconds)
+    assert len(result.lrs) == steps  # 1e-4 never diverges: every step runs
+    assert result.lrs[-1] == pytest.approx(1e-4, rel=1e-6)
+    assert result.lrs[:3] == pytest.approx([1e-7 * (1e3 ** (1 / 59)) ** i for i in range(3)])

@@ -294,10 +294,19 @@ def _watching(cfg: Any) -> bool:
 
 def _frozen_first(cfg: Any) -> bool:
     """A phase with the body frozen: --freeze-epochs, or its default with --pretrained or
-    --recipe (workflows.build and workflows.fit)."""
+    --recipe (workflows.build and workflows.fit), or with the weights a photo fit may take
+    by default (told once the images are seen: ``workflows.build.choose_photo_weights``
+    asks again)."""
     if cfg.freeze_epochs is not None:
         return cfg.freeze_epochs > 0
-    return bool(cfg.pretrained or cfg.recipe)
+    return bool(cfg.pretrained or cfg.recipe) or may_take_photo_weights(cfg)
+
+
+def may_take_photo_weights(cfg: Any) -> bool:
+    """Neither --model nor --pretrained given: photos (above 32 px) start from pretrained
+    weights, which only the images' size decides."""
+    return cfg.model == "auto" and cfg.pretrained is None \
+        and "pretrained" not in cfg.model_fields_set
 
 
 def _plc(cfg: Any) -> bool:

@@ -451,7 +451,7 @@ class Learner:
                       f"{(size // 2) / size:g}", ImagefitWarning, stacklevel=2)
 
     def lr_find(self, start_lr: float = 1e-7, end_lr: float = 10.0, steps: int = 200,
-                progress: bool = True):
+                progress: bool = True, seconds: float | None = None):
         """Sweep the learning rate (see ``lr_finder.find_lr``) with the arithmetic of this
         learner's training steps; the model and the grad scaler are left as they were."""
         from .lr_finder import find_lr
@@ -462,7 +462,7 @@ class Learner:
         scaler = self.scaler.state_dict() if self.scaler else None
         try:
             with torch.random.fork_rng(devices=devices):
-                return find_lr(self, start_lr, end_lr, steps, progress=progress)
+                return find_lr(self, start_lr, end_lr, steps, progress=progress, seconds=seconds)
         finally:
             self.x = self.y = self.outputs = self.loss = None  # the sweep's last batch
             if scaler:

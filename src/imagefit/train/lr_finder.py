@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -90,12 +91,24 @@ def suggest(lrs: list[float], losses: list[float]) -> dict[str, float]:
             "minimum/10": float(lrs[minimum] / 10)}
 
 
+# Within ``seconds``: the steps timed before the sweep is spread over what fits, and the
+# fewest it is ever spread over (about four steps a decade of the default range).
+TIMED_STEPS = 3
+MIN_TIMED_SWEEP = 32
+
+
 def find_lr(learner, start_lr: float = 1e-7, end_lr: float = 10.0, steps: int = 200,
-            beta: float = 0.98, diverge: float = 4.0, progress: bool = True) -> LRFinderResult:
+            beta: float = 0.98, diverge: float = 4.0, progress: bool = True,
+            seconds: float | None = None) -> LRFinderResult:
     """Train ``learner``'s model for up to ``steps`` optimizer steps with the learning rate
     growing exponentially from ``start_lr`` to ``end_lr``; stop when the smoothed loss exceeds
     ``diverge`` times its minimum or is not finite. The model's weights, buffers and
     gradients and the random state are restored after.
+
+    ``seconds`` (a --budget fit's share for the sweep): the first ``TIMED_STEPS`` steps are
+    timed and the rest of the range is spread over the steps that fit in it (never fewer
+    than ``MIN_TIMED_SWEEP`` in all), so the sweep still reaches ``end_lr``, more coarsely,
+    its loss smoothed over the same share of the sweep (``beta`` is for ``steps``).
 
     Each step is computed as the fit's (``Learner.sweep_gradients``, ``step_optimizer``), so
     the rate found is for the fit's arithmetic: its precision (bf16 or fp16 autocast; a bf16
@@ -109,20 +122,36 @@ def find_lr(learner, start_lr: float = 1e-7, end_lr: float = 10.0, steps: int = 
     optimizer = make_optimizer(model, learner.optimizer_name, start_lr, learner.weight_decay)
     generator = torch.Generator(learner.device).manual_seed(learner.seed)
     ratio = (end_lr / start_lr) ** (1 / max(steps - 1, 1))
-    lrs, losses = [], []
+    lrs, losses, raw = [], [], []
     average, best = 0.0, math.inf
     model.train()
     model.zero_grad(set_to_none=True)
     batches = _endless(learner.train_loader)
     bar = tqdm(total=steps, desc="lr find", leave=False, disable=None if progress else True)
+    lr, started = start_lr / ratio, time.perf_counter()
     try:
         while True:
-            lr = start_lr * ratio ** len(lrs)
+            if seconds is not None and len(lrs) == TIMED_STEPS:
+                step_seconds = (time.perf_counter() - started) / TIMED_STEPS
+                fit = int(seconds / max(step_seconds, 1e-9))
+                planned, steps = steps, max(MIN_TIMED_SWEEP, min(steps, fit))
+                ratio = (end_lr / lr) ** (1 / max(steps - len(lrs), 1))
+                # the loss smoothed over the same share of a shorter sweep
+                beta = 1 - (1 - beta) * planned / steps
+                average = 0.0
+                for n, value in enumerate(raw):
+                    average = beta * average + (1 - beta) * value
+                    losses[n] = average / (1 - beta ** (n + 1))
+                best = min(losses)
+                bar.total = steps
+                bar.refresh()
+            lr *= ratio
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss = sum(float(learner.sweep_gradients(*next(batches), generator))
                        for _ in range(learner.accumulate)) / learner.accumulate
             learner.step_optimizer(optimizer)
+            raw.append(loss)
             average = beta * average + (1 - beta) * loss
             smoothed = average / (1 - beta ** (len(lrs) + 1))
             lrs.append(lr)

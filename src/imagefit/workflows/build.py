@@ -21,6 +21,8 @@ from ..config import (
     AugmentOptions,
     FitConfig,
     ImageOptions,
+    may_take_photo_weights,
+    refuse_unused_options,
 )
 from ..data.cache import CacheSettings
 from ..data.checks import check_has_training_rows, check_trainable, leak_notes
@@ -261,8 +263,12 @@ def choose_photo_weights(cfg: ImageOptions, image_size: int, say: bool = True) -
     own size; ``--pretrained none`` trains from scratch. Says which in one line, and fills
     ``cfg.model`` and ``cfg.pretrained`` (config.yaml records them); ``say``: print the
     line (rank 0)."""
-    if not hasattr(cfg, "pretrained") or cfg.model != "auto" or cfg.pretrained is not None \
-            or image_size <= SMALL_IMAGE_MAX:
+    if not hasattr(cfg, "pretrained") or cfg.model != "auto" or cfg.pretrained is not None:
+        return
+    if image_size <= SMALL_IMAGE_MAX:
+        if may_take_photo_weights(cfg):  # none taken: what acts only with them is refused
+            refuse_unused_options(cfg.model_copy(
+                update={"model": default_model_name(image_size)}))
         return
     if "pretrained" in cfg.model_fields_set:  # --pretrained none
         cfg.model = default_model_name(image_size)
@@ -272,6 +278,7 @@ def choose_photo_weights(cfg: ImageOptions, image_size: int, say: bool = True) -
         cfg.model, cfg.pretrained, line = chosen.model, chosen.source, chosen.line
     if say and distributed.is_main():
         print(line)
+    refuse_unused_options(cfg)  # told now: with or without weights
 
 
 def apply_small_image_recipe(cfg: ImageOptions, image_size: int,

@@ -52,7 +52,7 @@ from .build import (
     require_images,
 )
 from .check import CheckResult, fast_checks, format_check
-from .phases import budget_planner, own_callbacks, train_phases
+from .phases import LR_FIND_BUDGET_SHARE, budget_planner, own_callbacks, train_phases
 from .record import (
     FitResult,
     finish,
@@ -176,7 +176,9 @@ def prepare(device: torch.device, data: str | Path | Table, cfg: FitConfig,
             cfg.soft_labels, cfg.soft_alpha, loaded.table, parts.task, loaded.train_rows)
     finder = None
     if cfg.lr == "auto":
-        finder = make_learner(cfg, parts).lr_find(progress=cfg.progress)
+        finder = make_learner(cfg, parts).lr_find(
+            progress=cfg.progress, seconds=None if budget is None else
+            LR_FIND_BUDGET_SHARE * (budget.deadline - time.monotonic()))
         cfg.lr = distributed.from_main(finder.suggestions["valley"])
         if distributed.is_main():
             how = ("the loss did not fall during the sweep: a tenth of the rate where it "

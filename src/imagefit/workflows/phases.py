@@ -46,6 +46,9 @@ TTA_BUDGET_SHARE = 0.1
 # the most of what is left of a --budget that a fine-tune's frozen epochs may take (fastai's
 # fine_tune gives one frozen epoch to a few unfrozen ones); a planner cuts them to it
 FROZEN_BUDGET_SHARE = 0.2
+# the most of what is left of a --budget that --lr auto's sweep may take: its 200 steps of
+# Lite0 on 2,000 images at 64 px took over a minute on 2 CPU cores before it was bounded
+LR_FIND_BUDGET_SHARE = 0.1
 
 
 def train_phases(learner: Learner, cfg: FitConfig, epochs: int, lr_schedule: Schedule,
