@@ -1046,7 +1046,11 @@ def photo_default(result: dict) -> list[str]:
             "training folder for validation, batches of 64 (16 on the 60 crops), at "
             "`lr_find()`'s valley or at fine_tune's default 2e-3; one frozen epoch, then as "
             "many unfrozen epochs as its timings say fit what is left of the budget (at least "
-            "one), timed from the script's start (bench/fastai_finetune.py).",
+            "one), timed from the script's start (bench/fastai_finetune.py)."
+            + (" Its epochs foreseen from steps timed with fastai's own optimizer and its test "
+               "evaluation as a fixed part and a part per image (timed on 64 and 256 images)."
+               if any("test_estimate_seconds" in r.get("seconds", {}) for r in result["runs"])
+               else ""),
             ""]
     if result.get("note"):
         lines += [result["note"], ""]

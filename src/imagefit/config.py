@@ -355,7 +355,7 @@ class FitConfig(ImageOptions):
     lr: float | Literal["auto"] = Field(
         3e-3,
         description="peak learning rate; 'auto' runs the LR finder first and takes its "
-        "'valley' suggestion",
+        "'valley' suggestion (with --budget, its sweep within a tenth of the budget)",
     )
     schedule: Literal["one_cycle", "flat_cos", "warmup_cosine", "step", "sgdr"] = Field(
         "one_cycle",

@@ -107,7 +107,7 @@ def find_lr(learner, start_lr: float = 1e-7, end_lr: float = 10.0, steps: int = 
 
     ``seconds`` (a --budget fit's share for the sweep): the first ``TIMED_STEPS`` steps are
     timed and the rest of the range is spread over the steps that fit in it (never fewer
-    than ``MIN_TIMED_SWEEP`` in all), so the sweep still reaches ``end_lr``, more coarsely,
+    than ``MIN_TIMED_SWEEP`` in all, nor more than ``steps``), so the sweep still reaches ``end_lr``, more coarsely,
     its loss smoothed over the same share of the sweep (``beta`` is for ``steps``).
 
     Each step is computed as the fit's (``Learner.sweep_gradients``, ``step_optimizer``), so
@@ -134,7 +134,7 @@ def find_lr(learner, start_lr: float = 1e-7, end_lr: float = 10.0, steps: int = 
             if seconds is not None and len(lrs) == TIMED_STEPS:
                 step_seconds = (time.perf_counter() - started) / TIMED_STEPS
                 fit = int(seconds / max(step_seconds, 1e-9))
-                planned, steps = steps, max(MIN_TIMED_SWEEP, min(steps, fit))
+                planned, steps = steps, min(steps, max(MIN_TIMED_SWEEP, fit))
                 ratio = (end_lr / lr) ** (1 / max(steps - len(lrs), 1))
                 # the loss smoothed over the same share of a shorter sweep
                 beta = 1 - (1 - beta) * planned / steps
