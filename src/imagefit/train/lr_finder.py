@@ -107,8 +107,9 @@ def find_lr(learner, start_lr: float = 1e-7, end_lr: float = 10.0, steps: int = 
 
     ``seconds`` (a --budget fit's share for the sweep): the first ``TIMED_STEPS`` steps are
     timed and the rest of the range is spread over the steps that fit in it (never fewer
-    than ``MIN_TIMED_SWEEP`` in all, nor more than ``steps``), so the sweep still reaches ``end_lr``, more coarsely,
-    its loss smoothed over the same share of the sweep (``beta`` is for ``steps``).
+    than ``MIN_TIMED_SWEEP`` in all, nor more than ``steps``), so the sweep still reaches
+    ``end_lr``, more coarsely, its loss smoothed over the same share of the sweep (``beta``
+    is for ``steps``).
 
     Each step is computed as the fit's (``Learner.sweep_gradients``, ``step_optimizer``), so
     the rate found is for the fit's arithmetic: its precision (bf16 or fp16 autocast; a bf16
