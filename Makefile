@@ -52,8 +52,9 @@ demo: install data
 		$(BIN)/imagefit fit builtin:digits; \
 	else exit $$status; fi
 
+# --durations: the slowest tests, named at the end of each run (the suite's time is watched)
 test: install system
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=30
 
 # The edit-test loop: the tests not marked slow (under 3 minutes on 2 cores); `make test`
 # and CI run them all.
