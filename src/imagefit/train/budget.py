@@ -132,7 +132,10 @@ class Budget:
 
     @property
     def seconds(self) -> float:
-        return self.end - self.started
+        """The budget's length, to the millisecond: the difference of two clock readings
+        carries the float's rounding (40 s read 40.000000000007 once the clock had run for
+        days)."""
+        return round(self.end - self.started, 3)
 
     @property
     def deadline(self) -> float:
