@@ -18,15 +18,15 @@ from imagefit.models import create_model
 
 
 def test_names_are_filtered_by_word_or_wildcard():
-    assert [row["model"] for row in api.models("small_cnn", costs=False)] == [
+    assert [row["model"] for row in api.list_models("small_cnn", costs=False)] == [
         "small_cnn", "small_cnn_16", "small_cnn_32", "small_cnn_64"]
-    assert [row["model"] for row in api.models("regnety_00?", costs=False)] == [
+    assert [row["model"] for row in api.list_models("regnety_00?", costs=False)] == [
         "regnety_002", "regnety_004", "regnety_006", "regnety_008"]
-    assert api.models("no_such_net_anywhere", costs=False) == []
+    assert api.list_models("no_such_net_anywhere", costs=False) == []
 
 
 def test_resnet18_costs_are_the_published_ones():
-    row, *others = api.models("resnet18", costs=True, limit=1)
+    row, *others = api.list_models("resnet18", costs=True, limit=1)
     assert row["model"] == "resnet18"  # the name itself first, then names containing it
     assert others and all("resnet18" in o["model"] and "params" not in o for o in others)
     assert row["params"] == 11_689_512  # torchvision's and timm's ImageNet ResNet-18
@@ -122,19 +122,19 @@ REGNET_PAPER = {
 
 
 def test_all_24_regnets_have_the_papers_flops_and_parameters():
-    listed = [row["model"] for row in api.models("regnet[xy]_[0-9][0-9][0-9]", costs=False)]
+    listed = [row["model"] for row in api.list_models("regnet[xy]_[0-9][0-9][0-9]", costs=False)]
     assert set(REGNET_PAPER) <= set(listed)  # timm adds SEER's regnety_640 and others
-    counted = {name: api.models(name, costs=True, limit=1)[0] for name in REGNET_PAPER}
+    counted = {name: api.list_models(name, costs=True, limit=1)[0] for name in REGNET_PAPER}
     assert {name: (round(row["macs"] / 1e9, 1), round(row["params"] / 1e6, 1))
             for name, row in counted.items()} == REGNET_PAPER
 
 
 def test_a_listing_goes_on_past_models_that_cannot_run_at_the_size_and_names_text_models():
-    rows = {row["model"]: row for row in api.models("mobilenetv4_conv_aa_*", image_size=28)}
+    rows = {row["model"]: row for row in api.list_models("mobilenetv4_conv_aa_*", image_size=28)}
     assert rows["mobilenetv4_conv_aa_large"]["note"] == "cannot run on a 28 px image"
     assert rows["mobilenetv4_conv_aa_large"].get("params") is None
-    assert api.models("mobilenetv4_conv_aa_large", image_size=224)[0]["params"] > 1e6
-    (text,) = api.models("char_cnn")
+    assert api.list_models("mobilenetv4_conv_aa_large", image_size=224)[0]["params"] > 1e6
+    (text,) = api.list_models("char_cnn")
     assert text["note"].startswith("text model (--task text)")
     with pytest.raises(ImagefitError, match=r"^char_cnn is a text model, whose size depends on "
                        r"the characters it was trained on: summarize a text fit's run "

@@ -8,25 +8,14 @@ command line's help, option errors and listings do not pay for torch.
 from importlib import import_module
 
 from .errors import FitInterrupted, ImagefitError, ImagefitWarning
+from .surface import API, ELSEWHERE
 from .version import __version__
 
-_PUBLIC = {
-    "CVResult": "api", "FitResult": "api", "cv": "api", "evaluate": "api", "explain": "api",
-    "fit": "api", "load_model": "api", "lr_find": "api", "predict": "api", "resume": "api",
-    "show_batch": "api", "SweepResult": "api", "sweep": "api", "check": "api",
-    "CheckResult": "api", "CheckConfig": "config", "label_issues": "api",
-    "EvaluateOptions": "config", "FitConfig": "config", "PredictOptions": "config",
-    "Table": "data.table", "from_arrays": "data.table", "read_source": "data.sources",
-    "LoadedModel": "evaluation.inference",
-}
+# every public name and the module that holds it, from the one list (surface.py)
+_PUBLIC = {**dict.fromkeys(API, "api"), **ELSEWHERE}
 
-__all__ = [
-    "CVResult", "CheckConfig", "CheckResult", "EvaluateOptions", "FitConfig", "FitInterrupted",
-    "FitResult", "ImagefitError", "ImagefitWarning", "LoadedModel", "PredictOptions",
-    "SweepResult", "Table", "__version__", "check", "cv", "evaluate", "explain", "fit",
-    "from_arrays", "label_issues", "load_model", "lr_find", "predict", "read_source",
-    "resume", "show_batch", "sweep",
-]
+__all__ = sorted([*_PUBLIC, "FitInterrupted", "ImagefitError", "ImagefitWarning",
+                  "__version__"])
 
 
 def __getattr__(name: str):

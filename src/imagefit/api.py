@@ -1,14 +1,17 @@
-"""The public functions: ``fit``, ``resume``, ``cv``, ``sweep``, ``tune``, ``lr_find``,
-``show_batch``, and for a trained model ``load_model``, ``predict``, ``evaluate``,
-``explain``, ``export`` and ``serve``. Each is a thin entry into ``workflows`` (a fit as
-named steps, cross-validation, the model-size sweep, the search, the tools, the server) or
-``evaluate``; the command line calls these and nothing else."""
+"""The public functions (their list: ``surface.API``): to train, ``fit``, ``resume``,
+``cv``, ``sweep``, ``tune``, ``check``, ``label_issues``, ``lr_find``, ``show_batch``; for a
+trained model ``load_model``, ``predict``, ``evaluate``, ``explain``, ``export``, ``serve``
+and ``write_report``; listings of runs, image caches and models. Each is a thin entry into
+``workflows`` (a fit as named steps, cross-validation, the model-size sweep, the search, the
+tools, the server), ``evaluate`` or the module that lists. Each command of the command line
+does its work through these (``surface.COMMANDS``); those that must answer without loading
+torch call the same modules directly (docs/DESIGN.md)."""
 
 from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import distributed, runs
 from .config import (
@@ -21,6 +24,7 @@ from .config import (
 from .data.table import Table, from_arrays
 from .errors import ImagefitError
 from .evaluation.inference import evaluate, load_model, predict
+from .surface import API
 from .train.budget import Budget
 from .train.callbacks import Callback
 from .workflows.build import apply_recipe
@@ -38,11 +42,10 @@ from .workflows.sweep import SweepInterrupted, SweepResult, format_sweep, sweep
 from .workflows.tools import lr_find, show_batch
 from .workflows.tune import TuneInterrupted, TuneResult, format_tune, tune
 
-__all__ = ["CVResult", "CheckResult", "FitResult", "LabelIssuesResult", "SweepInterrupted",
-           "SweepResult", "TuneInterrupted", "TuneResult", "check", "cv", "evaluate", "explain",
-           "export", "fit", "format_check", "format_cv", "format_issues", "format_sweep",
-           "format_tune", "from_arrays", "label_issues", "load_model", "lr_find", "models",
-           "predict", "resume", "serve", "show_batch", "summary", "sweep", "tune"]
+if TYPE_CHECKING:
+    import pandas as pd
+
+__all__ = list(API)
 
 
 def fit(data: str | Path | Table, config: FitConfig | None = None, *,
@@ -99,15 +102,57 @@ def label_issues(cv_dir: str | Path, out: str | Path | None = None,
     return run_label_issues(cv_dir, out, merge_options(LabelIssuesOptions, options, values))
 
 
-def models(pattern: str | None = None, image_size: int = 224, channels: int = 3,
-           costs: bool = True, limit: int = 50) -> list[dict]:
+def list_models(pattern: str | None = None, image_size: int = 224, channels: int = 3,
+                costs: bool = True, limit: int = 50) -> list[dict]:
     """The model names imagefit accepts that match ``pattern`` (its own nets, its text model,
     then timm's), each with its parameters and multiply-adds for one ``image_size`` image when
     ``costs`` (for the first ``limit`` matches: each model is built to count it); a text
     model, or one that cannot run on such an image, has a ``note`` instead."""
-    from .models.zoo import list_models
+    from .models.zoo import list_models as zoo_models
 
-    return list_models(pattern, image_size, channels, costs, limit)
+    return zoo_models(pattern, image_size, channels, costs, limit)
+
+
+def list_runs(root: str | Path = "runs") -> pd.DataFrame:
+    """One row per run directory in ``root`` (date, run, data, model, epochs, main metric,
+    time, status), oldest first; ``format_runs`` in ``imagefit.report.history`` prints it as
+    ``imagefit runs`` does."""
+    from .report.history import list_runs as history
+
+    return history(root)
+
+
+def compare_runs(run_dirs: list[str | Path], out: str | Path = "curves.png") -> Path:
+    """One PNG at ``out`` with the runs' learning curves side by side, a colour per run;
+    returns the path written."""
+    from .report.history import compare_runs as compare
+
+    return compare(run_dirs, out)
+
+
+def write_report(run: str | Path) -> Path:
+    """Redraw a run's plots and its report.html from its files (after an upgrade, or a fit
+    that ended before its report); returns the page's path."""
+    from .report.html import regenerate
+
+    return regenerate(run)
+
+
+def list_caches(cache_dir: str | Path | None = None) -> list[dict]:
+    """The image caches (``cache_dir``, default ``$IMAGEFIT_CACHE`` or
+    ~/.cache/imagefit/images), most recently used first: key, what each was built from,
+    images, settings, bytes, last use, whether complete and in use."""
+    from .data.cache import list_caches as caches
+
+    return caches(cache_dir)
+
+
+def clear_caches(cache_dir: str | Path | None = None) -> list[dict]:
+    """Delete every image cache that no process is building or using; returns those it
+    deleted (as ``list_caches`` gives them). One in use is kept: a fit reading it goes on."""
+    from .data.cache import clear_caches as clear
+
+    return clear(cache_dir)
 
 
 def summary(model: str | Path, image_size: int | None = None, channels: int | None = None,

@@ -681,9 +681,8 @@ def _cache(args: argparse.Namespace, argv: list[str]) -> int:
 
     root = Path(args.cache_dir) if args.cache_dir else cache.default_cache_root()
     if args.action == "clear":
-        entries = cache.list_caches(root)
-        removed = [e for e in entries if cache.remove_cache(root / e["key"])]
-        kept = len(entries) - len(removed)
+        removed = cache.clear_caches(root)
+        kept = len(cache.list_caches(root))
         freed = sum(e["bytes"] for e in removed)
         print(f"removed {len(removed)} cache(s) from {root}, {_size(freed)} freed"
               + (f"; {kept} in use kept" if kept else ""))

@@ -695,6 +695,13 @@ def remove_cache(folder: Path) -> bool:
     return True
 
 
+def clear_caches(root: str | Path | None = None) -> list[dict]:
+    """Remove every cache under ``root`` that no process is building or using; returns the
+    entries (as ``list_caches`` gives them) of those removed."""
+    root = Path(root) if root else default_cache_root()
+    return [entry for entry in list_caches(root) if remove_cache(root / entry["key"])]
+
+
 def evict(root: str | Path | None = None, limit: int | None = None,
           keep: Path | None = None) -> list[str]:
     """Remove the caches used least recently (never ``keep`` or one in use) until the cache
