@@ -396,6 +396,15 @@ MUTATIONS = [
              call("may_take_photo_weights"), "False",
              ("tests/test_photo_default.py::test_no_train_bn_acts_on_the_default_photo_weights",),
              "--no-train-bn accepted before the images tell whether weights come"),
+    Mutation("photo augmentation of long fits", "imagefit.workflows.build",
+             "apply_photo_augmentation", value_assigned_to("cfg.augment"), "'none'",
+             ("tests/test_photo_default.py::test_long_fits_from_the_photo_weights_augment",),
+             "light augmentation for a fit of 10 epochs or more from the photo weights"),
+    Mutation("photo budget keeps TTA", "imagefit.workflows.fit", "augmentation_by_plan",
+             value_assigned_to("small"), "True",
+             ("tests/test_photo_default.py::"
+              "test_a_photo_budget_fit_decides_augmentation_at_its_first_plan_and_keeps_tta",),
+             "a short photo --budget fit turns augmentation off and keeps TTA"),
 ]
 
 # Mutations no test catches: why, and what would catch them.

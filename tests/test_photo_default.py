@@ -20,7 +20,9 @@ from safetensors.torch import load_file, save_file
 
 import imagefit.models.pretrained as pretrained
 from imagefit.cli import main
+from imagefit.config import AugmentOptions, FitConfig
 from imagefit.models.pretrained import PHOTO_NET, PHOTO_PACKAGE
+from imagefit.workflows.build import load_data
 
 QUICK = ["--epochs", "1", "--no-report", "--no-progress", "--no-tta"]
 HUB_REPO = "timm/tf_efficientnet_lite0.in1k"
@@ -240,3 +242,45 @@ def test_no_train_bn_acts_on_the_default_photo_weights(tmp_path, hub_cache, caps
                  str(tmp_path / "small_runs"), *QUICK, "--no-train-bn"]) == 2
     assert capsys.readouterr().err.startswith("imagefit: error: --no-train-bn acts only "
                                               "while the body is frozen")
+
+
+@pytest.mark.parametrize("options, augment, until_plan", [
+    ({}, "none", False),  # the default 5 epochs: short
+    ({"epochs": 10}, "light", False),
+    ({"epochs": 10, "augment": "none"}, "none", False),  # the user's own, as given
+    ({"epochs": 10, "pretrained": "none"}, "none", False),  # from scratch: not measured
+    ({"budget": "5m"}, "light", True),  # its first plan decides
+])
+def test_long_fits_from_the_photo_weights_augment(tmp_path, hub_cache, options, augment,
+                                                  until_plan):
+    """Fits from the default photo weights of AUGMENT_FROM_EPOCHS epochs or more train with
+    light augmentation (0.8595 without, 0.89 with at 5 minutes: docs/RECIPES.md), shorter
+    ones without; a --budget fit augments until its first plan decides."""
+    cfg = FitConfig(**options)
+    loaded = load_data(folder(tmp_path / "photos"), cfg)
+    assert (cfg.augment, loaded.augment_until_plan) == (augment, until_plan)
+    assert (loaded.augment == AugmentOptions()) == (augment == "none")
+
+
+@pytest.mark.parametrize("from_epochs, off", [(10**6, True), (0, False)])
+def test_a_photo_budget_fit_decides_augmentation_at_its_first_plan_and_keeps_tta(
+        tmp_path, hub_cache, capsys, monkeypatch, from_epochs, off):
+    """The first plan of a --budget fit from the photo weights turns the augmentation off
+    when it holds fewer than AUGMENT_FROM_EPOCHS epochs (the threshold moved here to make
+    the fit short or long), saying so; unlike small images, test-time augmentation stays
+    (its cost decides it, as it did before)."""
+    import imagefit.workflows.fit as fit_module
+
+    monkeypatch.setattr(fit_module, "AUGMENT_FROM_EPOCHS", from_epochs)
+    runs = tmp_path / "runs"
+    assert main(["fit", str(folder(tmp_path / "photos")), "--runs-dir", str(runs),
+                 "--budget", "15s", "--no-report", "--no-progress"]) == 0
+    (run,) = runs.iterdir()
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert config["augment"] == ("none" if off else "light")
+    assert config["tta"] is True and any(k.startswith("valid_tta_") for k in metrics)
+    assert metrics["augmentation_decided"]["augmentation"] == (not off)
+    printed = capsys.readouterr().out
+    assert ("augmentation off: " in printed) == off
+    assert "no test-time augmentation either" not in printed

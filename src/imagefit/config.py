@@ -249,7 +249,9 @@ class ImageOptions(SourceOptions):
     )
     augment: AugmentPreset = Field(
         "none",
-        description="augmentation preset of training batches (docs in augment/presets.py)",
+        description="augmentation preset of training batches (docs in augment/presets.py; "
+        "default: none, or light for a fit of 10 epochs or more from the default photo "
+        "weights or by the small-image recipe: docs/RECIPES.md)",
     )
     augment_options: AugmentOptions | None = Field(
         None,

@@ -29,6 +29,7 @@ from ..errors import (
     ImagefitWarning,
     TrainingDiverged,
 )
+from ..models import SMALL_IMAGE_MAX
 from ..models.groups import layer_groups
 from ..report.html import DATA_SUMMARY
 from ..report.plots import save_lr_finder_plot
@@ -266,11 +267,12 @@ def write_config(run_dir: Path, data: str | Path | Table, prepared: Prepared) ->
 
 def augmentation_by_plan(run_dir: Path, data: str | Path | Table, prepared: Prepared,
                          summary: dict) -> Callable[[Plan, object], bool]:
-    """The small-image recipe's augmentation in a --budget fit, decided at the first plan
-    (the length of the fit is not known before): a fit of fewer than AUGMENT_FROM_EPOCHS
-    epochs trains on without augmentation and ends without test-time augmentation, as an
-    --epochs fit that short does from the start (docs/RECIPES.md); config.yaml then says so,
-    so that a resumed fit continues as it ran. True when it turned them off."""
+    """The augmentation a recipe chose for a --budget fit (the small-image recipe's, or the
+    photo default's), decided at the first plan (the length of the fit is not known before):
+    a fit of fewer than AUGMENT_FROM_EPOCHS epochs trains on without augmentation, as an
+    --epochs fit that short does from the start (docs/RECIPES.md); small images then end
+    without test-time augmentation too. config.yaml then says so, so that a resumed fit
+    continues as it ran. True when it turned test-time augmentation off."""
     def decide(plan: Plan, learner) -> bool:
         epochs = plan.steps / plan.steps_per_epoch
         summary["augmentation_decided"] = {"planned_epochs": round(epochs, 2),
@@ -280,12 +282,15 @@ def augmentation_by_plan(run_dir: Path, data: str | Path | Table, prepared: Prep
         none = resolve_augment("none")
         learner.pipeline.set_augment(none)
         prepared.loaded.augment = none
-        change_options(run_dir, data, prepared,
-                       {"augment": "none", "augment_options": none, "tta": False},
+        small = prepared.loaded.settings.size <= SMALL_IMAGE_MAX  # the small-image recipe
+        update = {"augment": "none", "augment_options": none, **({"tta": False} if small
+                                                                 else {})}
+        change_options(run_dir, data, prepared, update,
                        f"augmentation off: {epochs:.3g} epochs planned, fewer than "
-                       f"{AUGMENT_FROM_EPOCHS} (short fits learn faster without it; no "
-                       "test-time augmentation either: docs/RECIPES.md)")
-        return True
+                       f"{AUGMENT_FROM_EPOCHS} (short fits learn faster without it"
+                       f"{'; no test-time augmentation either' if small else ''}: "
+                       "docs/RECIPES.md)")
+        return small
 
     return decide
 
