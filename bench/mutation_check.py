@@ -231,7 +231,7 @@ MUTATIONS = [
              call("clip_grad_norm_"), "None",
              (OPTIONS + "test_grad_clip_bounds_the_norm_the_optimizer_steps_with",),
              "the call to clip_grad_norm_"),
-    Mutation("label smoothing", "imagefit.tasks", "Classification.loss",
+    Mutation("label smoothing", "imagefit.tasks.kinds", "Classification.loss",
              keyword_value("label_smoothing"), "0.0",
              (OPTIONS + "test_label_smoothing_is_the_loss_trained_on",),
              "the value of keyword label_smoothing"),

@@ -56,7 +56,8 @@ def pytest_configure(config):
 # end to end and is marked slow; `make test` and CI run everything.
 FAST_MODULES = {"test_forward", "test_folds", "test_tasks", "test_augment", "test_loader",
                 "test_layers", "test_dataset_summary", "test_sources", "test_metrics",
-                "test_runs_table", "test_mutation_anchors", "test_mutation_gaps", "test_surface"}
+                "test_runs_table", "test_mutation_anchors", "test_mutation_gaps", "test_surface",
+                "test_kinds"}
 
 
 # The modules that take longest, longest first (seconds one after another on 2 AVX2 cores):

@@ -208,8 +208,7 @@ def test_fold_errors_say_what_to_do():
 def test_oversampling_triples_the_minority_in_training_rows_only():
     table = assign_validation(classification_table(), valid_pct=0.2, seed=0)
     train_rows, valid_rows = table.rows("train"), table.rows("valid")
-    rows = resample_rows(train_rows, table.targets, "classification",
-                         names=table.task.names, oversample={"fox": 3}, seed=0)
+    rows = resample_rows(train_rows, table.targets, table.task, oversample={"fox": 3}, seed=0)
     repeats = np.bincount(rows, minlength=len(table))
     is_fox = table.targets == 2
     assert (repeats[train_rows[is_fox[train_rows]]] == 3).all()
@@ -221,21 +220,18 @@ def test_oversampling_triples_the_minority_in_training_rows_only():
 def test_fractional_oversampling_adds_a_seeded_random_part():
     table = classification_table(n_test=0)
     train_rows = table.rows("train")
-    rows = resample_rows(train_rows, table.targets, "classification", names=table.task.names,
-                         oversample={"fox": 2.5}, seed=1)
+    rows = resample_rows(train_rows, table.targets, table.task, oversample={"fox": 2.5}, seed=1)
     fox_repeats = np.bincount(rows, minlength=len(table))[table.targets == 2]
     assert fox_repeats.sum() == round(2.5 * 13)
     assert set(fox_repeats) == {2, 3}
-    again = resample_rows(train_rows, table.targets, "classification",
-                          names=table.task.names, oversample={"fox": 2.5}, seed=1)
+    again = resample_rows(train_rows, table.targets, table.task, oversample={"fox": 2.5}, seed=1)
     assert np.array_equal(rows, again)
 
 
 def test_multilabel_oversampling_repeats_rows_having_the_label():
     table = multilabel_table()
     train_rows = table.rows("train")
-    rows = resample_rows(train_rows, table.targets, "multilabel", names=table.task.names,
-                         oversample={"a": 4})
+    rows = resample_rows(train_rows, table.targets, table.task, oversample={"a": 4})
     repeats = np.bincount(rows, minlength=len(table))
     has_a = table.targets[:, 0] == 1
     assert (repeats[has_a] == 4).all() and (repeats[~has_a] == 1).all()
@@ -244,66 +240,63 @@ def test_multilabel_oversampling_repeats_rows_having_the_label():
 @pytest.mark.parametrize("balance,expected", [("over", 40), ("under", 10)])
 def test_balance_gives_equal_class_counts(balance, expected):
     table = classification_table(counts=(40, 25, 10), n_test=0)
-    rows = resample_rows(table.rows("train"), table.targets, "classification",
-                         names=table.task.names, balance=balance, seed=0)
+    rows = resample_rows(table.rows("train"), table.targets, table.task, balance=balance, seed=0)
     assert list(np.bincount(table.targets[rows])) == [expected] * 3
     if balance == "under":
         assert len(np.unique(rows)) == len(rows)
 
 
 def test_class_weights_by_hand():
-    weights = class_weights(np.array([0, 0, 0, 1]), 3, "classification")
+    weights = class_weights(np.array([0, 0, 0, 1]), Task("classification", ["a", "b", "c"]))
     # inverse frequencies 1/3 and 1, mean 2/3 over the classes present; class 2 is absent
     assert torch.allclose(weights, torch.tensor([0.5, 1.5, 0.0]))
     multilabel = np.array([[1, 1, 1, 0], [0, 1, 1, 0], [0, 0, 1, 0], [0, 0, 1, 0]],
                           dtype=np.float32)
     # negatives / positives: 3/1, 2/2; label 'c' is always on and 'd' never, so both 1
-    assert torch.allclose(class_weights(multilabel, 4, "multilabel"),
+    assert torch.allclose(class_weights(multilabel, Task("multilabel", list("abcd"))),
                           torch.tensor([3.0, 1.0, 1.0, 1.0]))
 
 
 def test_weighted_sampler_draws_classes_about_equally():
     table = classification_table(counts=(90, 9, 1), n_test=0)
     train_rows = table.rows("train")
-    rows = weighted_sampler_rows(train_rows, table.targets, "classification", n=30_000,
+    rows = weighted_sampler_rows(train_rows, table.targets, table.task, n=30_000,
                                  seed=0, epoch=0)
     frequencies = np.bincount(table.targets[rows], minlength=3) / len(rows)
     # each class has probability 1/3; 3 standard deviations of 30,000 draws is 0.008
     assert np.abs(frequencies - 1 / 3).max() < 0.01
-    assert len(weighted_sampler_rows(train_rows, table.targets, "classification")) == 100
-    same = weighted_sampler_rows(train_rows, table.targets, "classification", seed=0, epoch=3)
+    assert len(weighted_sampler_rows(train_rows, table.targets, table.task)) == 100
+    same = weighted_sampler_rows(train_rows, table.targets, table.task, seed=0, epoch=3)
     assert np.array_equal(same, weighted_sampler_rows(train_rows, table.targets,
-                                                      "classification", seed=0, epoch=3))
+                                                      table.task, seed=0, epoch=3))
     assert not np.array_equal(same, weighted_sampler_rows(train_rows, table.targets,
-                                                          "classification", seed=0, epoch=4))
+                                                          table.task, seed=0, epoch=4))
 
 
 def test_resampling_errors_say_what_to_do():
     table = classification_table()
-    rows, names = table.rows("train"), table.task.names
+    rows = table.rows("train")
     with pytest.raises(ImagefitError, match="--oversample class 'wolf' is not a class of the "
                                             "data: choose from cat, dog, fox"):
-        resample_rows(rows, table.targets, "classification", names=names,
-                      oversample={"wolf": 2})
+        resample_rows(rows, table.targets, table.task, oversample={"wolf": 2})
     with pytest.raises(ImagefitError, match="--oversample fox=0: the factor must be above 0"):
-        resample_rows(rows, table.targets, "classification", names=names,
-                      oversample={"fox": 0})
+        resample_rows(rows, table.targets, table.task, oversample={"fox": 0})
     with pytest.raises(ImagefitError, match="--oversample and --balance both resample"):
-        resample_rows(rows, table.targets, "classification", names=names,
-                      oversample={"fox": 2}, balance="over")
+        resample_rows(rows, table.targets, table.task, oversample={"fox": 2}, balance="over")
     with pytest.raises(ImagefitError, match="--balance sideways is unknown"):
-        resample_rows(rows, table.targets, "classification", names=names, balance="sideways")
+        resample_rows(rows, table.targets, table.task, balance="sideways")
     regression = regression_table()
     with pytest.raises(ImagefitError, match="--balance needs classes, and regression targets "
                                             "have none"):
-        resample_rows(regression.rows("train"), regression.targets, "regression",
-                      names=["size"], balance="over")
+        resample_rows(regression.rows("train"), regression.targets, regression.task,
+                      balance="over")
     with pytest.raises(ImagefitError, match="class weights needs classes"):
-        class_weights(regression.targets, 1, "regression")
+        class_weights(regression.targets, regression.task)
     with pytest.raises(ImagefitError, match="--weighted-sampler needs classes"):
-        weighted_sampler_rows(regression.rows("train"), regression.targets, "regression")
+        weighted_sampler_rows(regression.rows("train"), regression.targets,
+                              regression.task)
     multilabel = multilabel_table()
     with pytest.raises(ImagefitError, match="--balance needs single-label classes.*"
                                             "--oversample LABEL=FACTOR"):
-        resample_rows(multilabel.rows("train"), multilabel.targets, "multilabel",
-                      names=multilabel.task.names, balance="under")
+        resample_rows(multilabel.rows("train"), multilabel.targets, multilabel.task,
+                      balance="under")

@@ -15,7 +15,7 @@ from imagefit.augment.pipeline import BatchPipeline
 from imagefit.config import AugmentOptions, FitConfig, ShowBatchOptions
 from imagefit.forward import TTA, model_outputs
 from imagefit.models import create_model, default_model_name, net_for_budget
-from imagefit.tasks import Task
+from imagefit.tasks import Task, task_class
 from imagefit.train.callbacks.base import Callback
 from imagefit.workflows.build import apply_small_image_recipe
 
@@ -58,7 +58,7 @@ def test_the_users_choices_stand():
 def test_no_recipe_for_larger_images_timm_models_pretrained_weights_or_other_tasks(
         options, size, kind):
     cfg = FitConfig(**options)
-    apply_small_image_recipe(cfg, size, kind)
+    apply_small_image_recipe(cfg, size, task_class(kind).single_label)
     assert (cfg.opt, cfg.augment, cfg.label_smoothing) == ("adamw", "none", 0.0)
 
 
@@ -72,8 +72,8 @@ def test_the_net_by_image_size_and_budget():
     assert default_model_name(28) == "small_cnn_16"
     assert default_model_name(32) == "small_cnn_16"
     assert default_model_name(64) == "resnet18"
-    assert default_model_name(28, "regression") == default_model_name(28, "multilabel") \
-        == "small_cnn"  # the recipe was measured on classification
+    # the recipe was measured on single-label classification
+    assert default_model_name(28, single_label=False) == "small_cnn"
     for name in ("small_cnn_16", "small_cnn_32", "small_cnn_64", "small_cnn"):
         model = create_model(name, 1, 10)
         assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)

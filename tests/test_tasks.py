@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from imagefit.metrics import compute_metrics
-from imagefit.tasks import DEFAULT_METRICS, TASK_KINDS, Task
+from imagefit.tasks import KINDS, Task, task_class
 
 # -- losses -------------------------------------------------------------------------------
 
@@ -146,15 +146,22 @@ def test_task_round_trips_through_a_dict():
 
 
 def test_task_properties():
-    assert TASK_KINDS == ("classification", "multilabel", "regression")
+    assert tuple(KINDS)[:3] == ("classification", "multilabel", "regression")
     assert Task("classification", ["a", "b", "c"]).n_out == 3
     assert Task("classification", ["a"]).main_metric == "accuracy"
     assert Task("multilabel", ["a"]).main_metric == "f1"
     assert Task("regression", ["a"]).main_metric == "mae"
-    for kind in TASK_KINDS:
+    for kind in ("classification", "multilabel", "regression"):
         task = Task(kind, ["a"])
-        assert task.main_metric in DEFAULT_METRICS[kind]
-        assert task.metric_names == ("loss", *DEFAULT_METRICS[kind])
+        assert task.main_metric in task_class(kind).default_metrics
+        assert task.metric_names == ("loss", *task_class(kind).default_metrics)
+
+
+def test_an_unknown_kind_is_an_error_never_another_kind():
+    with pytest.raises(ValueError, match="unknown task kind 'survival': one of classification"):
+        Task("survival", ["a", "b"])
+    with pytest.raises(ValueError, match="unknown task kind 'survival'"):
+        task_class("survival")
 
 
 # -- metrics ------------------------------------------------------------------------------
@@ -170,7 +177,7 @@ def test_classification_accuracy_on_four_samples():
     ])
     targets = torch.tensor([0, 1, 1, 1])
     metrics = compute_metrics(task, outputs, targets)
-    assert set(metrics) == set(DEFAULT_METRICS["classification"])
+    assert set(metrics) == set(task_class("classification").default_metrics)
     assert metrics["accuracy"] == pytest.approx(0.75)
     assert metrics["error_rate"] == pytest.approx(0.25)
     soft = torch.nn.functional.one_hot(targets, 3).float() * 0.8 + 0.2 / 3
@@ -183,7 +190,7 @@ def test_multilabel_accuracy_and_macro_f1():
     targets = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0], [0.0, 0.0]])
     outputs = torch.where(predicted.bool(), 4.0, -4.0)  # logits
     metrics = compute_metrics(task, outputs, targets)
-    assert set(metrics) == set(DEFAULT_METRICS["multilabel"])
+    assert set(metrics) == set(task_class("multilabel").default_metrics)
     # x: tp 1, fp 0, fn 1 -> f1 2/3; y: tp 2, fp 1, fn 0 -> f1 4/5
     assert metrics["f1"] == pytest.approx((2 / 3 + 4 / 5) / 2, rel=1e-5)
     assert metrics["accuracy"] == pytest.approx(6 / 8)
@@ -205,7 +212,7 @@ def test_regression_metrics_in_original_units():
     targets = task.encode_targets(actual)
     outputs = torch.tensor([[0.0], [1.0], [-3.5]])  # predicts 10, 12, 3 in own units
     metrics = compute_metrics(task, outputs, targets)
-    assert set(metrics) == set(DEFAULT_METRICS["regression"])
+    assert set(metrics) == set(task_class("regression").default_metrics)
     assert metrics["mae"] == pytest.approx((1 + 0 + 1) / 3, rel=1e-5)
     assert metrics["rmse"] == pytest.approx(math.sqrt((1 + 0 + 1) / 3), rel=1e-5)
 

@@ -40,7 +40,7 @@ from torchmetrics.functional.classification import (
     multilabel_recall,
 )
 
-from .tasks import Task
+from .tasks import Classification, MultiLabel, Regression, Task
 
 Metric = Callable[[Task, torch.Tensor, torch.Tensor], float]
 TOP_K = 5
@@ -162,29 +162,23 @@ REGRESSION: dict[str, Metric] = {
     "mape": lambda task, p, a: mean_absolute_percentage_error(p, a).item(),
 }
 
-METRICS: dict[str, dict[str, Metric]] = {
-    "classification": CLASSIFICATION,
-    "multilabel": MULTILABEL,
-    "regression": REGRESSION,
+# Each kind's metrics, by its class: a kind defined by subclassing one (an ordinal
+# classification, say) has its parent's unless it is given a table of its own here.
+METRICS: dict[type[Task], dict[str, Metric]] = {
+    Classification: CLASSIFICATION,
+    MultiLabel: MULTILABEL,
+    Regression: REGRESSION,
 }
 
 
-def available_metrics(kind: str) -> tuple[str, ...]:
-    return tuple(METRICS[kind])
+def metric_table(task: Task | type[Task]) -> dict[str, Metric]:
+    """The metrics of a task (or task class) by name."""
+    cls = task if isinstance(task, type) else type(task)
+    return next(METRICS[c] for c in cls.__mro__ if c in METRICS)
 
 
-def _prepared(task: Task, outputs: torch.Tensor, targets: torch.Tensor):
-    outputs = outputs.float().cpu()
-    targets = targets.cpu()
-    if task.kind == "classification":
-        if targets.ndim == 2:  # soft targets: judged against their most likely class
-            targets = targets.argmax(dim=1)
-        return outputs, targets.long()
-    if task.kind == "multilabel":
-        return outputs, (targets >= 0.5).int()
-    values = outputs.reshape(len(outputs), -1)
-    actual = targets.float().reshape(len(targets), -1)
-    return task.unscale(values), task.unscale(actual)
+def available_metrics(task: Task | type[Task]) -> tuple[str, ...]:
+    return tuple(metric_table(task))
 
 
 def compute_metrics(task: Task, outputs: torch.Tensor, targets: torch.Tensor,
@@ -192,25 +186,25 @@ def compute_metrics(task: Task, outputs: torch.Tensor, targets: torch.Tensor,
     """The named metrics (default: the task's per-epoch ones) for whole-split ``outputs`` (raw
     model outputs) and ``targets`` (as ``Task.encode_targets`` gives them; soft class targets
     are reduced to their argmax)."""
-    registry = METRICS[task.kind]
+    registry = metric_table(task)
     names = tuple(names) if names is not None else task.epoch_metrics
     if len(outputs) == 0:
         return {name: float("nan") for name in names}
-    outputs, targets = _prepared(task, outputs, targets)
+    outputs, targets = task.metric_inputs(outputs, targets)
     return {name: float(registry[name](task, outputs, targets)) for name in names}
 
 
 def all_metrics(task: Task, outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
     """Every metric of the task's kind."""
-    return compute_metrics(task, outputs, targets, available_metrics(task.kind))
+    return compute_metrics(task, outputs, targets, available_metrics(task))
 
 
 def per_class_metrics(task: Task, outputs: torch.Tensor, targets: torch.Tensor) -> list[dict]:
     """Precision, recall, F1 and support of each class (or label), one row each."""
-    if task.kind == "regression":
+    if not task.has_classes:
         return []
-    outputs, targets = _prepared(task, outputs, targets)
-    if task.kind == "classification":
+    outputs, targets = task.metric_inputs(outputs, targets)
+    if task.single_label:
         kwargs = {"num_classes": task.n_out, "average": None}
         scores = outputs
         functions = (multiclass_precision, multiclass_recall, multiclass_f1_score)
@@ -230,7 +224,7 @@ def threshold_curve(task: Task, outputs: torch.Tensor, targets: torch.Tensor,
                     grid: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Macro F1 of multi-label outputs at each threshold of ``grid`` (0.05..0.95)."""
     grid = np.round(np.arange(0.05, 0.951, 0.01), 2) if grid is None else grid
-    outputs, labels = _prepared(task, outputs, targets)
+    outputs, labels = task.metric_inputs(outputs, targets)
     probs = outputs.sigmoid()
     scores = [_quiet(multilabel_f1_score, probs, labels, num_labels=task.n_out,
                      threshold=float(t), average="macro").item() for t in grid]

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 from safetensors import SafetensorError
 from safetensors.torch import load_model as load_safetensors_model
 from safetensors.torch import save_model as save_safetensors_model
@@ -30,6 +30,7 @@ from torch import nn
 
 from .config import Activation, FitConfig, HeadKind, SourceOptions
 from .errors import ImagefitError
+from .tasks import task_class
 
 MODEL_WEIGHTS = "model.safetensors"
 MODEL_INFO = "model.json"
@@ -185,11 +186,17 @@ def _unwrapped(model: nn.Module) -> nn.Module:
 
 
 class _TaskRecord(BaseModel):
-    kind: Literal["classification", "multilabel", "regression"]
+    kind: str
     names: list[str] = Field(min_length=1)
     threshold: float = 0.5
     target_mean: list[float] = []
     target_std: list[float] = []
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, kind: str) -> str:
+        task_class(kind)  # an unknown kind is an error, never taken for another
+        return kind
 
 
 class _Normalization(BaseModel):

@@ -163,10 +163,10 @@ def label_balance(table: Table, train_rows: np.ndarray, folds: int, folds_asked:
                   min_count: int = MIN_CLASS_COUNT) -> list[Finding]:
     """Class counts, small classes and whether ``folds`` stratified folds are possible;
     label frequencies and co-occurrence for multi-label data."""
-    kind, names = table.task.kind, list(table.task.names)
-    if kind == "regression":
+    names = list(table.task.names)
+    if not table.task.has_classes:
         return []
-    if kind == "multilabel":
+    if table.task.multi_label:
         return _multilabel(table, train_rows, folds, folds_asked)
     counts = np.bincount(np.asarray(table.targets)[train_rows].astype(np.int64),
                          minlength=len(names))
@@ -260,7 +260,7 @@ def regression_targets(table: Table, rows: np.ndarray) -> list[Finding]:
     """Target range, non-finite values and outliers (robust z-score above 5) over ``rows``
     (every split: a typo in validation misleads too)."""
     train_rows = np.sort(rows)
-    if table.task.kind != "regression":
+    if table.task.has_classes:
         return []
     values = np.asarray(table.targets, dtype=np.float64).reshape(len(table), -1)[train_rows]
     findings = []
@@ -305,7 +305,7 @@ def label_in_pixels(table: Table, cache: ImageCache, train_rows: np.ndarray,
     balanced accuracy. A label written into the images (a marker, a burnt-in tag, a corner
     pixel) scores near 1; real images score far lower at any single pixel."""
     name = "label in pixels"
-    if table.task.kind != "classification":
+    if not table.task.single_label:
         return Finding(name, "skip", "single-label classification only")
     if not len(valid_rows):
         return Finding(name, "skip", "no validation rows")

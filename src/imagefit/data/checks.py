@@ -34,10 +34,9 @@ def check_trainable(table: Table, cache: ImageCache, train_rows: np.ndarray) -> 
     a class without training images, a multi-label set with no label, a constant target."""
     if len(train_rows) == 0:
         raise ImagefitError(_no_readable_training(table, cache))
-    kind = table.task.kind
-    if kind == "classification":
+    if table.task.single_label:
         _check_classes(table, cache, train_rows)
-    elif kind == "multilabel":
+    elif table.task.multi_label:
         _check_labels(table, train_rows)
     else:
         _check_targets(table, train_rows)

@@ -61,7 +61,7 @@ def assign_folds(
         raise ImagefitError(
             "--fold-method group needs groups: name the group column with --group-col"
         )
-    if method == "multilabel" and table.task.kind != "multilabel":
+    if method == "multilabel" and not table.task.multi_label:
         raise ImagefitError(
             f"--fold-method multilabel needs multi-label targets, not {table.task.kind}: "
             "use --fold-method stratified"
@@ -79,9 +79,9 @@ def assign_folds(
     else:
         if method == "kfold":
             splitter, labels = KFold(**seeded), None
-        elif table.task.kind == "multilabel":
+        elif table.task.multi_label:
             splitter, labels = MultilabelStratifiedKFold(**seeded), targets
-        elif table.task.kind == "classification":
+        elif table.task.single_label:
             _check_class_counts(targets, table.task.names, k)
             splitter, labels = StratifiedKFold(**seeded), targets
         else:
@@ -127,7 +127,7 @@ def _group_folds(targets: np.ndarray, groups: np.ndarray, table: Table, k: int,
             f"--folds {k} is more than the {len(unique)} groups: each fold needs a group of "
             "its own; choose at most that many folds"
         )
-    if table.task.kind == "classification" and np.bincount(targets).max() >= k:
+    if table.task.single_label and np.bincount(targets).max() >= k:
         splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "The least populated class", UserWarning)

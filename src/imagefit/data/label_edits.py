@@ -102,13 +102,13 @@ def apply_label_edits(table: Table, drop_rows: str | None, relabel: str | None,
     names = {name: i for i, name in enumerate(table.task.names)}
     suggested = frame["suggested"].to_numpy()[training]
     for row, label in zip(chosen.tolist(), suggested):
-        if table.task.kind == "classification":
+        if table.task.single_label:
             if label not in names:
                 raise ImagefitError(f"option --relabel: {path} suggests '{label}', which is "
                                     "not a class of the data: give the issues of a CV on "
                                     "this data")
             targets[row] = names[label]
-        elif table.task.kind == "multilabel":
+        elif table.task.multi_label:
             parts = [n for n in str(label).split(";") if n]
             unknown = [n for n in parts if n not in names]
             if unknown:

@@ -6,19 +6,19 @@ that their metrics stay honest.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
 import torch
 
 from ..errors import ImagefitError
+from ..tasks import Task
 
 
-def _require_classes(kind: str, what: str) -> None:
-    if kind == "regression":
+def _require_classes(task: Task, what: str) -> None:
+    if not task.has_classes:
         raise ImagefitError(
-            f"{what} needs classes, and regression targets have none: remove the option"
+            f"{what} needs classes, and {task.kind} targets have none: remove the option"
         )
 
 
@@ -32,9 +32,8 @@ def _repeat_to(rows: np.ndarray, count: int, rng: np.random.Generator) -> np.nda
 def resample_rows(
     train_rows: np.ndarray,
     targets: np.ndarray,
-    kind: str,
+    task: Task,
     *,
-    names: Sequence[str],
     oversample: dict[str, float] | None = None,
     balance: Literal["over", "under"] | None = None,
     seed: int = 0,
@@ -50,7 +49,7 @@ def resample_rows(
     train_rows = np.asarray(train_rows, dtype=np.int64)
     if not oversample and balance is None:
         return train_rows
-    _require_classes(kind, "--oversample" if oversample else "--balance")
+    _require_classes(task, "--oversample" if oversample else "--balance")
     if oversample and balance:
         raise ImagefitError("--oversample and --balance both resample: give one of them")
     if balance not in (None, "over", "under"):
@@ -59,6 +58,7 @@ def resample_rows(
         return train_rows
     rng = np.random.default_rng(seed)
 
+    names = task.names
     if oversample:
         index = {name: i for i, name in enumerate(names)}
         unknown = [name for name in oversample if name not in index]
@@ -76,12 +76,9 @@ def resample_rows(
         factors = np.ones(len(names))
         for name, factor in oversample.items():
             factors[index[name]] = factor
-        if kind == "multilabel":
-            labels = targets[train_rows] > 0.5
-            row_factor = np.where(labels, factors, 0.0).max(axis=1, initial=0.0)
-            row_factor[~labels.any(axis=1)] = 1.0
-        else:
-            row_factor = factors[targets[train_rows]]
+        labels = task.label_matrix(targets[train_rows])
+        row_factor = np.where(labels, factors, 0.0).max(axis=1, initial=0.0)
+        row_factor[~labels.any(axis=1)] = 1.0
         parts = [
             _repeat_to(train_rows[row_factor == factor],
                        int(round(factor * (row_factor == factor).sum())), rng)
@@ -89,7 +86,7 @@ def resample_rows(
         ]
         return np.sort(np.concatenate(parts))
 
-    if kind == "multilabel":
+    if not task.single_label:
         raise ImagefitError(
             "--balance needs single-label classes, and multi-label rows carry several: "
             "use --oversample LABEL=FACTOR or class weights instead"
@@ -102,7 +99,7 @@ def resample_rows(
     return np.sort(np.concatenate(parts))
 
 
-def class_weights(targets: np.ndarray, n_classes: int, kind: str) -> torch.Tensor:
+def class_weights(targets: np.ndarray, task: Task) -> torch.Tensor:
     """Loss weights from the training targets.
 
     Classification: one weight per class, inversely proportional to its frequency and with
@@ -110,37 +107,34 @@ def class_weights(targets: np.ndarray, n_classes: int, kind: str) -> torch.Tenso
     Multi-label: a ``pos_weight`` per label, negatives / positives (1 when a label is always
     or never present), for ``BCEWithLogitsLoss``.
     """
-    _require_classes(kind, "class weights")
-    if kind == "multilabel":
-        positives = (np.asarray(targets) > 0.5).sum(axis=0).astype(np.float64)
-        negatives = len(targets) - positives
-        usable = (positives > 0) & (negatives > 0)
-        weights = np.where(usable, negatives / np.maximum(positives, 1), 1.0)
+    _require_classes(task, "class weights")
+    counts = task.label_matrix(targets).sum(axis=0).astype(np.float64)
+    if task.multi_label:
+        negatives = len(targets) - counts
+        usable = (counts > 0) & (negatives > 0)
+        weights = np.where(usable, negatives / np.maximum(counts, 1), 1.0)
         return torch.tensor(weights, dtype=torch.float32)
-    counts = np.bincount(targets, minlength=n_classes).astype(np.float64)
     inverse = np.where(counts > 0, 1.0 / np.maximum(counts, 1), 0.0)
     weights = inverse / inverse[counts > 0].mean()
     return torch.tensor(weights, dtype=torch.float32)
 
 
-def _row_weights(labels: np.ndarray, kind: str) -> np.ndarray:
+def _row_weights(targets: np.ndarray, task: Task) -> np.ndarray:
     """Each row's draw weight: 1 / its class's count, so every class totals the same weight.
     A multi-label row counts as its rarest label; rows with no label form a class of their
     own."""
-    if kind == "multilabel":
-        present = labels > 0.5
-        counts = present.sum(axis=0)
-        inverse = np.where(present, 1.0 / np.maximum(counts, 1), 0.0).max(axis=1, initial=0.0)
-        unlabelled = ~present.any(axis=1)
-        inverse[unlabelled] = 1.0 / max(int(unlabelled.sum()), 1)
-        return inverse
-    return 1.0 / np.bincount(labels)[labels]
+    present = task.label_matrix(targets)
+    counts = present.sum(axis=0)
+    inverse = np.where(present, 1.0 / np.maximum(counts, 1), 0.0).max(axis=1, initial=0.0)
+    unlabelled = ~present.any(axis=1)
+    inverse[unlabelled] = 1.0 / max(int(unlabelled.sum()), 1)
+    return inverse
 
 
 def weighted_sampler_rows(
     train_rows: np.ndarray,
     targets: np.ndarray,
-    kind: str,
+    task: Task,
     *,
     n: int | None = None,
     seed: int = 0,
@@ -150,9 +144,9 @@ def weighted_sampler_rows(
     replacement so that every class is drawn about equally often; the same ``seed`` and
     ``epoch`` give the same rows. ``targets`` is the whole table's, indexed by ``train_rows``.
     """
-    _require_classes(kind, "--weighted-sampler")
+    _require_classes(task, "--weighted-sampler")
     train_rows = np.asarray(train_rows, dtype=np.int64)
-    weights = torch.as_tensor(_row_weights(targets[train_rows], kind), dtype=torch.float64)
+    weights = torch.as_tensor(_row_weights(targets[train_rows], task), dtype=torch.float64)
     state = np.random.SeedSequence([seed, epoch]).generate_state(1)[0]
     generator = torch.Generator().manual_seed(int(state))
     draws = torch.multinomial(weights, n or len(train_rows), replacement=True,

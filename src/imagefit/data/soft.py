@@ -32,7 +32,7 @@ def soft_targets(source: str | Path, alpha: float, table: Table, task: Task,
                  train_rows: np.ndarray) -> torch.Tensor:
     """(N, C) float targets: the given labels, with the training rows softened towards
     their out-of-fold probabilities. Every training row must have one."""
-    if task.kind == "regression":
+    if not task.has_classes:
         raise ImagefitError("--soft-labels blends class probabilities: it needs "
                             "classification or multi-label data")
     path, frame = read_oof(source)
@@ -59,11 +59,7 @@ def soft_targets(source: str | Path, alpha: float, table: Table, task: Task,
         raise ImagefitError(f"--soft-labels {path} has no prediction for training row "
                             f"{uncovered[0]} ({len(uncovered)} rows): run imagefit cv on "
                             "the same data and --valid-pct")
-    if task.kind == "classification":
-        hard = torch.nn.functional.one_hot(torch.as_tensor(np.asarray(table.targets)),
-                                           task.n_out).float()
-    else:
-        hard = torch.as_tensor(np.asarray(table.targets, dtype=np.float32))
+    hard = torch.as_tensor(task.label_matrix(table.targets), dtype=torch.float32)
     soft = hard.clone()
     train = torch.as_tensor(train_rows)
     soft[train] = alpha * hard[train] + (1 - alpha) * torch.as_tensor(probabilities)[train]

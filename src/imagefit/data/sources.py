@@ -10,7 +10,7 @@ import pandas as pd
 
 from ..config import SourceOptions, refuse_unused
 from ..errors import ImagefitError, ImagefitWarning
-from ..tasks import Task
+from ..tasks import KINDS, Task, task_class
 from .builtin import read_builtin
 from .table import SPLIT_ALIASES, Table, check_float32
 from .text import check_texts, looks_like_text
@@ -285,23 +285,15 @@ def _check_repeated_files(paths: list[str], task: Task, targets: np.ndarray, nam
         first = first_row.setdefault(path, row)
         if first == row or np.array_equal(targets[first], targets[row]):
             continue
-        labels = [_label_text(task, targets[r]) for r in (first, row)]
+        labels = [task.label_text(targets[r]) for r in (first, row)]
         message = (f"{name}: {Path(path).name} is listed with different labels on "
                    f"{_line(first)} ('{labels[0]}') and {_line(row)} ('{labels[1]}')")
-        if task.kind == "regression":
+        if not task.has_classes:
             warnings.warn(message + ": each row trains as given", ImagefitWarning,
                           stacklevel=3)
             return
         raise ImagefitError(message + ": give each file one label (for several labels, one "
                             "row with them joined by ';')")
-
-
-def _label_text(task: Task, target: np.ndarray) -> str:
-    if task.kind == "classification":
-        return task.names[int(target)]
-    if task.kind == "multilabel":
-        return ";".join(n for n, v in zip(task.names, np.ravel(target)) if v)
-    return ", ".join(f"{v:g}" for v in np.ravel(target))
 
 
 def read_frame(path: Path) -> pd.DataFrame:
@@ -384,15 +376,16 @@ def _first_empty(cells: pd.DataFrame, name: str, what: str) -> None:
 
 def _read_targets(labels: pd.DataFrame, name: str, options: SourceOptions):
     """Infer (or apply the forced) task and encode the targets."""
-    forced = options.task
+    forced = task_class(options.task) if options.task in KINDS else None
     cells = labels.apply(lambda column: column.str.strip())
     numbers = _as_numbers(cells, name)
     known = numbers[~np.isnan(numbers)] if numbers is not None else np.empty(0)
     binary = numbers is not None and np.isin(known, (0.0, 1.0)).all()
     several = labels.shape[1] > 1
 
-    if forced == "regression" or (forced is None and numbers is not None and not binary
-                                  and (several or (known % 1 != 0).any())):
+    inferred_values = forced is None and numbers is not None and not binary and (
+        several or (known % 1 != 0).any())
+    if (forced is not None and not forced.has_classes) or inferred_values:
         if forced is None and not several:
             _warn_if_mostly_whole(numbers[:, 0], cells, name)
         return _regression_targets(cells, name)
@@ -405,7 +398,8 @@ def _read_targets(labels: pd.DataFrame, name: str, options: SourceOptions):
         _first_empty(cells, name, "one-hot column")
         names = list(labels.columns)
         counts = numbers.sum(axis=1)
-        if forced == "multilabel" or (forced is None and (counts != 1).any()):
+        if (forced is not None and forced.multi_label) or (forced is None
+                                                           and (counts != 1).any()):
             return Task("multilabel", names), numbers.astype(np.float32)
         if (counts != 1).any():
             row = int(np.flatnonzero(counts != 1)[0])
@@ -418,7 +412,7 @@ def _read_targets(labels: pd.DataFrame, name: str, options: SourceOptions):
     column = labels.columns[0]
     cells = cells[column]
     delim = options.label_delim
-    if delim is None and forced != "classification":
+    if delim is None and not (forced is not None and forced.single_label):
         delim = next((d for d in LABEL_DELIMITERS if cells.str.contains(d, regex=False).any()),
                      None)
         if delim is None and _holds_tag_lists(cells):
@@ -428,7 +422,7 @@ def _read_targets(labels: pd.DataFrame, name: str, options: SourceOptions):
                 f"'{cells[cells.str.contains(' ')].iloc[0]}'), so it is read as multi-label; "
                 "give --task classification to take each cell as one class",
                 ImagefitWarning, stacklevel=3)
-    if forced == "multilabel" or (forced is None and delim is not None):
+    if (forced is not None and forced.multi_label) or (forced is None and delim is not None):
         split_cells = [
             [part.strip() for part in cell.split(delim) if part.strip()] if delim else
             ([cell] if cell else [])

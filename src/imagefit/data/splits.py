@@ -25,7 +25,7 @@ def assign_validation(table: Table, valid_pct: float, seed: int, stratify: bool 
             "choose another fraction, or 0 for no validation"
         )
     labels = None
-    if stratify and table.task.kind == "classification":
+    if stratify and table.task.single_label:
         labels = table.targets[train_rows]
         counts = np.bincount(labels, minlength=table.task.n_out)
         single = [table.task.names[i] for i in np.flatnonzero(counts == 1)]

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from ..errors import ImagefitError
-from ..tasks import Task
+from ..tasks import Task, task_class
 
 SPLITS = ("train", "valid", "test")
 SPLIT_ALIASES = {"train": "train", "training": "train", "valid": "valid", "val": "valid",
@@ -115,7 +115,8 @@ def from_arrays(
         raise ImagefitError(f"{len(array)} images but {len(values)} targets: give one per image")
     if task is None:
         task = "classification" if np.issubdtype(values.dtype, np.integer) else "regression"
-    if task == "classification":
+    kind = task_class(task)
+    if kind.single_label:
         values = values.astype(np.int64)
         count = int(values.max()) + 1 if len(values) else 0
         names = list(names) if names is not None else [str(i) for i in range(count)]
@@ -129,7 +130,7 @@ def from_arrays(
                        f"{np.asarray(values).reshape(len(values), -1)[row, col]}")
         values = values.astype(np.float32).reshape(len(values), -1)
         names = list(names) if names is not None else [
-            (f"label_{i}" if task == "multilabel" else f"target_{i}")
+            f"label_{i}" if kind.multi_label else f"target_{i}"
             for i in range(values.shape[1])
         ]
     split_array = np.full(len(array), "train", dtype=object) if split is None else np.asarray(

@@ -202,7 +202,7 @@ def text_summary(table: Table, prepared: PreparedText, splits: dict[str, np.ndar
         entry = {"rows": int(len(rows)), "length_median": float(np.median(part)),
                  "length_max": int(part.max()), "cut": int((part > prepared.length).sum()),
                  "unknown_characters": int((codes == UNKNOWN).sum())}
-        if table.task.kind == "classification":
+        if table.task.single_label:
             counts = np.bincount(table.targets[rows], minlength=len(table.task.names))
             entry["classes"] = dict(zip(table.task.names, counts.tolist()))
         if name != "train":

@@ -93,7 +93,7 @@ def export_onnx(loaded: LoadedModel | list[LoadedModel], out: Path, samples: tor
     description = {
         "imagefit_version": __version__, "source": source, "format": "onnx", "opset": opset,
         "input": spec,
-        "output": {"name": "outputs", "means": _output_meaning(loaded)},
+        "output": {"name": "outputs", "means": loaded.task.output_meaning()},
         "resize": None if loaded.settings is None else loaded.settings.resize,
         "model": {k: v for k, v in loaded.info.items() if k != "lighting"},
         "members": len(members),
@@ -113,16 +113,6 @@ def export_onnx(loaded: LoadedModel | list[LoadedModel], out: Path, samples: tor
             f"{description['parity']['inputs']} inputs: the export is not faithful; try "
             "another --opset, and report the model")
     return description
-
-
-def _output_meaning(loaded: LoadedModel) -> str:
-    kind, names = loaded.task.kind, ", ".join(loaded.task.names)
-    if kind == "classification":
-        return f"probability of each class: {names}"
-    if kind == "multilabel":
-        return (f"probability of each label: {names} (threshold "
-                f"{loaded.task.threshold:g})")
-    return f"predicted values in the targets' units: {names}"
 
 
 def parity(model: nn.Module, path: Path, samples: torch.Tensor, onnxruntime,

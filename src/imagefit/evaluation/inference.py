@@ -355,7 +355,7 @@ def _align_targets(table: Table, task: Task) -> np.ndarray:
             f"{task.kind}: pass --task {task.kind} or give matching data"
         )
     unknown = [n for n in names if n not in task.names]
-    if task.kind == "regression":
+    if not task.has_classes:
         if len(names) != len(task.names):
             raise ImagefitError(
                 f"the data has {len(names)} target(s), the model {len(task.names)} "

@@ -75,7 +75,7 @@ def find_label_issues(oof: pd.DataFrame, task: Task, method: str = "self_confide
     precision 1.0, recall 0.75, against 0.79 / 0.55 for 'low_self_confidence');
     ``method`` ranks them."""
     require_cleanlab()
-    if task.kind not in ("classification", "multilabel"):
+    if not task.has_classes:
         raise ImagefitError(f"label issues are found for classification; this CV's task is "
                             f"{task.kind}: look at its largest errors in the report instead")
     if method not in METHODS:

@@ -171,7 +171,7 @@ class ServedModel:
             "source": self.name, "engine": self.engine,
             "architecture": self.info.get("architecture"), "task": self.task.kind,
             ("classes" if self.task.has_classes else "targets"): list(self.task.names),
-            "threshold": self.task.threshold if self.task.kind == "multilabel" else None,
+            "threshold": self.task.threshold if self.task.chooses_threshold else None,
             "image_size": self.settings.size, "channels": self.settings.channels,
             "resize": self.settings.resize, "members": max(1, len(self.members)),
             "saliency": self.explainer is not None, "metrics": self.metrics,

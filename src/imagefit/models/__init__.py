@@ -46,7 +46,7 @@ NARROW_NET, WIDER_NET = "small_cnn_16", "small_cnn_32"
 TRAINING_SHARE = 0.85  # of a budget, spent in training steps (the rest: validation, the end)
 
 
-def default_model_name(image_size: int, kind: str = "classification") -> str:
+def default_model_name(image_size: int, single_label: bool = True) -> str:
     """For images of 32 px or less: the small-image recipe's net for single-label
     classification (small_cnn_16; a --budget long enough for it trains small_cnn_32:
     ``net_for_budget``), imagefit 0.1's small_cnn for the tasks the recipe was not measured
@@ -54,7 +54,7 @@ def default_model_name(image_size: int, kind: str = "classification") -> str:
     be had they start from those instead: ``workflows.build.choose_photo_weights``)."""
     if image_size > SMALL_IMAGE_MAX:
         return SCRATCH_PHOTO_NET
-    return NARROW_NET if kind == "classification" else "small_cnn"
+    return NARROW_NET if single_label else "small_cnn"
 
 
 def net_for_budget(narrow: str, seconds: float, n_train: int, shape: tuple[int, int, int],

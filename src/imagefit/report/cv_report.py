@@ -4,13 +4,12 @@ interpretation; rendered with autoescaping like the run report."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .. import runs
-from ..tasks import MAIN_METRIC
+from ..tasks import KINDS, task_class
 from .html import environment, read_run_file, read_run_mapping, sections_of, table_section
 
 
@@ -19,7 +18,7 @@ class CVRecord(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    task: Literal[tuple(MAIN_METRIC)]
+    task: str
     folds: int = Field(ge=2)
     fold_method: str
     runs: list[str] = Field(min_length=1)
@@ -27,6 +26,13 @@ class CVRecord(BaseModel):
     std: dict[str, float]
     oof: dict
     seconds: float = 0.0
+
+    @field_validator("task")
+    @classmethod
+    def _known_kind(cls, kind: str) -> str:
+        if kind not in KINDS:
+            raise ValueError(f"unknown task kind {kind!r}: one of {', '.join(KINDS)}")
+        return kind
 
 
 def read_cv_info(cv_dir: Path) -> dict:
@@ -40,7 +46,7 @@ def write_cv_report(cv_dir: str | Path) -> Path:
     info = read_cv_info(cv_dir)
     config = read_run_mapping(cv_dir / "config.yaml")
     folds = pd.read_csv(cv_dir / "cv_metrics.csv").to_dict("records")
-    main = MAIN_METRIC[info["task"]]
+    main = task_class(info["task"]).main_metric
     shown = ["fold", "n_train", "n_valid", "epochs", f"valid_{main}", "valid_loss",
              f"test_{main}", "seconds"]
     fold_table = table_section("Folds", folds, [c for c in shown if c in folds[0]])

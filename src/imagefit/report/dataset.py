@@ -64,10 +64,9 @@ def summarize_dataset(
         if path is not None:
             summary["plots"].append({"title": title, "file": f"{plots_dir.name}/{path.name}"})
 
-    kind = table.task.kind
-    if kind == "classification":
+    if table.task.single_label:
         summary.update(_class_counts(table, rows, plots_dir, summary["notes"], add_plot))
-    elif kind == "multilabel":
+    elif table.task.multi_label:
         summary.update(_label_counts(table, rows, plots_dir, add_plot))
     else:
         summary.update(_target_stats(table, rows, plots_dir, summary["notes"], add_plot))
@@ -257,9 +256,8 @@ def _sample_grid(table, cache, train_rows, plots_dir, per_class, seed, notes) ->
     rng = np.random.default_rng(seed)
     path = plots_dir / "data_samples.png"
     names = list(table.task.names)
-    kind = table.task.kind
     grid_size = per_class * SAMPLE_GRID_ROWS
-    if kind == "regression":
+    if not table.task.has_classes:
         values = np.asarray(table.targets, dtype=np.float64).reshape(len(table), -1)[:, 0]
         ordered = train_rows[np.argsort(values[train_rows], kind="stable")]
         chosen = ordered[np.unique(np.linspace(0, len(ordered) - 1, grid_size).round()
@@ -268,7 +266,7 @@ def _sample_grid(table, cache, train_rows, plots_dir, per_class, seed, notes) ->
         return save_image_grid(_as_float(cache.read(chosen)), titles, path,
                                columns=min(per_class, len(chosen)),
                                title=f"sorted by {label_text(names[0])}")
-    if kind == "multilabel":
+    if table.task.multi_label:
         chosen = np.sort(rng.choice(train_rows, min(grid_size, len(train_rows)),
                                     replace=False))
         targets = np.asarray(table.targets) > 0.5

@@ -22,7 +22,7 @@ from pydantic import BaseModel
 
 from .. import runs
 from ..errors import ImagefitError
-from ..tasks import DEFAULT_METRICS, MAIN_METRIC, TASK_KINDS
+from ..tasks import KINDS
 from .plots import plt, save_figure
 
 RUN_COLUMNS = ("run", "date", "name", "data", "model", "epochs", "metric", "value", "seconds",
@@ -168,7 +168,8 @@ def _describe_run(run_dir: Path) -> dict[str, Any]:
     last = history.iloc[-1].to_dict() if len(history) else {}
     final = {**last, **(metrics or {})}
     kind = _task_kind(info, final, config)
-    candidates = [f"test_{MAIN_METRIC[kind]}", f"valid_{MAIN_METRIC[kind]}"] if kind else []
+    main = KINDS[kind].main_metric if kind else None
+    candidates = [f"test_{main}", f"valid_{main}"] if kind else []
     metric = next((c for c in [*candidates, "train_loss"] if _is_number(final.get(c))), None)
     seconds = (metrics or {}).get("seconds")
     if seconds is None and "time" in history:
@@ -296,7 +297,7 @@ def _main_metric(run_dir: Path, history: pd.DataFrame) -> str | None:
     except _Unreadable:
         info, metrics = {}, {}
     kind = _task_kind(info, {**dict.fromkeys(history.columns), **metrics}, {})
-    return MAIN_METRIC[kind] if kind else None
+    return KINDS[kind].main_metric if kind else None
 
 
 def _task_kind(info: dict, metrics: dict, config: dict) -> str | None:
@@ -305,11 +306,11 @@ def _task_kind(info: dict, metrics: dict, config: dict) -> str | None:
     task = info.get("task")
     for kind in (task.get("kind") if isinstance(task, dict) else None, metrics.get("task"),
                  config.get("task")):
-        if kind in TASK_KINDS:
+        if kind in KINDS:
             return kind
     recorded = {key.split("_", 1)[1] for key in metrics if key.startswith(("valid_", "test_"))}
-    return next((kind for kind, names in DEFAULT_METRICS.items()
-                 if set(names) <= recorded), None)
+    return next((kind for kind, cls in KINDS.items()
+                 if set(cls.default_metrics) <= recorded), None)
 
 
 def _is_number(value: Any) -> bool:

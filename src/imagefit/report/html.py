@@ -24,7 +24,7 @@ from safetensors import SafetensorError
 
 from .. import runs
 from ..errors import ImagefitError, ImagefitWarning
-from ..tasks import MAIN_METRIC
+from ..tasks import task_class
 from ..version import __version__
 from .plots import save_metrics_plot, save_training_plot
 
@@ -142,7 +142,7 @@ def _metrics_table(metrics: dict) -> dict:
 def _headline(metrics: dict, kind: str | None) -> str | None:
     if not kind:
         return None
-    main = MAIN_METRIC[kind]
+    main = task_class(kind).main_metric
     parts = []
     for prefix, label in (("test_", "test"), ("valid_", "valid")):
         value = metrics.get(prefix + main)

@@ -87,7 +87,7 @@ def interpret(task: Task, outputs: torch.Tensor, targets: torch.Tensor,
         result["plots"].append({"name": name, "title": title,
                                 "file": f"{plots_dir.name}/{path.name}"})
 
-    if task.kind == "classification":
+    if task.single_label:
         labels = targets.argmax(dim=1) if targets.ndim == 2 else targets.long()
         confusion = multiclass_confusion_matrix(outputs, labels, task.n_out).numpy()
         result["confusion"] = confusion.tolist()
@@ -100,7 +100,7 @@ def interpret(task: Task, outputs: torch.Tensor, targets: torch.Tensor,
         plot("reliability", "Reliability diagram",
              save_reliability(confidence, correct, result["metrics"]["ece"],
                               plots_dir / "reliability.png"))
-    elif task.kind == "multilabel":
+    elif task.multi_label:
         labels = (targets >= 0.5).int()
         plot("curves", "ROC and precision-recall curves (per label)",
              save_curves(task, outputs, labels, plots_dir / "curves.png"))
@@ -117,9 +117,9 @@ def interpret(task: Task, outputs: torch.Tensor, targets: torch.Tensor,
     result["top_losses"] = rows
     if len(worst) and images_for is not None:  # None: items that are not images (texts)
         titles = [_grid_title(task, row) for row in rows]
-        heading = ("Worst predictions" if task.kind == "regression" else "Top losses") + \
+        heading = ("Top losses" if task.has_classes else "Worst predictions") + \
             (": predicted / actual, loss, probability of the prediction"
-             if task.kind == "classification" else ": predicted / actual, loss")
+             if task.single_label else ": predicted / actual, loss")
         grid = save_image_grid(images_for(worst).float() / 255.0, titles,
                                plots_dir / "top_losses.png", title=heading)
         plot("top_losses", f"{heading} ({split} split)", grid)
@@ -191,7 +191,7 @@ def save_confusion(confusion: np.ndarray, names: Sequence[str], path: Path) -> P
 def save_curves(task: Task, outputs: torch.Tensor, labels: torch.Tensor, path: Path) -> Path:
     """ROC and precision-recall curves per class (micro average beyond MAX_CURVES)."""
     figure, (roc_axis, pr_axis) = plt.subplots(1, 2, figsize=(11, 4.5))
-    if task.kind == "classification":
+    if task.single_label:
         probs = outputs.softmax(dim=1)
         onehot = F.one_hot(labels, task.n_out)
         roc = multiclass_roc(probs, labels, task.n_out)

@@ -47,11 +47,11 @@ def by_length(task: Task, outputs: torch.Tensor, targets: torch.Tensor,
     """Accuracy (classification) or mean absolute error (regression) per range of text
     length; ``cut``: the texts longer than the model's ``length`` read only in part."""
     lengths = np.array([len(t) for t in texts])
-    if task.kind == "classification":
+    if task.single_label:
         labels = targets.argmax(dim=1) if targets.ndim == 2 else targets.long()
         good = (outputs.argmax(dim=1) == labels).numpy().astype(float)
         name = "accuracy"
-    elif task.kind == "regression":
+    elif not task.has_classes:
         good = task.item_losses(outputs, targets).numpy()
         name = "mae"
     else:

@@ -58,7 +58,7 @@ from ..models import (
 from ..models.heads import resolve_head
 from ..models.pretrained import default_photo_weights, weights_record
 from ..models.text import create_text_model
-from ..tasks import HIGHER_IS_BETTER, MAIN_METRIC, Regression, Task, resolve_loss
+from ..tasks import HIGHER_IS_BETTER, Regression, Task, resolve_loss, task_class
 from ..train import schedules
 from ..train.learner import Learner
 from ..train.memory import largest_batch_size
@@ -131,7 +131,7 @@ def load_data(data: str | Path | Table, cfg: ImageOptions) -> LoadedData:
     settings = resolve_settings(table, cfg.image_size, cfg.channels, cfg.resize, cfg.seed)
     tta_asked = bool(ASKED_TTA & cfg.model_fields_set)  # before a recipe sets any of them
     chose_weights = choose_photo_weights(cfg, settings.size)
-    augment_until_plan = apply_small_image_recipe(cfg, settings.size, table.task.kind) or \
+    augment_until_plan = apply_small_image_recipe(cfg, settings.size, table.task.single_label) or \
         apply_photo_augmentation(cfg, chose_weights)
     started = time.perf_counter()
     shares = _data_shares(table, cfg.seed) if distributed.sharded_data() and \
@@ -306,14 +306,14 @@ def apply_photo_augmentation(cfg: ImageOptions, chose_weights: bool) -> bool:
 
 
 def apply_small_image_recipe(cfg: ImageOptions, image_size: int,
-                             kind: str = "classification") -> bool:
+                             single_label: bool = True) -> bool:
     """The small-image recipe's values for the options the user left unset, when single-label
     classification (what it was measured on) has small images and the net is one of
     imagefit's own (chosen automatically or named); its optimizer settings only when --opt
     is unset too, and the net takes them (``takes_small_image_optimizer``). True when it
     chose the augmentation and TTA of a --budget fit, which its first plan then decides."""
     model = getattr(cfg, "model", "auto")
-    if image_size > SMALL_IMAGE_MAX or kind != "classification" or getattr(
+    if image_size > SMALL_IMAGE_MAX or not single_label or getattr(
             cfg, "pretrained", None) or not (model == "auto" or is_small_net(model)):
         return False
     chosen = {"augment", "tta"} - cfg.model_fields_set
@@ -356,8 +356,8 @@ def build_training(cfg: FitConfig, loaded: LoadedData, device: torch.device,
     which may choose a wider small net (``models.net_for_budget``)."""
     table, settings = loaded.table, loaded.settings
     if cfg.model == "auto":
-        cfg.model = "char_cnn" if settings is None else default_model_name(settings.size,
-                                                                           table.task.kind)
+        cfg.model = "char_cnn" if settings is None else default_model_name(
+            settings.size, table.task.single_label)
         if budget_seconds is not None and cfg.model == NARROW_NET and \
                 settings.size >= MIN_AUGMENT_SIZE:  # what the recipe was measured on
             _widen_for_budget(cfg, loaded, device, budget_seconds)
@@ -370,10 +370,9 @@ def build_training(cfg: FitConfig, loaded: LoadedData, device: torch.device,
                 label_smoothing=cfg.label_smoothing,
                 metrics=epoch_metrics(table.task.kind, cfg.metrics))
     task.fit_target_scaling(table.targets[loaded.train_rows])
-    train_rows, sampler = _training_rows(cfg, task.kind, table, loaded.train_rows)
+    train_rows, sampler = _training_rows(cfg, table, loaded.train_rows)
     if cfg.class_weights:
-        task.class_weights = class_weights(table.targets[train_rows], task.n_out,
-                                           task.kind).tolist()
+        task.class_weights = class_weights(table.targets[train_rows], task).tolist()
     targets = task.encode_targets(table.targets)
     torch.manual_seed(cfg.seed)
     if settings is None:
@@ -459,8 +458,8 @@ def _loaders(cfg: FitConfig, loaded: LoadedData, targets: torch.Tensor, train_ro
         return {"train": loader(train_rows, train=True), "valid": loader(loaded.valid_rows),
                 "test": loader(loaded.test_rows)}
     # sharded: each rank resamples (--oversample, --balance, --weighted-sampler) its own share
-    kind, table = loaded.table.task.kind, loaded.table
-    per_rank = [_training_rows(cfg, kind, table, share) for share in loaded.shares["train"]]
+    table = loaded.table
+    per_rank = [_training_rows(cfg, table, share) for share in loaded.shares["train"]]
     own, sampler = per_rank[distributed.rank()]
     result = {"train": loader(own, train=True, **distributed.shard(), places=loaded.places,
                               counts=[len(rows) for rows, _ in per_rank])}
@@ -541,17 +540,18 @@ def preflight_batch(table: Table, cfg: ImageOptions, text: bool = False
     return max(1, -(-batch // distributed.world_size())), device
 
 
-def _training_rows(cfg: FitConfig, kind: str, table: Table, train_rows: np.ndarray
+def _training_rows(cfg: FitConfig, table: Table, train_rows: np.ndarray
                    ) -> tuple[np.ndarray, Callable[[int], np.ndarray] | None]:
     """The training loader's rows after --oversample or --balance, and --weighted-sampler's
     per-epoch draw. Validation and test rows keep the data's proportions."""
-    rows = resample_rows(train_rows, table.targets, kind, names=table.task.names,
+    rows = resample_rows(train_rows, table.targets, table.task,
                          oversample=cfg.oversample, balance=cfg.balance, seed=cfg.seed)
     if not cfg.weighted_sampler:
         return rows, None
 
     def draw(epoch: int) -> np.ndarray:
-        return weighted_sampler_rows(rows, table.targets, kind, seed=cfg.seed, epoch=epoch)
+        return weighted_sampler_rows(rows, table.targets, table.task, seed=cfg.seed,
+                                     epoch=epoch)
 
     draw(0)  # a task without classes fails here, before anything is trained
     return rows, draw
@@ -622,12 +622,12 @@ def epoch_metrics(kind: str, chosen: list[str] | None) -> list[str]:
     """The metrics to show per epoch: the chosen ones (checked), the main metric first."""
     if not chosen:
         return []
-    known = available_metrics(kind)
+    known = available_metrics(task_class(kind))
     unknown = [name for name in chosen if name not in known]
     if unknown:
         raise ImagefitError(f"option --metrics: unknown {kind} metric '{unknown[0]}'; choose "
                             f"from {', '.join(known)}")
-    main = MAIN_METRIC[kind]
+    main = task_class(kind).main_metric
     return [main, *dict.fromkeys(name for name in chosen if name != main)]
 
 

@@ -311,11 +311,11 @@ def shuffled_labels(cfg: FitConfig, loaded: LoadedData, parts: TrainingParts,
     out = loader_outputs(model, parts.pipeline, task, valid_loader, precision=precision)
     n = len(loaded.valid_rows)
     details = {"steps": len(losses), "valid_images": n, "final_train_loss": losses[-1]}
-    if task.kind == "regression":
+    if not task.has_classes:
         score = all_metrics(task, out["outputs"], out["targets"])["r2"]
         chance, label = 0.0, "R2"
         bound = chance + 0.1
-    elif task.kind == "multilabel":
+    elif task.multi_label:
         valid_y = out["targets"].numpy() > 0.5
         share = valid_y.mean(0)
         score = float(((task.activate(out["outputs"]).numpy() > 0.5) == valid_y).mean())

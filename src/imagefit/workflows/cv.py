@@ -36,7 +36,7 @@ from ..errors import ImagefitError
 from ..evaluation.label_issues import require_cleanlab
 from ..metrics import all_metrics
 from ..report.interpret import interpret
-from ..tasks import HIGHER_IS_BETTER, MAIN_METRIC, Task
+from ..tasks import HIGHER_IS_BETTER, Task, task_class
 from ..train.budget import Budget
 from .build import apply_recipe, check_data, choose_photo_weights
 from .fit import run_fit
@@ -67,7 +67,7 @@ def cv(data: str | Path | Table, config: CVConfig | None = None, **options: Any)
     started = time.perf_counter()
     budget = Budget.from_options(cfg)
     table = data if isinstance(data, Table) else read_source(data, cfg)
-    if cfg.find_label_issues and table.task.kind == "regression":
+    if cfg.find_label_issues and not table.task.has_classes:
         raise ImagefitError("--find-label-issues is for classification; this data's task is "
                             "regression: look at its largest errors in the CV report instead")
     folds = _folds(table, cfg, data)
@@ -176,7 +176,7 @@ def _fold_row(fold: int, result: FitResult) -> dict:
 
 
 def _print_fold(row: dict, kind: str) -> None:
-    main = MAIN_METRIC[kind]
+    main = task_class(kind).main_metric
     shown = [f"valid_{main} {row[f'valid_{main}']:.4f}"]
     if f"test_{main}" in row:
         shown.append(f"test_{main} {row[f'test_{main}']:.4f}")
@@ -198,7 +198,7 @@ def _oof_frame(table: Table, task: Task, parts: list) -> pd.DataFrame:
             frame["predicted"] = task.decode(activated)
             for i, name in enumerate(task.names):
                 frame[f"prob_{name}"] = activated[:, i].numpy()
-        elif task.kind == "multilabel":
+        elif task.multi_label:
             given = np.asarray(table.targets)[rows]
             frame["labels"] = [";".join(n for n, on in zip(task.names, r) if on >= 0.5)
                                for r in given]
@@ -245,7 +245,7 @@ def _no_images(positions: np.ndarray) -> torch.Tensor:
 
 def format_cv(result: CVResult) -> str:
     """Per-fold main metric and mean +- std, for the terminal."""
-    main = MAIN_METRIC[result.summary["task"]]
+    main = task_class(result.summary["task"]).main_metric
     lines = []
     for split in ("valid", "test"):
         column = f"{split}_{main}"

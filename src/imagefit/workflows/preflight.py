@@ -133,7 +133,7 @@ def check_image_room(table: Table, settings: CacheSettings, cfg: ImageOptions,
     if batch_size is not None and hasattr(cfg, "model"):
         model = cfg.model
         if model == "auto":
-            model = default_model_name(settings.size, table.task.kind)
+            model = default_model_name(settings.size, table.task.single_label)
         footprint = image_model_footprint(
             model, settings.channels, table.task.n_out, settings.size,
             head=getattr(cfg, "head", "timm"), head_hidden=getattr(cfg, "head_hidden", None),

@@ -38,7 +38,7 @@ from ..data.table import Table
 from ..errors import ImagefitError
 from ..models import SMALL_CNN_WIDTHS, check_model_name
 from ..report.plots import save_sweep_plot
-from ..tasks import HIGHER_IS_BETTER, MAIN_METRIC
+from ..tasks import HIGHER_IS_BETTER
 from ..train.budget import Budget
 from .build import apply_recipe, check_data
 from .fit import run_fit, run_name
@@ -88,7 +88,7 @@ def sweep(data: str | Path | Table, config: SweepConfig | None = None,
     runs.save_yaml(sweep_dir / "config.yaml", {
         "data": None if isinstance(data, Table) else str(data),
         "data_description": table.description, **cfg.model_dump()})
-    metric = f"valid_{MAIN_METRIC[table.task.kind]}"
+    metric = f"valid_{table.task.main_metric}"
     rows: list[dict] = []
 
     def write(status: str) -> SweepResult:

@@ -46,7 +46,7 @@ from ..data.sources import read_source
 from ..data.table import Table
 from ..errors import FitInterrupted, ImagefitError
 from ..models import SMALL_CNN_WIDTHS, check_model_name, default_model_name
-from ..tasks import HIGHER_IS_BETTER, MAIN_METRIC
+from ..tasks import HIGHER_IS_BETTER
 from ..train.budget import Budget, parse_duration
 from ..train.callbacks import Callback
 from .build import apply_recipe, apply_small_image_recipe, check_data, choose_photo_weights
@@ -64,8 +64,6 @@ NOT_SEARCHED = set(SourceOptions.model_fields) | {
     "runs_dir", "name", "progress", "report", "device", "devices", "cache_dir", "check",
     "budget", "test_every_epoch", "metrics", "find_label_issues", "drop_rows", "relabel",
     "top", "min_score"}
-DEFAULT_KEYS = {"classification": ("lr", "wd", "label_smoothing", "mixup"),  # per task kind
-                "multilabel": ("lr", "wd", "mixup"), "regression": ("lr", "wd")}
 FAILURES_IN_A_ROW = 3
 CONFIRM_TOP = 3  # trials refitted by --confirm
 ALIASES = {"learning_rate": "lr", "weight_decay": "wd", "batch_size": "bs",
@@ -204,9 +202,9 @@ def fit_defaults(table: Table, cfg: FitConfig) -> FitConfig:
         size = probe.image_size or (max(probe.image_sizes) if probe.image_sizes else None)
         settings = resolve_settings(table, size, probe.channels, probe.resize, probe.seed)
         choose_photo_weights(probe, settings.size, say=False)
-        apply_small_image_recipe(probe, settings.size, table.task.kind)
+        apply_small_image_recipe(probe, settings.size, table.task.single_label)
         if probe.model == "auto" and not probe.pretrained:
-            probe.model = default_model_name(settings.size, table.task.kind)
+            probe.model = default_model_name(settings.size, table.task.single_label)
     return probe
 
 
@@ -221,7 +219,7 @@ def default_space(table: Table, cfg: FitConfig) -> list[Parameter]:
               "wd": {"type": "log-float", "low": wd / 10, "high": wd * 10},
               "label_smoothing": {"type": "float", "low": 0.0, "high": 0.2},
               "mixup": {"type": "categorical", "choices": [0.0, 0.2, 0.4]}}
-    chosen = {k: values[k] for k in DEFAULT_KEYS[table.task.kind]}
+    chosen = {k: values[k] for k in table.task.searched}
     if probe.model in SMALL_CNN_WIDTHS.values():
         chosen["model"] = {"type": "categorical", "choices": list(SMALL_CNN_WIDTHS.values())}
     return parse_space(chosen, "the default space")
@@ -544,8 +542,8 @@ def tune(data: str | Path | Table, config: TuneConfig | None = None,
         else None
     check_data(table, cfg)
     require_validation(table, cfg)
-    metric = f"valid_{MAIN_METRIC[table.task.kind]}"
-    direction = "maximize" if HIGHER_IS_BETTER[MAIN_METRIC[table.task.kind]] else "minimize"
+    metric = f"valid_{table.task.main_metric}"
+    direction = "maximize" if HIGHER_IS_BETTER[table.task.main_metric] else "minimize"
     study_name = cfg.study or run_name(data)
     tune_dir = Path(cfg.runs_dir) / f"{folder_name(study_name)}_tune"
     new_folder = not tune_dir.exists()

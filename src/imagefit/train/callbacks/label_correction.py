@@ -36,7 +36,7 @@ def theta_schedule(start: float, end: float, shape: ThetaSchedule) -> Callable[[
 
 def check_label_correction(task, pipeline) -> None:
     """Refuse what PLC cannot work with: labels that are not single classes, mixed targets."""
-    if task.kind != "classification":
+    if not task.single_label:
         raise ImagefitError("--plc corrects class labels: it needs single-label classification")
     if pipeline.mix.active:
         raise ImagefitError("--plc needs unmixed batches: turn off mixup/cutmix (e.g. "

@@ -1,7 +1,8 @@
 """What is being learned: one class per task kind holds what differs between them (loss,
 activation, decoding, target encoding, how test-time augmentation averages, what a grid or a
 saliency map shows, which metric tells a better model), so the rest of the package asks the
-task instead of branching on its kind.
+task instead of branching on its kind. The kinds themselves are in ``tasks.kinds``; a kind
+defined elsewhere registers itself by subclassing (``Task.__init_subclass__``).
 
 Targets arrive as numpy arrays in the shape their kind expects:
 classification: int64 class indices (N,); multilabel: float32 0/1 (N, C);
@@ -15,22 +16,9 @@ from typing import ClassVar, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-TaskKind = Literal["classification", "multilabel", "regression"]
-TASK_KINDS: tuple[str, ...] = ("classification", "multilabel", "regression")
+from ..errors import ImagefitError
 
-DEFAULT_METRICS: dict[str, tuple[str, ...]] = {
-    "classification": ("accuracy", "error_rate"),
-    "multilabel": ("accuracy", "f1"),
-    "regression": ("mae", "rmse"),
-}
-# The metric that tells a better model.
-MAIN_METRIC: dict[str, str] = {
-    "classification": "accuracy",
-    "multilabel": "f1",
-    "regression": "mae",
-}
 HIGHER_IS_BETTER = {
     "accuracy": True, "error_rate": False, "top_k_accuracy": True, "balanced_accuracy": True,
     "precision": True, "recall": True, "f1": True, "f1_micro": True, "roc_auc": True,
@@ -38,6 +26,28 @@ HIGHER_IS_BETTER = {
     "subset_accuracy": True, "hamming_loss": False, "mae": False, "rmse": False, "r2": True,
     "mape": False, "loss": False,
 }
+
+# Every task kind by name, in the order defined (``tasks.kinds`` registers the built-in ones).
+KINDS: dict[str, type[Task]] = {}
+
+
+def task_class(kind: str | None) -> type[Task]:
+    """The class of a task kind named in options, a model's files or a run's; an unknown
+    name is an error (never taken for another kind)."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown task kind {kind!r}: one of {', '.join(KINDS)}")
+    return KINDS[kind]
+
+
+def resolve_loss(kind: str, loss: str) -> str:
+    """The loss a ``kind`` task trains with for ``--loss`` (``auto``: its own)."""
+    losses = task_class(kind).losses
+    if loss == "auto":
+        return losses[0]
+    if loss not in losses:
+        raise ValueError(f"{loss} does not train {kind}: give --loss "
+                         f"{' or '.join(losses)} (or auto)")
+    return loss
 
 
 @dataclass
@@ -52,7 +62,7 @@ class Task:
     per-class weight, or the multi-label ``pos_weight``.
     """
 
-    kind: TaskKind
+    kind: str
     names: list[str]
     regression_loss: Literal["mse", "l1", "huber"] = "mse"
     threshold: float = 0.5
@@ -65,14 +75,24 @@ class Task:
 
     has_classes: ClassVar[bool] = True  # outputs are classes or labels (not values)
     single_label: ClassVar[bool] = False  # exactly one class per image (targets are indices)
+    multi_label: ClassVar[bool] = False  # any number of labels per image (0/1 targets)
     chooses_threshold: ClassVar[bool] = False  # a decision threshold is chosen on validation
     losses: ClassVar[tuple[str, ...]] = ()  # the --loss values it trains with, default first
+    default_metrics: ClassVar[tuple[str, ...]] = ()  # shown per epoch unless --metrics
+    main_metric: ClassVar[str] = ""  # the metric that tells a better model
+    searched: ClassVar[tuple[str, ...]] = ("lr", "wd")  # what `tune` searches by default
+    noun: ClassVar[str] = "target"  # what one of ``names`` is: class, label or target
+
+    def __init_subclass__(cls, kind: str | None = None, **kwargs):
+        """``class Ordinal(Classification, kind="ordinal")`` registers a kind: ``Task("ordinal",
+        names)`` makes one, and a model saved with it loads again."""
+        super().__init_subclass__(**kwargs)
+        if kind is not None:
+            KINDS[kind] = cls
 
     def __new__(cls, kind: str | None = None, *args, **kwargs):
         if cls is Task:
-            if kind not in KINDS:
-                raise ValueError(f"unknown task kind {kind!r}: one of {', '.join(KINDS)}")
-            cls = KINDS[kind]
+            cls = task_class(kind)
         return super().__new__(cls)
 
     @property
@@ -80,17 +100,34 @@ class Task:
         return len(self.names)
 
     @property
-    def main_metric(self) -> str:
-        return MAIN_METRIC[self.kind]
-
-    @property
     def epoch_metrics(self) -> tuple[str, ...]:
         """The metrics shown per epoch: those chosen with --metrics, else the defaults."""
-        return tuple(self.metrics) or DEFAULT_METRICS[self.kind]
+        return tuple(self.metrics) or self.default_metrics
 
     @property
     def metric_names(self) -> tuple[str, ...]:
         return ("loss", *self.epoch_metrics)
+
+    def label_matrix(self, targets: np.ndarray) -> np.ndarray:
+        """(N, C) booleans: which classes (labels) each row carries, the one form in which
+        sampling, class weights, soft labels and the data's summaries count them."""
+        raise ImagefitError(f"{self.kind} targets have no classes: the option needs "
+                            "classification or multi-label data")
+
+    def label_text(self, target: np.ndarray) -> str:
+        """One row's target as the user wrote it: a class, ';'-joined labels, the values."""
+        return ", ".join(f"{v:g}" for v in np.ravel(target))
+
+    def output_meaning(self) -> str:
+        """What the model's outputs are, in a sentence (an exported model's description)."""
+        return f"predicted values in the targets' units: {', '.join(self.names)}"
+
+    def metric_inputs(self, outputs: torch.Tensor,
+                      targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Whole-split raw outputs and encoded targets as the kind's metrics take them."""
+        values = outputs.float().cpu().reshape(len(outputs), -1)
+        actual = targets.cpu().float().reshape(len(targets), -1)
+        return self.unscale(values), self.unscale(actual)
 
     def fit_target_scaling(self, train_targets: np.ndarray) -> None:
         """Record the training targets' mean and std (regression only)."""
@@ -204,173 +241,3 @@ class Task:
         older model.json files) take their defaults, and unknown ones are left out."""
         return Task(**{k: v for k, v in data.items()
                        if k in Task.__dataclass_fields__ and not k.startswith("_")})
-
-
-class Classification(Task):
-    """One class per image: softmax over the classes, cross-entropy (with label smoothing)."""
-
-    losses: ClassVar[tuple[str, ...]] = ("cross_entropy",)
-    single_label: ClassVar[bool] = True
-
-    def encode_targets(self, targets: np.ndarray) -> torch.Tensor:
-        return torch.as_tensor(np.array(targets, dtype=np.int64))
-
-    def loss(self, outputs, targets, *, weighted=False):
-        weight = self._weight_tensor(outputs) if weighted else None
-        return F.cross_entropy(outputs, targets, weight=weight,
-                               label_smoothing=self.label_smoothing)
-
-    def activate(self, outputs):
-        return outputs.float().softmax(dim=1)
-
-    def decode(self, activated):
-        return [self.names[i] for i in activated.argmax(dim=1).tolist()]
-
-    def from_average(self, averaged):
-        return averaged.clamp_min(1e-12).log()  # log-probabilities: their softmax is it
-
-    def item_losses(self, outputs, targets):
-        if targets.ndim == 2:  # soft targets: judged against their most likely class
-            targets = targets.argmax(dim=1)
-        return F.cross_entropy(outputs.float(), targets.long(), reduction="none")
-
-    def describe_item(self, activated, target):
-        actual = int(target.argmax()) if target.ndim else int(target)
-        predicted = int(activated.argmax())
-        return {"predicted": self.names[predicted], "actual": self.names[actual],
-                "probability": float(activated[predicted]),
-                "probability_actual": float(activated[actual])}
-
-    def describe_targets(self, targets):
-        if targets.ndim == 1:
-            return [self.names[i] for i in targets.tolist()]
-        labels = []
-        for row in targets.float().tolist():  # mixed: the two largest shares
-            ranked = sorted(zip(row, self.names), reverse=True)
-            labels.append(" / ".join(f"{w:.2f} {n}" if w < 0.99 else n
-                                     for w, n in ranked[:2] if w > 0.01))
-        return labels
-
-
-class MultiLabel(Task):
-    """Any number of labels per image: a sigmoid per label, binary cross-entropy, and the
-    decision threshold chosen on validation."""
-
-    chooses_threshold: ClassVar[bool] = True
-    losses: ClassVar[tuple[str, ...]] = ("bce",)
-
-    def loss(self, outputs, targets, *, weighted=False):
-        weight = self._weight_tensor(outputs) if weighted else None
-        return F.binary_cross_entropy_with_logits(outputs, targets, pos_weight=weight)
-
-    def activate(self, outputs):
-        return outputs.float().sigmoid()
-
-    def decode(self, activated):
-        chosen = (activated >= self.threshold).tolist()
-        return [";".join(n for n, c in zip(self.names, row) if c) for row in chosen]
-
-    def from_average(self, averaged):
-        return torch.logit(averaged, eps=1e-6)
-
-    def item_losses(self, outputs, targets):
-        return F.binary_cross_entropy_with_logits(outputs.float(), targets.float(),
-                                                  reduction="none").mean(dim=1)
-
-    def describe_item(self, activated, target):
-        chosen = [n for n, p in zip(self.names, activated.tolist()) if p >= self.threshold]
-        actual = [n for n, t in zip(self.names, target.tolist()) if t >= 0.5]
-        return {"predicted": ";".join(chosen) or "(none)", "actual": ";".join(actual) or "(none)"}
-
-    def describe_targets(self, targets):
-        labels = []
-        for row in targets.float().tolist():
-            ranked = sorted(zip(row, self.names), reverse=True)
-            labels.append(";".join(f"{n}" if w >= 0.99 else f"{w:.2f} {n}"
-                                   for w, n in ranked if w > 0.01) or "(none)")
-        return labels
-
-    def prediction_columns(self, activated, style):
-        columns = super().prediction_columns(activated, style)
-        if "label" in columns:
-            labels = columns.pop("label")
-            if style == "kaggle-label":  # Kaggle's multi-label convention: space-separated
-                labels = [text.replace(";", " ") for text in labels]
-            columns = {"labels": labels, **columns}
-        return columns
-
-
-class Regression(Task):
-    """One or more values per image, standardized inside and reported in their own units."""
-
-    has_classes: ClassVar[bool] = False
-    losses: ClassVar[tuple[str, ...]] = ("mse", "l1", "huber")
-
-    def fit_target_scaling(self, train_targets):
-        values = np.asarray(train_targets, dtype=np.float64).reshape(len(train_targets), -1)
-        std = values.std(axis=0)
-        self.target_mean = values.mean(axis=0).tolist()
-        self.target_std = np.where(std > 0, std, 1.0).tolist()
-
-    def encode_targets(self, targets):
-        values = super().encode_targets(targets)
-        if self.target_mean:
-            mean = torch.tensor(self.target_mean, dtype=torch.float32)
-            std = torch.tensor(self.target_std, dtype=torch.float32)
-            values = (values - mean) / std
-        return values
-
-    def loss(self, outputs, targets, *, weighted=False):
-        losses = {"l1": F.l1_loss, "huber": F.huber_loss}
-        return losses.get(self.regression_loss, F.mse_loss)(outputs, targets)
-
-    def activate(self, outputs):
-        return self.unscale(outputs.float())
-
-    def decode(self, activated):
-        return activated.cpu().numpy()
-
-    def averageable(self, raw):
-        return raw
-
-    def item_losses(self, outputs, targets):
-        """The absolute error in the targets' units, summed over the targets."""
-        predicted = self.unscale(outputs.float().reshape(len(outputs), -1))
-        actual = self.unscale(targets.float().reshape(len(targets), -1))
-        return (predicted - actual).abs().sum(dim=1)
-
-    def describe_item(self, activated, target):
-        actual = self.unscale(target.float().reshape(1, -1))[0]
-        return {"predicted": ", ".join(f"{v:.4g}" for v in activated.tolist()),
-                "actual": ", ".join(f"{v:.4g}" for v in actual.tolist())}
-
-    def from_average(self, averaged):
-        return averaged
-
-    def describe_targets(self, targets):
-        values = self.unscale(targets.float().reshape(len(targets), -1))
-        return [", ".join(f"{v:.3g}" for v in row) for row in values.tolist()]
-
-    def default_targets(self, outputs):
-        return torch.zeros(len(outputs), dtype=torch.int64)  # the first target
-
-    def describe_output(self, values, target):
-        return f"{self.names[target]} = {values[target].item():.3g}"
-
-    def prediction_columns(self, activated, style):
-        return {name: activated[:, i].numpy() for i, name in enumerate(self.names)}
-
-
-KINDS: dict[str, type[Task]] = {"classification": Classification, "multilabel": MultiLabel,
-                                "regression": Regression}
-
-
-def resolve_loss(kind: str, loss: str) -> str:
-    """The loss a ``kind`` task trains with for ``--loss`` (``auto``: its own)."""
-    losses = KINDS[kind].losses
-    if loss == "auto":
-        return losses[0]
-    if loss not in losses:
-        raise ValueError(f"{loss} does not train {kind}: give --loss "
-                         f"{' or '.join(losses)} (or auto)")
-    return loss
