@@ -165,10 +165,11 @@ def summary(model: str | Path, image_size: int | None = None, channels: int | No
     path = Path(model)
     if (path / runs.MODEL_INFO).is_file():
         loaded = load_model(path, device="cpu", precision="fp32")
-        if "text" in loaded.info:
-            return text_summary_table(loaded.model, loaded.info["text"]["length"], depth)
-        return summary_table(loaded.model, image_size or loaded.info["image_size"],
-                             channels or loaded.info["channels"], depth)
+        shape = loaded.input
+        if not shape.reads_images:
+            return text_summary_table(loaded.model, shape.length, depth)
+        return summary_table(loaded.model, image_size or shape.settings.size,
+                             channels or shape.settings.channels, depth)
     name = str(model)
     if path.is_dir():
         raise ImagefitError(f"{path} holds no model.json: give a run directory written by "

@@ -12,6 +12,7 @@ from ..config import SourceOptions, refuse_unused
 from ..errors import ImagefitError, ImagefitWarning
 from ..tasks import KINDS, Task, task_class
 from .builtin import read_builtin
+from .inputs import TextInput, table_input
 from .table import SPLIT_ALIASES, Table, check_float32
 from .text import check_texts, looks_like_text
 
@@ -44,7 +45,7 @@ def read_source(spec: str | Path, options: SourceOptions | None = None) -> Table
                 f"data {text} not found: give a folder of class folders, a CSV file, "
                 "or builtin:digits / builtin:fashion-mnist"
             )
-    if table.texts is None:
+    if table_input(table).reads_images:
         refuse_unused(options, TEXT_OPTIONS, f"{text} holds images, not texts")
     return table
 
@@ -56,9 +57,11 @@ TEXT_OPTIONS = ("text_col", "text_length", "text_percentile", "keep_case")
 
 
 def _force_task(table: Table, task: str | None, spec: str) -> Table:
-    if task is None or task == table.task.kind or (task == "text" and table.texts is not None):
+    text = TextInput.name
+    if task is None or task == table.task.kind or (task == text and not
+                                                   table_input(table).reads_images):
         return table
-    if task == "text":
+    if task == text:
         raise ImagefitError(f"--task text reads texts from a CSV file, and {spec} holds "
                             "images: give a CSV with a column of texts and one of labels")
     raise ImagefitError(
@@ -213,7 +216,7 @@ def read_csv(path: Path, options: SourceOptions) -> Table:
         path_col = require(options.text_col, "--text-col")
     else:
         path_col = require(options.path_col, "--path-col") if options.path_col else columns[0]
-    text = options.task == "text" or options.text_col is not None or _names_no_files(
+    text = options.task == TextInput.name or options.text_col is not None or _names_no_files(
         frame[path_col], path, options, name)
     split_col = require(options.split_col, "--split-col") if options.split_col else (
         "split" if "split" in columns and path_col != "split" else None

@@ -44,11 +44,7 @@ class Exported(nn.Module):
 
 def input_spec(loaded: LoadedModel) -> dict:
     """What the graph takes: its name, type and shape ('batch' when any batch size goes)."""
-    if loaded.settings is None:
-        return {"name": "texts", "dtype": "int64",
-                "shape": ["batch", loaded.info["text"]["length"]]}
-    size, channels = loaded.settings.size, loaded.settings.channels
-    return {"name": "images", "dtype": "uint8", "shape": ["batch", channels, size, size]}
+    return loaded.input.graph_input()
 
 
 class Ensemble(nn.Module):
@@ -94,7 +90,7 @@ def export_onnx(loaded: LoadedModel | list[LoadedModel], out: Path, samples: tor
         "imagefit_version": __version__, "source": source, "format": "onnx", "opset": opset,
         "input": spec,
         "output": {"name": "outputs", "means": loaded.task.output_meaning()},
-        "resize": None if loaded.settings is None else loaded.settings.resize,
+        "resize": loaded.input.resize,
         "model": {k: v for k, v in loaded.info.items() if k != "lighting"},
         "members": len(members),
         "seconds": round(time.perf_counter() - started, 2),

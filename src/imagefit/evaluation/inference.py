@@ -25,6 +25,7 @@ from ..config import (
     refuse_unused,
 )
 from ..data.cache import NO_ROW_REMEDY, CacheSettings, build_cache, warn_unreadable
+from ..data.inputs import ImageInput, Input, TextInput, input_class, input_of, table_input
 from ..data.prepare import prepare_images
 from ..data.sources import (
     IMAGE_EXTENSIONS,
@@ -35,7 +36,7 @@ from ..data.sources import (
 )
 from ..data.splits import assign_validation
 from ..data.table import Table
-from ..data.text import Vocabulary, check_texts, prepare_texts
+from ..data.text import check_texts, prepare_texts
 from ..devices import inference_precision, resolve_device
 from ..errors import ImagefitError, ImagefitWarning
 from ..forward import TTA, model_outputs
@@ -58,13 +59,19 @@ class LoadedModel:
     info: dict
     precision: str = "fp32"  # the autocast its forward passes run in
 
+    @property
+    def input(self) -> Input:
+        """What it reads: its images' settings, or its characters and text length."""
+        return ImageInput(self.settings) if self.settings is not None else \
+            TextInput.from_info(self.info)
+
 
 def load_model(run: str | Path, device: str = "auto", precision: str = "auto") -> LoadedModel:
     """The model of a run directory, from safetensors + JSON (no code is unpickled), to run
     in ``precision`` (auto: as it was trained, so its figures are the fit's)."""
     info = runs.read_model_info(run)
     task = Task.from_dict(info["task"])
-    if info.get("input") == "text":
+    if not input_class(info).reads_images:
         return _load_text_model(run, info, task, device, precision)
     try:
         model = create_model(info["architecture"], info["channels"], task.n_out,
@@ -77,7 +84,7 @@ def load_model(run: str | Path, device: str = "auto", precision: str = "auto") -
     _warn_if_failed(Path(run))
     target = resolve_device(device)
     model = model.to(target, memory_format=torch.channels_last).eval()
-    settings = CacheSettings(info["image_size"], info["channels"], info["resize"])
+    settings = ImageInput.from_info(info).settings
     norm = info["normalization"]
     return LoadedModel(model, task, settings, BatchPipeline(norm["mean"], norm["std"]), info,
                        inference_precision(precision, info.get("precision"), target))
@@ -86,7 +93,7 @@ def load_model(run: str | Path, device: str = "auto", precision: str = "auto") -
 def _load_text_model(run: str | Path, info: dict, task: Task, device: str,
                      precision: str) -> LoadedModel:
     """A text model: its characters and length from model.json, no image settings."""
-    vocabulary = text_vocabulary(info)
+    vocabulary = TextInput.from_info(info).vocabulary
     model = create_text_model(info["architecture"], len(vocabulary), task.n_out,
                               dropout=info.get("dropout") or 0.0)
     runs.load_weights(model, run)
@@ -94,21 +101,6 @@ def _load_text_model(run: str | Path, info: dict, task: Task, device: str,
     target = resolve_device(device)
     return LoadedModel(model.to(target).eval(), task, None, TextPipeline(), info,
                        inference_precision(precision, info.get("precision"), target))
-
-
-def text_vocabulary(info: dict) -> Vocabulary:
-    text = info["text"]
-    return Vocabulary(text["characters"], text.get("lowercase", True))
-
-
-def is_text_model(loaded: LoadedModel) -> bool:
-    return loaded.info.get("input") == "text"
-
-
-def encode_texts(loaded: LoadedModel, texts: list[str]) -> torch.Tensor:
-    """Texts as the model read its training texts: (N, length) character indices."""
-    return torch.from_numpy(text_vocabulary(loaded.info).encode(texts,
-                                                                loaded.info["text"]["length"]))
 
 
 def _warn_if_failed(run: Path) -> None:
@@ -175,7 +167,7 @@ def predict(run: str | Path, inputs: list[str | Path], out: str | Path | None = 
         return frame
     members = load_models(run, options.device, options.snapshots, options.precision)
     loaded = members[0][1]
-    if is_text_model(loaded) or texts:
+    if not loaded.input.reads_images or texts:
         frame = _predict_texts(members, list(inputs), texts or [], options)
         if out is not None:
             runs.write_atomic(out, frame.to_csv(index=False))
@@ -196,13 +188,13 @@ def predict(run: str | Path, inputs: list[str | Path], out: str | Path | None = 
 def _predict_texts(members: list[tuple[Path, LoadedModel]], inputs: list[str | Path],
                    texts: list[str], options: PredictOptions) -> pd.DataFrame:
     loaded = members[0][1]
-    if not is_text_model(loaded):
+    if loaded.input.reads_images:
         raise ImagefitError(f"{members[0][0]} holds an image model: give it images, not "
                             "--text")
     texts = _texts_of(inputs, texts, options)
     total = None
     for _, member in members:  # each fold model reads with its own characters
-        raw = _outputs(member, encode_texts(member, texts), np.arange(len(texts)), options.bs)
+        raw = _outputs(member, member.input.encode(texts), np.arange(len(texts)), options.bs)
         part = member.task.averageable(raw) if len(members) > 1 else raw
         total = part if total is None else total + part
     outputs = total if len(members) == 1 else loaded.task.from_average(total / len(members))
@@ -252,13 +244,13 @@ def _predict_onnx(path: Path, inputs: list[str | Path], texts: list[str] | None,
     model = OnnxModel(path)
     info = model.description["model"]
     task = Task.from_dict(info["task"])
-    if info.get("input") == "text":
+    model_input = input_of(info)
+    if not model_input.reads_images:
         texts = _texts_of(inputs, texts, options)
-        codes = torch.from_numpy(text_vocabulary(info).encode(texts, info["text"]["length"]))
-        return _text_frame(task, texts, _batched(model, codes, options.bs))
+        return _text_frame(task, texts, _batched(model, model_input.encode(texts), options.bs))
     if texts:
         raise ImagefitError(f"{path} holds an image model: give it images, not --text")
-    settings = CacheSettings(info["image_size"], info["channels"], info["resize"])
+    settings = model_input.settings
     paths = expand_inputs(list(inputs), options)
     cache = build_cache(paths, settings, options.cache_dir, progress=options.progress)
     warn_unreadable(cache, paths, NO_ROW_REMEDY)
@@ -383,21 +375,21 @@ def evaluate(run: str | Path, data: str | Path | Table, out: str | Path | None =
         out = runs.output_file(out, "--out", "metrics.json")
     loaded = load_model(run, options.device, options.precision)
     run_config = _read_run_config(Path(run))
-    if is_text_model(loaded) and options.task is None:
-        options = options.model_copy(update={"task": "text"})
+    if not loaded.input.reads_images and options.task is None:
+        options = options.model_copy(update={"task": TextInput.name})
     table = data if isinstance(data, Table) else read_source(data, options)
     split = options.split or ("test" if table.has_split("test") else "valid")
     if split == "valid":
         table = assign_validation(table, run_config.get("valid_pct", 0.2),
                                   run_config.get("seed", 0), run_config.get("stratify", True))
-    if is_text_model(loaded) != (table.texts is not None):
-        raise ImagefitError(f"{run} holds {'a text' if is_text_model(loaded) else 'an image'} "
-                            f"model and {table.description} holds "
-                            f"{'texts' if table.texts is not None else 'images'}: give data "
-                            "of the kind it was trained on")
-    if table.texts is not None:
-        prepared = prepare_texts(table, length=loaded.info["text"]["length"],
-                                 vocabulary=text_vocabulary(loaded.info))
+    model_input, data_input = loaded.input, table_input(table)
+    if type(model_input) is not data_input:
+        raise ImagefitError(f"{run} holds {model_input.a_model} and {table.description} "
+                            f"holds {data_input.noun}: give data of the kind it was trained "
+                            "on")
+    if not model_input.reads_images:
+        prepared = prepare_texts(table, length=model_input.length,
+                                 vocabulary=model_input.vocabulary)
     else:
         prepared = prepare_images(table, loaded.settings, cache_dir=options.cache_dir,
                                   strict=options.strict, progress=options.progress)

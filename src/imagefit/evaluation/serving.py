@@ -20,6 +20,7 @@ from PIL import Image
 
 from .. import runs
 from ..data.cache import CacheSettings, decode_image
+from ..data.inputs import input_class
 from ..errors import ImagefitError
 from ..tasks import Task
 from .inference import LoadedModel, load_model, load_models
@@ -179,7 +180,7 @@ class ServedModel:
 
 
 def _refuse_text(info: dict, source: Path) -> None:
-    if info.get("input") == "text":
+    if not input_class(info).reads_images:
         raise ImagefitError(f"{source} holds a text model; serve shows images: predict texts "
                             "with imagefit predict RUN --text ...")
 

@@ -54,6 +54,7 @@ class CharCNN(nn.Module):
 
 
 TEXT_MODELS = {"char_cnn": CharCNN}
+TEXT_MODEL = "char_cnn"  # the default
 
 
 def create_text_model(name: str, vocabulary_size: int, n_out: int,

@@ -23,6 +23,7 @@ from pydantic import BaseModel
 from safetensors import SafetensorError
 
 from .. import runs
+from ..data.inputs import INPUTS, ImageInput
 from ..errors import ImagefitError, ImagefitWarning
 from ..tasks import task_class
 from ..version import __version__
@@ -188,7 +189,8 @@ def build_context(run_dir: Path) -> dict:
     return {
         "title": run_dir.name,
         "data": config.get("data_description") or config.get("data") or "-",
-        "task_kind": (f"text {kind}" if info.get("input") == "text" else kind) or "-",
+        "task_kind": " ".join(filter(None, [INPUTS.get(info.get("input"), ImageInput).qualifier,
+                                            kind])) or "-",
         "model": info.get("architecture") or config.get("model") or "-",
         "epochs": metrics.get("epochs", len(history) if history is not None else 0),
         "seconds": f"{seconds:.0f} s" if isinstance(seconds, (int, float)) else "-",

@@ -23,10 +23,9 @@ def save_model_summary(run_dir: str | Path, loaded: LoadedModel | None = None) -
     loaded = loaded or load_model(run_dir, "cpu", "fp32")
     try:
         with evaluating(loaded.model):
-            table = (text_summary_table(loaded.model, loaded.info["text"]["length"])
-                     if "text" in loaded.info else
-                     summary_table(loaded.model, loaded.info["image_size"],
-                                   loaded.info["channels"]))
+            shape = loaded.input
+            table = (summary_table(loaded.model, shape.settings.size, shape.settings.channels)
+                     if shape.reads_images else text_summary_table(loaded.model, shape.length))
     except ImagefitError:  # torchinfo is not installed
         return None
     except RuntimeError as error:  # torchinfo's own failures, e.g. on a model's custom layer

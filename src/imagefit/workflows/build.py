@@ -26,6 +26,7 @@ from ..config import (
 )
 from ..data.cache import CacheSettings
 from ..data.checks import check_has_training_rows, check_trainable, leak_notes
+from ..data.inputs import ImageInput, Input, TextInput, table_input
 from ..data.label_edits import apply_label_edits
 from ..data.loader import Loader, on_device_if_it_fits
 from ..data.prepare import (
@@ -57,7 +58,7 @@ from ..models import (
 )
 from ..models.heads import resolve_head
 from ..models.pretrained import default_photo_weights, weights_record
-from ..models.text import create_text_model
+from ..models.text import TEXT_MODEL, create_text_model
 from ..tasks import HIGHER_IS_BETTER, Regression, Task, resolve_loss, task_class
 from ..train import schedules
 from ..train.learner import Learner
@@ -103,6 +104,14 @@ class LoadedData:
     augment_until_plan: bool = False
     tta_asked: bool = False  # the user asked for test-time augmentation: a budget keeps it
 
+    @property
+    def input(self) -> Input:
+        """What the model will read: the images' settings, or the texts' characters and
+        length."""
+        if self.settings is not None:
+            return ImageInput(self.settings)
+        return TextInput(self.prepared.vocabulary, self.prepared.length)
+
     def own_rows(self, split: str) -> tuple[np.ndarray, dict]:
         """The rows of ``split`` this rank reads, and the Loader arguments that share them."""
         rows = {"train": self.train_rows, "valid": self.valid_rows, "test": self.test_rows}
@@ -124,7 +133,7 @@ def load_data(data: str | Path | Table, cfg: ImageOptions) -> LoadedData:
                                      getattr(cfg, "min_score", None))
     if edits and distributed.is_main():
         print(_describe_edits(edits))
-    if table.texts is not None:
+    if not table_input(table).reads_images:
         return _load_texts(table, cfg, edits)
     if cfg.image_sizes and cfg.image_size is None:
         cfg.image_size = max(cfg.image_sizes)
@@ -198,7 +207,7 @@ def _load_texts(table: Table, cfg: ImageOptions, edits: dict | None) -> LoadedDa
 
 def require_images(loaded: LoadedData, command: str) -> None:
     """Refuse texts in a command that only knows images, in one line."""
-    if loaded.table.texts is not None:
+    if not table_input(loaded.table).reads_images:
         raise ImagefitError(f"{command} works on images, and {loaded.table.description} holds "
                             "texts: fit, cv, predict and evaluate read texts")
 
@@ -218,7 +227,7 @@ def check_data(table: Table, cfg: FitConfig) -> int | None:
     its directory exists): training rows, readable images, classes, targets. The image cache
     built here is the one the folds then read. Returns the image size (None for texts)."""
     check_has_training_rows(table)
-    if table.texts is not None:
+    if not table_input(table).reads_images:
         if cfg.text_length:
             check_text_room(table, cfg.text_length, *preflight_batch(table, cfg, text=True))
         texts = prepare_texts(table, length=cfg.text_length, percentile=cfg.text_percentile,
@@ -356,8 +365,8 @@ def build_training(cfg: FitConfig, loaded: LoadedData, device: torch.device,
     which may choose a wider small net (``models.net_for_budget``)."""
     table, settings = loaded.table, loaded.settings
     if cfg.model == "auto":
-        cfg.model = "char_cnn" if settings is None else default_model_name(
-            settings.size, table.task.single_label)
+        cfg.model = default_model_name(settings.size, table.task.single_label) if \
+            loaded.input.reads_images else TEXT_MODEL
         if budget_seconds is not None and cfg.model == NARROW_NET and \
                 settings.size >= MIN_AUGMENT_SIZE:  # what the recipe was measured on
             _widen_for_budget(cfg, loaded, device, budget_seconds)
@@ -375,7 +384,7 @@ def build_training(cfg: FitConfig, loaded: LoadedData, device: torch.device,
         task.class_weights = class_weights(table.targets[train_rows], task).tolist()
     targets = task.encode_targets(table.targets)
     torch.manual_seed(cfg.seed)
-    if settings is None:
+    if not loaded.input.reads_images:
         return _text_training(cfg, loaded, task, targets, train_rows, sampler, device)
     model = create_model(cfg.model, settings.channels, task.n_out, pretrained=cfg.pretrained,
                          dropout=cfg.dropout, drop_path=cfg.drop_path, head=cfg.head,

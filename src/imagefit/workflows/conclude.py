@@ -70,7 +70,7 @@ def conclude(run_dir: Path, cfg: FitConfig, parts: TrainingParts, loaded: Loaded
                                                        targets[splits[name]])))
     trained = LoadedModel(model, task, loaded.settings, parts.pipeline, parts.model_info,
                           cfg.precision)
-    if cfg.report and outputs and distributed.is_main() and loaded.table.texts is not None:
+    if cfg.report and outputs and distributed.is_main() and not trained.input.reads_images:
         split = "valid" if "valid" in outputs else "test"
         rows = splits[split]
         save_text_interpretation(run_dir, task, outputs[split], targets[rows],

@@ -30,6 +30,7 @@ from ..data.folds import (
     save_folds,
     split_for_fold,
 )
+from ..data.inputs import table_input
 from ..data.sources import read_source
 from ..data.table import Table
 from ..errors import ImagefitError
@@ -191,7 +192,7 @@ def _oof_frame(table: Table, task: Task, parts: list) -> pd.DataFrame:
         frame = pd.DataFrame({"row": rows, "fold": fold})
         if table.paths is not None:
             frame["path"] = [table.paths[r] for r in rows]
-        if table.texts is not None:
+        if not table_input(table).reads_images:
             frame["text"] = [table.texts[r] for r in rows]
         if task.single_label:
             frame["label"] = [task.names[i] for i in np.asarray(table.targets)[rows]]

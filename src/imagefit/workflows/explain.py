@@ -41,7 +41,7 @@ def explain(run: str | Path, inputs: list[str | Path], out: str | Path,
 def _write_maps(run: str | Path, inputs: list[str | Path], out: Path,
                 options: ExplainOptions) -> list[Path]:
     loaded = load_model(run, options.device, options.precision)
-    if loaded.settings is None:
+    if not loaded.input.reads_images:
         raise ImagefitError(f"{run} holds a text model: explain draws maps of images; see its "
                             "report for the top losses and accuracy by text length")
     target = None if options.target is None else target_index(loaded.task, options.target)

@@ -16,7 +16,7 @@ from ..data.sources import read_source
 from ..data.splits import assign_validation
 from ..errors import ImagefitError, ImagefitWarning
 from ..evaluation.export import export_onnx
-from ..evaluation.inference import LoadedModel, encode_texts, load_models
+from ..evaluation.inference import LoadedModel, load_models
 from ..evaluation.onnx_model import require_onnx
 
 
@@ -30,7 +30,7 @@ def export(run: str | Path, out: str | Path | None = None, options: ExportOption
     run = Path(run)
     members = [member for _, member in load_models(run, "cpu", precision="fp32")]
     loaded = members[0]
-    if len(members) > 1 and loaded.settings is None:
+    if len(members) > 1 and not loaded.input.reads_images:
         raise ImagefitError(f"{run} holds text models whose folds read different characters: "
                             "export one fold's run directory (e.g. fold_0)")
     out = runs.output_file(out or run / "model.onnx", "--out", "model.onnx")
@@ -58,8 +58,8 @@ def parity_samples(run: Path, loaded: LoadedModel, options: ExportOptions) -> to
                                   values.get("seed", 0), values.get("stratify", True))
         rows = np.concatenate([np.flatnonzero(table.split == s) for s in ("valid", "train")])
         table = table.subset(rows[:options.parity_images])
-        if loaded.settings is None:
-            return encode_texts(loaded, table.texts)
+        if not loaded.input.reads_images:
+            return loaded.input.encode(table.texts)
         prepared = prepare_images(table, loaded.settings, cache_dir=options.cache_dir,
                                   progress=options.progress)
         usable = torch.as_tensor(np.flatnonzero(prepared.usable))
@@ -68,10 +68,4 @@ def parity_samples(run: Path, loaded: LoadedModel, options: ExportOptions) -> to
         warnings.warn(f"the parity check uses random inputs: {run}'s data cannot be read "
                       f"({error})", ImagefitWarning, stacklevel=3)
     generator = torch.Generator().manual_seed(0)
-    if loaded.settings is None:
-        length = loaded.info["text"]["length"]
-        high = len(loaded.info["text"]["characters"]) + 2
-        return torch.randint(0, high, (options.parity_images, length), generator=generator)
-    shape = (options.parity_images, loaded.settings.channels, loaded.settings.size,
-             loaded.settings.size)
-    return torch.randint(0, 256, shape, generator=generator, dtype=torch.uint8)
+    return loaded.input.random_inputs(options.parity_images, generator)

@@ -36,10 +36,11 @@ from torch import nn
 from .. import runs
 from ..config import CVConfig, LabelIssuesOptions, make_options
 from ..data.cache import CacheSettings
+from ..data.inputs import table_input
 from ..data.prepare import prepare_images
 from ..data.sources import read_source
 from ..errors import ImagefitError
-from ..evaluation.inference import encode_texts, load_model
+from ..evaluation.inference import load_model
 from ..evaluation.label_issues import (
     LabelIssues,
     data_issues,
@@ -122,7 +123,7 @@ def cv_images(cv_dir: Path, options: LabelIssuesOptions) -> np.ndarray | list[st
         cfg.cache_dir = options.cache_dir
     cfg.progress = options.progress
     table = read_source(data, cfg)
-    if table.texts is not None:  # each fold model encodes them with its own characters
+    if not table_input(table).reads_images:  # each fold model encodes them with its own characters
         return table.texts
     info = runs.read_model_info(cv_dir / "fold_0")
     settings = CacheSettings(int(info["image_size"]) if not cfg.image_sizes else
@@ -170,7 +171,7 @@ def fold_model_features(cv_dir: Path, folds: list[int], texts: list[str], rows: 
         hook = last.register_forward_hook(
             lambda module, args, out, seen=seen: seen.append(args[0].float()))
         try:
-            model_outputs(loaded.model, loaded.pipeline, task, encode_texts(loaded, texts),
+            model_outputs(loaded.model, loaded.pipeline, task, loaded.input.encode(texts),
                           rows, 256, precision=loaded.precision)
         finally:
             hook.remove()

@@ -35,6 +35,7 @@ from ..models.footprint import (
     image_model_footprint,
     text_model_footprint,
 )
+from ..models.text import TEXT_MODEL
 
 MIN_IMAGE_SIZE = ImageOptions.model_fields["image_size"].metadata[0].ge
 INT64_BYTES = 8  # an encoded character
@@ -206,7 +207,7 @@ def check_text_room(table: Table, length: int, batch_size: int | None,
     """Refuse a --text-length whose encoded texts (8 bytes a character, every row) or whose
     training step (at ``batch_size``; None: no model is trained) would not fit in memory,
     before the texts are encoded."""
-    footprint = text_model_footprint("char_cnn", TEXT_VOCABULARY, table.task.n_out, length)
+    footprint = text_model_footprint(TEXT_MODEL, TEXT_VOCABULARY, table.task.n_out, length)
     room = Room.measure(None, device)
 
     def shortfall(chars: int) -> str | None:

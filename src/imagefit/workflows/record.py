@@ -15,6 +15,7 @@ from torch import nn
 
 from .. import distributed, runs
 from ..config import FitConfig
+from ..data.inputs import table_input
 from ..data.table import Table
 from ..data.text import text_summary
 from ..report.dataset import summarize_dataset
@@ -116,7 +117,7 @@ def finish(run_dir: Path, prepared: Prepared, learner: Learner, best: BestCheckp
 
 def summarize_data(run_dir: Path, loaded, parts, seed: int) -> None:
     splits = {"train": loaded.train_rows, "valid": loaded.valid_rows, "test": loaded.test_rows}
-    if loaded.table.texts is not None:
+    if not table_input(loaded.table).reads_images:
         runs.save_json(run_dir / DATA_SUMMARY, text_summary(loaded.table, loaded.prepared,
                                                             splits))
         return

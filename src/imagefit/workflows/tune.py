@@ -41,6 +41,7 @@ from ..config import (
     make_options,
     merge_options,
 )
+from ..data.inputs import table_input
 from ..data.prepare import resolve_settings
 from ..data.sources import read_source
 from ..data.table import Table
@@ -198,7 +199,7 @@ def fit_defaults(table: Table, cfg: FitConfig) -> FitConfig:
     recipes' and the small-image recipe's (SGD at 0.1 for imagefit's small nets, ...)."""
     probe = fit_options(cfg)
     apply_recipe(probe)
-    if table.texts is None:
+    if table_input(table).reads_images:
         size = probe.image_size or (max(probe.image_sizes) if probe.image_sizes else None)
         settings = resolve_settings(table, size, probe.channels, probe.resize, probe.seed)
         choose_photo_weights(probe, settings.size, say=False)
