@@ -41,15 +41,28 @@ def module_name(path: Path) -> str:
     return ".".join(parts)
 
 
-def imports_of(path: Path) -> list[tuple[str, list[str], int]]:
+def leaves() -> dict[str, set[str]]:
+    """Floor-0 module (or train.schedules) -> the package modules it may import, from the
+    list in docs/DESIGN.md; a floor-0 module not listed may import none."""
+    text = DESIGN.read_text().split("<!-- leaves -->")[1].split("<!-- /leaves -->")[0]
+    result = {}
+    for line in text.splitlines():
+        if line.startswith("- "):
+            names = re.findall(r"`([\w.]+)`", line)
+            result[names[0]] = set(names[1:])
+    return result
+
+
+def imports_of(path: Path, typing_too: bool = False) -> list[tuple[str, list[str], int]]:
     """(imported module inside the package, names taken from it, line) for every import,
-    relative ones resolved; imports under ``if TYPE_CHECKING`` are left out."""
+    relative ones resolved; imports under ``if TYPE_CHECKING`` are left out unless
+    ``typing_too``."""
     tree = ast.parse(path.read_text())
     package = module_name(path).split(".") if path.name == "__init__.py" else \
         module_name(path).split(".")[:-1]
     typing_only = {id(node) for guard in ast.walk(tree) if isinstance(guard, ast.If)
                    and "TYPE_CHECKING" in ast.unparse(guard.test)
-                   for node in ast.walk(guard)}
+                   for node in ast.walk(guard)} if not typing_too else set()
     found = []
     for node in ast.walk(tree):
         if id(node) in typing_only:
@@ -126,15 +139,16 @@ def test_imports_go_down_or_across_and_take_no_private_names(path):
     assert not problems, "\n".join(problems)
 
 
-def import_graph() -> dict[str, set[str]]:
-    """Module -> the package's modules it imports (the package __init__ files left out)."""
+def import_graph(typing_too: bool = True) -> dict[str, set[str]]:
+    """Module -> the package's modules it imports (the package __init__ files left out);
+    imports for type checking only count too (a cycle through them is still a cycle)."""
     graph: dict[str, set[str]] = {}
     modules = {module_name(p) for p in MODULES}
     for path in MODULES:
         if path.name == "__init__.py":
             continue
         targets = set()
-        for target, _, _ in imports_of(path):
+        for target, _, _ in imports_of(path, typing_too):
             while target and target not in modules:  # a name inside a module
                 target = target.rpartition(".")[0]
             if target and target != module_name(path) and \
@@ -168,6 +182,29 @@ def test_no_import_cycles():
     assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
 
 
+def test_the_leaves_import_only_what_the_design_lists():
+    """Floor 0 may import across its own floor, so the floors alone would let any leaf take
+    any other (and a cycle of two leaves, or a leaf growing into a hub, pass); the schedules
+    in train/ import nothing of the package."""
+    table, listed = floors(), leaves()
+    found = {}
+    for path in MODULES:
+        name = module_name(path)
+        top = name.split(".")[0]
+        if not name or (floor_of(name, table) != 0 and name not in listed):
+            continue
+        key = name if name in listed else top
+        imported = [target for target, _, _ in imports_of(path, typing_too=True) if target]
+        if key == top:  # a floor-0 module or package: what it takes from the others
+            targets = {t.split(".")[0] for t in imported if t.split(".")[0] != top}
+        else:  # a leaf inside a package: anything at all
+            targets = set(imported)
+        found.setdefault(key, set()).update(targets)
+    found = {name: targets for name, targets in found.items() if targets or name in listed}
+    assert found == listed, (f"docs/DESIGN.md's leaves list {listed}, the modules import "
+                             f"{found}")
+
+
 def test_the_command_line_imports_only_the_modules_the_design_names():
     allowed = cli_imports()
     used = {target for target, _, _ in imports_of(PACKAGE / "cli.py")}
@@ -189,3 +226,9 @@ def test_the_checker_sees_a_violation(tmp_path, monkeypatch):
     assert ("data.sources", ["_visible"], 2) in found
     assert find_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]
     assert find_cycles({"a": {"b"}, "b": set()}) == []
+    typing_only = "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .fit import X\n"
+    record = PACKAGE / "workflows" / "record.py"
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: typing_only
+                        if self == record else Path.read_bytes(self).decode())
+    assert imports_of(record) == []
+    assert imports_of(record, typing_too=True) == [("workflows.fit", ["X"], 3)]

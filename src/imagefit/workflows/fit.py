@@ -10,7 +10,6 @@ import contextlib
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ import torch
 
 from .. import distributed, runs
 from ..augment.presets import resolve_augment
-from ..config import FitConfig, RunOptions, freeze_options, make_options, refuse_resume_options
+from ..config import FitConfig, freeze_options, make_options, refuse_resume_options
 from ..data.soft import soft_targets
 from ..data.table import Table
 from ..devices import resolve_device, resolve_precision
@@ -37,9 +36,7 @@ from ..train.budget import Budget, Plan
 from ..train.callbacks import RunWriter
 from ..train.callbacks.label_correction import check_label_correction
 from ..train.callbacks.tracking import end_trackers, require_trackers
-from ..train.lr_finder import LRFinderResult
 from ..train.precompute import supports_precompute
-from ..train.schedules import Schedule
 from .build import (
     AUGMENT_FROM_EPOCHS,
     LoadedData,
@@ -53,7 +50,13 @@ from .build import (
     require_images,
 )
 from .check import CheckResult, fast_checks, format_check
-from .phases import LR_FIND_BUDGET_SHARE, budget_planner, own_callbacks, train_phases
+from .phases import (
+    LR_FIND_BUDGET_SHARE,
+    Prepared,
+    budget_planner,
+    own_callbacks,
+    train_phases,
+)
 from .record import (
     FitResult,
     finish,
@@ -127,23 +130,6 @@ def run_fit(data: str | Path | Table, cfg: FitConfig, callbacks=(), run_dir: Pat
             contextlib.nullcontext()
         with lock:
             return train_in_run_dir(run_dir, data, prepared, callbacks, resume_state, started)
-
-
-@dataclass
-class Prepared:
-    """A fit assembled and checked, before its run directory exists: the options as they
-    run (frozen), the data, the model and loaders, the schedule, the LR sweep of --lr auto
-    and the --budget clock."""
-
-    options: RunOptions
-    loaded: LoadedData
-    parts: TrainingParts
-    epochs: int
-    lr_schedule: Schedule
-    momentum: Schedule | None
-    finder: LRFinderResult | None
-    budget: Budget | None
-    notes: dict
 
 
 def prepare(device: torch.device, data: str | Path | Table, cfg: FitConfig,

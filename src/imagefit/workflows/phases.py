@@ -6,16 +6,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .. import distributed
-from ..config import FitConfig
+from ..config import FitConfig, RunOptions
 from ..forward import TTA, model_outputs
 from ..tasks import HIGHER_IS_BETTER
 from ..train import budget, schedules
-from ..train.budget import BudgetPlanner
+from ..train.budget import Budget, BudgetPlanner
 from ..train.callbacks import (
     BestCheckpoint,
     Callback,
@@ -31,6 +32,7 @@ from ..train.callbacks import (
 from ..train.callbacks.base import callback_order
 from ..train.callbacks.tracking import make_trackers
 from ..train.learner import Learner
+from ..train.lr_finder import LRFinderResult
 from ..train.precompute import fit_head_on_features
 from ..train.schedules import Schedule
 from .build import LoadedData, TrainingParts, monitor_column
@@ -49,6 +51,24 @@ FROZEN_BUDGET_SHARE = 0.2
 # the most of what is left of a --budget that --lr auto's sweep may take: its 200 steps of
 # Lite0 on 2,000 images at 64 px took over a minute on 2 CPU cores before it was bounded
 LR_FIND_BUDGET_SHARE = 0.1
+
+
+@dataclass
+class Prepared:
+    """A fit assembled and checked, before its run directory exists: the options as they
+    run (frozen), the data, the model and loaders, the schedule, the LR sweep of --lr auto
+    and the --budget clock."""
+
+    options: RunOptions
+    loaded: LoadedData
+    parts: TrainingParts
+    epochs: int
+    lr_schedule: Schedule
+    momentum: Schedule | None
+    finder: LRFinderResult | None
+    budget: Budget | None
+    notes: dict
+
 
 
 def train_phases(learner: Learner, cfg: FitConfig, epochs: int, lr_schedule: Schedule,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,10 +27,7 @@ from ..train.callbacks import BestCheckpoint, RunWriter
 from ..train.learner import Learner
 from .build import LoadedData, TrainingParts
 from .conclude import conclude
-from .phases import budget_line
-
-if TYPE_CHECKING:
-    from .fit import Prepared
+from .phases import Prepared, budget_line
 
 
 @dataclass
