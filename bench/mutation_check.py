@@ -227,7 +227,7 @@ MUTATIONS = [
              expression("self.accumulate"), "1",
              (OPTIONS + "test_accumulating_two_batches_steps_as_one_batch_twice_the_size",),
              "self.accumulate in the step test"),
-    Mutation("grad clip", "imagefit.train.learner", "Learner.step_optimizer",
+    Mutation("grad clip", "imagefit.train.step", "optimizer_step",
              call("clip_grad_norm_"), "None",
              (OPTIONS + "test_grad_clip_bounds_the_norm_the_optimizer_steps_with",),
              "the call to clip_grad_norm_"),

@@ -99,6 +99,11 @@ def fit(data: Path, budget: str, seed: int, extra: list[str], runs_dir: Path) ->
            "image_size": info["image_size"], "epochs": metrics["epochs"],
            "budget_used_seconds": metrics["budget"]["used_seconds"],
            "train_seconds": metrics["train_seconds"], "final_seconds": metrics["final_seconds"],
+           # what the planner foresaw, to tell an overrun's cause: the end it planned for,
+           # the seconds it had left at its last plan, and whether the deadline cut it
+           "planned_final_seconds": (metrics["budget"].get("plan") or {}).get("final_seconds"),
+           "last_plan_left_seconds": (metrics["budget"].get("plan") or {}).get("left_seconds"),
+           "stopped_at_deadline": metrics["budget"].get("stopped_at_deadline"),
            "test_accuracy": round(metrics["test_accuracy"], 4),
            "headline_accuracy": round(tta if tta is not None else metrics["test_accuracy"], 4),
            "weights_line": next((line for line in done.stdout.splitlines()

@@ -14,9 +14,11 @@ from imagefit import api, models
 from imagefit.augment.pipeline import BatchPipeline
 from imagefit.config import AugmentOptions, FitConfig, ShowBatchOptions
 from imagefit.forward import TTA, model_outputs
-from imagefit.models import create_model, default_model_name, net_for_budget
+from imagefit.models import create_model, default_model_name
 from imagefit.tasks import Task, task_class
+from imagefit.train import step as train_step
 from imagefit.train.callbacks.base import Callback
+from imagefit.train.step import net_for_budget
 from imagefit.workflows.build import apply_small_image_recipe
 
 
@@ -124,7 +126,7 @@ def test_a_budget_holding_enough_epochs_of_the_wider_net_trains_it(monkeypatch):
     """net_for_budget estimates the epochs of small_cnn_32 in the seconds left from its timed
     steps (stood in for here): from WIDER_FROM_EPOCHS on, the wider net."""
     per_second = 1000.0
-    monkeypatch.setattr(models, "training_images_per_second", lambda *a, **k: per_second)
+    monkeypatch.setattr(train_step, "training_images_per_second", lambda *a, **k: per_second)
     seconds = models.WIDER_FROM_EPOCHS * 50_000 / (per_second * models.TRAINING_SHARE)
     shape, cpu = (1, 28, 28), torch.device("cpu")
     name, epochs = net_for_budget("small_cnn_16", seconds, 50_000, shape, 10, cpu)
@@ -164,8 +166,9 @@ def test_timing_a_net_gives_its_training_speed():
     try:
         figures, timed_here = [], []
         for _ in range(3):
-            figures.append(models.training_images_per_second(
-                "small_cnn_32", (1, 28, 28), 10, torch.device("cpu"), batch_size=16))
+            figures.append(train_step.training_images_per_second(
+                create_model("small_cnn_32", 1, 10), (1, 28, 28), 10, torch.device("cpu"),
+                batch_size=16))
             timed_here.append(steps_timed_here("small_cnn_32", (1, 28, 28), 16))
     finally:
         torch.set_num_threads(threads)

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import difflib
 import inspect
-import time
 from collections.abc import Callable
 
 import timm
-import torch
 from timm.layers import get_act_layer
 from torch import nn
 
-from ..devices import autocast
 from ..errors import ImagefitError
 from .heads import HIDDEN_HEADS, WithHead
 from .lenet import LeNetSELU
@@ -37,9 +34,10 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 SMALL_CNN_WIDTHS = {int(name.removeprefix("small_cnn_")): name for name in MODELS
                     if name.startswith("small_cnn_")}
 # A --budget fit that holds this many epochs of small_cnn_32 trains it instead of
-# small_cnn_16 (``net_for_budget``). On Fashion-MNIST's carved validation split, at --budget
-# 5m, small_cnn_32 (18-21 epochs) beat small_cnn_16 (37-45 epochs) on each of 3 seeds, by
-# 0.30 points on average (bench/recipe_ablation.py); at 13 epochs the two scored the same,
+# small_cnn_16 (``train.step.net_for_budget``). On Fashion-MNIST's carved validation split,
+# at --budget 5m, small_cnn_32 (18-21 epochs) beat small_cnn_16 (37-45 epochs) on each of 3
+# seeds, by 0.30 points on average (bench/recipe_ablation.py); at 13 epochs the two scored
+# the same,
 # and at --budget 1m (1.9 epochs of it) the wider net lost by a point (docs/RECIPES.md).
 WIDER_FROM_EPOCHS = 15
 NARROW_NET, WIDER_NET = "small_cnn_16", "small_cnn_32"
@@ -49,53 +47,12 @@ TRAINING_SHARE = 0.85  # of a budget, spent in training steps (the rest: validat
 def default_model_name(image_size: int, single_label: bool = True) -> str:
     """For images of 32 px or less: the small-image recipe's net for single-label
     classification (small_cnn_16; a --budget long enough for it trains small_cnn_32:
-    ``net_for_budget``), imagefit 0.1's small_cnn for the tasks the recipe was not measured
-    on. resnet18 above 32 px: the net photos train from scratch (when pretrained weights can
-    be had they start from those instead: ``workflows.build.choose_photo_weights``)."""
+    ``train.step.net_for_budget``), imagefit 0.1's small_cnn for the tasks the recipe was not
+    measured on. resnet18 above 32 px: the net photos train from scratch (when pretrained
+    weights can be had they start from those instead: ``workflows.build.choose_photo_weights``)."""
     if image_size > SMALL_IMAGE_MAX:
         return SCRATCH_PHOTO_NET
     return NARROW_NET if single_label else "small_cnn"
-
-
-def net_for_budget(narrow: str, seconds: float, n_train: int, shape: tuple[int, int, int],
-                   n_out: int, device: torch.device, batch_size: int = 128,
-                   world_size: int = 1, precision: str = "fp32") -> tuple[str, float]:
-    """The net a --budget fit of the small-image recipe trains: ``narrow`` (small_cnn_16),
-    or ``WIDER_NET`` when ``seconds`` hold ``WIDER_FROM_EPOCHS`` epochs of it over
-    ``n_train`` images, as estimated from a few of its training steps timed here (about a
-    quarter of a second on 2 CPU cores). Also the epochs estimated."""
-    per_second = training_images_per_second(WIDER_NET, shape, n_out, device, batch_size,
-                                            precision=precision)
-    epochs = seconds * TRAINING_SHARE * per_second * world_size / max(n_train, 1)
-    return (WIDER_NET if epochs >= WIDER_FROM_EPOCHS else narrow), epochs
-
-
-def training_images_per_second(name: str, shape: tuple[int, int, int], n_out: int,
-                               device: torch.device, batch_size: int = 128,
-                               warmup: int = 2, timed: int = 5, precision: str = "fp32") -> float:
-    """Images a second that ``name`` trains on (random batches, channels-last, SGD with
-    momentum, autocast to ``precision`` as the fit's steps are), after ``warmup`` untimed
-    steps. Draws from torch's global random state: seed it afterwards. (Not
-    torch.utils.benchmark.Timer: importing it logs a CUDA warning on machines without one.)"""
-    model = MODELS[name](shape[0], n_out).to(device, memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
-    images = torch.randn(batch_size, *shape, device=device).contiguous(
-        memory_format=torch.channels_last)
-    targets = torch.randint(0, n_out, (batch_size,), device=device)
-    started = 0.0
-    for step in range(warmup + timed):
-        if step == warmup:
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            started = time.perf_counter()
-        with autocast(precision, device):
-            loss = nn.functional.cross_entropy(model(images).float(), targets)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return timed * batch_size / max(time.perf_counter() - started, 1e-9)
 
 
 def is_small_net(name: str) -> bool:

@@ -15,7 +15,6 @@ from torch import nn
 from .. import distributed
 from ..augment.pipeline import BatchPipeline
 from ..data.loader import Loader
-from ..devices import autocast
 from ..errors import ImagefitError, ImagefitWarning, TrainingDiverged
 from ..forward import loader_outputs
 from ..metrics import compute_metrics
@@ -25,6 +24,7 @@ from .callbacks.base import EVENTS, Callback, callback_order
 from .memory import is_out_of_memory
 from .optim import geometric_scales, make_optimizer
 from .schedules import Schedule, one_cycle, one_cycle_momentum
+from .step import backward, forward_loss, optimizer_step
 
 # On a GPU, reading whether the loss is finite waits for the GPU, so it is read every this
 # many steps (the first bad step is remembered on the device); on a CPU at every step.
@@ -469,9 +469,13 @@ class Learner:
                 self.scaler.load_state_dict(scaler)
 
     def _forward(self, precision: str) -> None:
-        with autocast(precision, self.device):
-            self.outputs = self.forward_model(self.x)
-            self.loss = self.task.loss(self.outputs.float(), self.y, weighted=True)
+        self.outputs, self.loss = forward_loss(self.forward_model, self.x, self.y,
+                                               self.training_loss, precision,
+                                               self.memory_format)
+
+    def training_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The loss trained on: the task's, with its class weights."""
+        return self.task.loss(outputs, targets, weighted=True)
 
     def _arithmetic_fault(self, value: torch.Tensor | None) -> bool:
         """Whether a non-finite loss or gradient norm may be bf16's fault on this CPU rather
@@ -508,8 +512,7 @@ class Learner:
                           ImagefitWarning, stacklevel=2)
 
     def _backward(self) -> None:
-        loss = self.loss / self.accumulate
-        self.scaler.scale(loss).backward() if self.scaler else loss.backward()
+        backward(self.loss, self.accumulate, self.scaler)
 
     def _step_if_due(self) -> None:
         """Every ``accumulate`` batches: step (``step_optimizer``), EMA."""
@@ -523,16 +526,7 @@ class Learner:
     def step_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """A training step's update (the LR finder's too, with its own ``optimizer``):
         unscale (fp16), clip to ``grad_clip``, step and zero the gradients."""
-        if self.scaler:
-            self.scaler.unscale_(optimizer)
-        if self.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-        if self.scaler:
-            self.scaler.step(optimizer)
-            self.scaler.update()
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(self.model.parameters(), optimizer, self.grad_clip, self.scaler)
 
     @property
     def eval_model(self) -> nn.Module:

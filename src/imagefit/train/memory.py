@@ -8,6 +8,7 @@ from torch import nn
 
 from ..errors import ImagefitError
 from .optim import make_optimizer
+from .step import training_step
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -46,13 +47,9 @@ def _step_fits(model: nn.Module, size: int, input_shape: tuple[int, int, int],
     device = next(model.parameters()).device
     try:
         step = make_optimizer(model, optimizer, 1e-4, 0.0)
-        x = torch.randn(size, *input_shape, device=device).contiguous(
-            memory_format=memory_format)
-        dtype = torch.float16 if precision == "fp16" else torch.bfloat16
-        with torch.autocast(device.type, dtype=dtype, enabled=precision != "fp32"):
-            loss = model(x).float().mean()
-        loss.backward()
-        step.step()
+        x = torch.randn(size, *input_shape, device=device)
+        training_step(model, x, x, _mean_output, step, precision=precision,
+                      memory_format=memory_format)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return True
@@ -61,6 +58,11 @@ def _step_fits(model: nn.Module, size: int, input_shape: tuple[int, int, int],
             raise
     _free(model)  # outside the handler, once the error's frames no longer hold the tensors
     return False
+
+
+def _mean_output(outputs: torch.Tensor, _: torch.Tensor) -> torch.Tensor:
+    """A loss of the outputs alone: the probe needs the backward pass, not a target."""
+    return outputs.mean()
 
 
 def _free(model: nn.Module) -> None:

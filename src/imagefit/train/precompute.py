@@ -14,6 +14,7 @@ from ..data.loader import Loader
 from ..errors import ImagefitError
 from .optim import make_optimizer
 from .schedules import one_cycle
+from .step import training_step
 
 
 def body_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -69,11 +70,9 @@ def fit_head_on_features(learner, epochs: int, lr: float) -> float:
             for group in optimizer.param_groups:
                 group["lr"] = schedule((epoch * steps_per_epoch + step) / total)
             index = order[step * batch:(step + 1) * batch].to(train_x.device)
-            loss = learner.task.loss(head(train_x[index]), train_y[index], weighted=True)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            value = loss.item()
+            value = training_step(head, train_x[index], train_y[index], learner.training_loss,
+                                  optimizer, grad_clip=learner.grad_clip,
+                                  skip_non_finite=True).item()
             if not math.isfinite(value):
                 raise learner.diverged(epoch * steps_per_epoch + step, "the training loss")
             loss_sum += value * len(index)

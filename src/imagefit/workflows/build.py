@@ -52,7 +52,6 @@ from ..models import (
     create_model,
     default_model_name,
     is_small_net,
-    net_for_budget,
     pretrained_statistics,
     takes_small_image_optimizer,
 )
@@ -64,6 +63,7 @@ from ..train import schedules
 from ..train.learner import Learner
 from ..train.memory import largest_batch_size
 from ..train.schedules import Schedule
+from ..train.step import net_for_budget
 from ..version import __version__
 from .preflight import check_image_room, check_text_room
 
@@ -362,7 +362,7 @@ def build_training(cfg: FitConfig, loaded: LoadedData, device: torch.device,
                    budget_seconds: float | None = None) -> TrainingParts:
     """Task, seeded model, normalization, pipeline and loaders for ``loaded``; fills the
     automatic choices (model) into ``cfg``. ``budget_seconds``: what is left of a --budget,
-    which may choose a wider small net (``models.net_for_budget``)."""
+    which may choose a wider small net (``train.step.net_for_budget``)."""
     table, settings = loaded.table, loaded.settings
     if cfg.model == "auto":
         cfg.model = default_model_name(settings.size, table.task.single_label) if \

@@ -30,6 +30,7 @@ from ..forward import loader_outputs, run_model
 from ..metrics import all_metrics
 from ..tasks import Task
 from ..train.optim import make_optimizer
+from ..train.step import training_step
 from .build import (
     LoadedData,
     TrainingParts,
@@ -142,20 +143,19 @@ def _printer(progress: bool):
 # ---- the checks that train ----
 
 def _train(model: nn.Module, task: Task, batches, optimizer, steps: int,
-           precision: str) -> list[float]:
-    """Train ``steps`` steps on ``batches`` (an iterator of normalized x, encoded y); the
-    losses, up to the first that is not finite."""
+           precision: str, grad_clip: float = 0.0) -> list[float]:
+    """Train ``steps`` steps on ``batches`` (an iterator of normalized x, encoded y) as the
+    fit's steps are (``train.step.training_step``: its autocast, memory format and gradient
+    clipping); the losses, up to the first that is not finite."""
     losses = []
     model.train()
     for _ in range(steps):
         x, y = next(batches)
-        loss = task.loss(run_model(model, x, precision), y)
-        losses.append(float(loss.detach()))
+        loss = training_step(model, x, y, task.loss, optimizer, precision=precision,
+                             grad_clip=grad_clip, skip_non_finite=True)
+        losses.append(float(loss))
         if not math.isfinite(losses[-1]):
             break
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
     return losses
 
 
@@ -200,7 +200,8 @@ def overfit_one_batch(cfg: FitConfig, loaded: LoadedData, parts: TrainingParts,
         model = copy.deepcopy(parts.model)
         model.load_state_dict(initial)
         optimizer = make_optimizer(model, cfg.opt, rate, cfg.wd)
-        return _train(model, task, _repeat(x, y), optimizer, n, precision), model
+        return _train(model, task, _repeat(x, y), optimizer, n, precision,
+                      cfg.grad_clip or 0.0), model
 
     trainable = [p for p in parts.model.parameters() if p.requires_grad]
     if not trainable:
@@ -307,7 +308,8 @@ def shuffled_labels(cfg: FitConfig, loaded: LoadedData, parts: TrainingParts,
                 yield parts.pipeline(xb), yb
             epoch += 1
 
-    losses = _train(model, task, batches(), optimizer, cfg.sanity_steps, precision)
+    losses = _train(model, task, batches(), optimizer, cfg.sanity_steps, precision,
+                    cfg.grad_clip or 0.0)
     out = loader_outputs(model, parts.pipeline, task, valid_loader, precision=precision)
     n = len(loaded.valid_rows)
     details = {"steps": len(losses), "valid_images": n, "final_train_loss": losses[-1]}
