@@ -304,7 +304,7 @@ MUTATIONS = [
              condition("count + len(job[0]) > self.max_batch"), "False",
              (SERVE + "test_the_batcher_splits_batches_at_max_batch_and_survives_a_failed_pass",),
              "the test that a joining request would overfill the batch"),
-    Mutation("serve upload size", "imagefit.workflows.serve", "create_app.predict",
+    Mutation("serve upload size", "imagefit.workflows.serve", "_read_uploads",
              condition("len(data) > max_file"), "False",
              (SERVE + "test_bad_uploads_get_4xx_with_a_message_and_the_server_goes_on",),
              "the test of a file over --max-file-mb"),

@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 import imagefit.data.cache as cache_module
+import imagefit.data.cache_folder as cache_folder
 from imagefit.data.cache import (
     CacheSettings,
     build_cache,
@@ -385,13 +386,13 @@ def test_caches_over_the_limit_are_evicted_least_recently_used_first(tmp_path, m
     old, recent = _dataset(tmp_path / "old", 40), _dataset(tmp_path / "recent", 41)
     first = build(old, settings)
     second = build(recent, settings)
-    one = cache_module.folder_bytes(first.folder)
+    one = cache_folder.folder_bytes(first.folder)
     del first, second  # no longer in use
     os.utime(cache_module.default_cache_root() / cache_key(old, settings) / "use.lock",
              (1, 1))  # used long ago
     monkeypatch.setenv("IMAGEFIT_CACHE_LIMIT", str(int(2.5 * one)))
     build(_dataset(tmp_path / "new", 42), settings)
-    keys = {e["key"] for e in cache_module.list_caches()}
+    keys = {e["key"] for e in cache_folder.list_caches()}
     assert cache_key(old, settings) not in keys
     assert cache_key(recent, settings) in keys and len(keys) == 2
 
@@ -404,7 +405,7 @@ def test_a_cache_in_use_is_never_evicted(tmp_path, monkeypatch):
     build(_dataset(tmp_path / "b", 41), settings)
     assert in_use.folder.is_dir()
     assert int(in_use.images[3].sum()) > 0
-    assert {e["key"]: e["in_use"] for e in cache_module.list_caches()} == {
+    assert {e["key"]: e["in_use"] for e in cache_folder.list_caches()} == {
         in_use.folder.name: True, cache_key(_dataset(tmp_path / "b", 41), settings): False}
 
 
@@ -412,11 +413,11 @@ def test_cache_limit_parses_sizes(monkeypatch):
     for text, expected in [("20G", 20 << 30), ("500M", 500 << 20), ("1.5k", 1536), ("0", 0),
                            ("4096", 4096), ("2GiB", 2 << 30)]:
         monkeypatch.setenv("IMAGEFIT_CACHE_LIMIT", text)
-        assert cache_module.cache_limit() == expected
+        assert cache_folder.cache_limit() == expected
     monkeypatch.setenv("IMAGEFIT_CACHE_LIMIT", "lots")
     with pytest.raises(ImagefitError, match=r"IMAGEFIT_CACHE_LIMIT: 'lots' is not a size; "
                        r"write it like 20G, 500M or 0"):
-        cache_module.cache_limit()
+        cache_folder.cache_limit()
 
 
 def test_cache_command_lists_and_clears(tmp_path, capsys):
@@ -432,7 +433,7 @@ def test_cache_command_lists_and_clears(tmp_path, capsys):
     assert main(["cache", "clear"]) == 0
     assert "removed 1 cache(s)" in capsys.readouterr().out  # the other one is in use
     assert held.folder.is_dir() and held.images.shape == (2, 8, 8, 1)
-    assert [e["description"] for e in cache_module.list_caches()] == ["kept open"]
+    assert [e["description"] for e in cache_folder.list_caches()] == ["kept open"]
 
 
 def test_changed_settings_decode_again(tmp_path, monkeypatch):

@@ -142,7 +142,7 @@ def list_caches(cache_dir: str | Path | None = None) -> list[dict]:
     """The image caches (``cache_dir``, default ``$IMAGEFIT_CACHE`` or
     ~/.cache/imagefit/images), most recently used first: key, what each was built from,
     images, settings, bytes, last use, whether complete and in use."""
-    from .data.cache import list_caches as caches
+    from .data.cache_folder import list_caches as caches
 
     return caches(cache_dir)
 
@@ -150,7 +150,7 @@ def list_caches(cache_dir: str | Path | None = None) -> list[dict]:
 def clear_caches(cache_dir: str | Path | None = None) -> list[dict]:
     """Delete every image cache that no process is building or using; returns those it
     deleted (as ``list_caches`` gives them). One in use is kept: a fit reading it goes on."""
-    from .data.cache import clear_caches as clear
+    from .data.cache_folder import clear_caches as clear
 
     return clear(cache_dir)
 

@@ -677,7 +677,7 @@ def _summary(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def _cache(args: argparse.Namespace, argv: list[str]) -> int:
-    from .data import cache
+    from .data import cache_folder as cache
 
     root = Path(args.cache_dir) if args.cache_dir else cache.default_cache_root()
     if args.action == "clear":

@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from .cache import DECODE_ERRORS, ImageCache
+from .cache import ImageCache
+from .decode import DECODE_ERRORS
 from .duplicates import find_duplicates, groups_of, training_copies
 from .near_duplicates import near_duplicate_pairs, summarize_pairs
 from .table import SPLITS, Table

@@ -20,35 +20,30 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from ..errors import ImagefitError, ImagefitWarning
-from ..runs import lock_held
+from .cache_folder import (
+    BUILD_LOCK,
+    META,
+    PATHS,
+    PROGRESS,
+    USE_LOCK,
+    cache_folders,
+    default_cache_root,
+    evict,
+    folder_bytes,
+)
+from .decode import DECODE_ERRORS, CacheSettings, decode_image
 from .resources import format_bytes, free_disk
 
 CACHE_FORMAT = 2
 CHUNK = 256
-PROBE_COUNT = 256
-MAX_AUTO_SIZE = 224
-EXIF_ORIENTATION = 0x0112
-GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
-DECODE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError,
-                 Image.DecompressionBombError)
-
-
-@dataclass(frozen=True)
-class CacheSettings:
-    """How images are stored: square side, channels and the way they are made square."""
-
-    size: int
-    channels: Literal[1, 3]
-    resize: Literal["crop", "squish", "pad"] = "crop"
 
 
 @dataclass
@@ -118,97 +113,6 @@ class ImageCache:
         return result
 
 
-def default_cache_root() -> Path:
-    base = os.environ.get("IMAGEFIT_CACHE")
-    return Path(base) if base else Path.home() / ".cache" / "imagefit" / "images"
-
-
-# -- choosing settings --------------------------------------------------------------------
-
-
-def probe_images(paths: list[str], seed: int = 0) -> tuple[int | None, bool]:
-    """From the headers of up to 256 files: the median short side and whether all are grey."""
-    rng = np.random.default_rng(seed)
-    chosen = paths if len(paths) <= PROBE_COUNT else [
-        paths[i] for i in rng.choice(len(paths), PROBE_COUNT, replace=False)
-    ]
-    sides, grey = [], True
-    for path in chosen:
-        try:
-            with Image.open(path) as img:
-                sides.append(min(img.size))
-                grey = grey and img.mode in GREY_MODES
-        except DECODE_ERRORS:
-            continue
-    return (int(np.median(sides)) if sides else None), grey
-
-
-def auto_size(short_side: int) -> int:
-    """The images' typical short side, at most 224."""
-    return min(short_side, MAX_AUTO_SIZE)
-
-
-# -- decoding -----------------------------------------------------------------------------
-
-
-def _to_channels(img: Image.Image, channels: int) -> Image.Image:
-    """Any PIL mode (16-bit, float, palette, alpha, CMYK) to 'L' or 'RGB'."""
-    if img.mode.startswith("I") or img.mode == "F":
-        values = np.asarray(img, dtype=np.float64)
-        if img.mode == "F":
-            low, high = values.min(), values.max()
-            values = (values - low) / (high - low or 1.0) * 255.0
-        elif values.max() > 255:
-            values = values / 257.0  # 16-bit range to 8-bit
-        img = Image.fromarray(np.clip(np.round(values), 0, 255).astype(np.uint8), "L")
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        img = img.convert("RGBA")
-        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(background, img)
-    return img.convert("L" if channels == 1 else "RGB")
-
-
-def _resized(img: Image.Image, settings: CacheSettings) -> Image.Image:
-    size = settings.size
-    width, height = img.size
-    if (width, height) == (size, size):
-        return img
-    bilinear = Image.Resampling.BILINEAR
-    if settings.resize == "squish":
-        return img.resize((size, size), bilinear, reducing_gap=3.0)
-    if settings.resize == "crop":
-        side = min(width, height)
-        left, top = (width - side) / 2, (height - side) / 2
-        return img.resize((size, size), bilinear, box=(left, top, left + side, top + side),
-                          reducing_gap=3.0)
-    scale = size / max(width, height)
-    inner = (max(1, round(width * scale)), max(1, round(height * scale)))
-    canvas = Image.new(img.mode, (size, size))
-    canvas.paste(img.resize(inner, bilinear, reducing_gap=3.0),
-                 ((size - inner[0]) // 2, (size - inner[1]) // 2))
-    return canvas
-
-
-def decode_image(path: str, settings: CacheSettings) -> tuple[np.ndarray, tuple[int, int]]:
-    """One file as uint8 (size, size, C) and its original (width, height)."""
-    with Image.open(path) as img:
-        width, height = img.size
-        turned = img.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
-        original = (height, width) if turned else (width, height)
-        if img.format == "JPEG":
-            # Decode at a reduced scale when the file is much larger than needed.
-            scale = settings.size / (min(width, height) if settings.resize == "crop"
-                                     else max(width, height))
-            img.draft("L" if settings.channels == 1 else "RGB",
-                      (max(1, int(width * scale)), max(1, int(height * scale))))
-        img = ImageOps.exif_transpose(img)
-        img = _resized(_to_channels(img, settings.channels), settings)
-        array = np.asarray(img, dtype=np.uint8)
-    if array.ndim == 2:
-        array = array[..., None]
-    return array, original
-
-
 def _try_decode(path: str, settings: CacheSettings):
     try:
         return decode_image(path, settings)
@@ -229,14 +133,10 @@ def _try_decode(path: str, settings: CacheSettings):
 # being evicted. The whole cache folder is kept under a size limit by evicting the caches
 # used least recently.
 
-CACHE_LIMIT_BYTES = 20 << 30  # default of $IMAGEFIT_CACHE_LIMIT
-META, PROGRESS, BUILD_LOCK, USE_LOCK = "meta.json", "progress.json", "build.lock", "use.lock"
-IMAGES, SIZES, HASHES, STATS, PATHS = "images.u8", "sizes.i32", "hashes.u8", "stats.npy", \
-    "paths.json"
+IMAGES, SIZES, HASHES, STATS = "images.u8", "sizes.i32", "hashes.u8", "stats.npy"
 HELD = "held.npy"  # a shard's rows; the arrays then hold these rows, in this order
 HASH_BYTES = 16
 ROW_BYTES = 2 * 4 + HASH_BYTES + 4 * 8  # sizes.i32, hashes.u8 and stats.npy of one row
-_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
 def cache_key(paths: list[str], settings: CacheSettings, rows: np.ndarray | None = None) -> str:
@@ -537,7 +437,7 @@ def _borrow_rows(root: Path, folder: Path, paths: list[str], held: np.ndarray,
     best: dict[int, tuple] = {}
     wanted = {(paths[row], *stat): place
               for place, (row, stat) in enumerate(zip(held.tolist(), stats.tolist()))}
-    for other in _cache_folders(root):
+    for other in cache_folders(root):
         if other == folder or not (other / META).is_file():
             continue
         try:
@@ -598,130 +498,6 @@ def _open(folder: Path, paths: list[str], held: np.ndarray, settings: CacheSetti
     hashes = np.memmap(folder / HASHES, dtype=np.uint8, mode="r", shape=(count, HASH_BYTES))
     return ImageCache(images=images, original_sizes=sizes, errors=errors, hashes=hashes,
                       folder=folder, in_use=in_use)
-
-
-# -- the cache folder as a whole ----------------------------------------------------------
-
-
-def cache_limit() -> int:
-    """The cache folder's size limit in bytes: ``$IMAGEFIT_CACHE_LIMIT`` (e.g. 20G, 500M,
-    0 for no limit), default 20 GiB."""
-    text = os.environ.get("IMAGEFIT_CACHE_LIMIT", "").strip()
-    if not text:
-        return CACHE_LIMIT_BYTES
-    return parse_size(text, "IMAGEFIT_CACHE_LIMIT")
-
-
-def parse_size(text: str, what: str) -> int:
-    """Bytes in a size such as 20G, 500M, 1.5T or a plain number of bytes."""
-    number, unit = text.strip().lower().rstrip("ib").rstrip("b"), ""
-    if number and number[-1] in _SIZE_UNITS:
-        number, unit = number[:-1], number[-1]
-    try:
-        value = float(number) * _SIZE_UNITS[unit]
-    except ValueError:
-        value = -1.0
-    if not 0 <= value < float(1 << 60):
-        raise ImagefitError(f"{what}: '{text}' is not a size; write it like 20G, 500M or 0 "
-                            "(no limit)")
-    return int(value)
-
-
-def _cache_folders(root: Path) -> list[Path]:
-    try:
-        return sorted(p for p in Path(root).iterdir() if p.is_dir() and (p / PATHS).is_file())
-    except OSError:
-        return []
-
-
-def folder_bytes(folder: Path) -> int:
-    """Disk space a cache folder takes (blocks actually used)."""
-    total = 0
-    for path in folder.iterdir():
-        try:
-            total += path.stat().st_blocks * 512
-        except OSError:
-            continue
-    return total
-
-
-def _in_use(folder: Path) -> bool:
-    """Whether some process has the cache open (holds its use lock)."""
-    return lock_held(folder / USE_LOCK)
-
-
-def _last_used(folder: Path) -> float:
-    for name in (USE_LOCK, META, PROGRESS, PATHS):
-        try:
-            return (folder / name).stat().st_mtime
-        except OSError:
-            continue
-    return 0.0
-
-
-def list_caches(root: str | Path | None = None) -> list[dict]:
-    """Every cache under ``root``, most recently used first: its key, what it was built
-    from, images, settings, size on disk, when last used, whether it is complete and in use."""
-    root = Path(root) if root else default_cache_root()
-    entries = []
-    for folder in _cache_folders(root):
-        try:
-            meta = json.loads((folder / META).read_text())
-        except (OSError, ValueError):
-            meta = None
-        entries.append({
-            "key": folder.name,
-            "description": (meta or {}).get("description", ""),
-            "images": (meta or {}).get("count"),
-            "settings": (meta or {}).get("settings"),
-            "bytes": folder_bytes(folder),
-            "last_used": _last_used(folder),
-            "complete": meta is not None,
-            "in_use": _in_use(folder),
-        })
-    return sorted(entries, key=lambda e: -e["last_used"])
-
-
-def remove_cache(folder: Path) -> bool:
-    """Delete one cache unless a process is building or using it; True when it was
-    removed. Both locks are held while it goes, so no process can start using it then."""
-    try:
-        with open(folder / BUILD_LOCK, "a") as build, open(folder / USE_LOCK, "a") as use:
-            fcntl.flock(build, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            fcntl.flock(use, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            shutil.rmtree(folder, ignore_errors=True)
-    except (BlockingIOError, OSError):
-        return False
-    return True
-
-
-def clear_caches(root: str | Path | None = None) -> list[dict]:
-    """Remove every cache under ``root`` that no process is building or using; returns the
-    entries (as ``list_caches`` gives them) of those removed."""
-    root = Path(root) if root else default_cache_root()
-    return [entry for entry in list_caches(root) if remove_cache(root / entry["key"])]
-
-
-def evict(root: str | Path | None = None, limit: int | None = None,
-          keep: Path | None = None) -> list[str]:
-    """Remove the caches used least recently (never ``keep`` or one in use) until the cache
-    folder is within ``limit`` bytes (default ``cache_limit()``, 0: no limit); returns the
-    keys removed."""
-    root = Path(root) if root else default_cache_root()
-    limit = cache_limit() if limit is None else limit
-    if not limit:
-        return []
-    folders = _cache_folders(root)
-    sizes = {folder: folder_bytes(folder) for folder in folders}
-    total = sum(sizes.values())
-    removed = []
-    for folder in sorted(folders, key=_last_used):
-        if total <= limit:
-            break
-        if folder != keep and remove_cache(folder):
-            total -= sizes[folder]
-            removed.append(folder.name)
-    return removed
 
 
 STRICT_REMEDY = "use --strict to stop instead"

@@ -12,14 +12,12 @@ from .. import distributed
 from ..errors import ImagefitError
 from .cache import (
     STRICT_REMEDY,
-    CacheSettings,
     ImageCache,
-    auto_size,
     build_cache,
     cache_arrays,
-    probe_images,
     warn_unreadable,
 )
+from .decode import CacheSettings, auto_size, probe_images
 from .table import Table
 
 STATS_MAX_IMAGES = 10_000

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -240,20 +241,8 @@ def overfit_one_batch(cfg: FitConfig, loaded: LoadedData, parts: TrainingParts,
                       "they are not used by the forward pass or are cut off from the loss")
     if task.single_label and len(torch.unique(y)) < 2:
         causes.append("every image of the batch has the same label: the labels do not vary")
-    sweep = {}
-    for rate in SWEEP_RATES:
-        if abs(math.log10(rate / lr)) < 0.5:
-            continue
-        tried, _ = attempt(rate, steps)
-        sweep[rate] = _ratio(tried)
-    details["sweep"] = {f"{rate:.0e}": ratio for rate, ratio in sweep.items()}
-    fitted = sorted(rate for rate, ratio in sweep.items() if ratio <= OVERFIT_GOAL)
-    if fitted and (fitted[0] > lr or fitted[-1] < lr):
-        direction = "too low" if fitted[0] > lr else "too high"
-        span = f"{fitted[0]:.0e}" if len(fitted) == 1 else f"{fitted[0]:.0e} to {fitted[-1]:.0e}"
-        causes.append(f"the rate is {direction}: the sweep on this batch fits it at {span} "
-                      f"(at {lr:.3g} {_share(last, first)}); "
-                      f"give a --lr in that range, or --lr auto")
+    causes += _rate_swept(lambda rate: _ratio(attempt(rate, steps)[0]), lr, details,
+                          _share(last, first))
     result = f"loss {first:.3g} -> {last:.3g} in {len(losses)} steps at lr {lr:.3g}"
     if not causes:
         return Finding(name, "fail", result, "no single cause found: the model may be too "
@@ -263,6 +252,22 @@ def overfit_one_batch(cfg: FitConfig, loaded: LoadedData, parts: TrainingParts,
     return Finding(name, "fail", result, "; ".join(causes), details)
 
 
+
+
+def _rate_swept(ratio_at: Callable[[float], float], lr: float, details: dict,
+                share: str) -> list[str]:
+    """The one-batch fit again at each rate of ``SWEEP_RATES`` half a decade or more from
+    ``lr`` (``ratio_at``: its last loss over its first): the cause when the batch fits only
+    above or only below ``lr``. The sweep goes into ``details``."""
+    sweep = {rate: ratio_at(rate) for rate in SWEEP_RATES if abs(math.log10(rate / lr)) >= 0.5}
+    details["sweep"] = {f"{rate:.0e}": ratio for rate, ratio in sweep.items()}
+    fitted = sorted(rate for rate, ratio in sweep.items() if ratio <= OVERFIT_GOAL)
+    if not fitted or fitted[0] <= lr <= fitted[-1]:
+        return []
+    direction = "too low" if fitted[0] > lr else "too high"
+    span = f"{fitted[0]:.0e}" if len(fitted) == 1 else f"{fitted[0]:.0e} to {fitted[-1]:.0e}"
+    return [f"the rate is {direction}: the sweep on this batch fits it at {span} (at "
+            f"{lr:.3g} {share}); give a --lr in that range, or --lr auto"]
 
 
 def _without_gradient(model: nn.Module, task: Task, x, y, precision: str) -> list[str]:

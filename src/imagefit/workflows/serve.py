@@ -101,9 +101,7 @@ def create_app(served: ServedModel, options: ServeOptions | None = None):
     """The FastAPI app serving ``served``; its batcher stops with the app."""
     from fastapi import FastAPI, Request
     from fastapi.concurrency import run_in_threadpool
-    from fastapi.responses import HTMLResponse, JSONResponse
-    from starlette.datastructures import UploadFile
-    from starlette.exceptions import HTTPException as StarletteHTTPException
+    from fastapi.responses import HTMLResponse
 
     options = options or ServeOptions()
     batcher = Batcher(served.predict, options.max_batch, options.batch_wait_ms / 1000.0)
@@ -125,21 +123,7 @@ def create_app(served: ServedModel, options: ServeOptions | None = None):
                        counts=counts)
     app.add_middleware(_RequestLimit, limit=options.max_connections)  # outermost: first
 
-    @app.exception_handler(UploadError)
-    async def refused(request: Request, error: UploadError):
-        counts["refused"] += 1
-        return JSONResponse({"detail": error.message}, error.status)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, error: StarletteHTTPException):
-        counts["refused"] += 400 <= error.status_code < 500
-        return JSONResponse({"detail": error.detail}, error.status_code)
-
-    @app.exception_handler(Exception)
-    async def failed(request: Request, error: Exception):  # ours, not the client's
-        counts["failed"] += 1
-        return JSONResponse({"detail": f"the server failed on this request "
-                                       f"({type(error).__name__}: {str(error)[:200]})"}, 500)
+    _answer_errors(app, counts)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def home() -> str:
@@ -164,24 +148,7 @@ def create_app(served: ServedModel, options: ServeOptions | None = None):
         overlay as a PNG data URL."""
         if top_k < 1:
             raise UploadError(422, "top_k must be 1 or more")
-        form = await _read_form(request, options.max_files)
-        try:
-            uploads = [value for _, value in form.multi_items() if isinstance(value, UploadFile)]
-            if not uploads:
-                raise UploadError(400, "no images in the request: send image files as "
-                                       "multipart/form-data (e.g. curl -F files=@cat.jpg)")
-            names, images = [], []
-            for upload in uploads:
-                name = (upload.filename or "upload")[:120]
-                data = await upload.read(max_file + 1)
-                if len(data) > max_file:
-                    raise UploadError(413, f"{name} is over the limit of "
-                                           f"{options.max_file_mb:g} MB: send a smaller file")
-                images.append(await run_in_threadpool(served.decode, data, name,
-                                                      options.max_pixels))
-                names.append(name)
-        finally:
-            await form.close()
+        names, images = await _read_uploads(request, served, options)
         batch = torch.stack(images)
         activated = await asyncio.wrap_future(batcher.submit(batch))
         answers = [{"file": name, **served.answer(row, top_k)}
@@ -198,6 +165,59 @@ def create_app(served: ServedModel, options: ServeOptions | None = None):
         return {"predictions": answers}
 
     return app
+
+
+def _answer_errors(app, counts: dict) -> None:
+    """Every error as JSON ``{"detail": ...}`` with its status, counted: the client's
+    (refused) and the server's own (failed)."""
+    from fastapi import Request
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    @app.exception_handler(UploadError)
+    async def refused(request: Request, error: UploadError):
+        counts["refused"] += 1
+        return JSONResponse({"detail": error.message}, error.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException):
+        counts["refused"] += 400 <= error.status_code < 500
+        return JSONResponse({"detail": error.detail}, error.status_code)
+
+    @app.exception_handler(Exception)
+    async def failed(request: Request, error: Exception):  # ours, not the client's
+        counts["failed"] += 1
+        return JSONResponse({"detail": f"the server failed on this request "
+                                       f"({type(error).__name__}: {str(error)[:200]})"}, 500)
+
+
+async def _read_uploads(request, served: ServedModel,
+                        options: ServeOptions) -> tuple[list[str], list[torch.Tensor]]:
+    """The request's image files, each checked against --max-file-mb and decoded (checked
+    against --max-pixels) off the event loop: their names and uint8 (C, S, S) tensors."""
+    from fastapi.concurrency import run_in_threadpool
+    from starlette.datastructures import UploadFile
+
+    max_file = int(options.max_file_mb * 1e6)
+    form = await _read_form(request, options.max_files)
+    try:
+        uploads = [value for _, value in form.multi_items() if isinstance(value, UploadFile)]
+        if not uploads:
+            raise UploadError(400, "no images in the request: send image files as "
+                                   "multipart/form-data (e.g. curl -F files=@cat.jpg)")
+        names, images = [], []
+        for upload in uploads:
+            name = (upload.filename or "upload")[:120]
+            data = await upload.read(max_file + 1)
+            if len(data) > max_file:
+                raise UploadError(413, f"{name} is over the limit of "
+                                       f"{options.max_file_mb:g} MB: send a smaller file")
+            images.append(await run_in_threadpool(served.decode, data, name,
+                                                  options.max_pixels))
+            names.append(name)
+    finally:
+        await form.close()
+    return names, images
 
 
 async def _read_form(request, max_files: int):
