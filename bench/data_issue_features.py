@@ -27,7 +27,7 @@ from PIL import Image, ImageFilter
 from torch import nn
 
 import imagefit
-from imagefit import runs
+from imagefit import run_records
 from imagefit.config import LabelIssuesOptions
 from imagefit.evaluation.inference import load_model
 from imagefit.evaluation.label_issues import data_issues
@@ -120,7 +120,7 @@ def model_features(run_dir: Path, task: Task, images: np.ndarray, rows: np.ndarr
 
 def candidates(cv_dir: Path) -> tuple[dict[str, np.ndarray], pd.DataFrame]:
     oof = pd.read_csv(cv_dir / "oof.csv", keep_default_na=False)
-    task = Task.from_dict(runs.read_model_info(cv_dir / "fold_0")["task"])
+    task = Task.from_dict(run_records.read_model_info(cv_dir / "fold_0")["task"])
     images = cv_images(cv_dir, LabelIssuesOptions(progress=False))
     rows, folds = oof["row"].to_numpy(), oof["fold"].to_numpy()
     per_fold = [model_features(cv_dir / f"fold_{k}", task, images, rows) for k in range(5)]

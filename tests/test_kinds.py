@@ -29,7 +29,7 @@ TASK_MODULES = ("tasks/", "data/inputs.py")
 INPUT_ALLOWED = {
     "config.py": 1,  # --task text's choice (config is read before torch is imported)
     "evaluation/label_issues.py": 1,  # an out-of-fold table with a text column is a text CV
-    "runs.py": 1,  # which record checks a model.json: on floor 0, below data/inputs.py
+    "run_records.py": 1,  # which record checks a model.json: floor 0, below data/inputs.py
 }
 
 

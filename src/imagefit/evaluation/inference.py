@@ -13,7 +13,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .. import runs
+from .. import run_records, runs
 from ..augment.pipeline import BatchPipeline
 from ..augment.text import TextPipeline
 from ..config import (
@@ -69,7 +69,7 @@ class LoadedModel:
 def load_model(run: str | Path, device: str = "auto", precision: str = "auto") -> LoadedModel:
     """The model of a run directory, from safetensors + JSON (no code is unpickled), to run
     in ``precision`` (auto: as it was trained, so its figures are the fit's)."""
-    info = runs.read_model_info(run)
+    info = run_records.read_model_info(run)
     task = Task.from_dict(info["task"])
     if not input_class(info).reads_images:
         return _load_text_model(run, info, task, device, precision)
@@ -80,7 +80,7 @@ def load_model(run: str | Path, device: str = "auto", precision: str = "auto") -
     except ImagefitError as error:
         raise ImagefitError(f"{Path(run) / runs.MODEL_INFO} names a model that cannot be "
                             f"made ({error})") from None
-    runs.load_weights(model, run)
+    run_records.load_weights(model, run)
     _warn_if_failed(Path(run))
     target = resolve_device(device)
     model = model.to(target, memory_format=torch.channels_last).eval()
@@ -96,7 +96,7 @@ def _load_text_model(run: str | Path, info: dict, task: Task, device: str,
     vocabulary = TextInput.from_info(info).vocabulary
     model = create_text_model(info["architecture"], len(vocabulary), task.n_out,
                               dropout=info.get("dropout") or 0.0)
-    runs.load_weights(model, run)
+    run_records.load_weights(model, run)
     _warn_if_failed(Path(run))
     target = resolve_device(device)
     return LoadedModel(model.to(target).eval(), task, None, TextPipeline(), info,
@@ -106,7 +106,7 @@ def _load_text_model(run: str | Path, info: dict, task: Task, device: str,
 def _warn_if_failed(run: Path) -> None:
     """A model kept from a run that ended in failure is its last finished epoch: say so."""
     try:
-        metrics = runs.read_metrics(run) or {}
+        metrics = run_records.read_metrics(run) or {}
     except ImagefitError:
         return  # only a warning hangs on it: a damaged metrics.json does not stop the model
     if metrics.get("status") == "failed":
@@ -316,7 +316,7 @@ def load_models(run: str | Path, device: str = "auto", snapshots: bool = False,
 def _cv_runs(path: Path) -> list[str]:
     """The fold runs a CV directory's cv.json lists, or one clear error when it is damaged."""
     advice = "restore it from a copy, or predict with one fold's run directory"
-    names = runs.read_record(path, advice=advice).get("runs")
+    names = run_records.read_record(path, advice=advice).get("runs")
     if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
         raise ImagefitError(f"{path} is damaged (no list of fold runs): {advice}")
     return names
@@ -420,14 +420,14 @@ def score(task: Task, outputs: torch.Tensor, targets: torch.Tensor) -> dict[str,
 def _trained_augment(folder: Path) -> dict | None:
     """The training augmentation recorded in a run's (or a snapshot's run's) config.yaml."""
     for candidate in (folder, folder.parent.parent):
-        config = runs.read_config(candidate)
+        config = run_records.read_config(candidate)
         if config is not None:
             return config.get("augment_options")
     return None
 
 
 def _read_run_config(run: Path) -> dict:
-    config = runs.read_config(run)
+    config = run_records.read_config(run)
     if config is None:
         warnings.warn(f"{run / 'config.yaml'} is missing: the validation split uses the "
                       "default fraction and seed", ImagefitWarning, stacklevel=3)

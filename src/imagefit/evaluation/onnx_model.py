@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .. import runs
+from .. import run_records
 from ..errors import ImagefitError
 
 MISSING = ("ONNX export needs onnx, onnxscript and onnxruntime: pip install 'imagefit[export]' "
@@ -59,13 +59,13 @@ def read_description(path: Path) -> dict:
         raise ImagefitError(f"{path} not found: give a file written by imagefit export")
     beside = Path(f"{path}.json")
     if beside.is_file():
-        description = runs.read_record(beside, ExportRecord, EXPORT_AGAIN)
-        runs.verify_checksum(path, description.get(ONNX_CHECKSUM), beside.name, EXPORT_AGAIN)
+        description = run_records.read_record(beside, ExportRecord, EXPORT_AGAIN)
+        run_records.verify_checksum(path, description.get(ONNX_CHECKSUM), beside.name, EXPORT_AGAIN)
         where = beside
     else:
         where = path
         description = _graph_description(path)
-    runs.check_model_info(description["model"], where, EXPORT_AGAIN)
+    run_records.check_model_info(description["model"], where, EXPORT_AGAIN)
     return description
 
 

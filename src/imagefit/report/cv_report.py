@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .. import runs
+from .. import run_records, runs
 from ..tasks import KINDS, task_class
 from .html import environment, read_run_file, read_run_mapping, sections_of, table_section
 
@@ -37,7 +37,7 @@ class CVRecord(BaseModel):
 
 def read_cv_info(cv_dir: Path) -> dict:
     """A CV directory's cv.json, checked."""
-    return runs.read_record(cv_dir / "cv.json", CVRecord, "restore it from a copy, or run "
+    return run_records.read_record(cv_dir / "cv.json", CVRecord, "restore it from a copy, or run "
                             "imagefit cv again")
 
 

@@ -20,7 +20,7 @@ import pandas as pd
 from matplotlib.ticker import MaxNLocator
 from pydantic import BaseModel
 
-from .. import runs
+from .. import run_records, runs
 from ..errors import ImagefitError
 from ..tasks import KINDS
 from .plots import plt, save_figure
@@ -160,7 +160,7 @@ def _describe_run(run_dir: Path) -> dict[str, Any]:
         return _describe_tune(run_dir, row)
     try:
         config = _read_mapping(run_dir / "config.yaml") or {}
-        metrics = _read_mapping(run_dir / "metrics.json", runs.MetricsRecord)
+        metrics = _read_mapping(run_dir / "metrics.json", run_records.MetricsRecord)
         info = _read_mapping(run_dir / runs.MODEL_INFO) or {}
         history = _read_history(run_dir)
     except _Unreadable:
@@ -249,7 +249,7 @@ def _read_mapping(path: Path, schema: type[BaseModel] | None = None) -> dict | N
     """The mapping stored in ``path``, checked against ``schema``; None when the file is
     missing."""
     try:
-        return runs.read_record(path, schema, missing_ok=True)
+        return run_records.read_record(path, schema, missing_ok=True)
     except ImagefitError as error:
         raise _Unreadable(path) from error
 
@@ -293,7 +293,7 @@ def _main_metric(run_dir: Path, history: pd.DataFrame) -> str | None:
     """The main metric of a run's task; None when the kind cannot be told."""
     try:
         info = _read_mapping(run_dir / runs.MODEL_INFO) or {}
-        metrics = _read_mapping(run_dir / "metrics.json", runs.MetricsRecord) or {}
+        metrics = _read_mapping(run_dir / "metrics.json", run_records.MetricsRecord) or {}
     except _Unreadable:
         info, metrics = {}, {}
     kind = _task_kind(info, {**dict.fromkeys(history.columns), **metrics}, {})

@@ -22,7 +22,7 @@ import pandas as pd
 from pydantic import BaseModel
 from safetensors import SafetensorError
 
-from .. import runs
+from .. import run_records, runs
 from ..data.inputs import INPUTS, ImageInput
 from ..errors import ImagefitError, ImagefitWarning
 from ..tasks import task_class
@@ -89,10 +89,10 @@ def read_run_file(path: Path, reader) -> Any:
 
 
 def read_run_mapping(path: Path, schema: type[BaseModel] | None = None) -> dict:
-    """A run file's mapping (YAML or JSON, checked by ``runs.read_record``); empty when it
+    """A run file's mapping (YAML or JSON, checked by ``run_records.read_record``); empty when it
     is missing, and a warning when it is damaged (the page leaves out what it held)."""
     try:
-        return runs.read_record(path, schema, "the report leaves out what it held",
+        return run_records.read_record(path, schema, "the report leaves out what it held",
                                 missing_ok=True) or {}
     except ImagefitError as error:
         warnings.warn(str(error), ImagefitWarning, stacklevel=2)
@@ -158,7 +158,7 @@ def _headline(metrics: dict, kind: str | None) -> str | None:
 
 def build_context(run_dir: Path) -> dict:
     config = read_run_mapping(run_dir / "config.yaml")
-    metrics = read_run_mapping(run_dir / "metrics.json", runs.MetricsRecord)
+    metrics = read_run_mapping(run_dir / "metrics.json", run_records.MetricsRecord)
     info = read_run_mapping(run_dir / runs.MODEL_INFO)
     task = info.get("task") if isinstance(info.get("task"), dict) else {}
     kind = task.get("kind") or metrics.get("task")
@@ -247,7 +247,7 @@ def regenerate(run_dir: str | Path) -> Path:
                                run_dir / "plots" / "training.png")
     try:
         redraw_interpretation(run_dir)
-    except ImagefitError as error:  # a damaged file read through runs.read_record
+    except ImagefitError as error:  # a damaged file read through run_records.read_record
         warnings.warn(f"{error}; the report leaves the interpretation out", ImagefitWarning,
                       stacklevel=2)
     except (SafetensorError, OSError, ValueError, KeyError, TypeError) as error:

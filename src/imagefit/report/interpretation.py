@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .. import runs
+from .. import run_records, runs
 from ..errors import ImagefitError, ImagefitWarning
 from ..evaluation.feature_maps import default_feature_layer
 from ..evaluation.inference import LoadedModel, load_model
@@ -86,8 +86,8 @@ def redraw_interpretation(run_dir: Path) -> dict | None:
     if not tensors_path.is_file() or not (run_dir / runs.MODEL_INFO).is_file():
         return None
     tensors = load_file(str(tensors_path))
-    task = Task.from_dict(runs.read_model_info(run_dir)["task"])
-    previous = runs.read_record(run_dir / INTERPRETATION, missing_ok=True) or {}
+    task = Task.from_dict(run_records.read_model_info(run_dir)["task"])
+    previous = run_records.read_record(run_dir / INTERPRETATION, missing_ok=True) or {}
     targets = tensors["targets"]
     if task.single_label:
         targets = targets.long()

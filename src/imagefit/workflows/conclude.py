@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import distributed, runs
+from .. import distributed, run_records, runs
 from ..config import FitConfig
 from ..errors import ImagefitError, ImagefitWarning
 from ..evaluation.inference import LoadedModel, score
@@ -113,6 +113,6 @@ def _store_threshold(run_dir: Path, threshold: float) -> None:
     """The chosen multi-label threshold becomes the model's own (model.json)."""
     path = Path(run_dir) / runs.MODEL_INFO
     if path.is_file():
-        info = runs.read_model_info(run_dir)
+        info = run_records.read_model_info(run_dir)
         info["task"]["threshold"] = threshold
         runs.save_json(path, info)

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .. import runs
+from .. import run_records, runs
 from ..config import CVConfig, LabelIssuesOptions, fit_options, merge_options
 from ..data.folds import (
     NOT_IN_FOLDS,
@@ -99,7 +99,7 @@ def cv(data: str | Path | Table, config: CVConfig | None = None, **options: Any)
         oof_parts.append((fold, *result.outputs["valid"]))
         _print_fold(rows[-1], task_kind)
         pd.DataFrame(rows).to_csv(cv_dir / FOLD_METRICS, index=False)
-    task = Task.from_dict(runs.read_model_info(cv_dir / "fold_0")["task"])
+    task = Task.from_dict(run_records.read_model_info(cv_dir / "fold_0")["task"])
     oof = _oof_frame(table, task, oof_parts)
     runs.write_atomic(cv_dir / OOF, oof.to_csv(index=False))
     summary = _summarize(rows, task, table, oof_parts, cfg, cv_dir)

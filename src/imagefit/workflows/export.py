@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import runs
+from .. import run_records, runs
 from ..config import ExportOptions, SourceOptions, merge_options
 from ..data.prepare import prepare_images
 from ..data.sources import read_source
@@ -45,7 +45,7 @@ def parity_samples(run: Path, loaded: LoadedModel, options: ExportOptions) -> to
     """Up to ``parity_images`` inputs from the run's data, validation rows first (carved as
     the run carved them), as the graph takes them; random ones, with a warning, when the
     data cannot be read again (in-memory tables, moved files)."""
-    values = runs.read_config(run, "restore it from a copy of the run, or export another "
+    values = run_records.read_config(run, "restore it from a copy of the run, or export another "
                               "run") or {}
     data = values.get("data")
     try:

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .. import distributed, runs
+from .. import distributed, run_records, runs
 from ..augment.presets import resolve_augment
 from ..config import FitConfig, freeze_options, make_options, refuse_resume_options
 from ..data.soft import soft_targets
@@ -88,7 +88,7 @@ def resume_options(run_dir: Path, overrides: dict[str, Any] | None = None
     if not path.is_file():
         raise ImagefitError(f"{run_dir} has no config.yaml: it was not made by imagefit fit; "
                             "start a new fit")
-    values = runs.parse_record(path, "restore it from a copy, or start a new fit")
+    values = run_records.parse_record(path, "restore it from a copy, or start a new fit")
     if not isinstance(values, dict) or "data" not in values:
         raise ImagefitError(f"{path} does not hold the options of a fit (no 'data' key): "
                             "restore it from a copy, or start a new fit")

@@ -33,7 +33,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .. import runs
+from .. import run_records, runs
 from ..config import CVConfig, LabelIssuesOptions, make_options
 from ..data.cache import CacheSettings
 from ..data.inputs import table_input
@@ -80,7 +80,7 @@ def label_issues(cv_dir: str | Path, out: str | Path | None = None,
     from ..report.cv_report import read_cv_info, write_cv_report
 
     read_cv_info(cv_dir)  # its report is written last: a damaged cv.json fails before the work
-    task = Task.from_dict(runs.read_model_info(cv_dir / "fold_0")["task"])
+    task = Task.from_dict(run_records.read_model_info(cv_dir / "fold_0")["task"])
     oof = pd.read_csv(cv_dir / "oof.csv", dtype={"label": str, "labels": str, "path": str,
                                                   "predicted": str}, keep_default_na=False)
     issues = find_label_issues(oof, task, options.method, options.filter_by)
@@ -112,7 +112,7 @@ def label_issues(cv_dir: str | Path, out: str | Path | None = None,
 def cv_images(cv_dir: Path, options: LabelIssuesOptions) -> np.ndarray | list[str] | None:
     """The CV data's images as its folds saw them (the cache at their size), its texts for a
     text CV, or None for in-memory data, which cannot be read again."""
-    values = runs.read_config(cv_dir, "restore it from a copy of the CV directory, or run "
+    values = run_records.read_config(cv_dir, "restore it from a copy of the CV directory, or run "
                               "imagefit cv again") or {}
     data = values.get("data")
     if not data:
@@ -125,7 +125,7 @@ def cv_images(cv_dir: Path, options: LabelIssuesOptions) -> np.ndarray | list[st
     table = read_source(data, cfg)
     if not table_input(table).reads_images:  # each fold model encodes them with its own characters
         return table.texts
-    info = runs.read_model_info(cv_dir / "fold_0")
+    info = run_records.read_model_info(cv_dir / "fold_0")
     settings = CacheSettings(int(info["image_size"]) if not cfg.image_sizes else
                              int(max(cfg.image_sizes)), int(info["channels"]),
                              info.get("resize", "crop"))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ... import runs
+from ... import run_records, runs
 from .base import Callback
 
 
@@ -106,7 +106,7 @@ class BestCheckpoint(Callback):
 
     def after_fit(self, learner) -> None:
         if self.restore and self.best_epoch:
-            runs.load_weights(learner.eval_model, self.folder)
+            run_records.load_weights(learner.eval_model, self.folder)
 
 
 class ReduceOnPlateau(Patience):
