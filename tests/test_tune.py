@@ -29,7 +29,8 @@ from imagefit.cli import main
 from imagefit.config import TuneConfig
 from imagefit.errors import ImagefitError
 from imagefit.workflows import tune as tune_module
-from imagefit.workflows.tune import Pruning, Search, confirm, read_space
+from imagefit.workflows.tune import Pruning, Search, confirm
+from imagefit.workflows.tune_space import read_space
 
 FAST = ["--epochs", "2", "--confirm", "0", "--no-progress"]
 

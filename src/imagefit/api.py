@@ -40,7 +40,8 @@ from .workflows.record import FitResult
 from .workflows.serve import serve
 from .workflows.sweep import SweepInterrupted, SweepResult, format_sweep, sweep
 from .workflows.tools import lr_find, show_batch
-from .workflows.tune import TuneInterrupted, TuneResult, format_tune, tune
+from .workflows.tune import TuneInterrupted, tune
+from .workflows.tune_results import TuneResult, format_tune
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -15,7 +15,6 @@ fitted again on N fresh seeds each, and best.yaml holds the options with the bes
 
 from __future__ import annotations
 
-import difflib
 import math
 import os
 import shutil
@@ -33,42 +32,43 @@ import yaml
 
 from .. import distributed, runs
 from ..config import (
-    AugmentOptions,
     FitConfig,
-    SourceOptions,
     TuneConfig,
     fit_options,
     make_options,
     merge_options,
 )
-from ..data.inputs import table_input
-from ..data.prepare import resolve_settings
 from ..data.sources import read_source
 from ..data.table import Table
 from ..errors import FitInterrupted, ImagefitError
-from ..models import SMALL_CNN_WIDTHS, check_model_name, default_model_name
 from ..tasks import HIGHER_IS_BETTER
 from ..train.budget import Budget, parse_duration
 from ..train.callbacks import Callback
-from .build import apply_recipe, apply_small_image_recipe, check_data, choose_photo_weights
+from .build import apply_recipe, check_data
 from .fit import run_fit, run_name
 from .preflight import check_workers_room
 from .sweep import folder_name, one_line, require_validation
+from .tune_results import (
+    TUNE_SETUP,
+    TuneResult,
+    format_params,
+    shown_url,
+    top_trials,
+    write_results,
+)
+from .tune_space import (
+    Parameter,
+    default_space,
+    default_trial,
+    parse_space,
+    read_space,
+    with_augment_options,
+)
 
 MISSING = "tune needs optuna: pip install 'imagefit[tune]' (or pip install optuna)"
-TUNE_SETUP, TUNE_INFO, TUNE_TABLE, BEST = "tune.yaml", "tune.json", "tune.csv", "best.yaml"
 STUDY_FILE = "study.db"
-SPACE_KINDS = ("float", "log-float", "int", "log-int", "categorical")
-SPEC_KEYS = {"type", "low", "high", "step", "choices"}
-# Options that say where and how a fit runs, not what it learns: not searched.
-NOT_SEARCHED = set(SourceOptions.model_fields) | {
-    "runs_dir", "name", "progress", "report", "device", "devices", "cache_dir", "check",
-    "budget", "test_every_epoch", "metrics", "find_label_issues", "drop_rows", "relabel",
-    "top", "min_score"}
 FAILURES_IN_A_ROW = 3
 CONFIRM_TOP = 3  # trials refitted by --confirm
-ALIASES = {"learning_rate": "lr", "weight_decay": "wd", "batch_size": "bs",
-           "architecture": "model", "n_epochs": "epochs"}
 HEARTBEAT_SECONDS, GRACE_SECONDS = 10, 60
 
 
@@ -81,199 +81,11 @@ def require_optuna():
     return optuna
 
 
-# -- the space ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Parameter:
-    """One searched option: its kind and range (low, high, step) or choices."""
-
-    name: str
-    kind: str
-    low: float | None = None
-    high: float | None = None
-    step: float | None = None
-    choices: tuple = ()
-
-    def suggest(self, trial) -> Any:
-        if self.kind == "categorical":
-            return trial.suggest_categorical(self.name, list(self.choices))
-        if self.kind in ("int", "log-int"):
-            return trial.suggest_int(self.name, int(self.low), int(self.high),
-                                     step=int(self.step or 1), log=self.kind == "log-int")
-        return trial.suggest_float(self.name, self.low, self.high, step=self.step,
-                                   log=self.kind == "log-float")
-
-    def as_yaml(self) -> dict:
-        if self.kind == "categorical":
-            return {"type": self.kind, "choices": list(self.choices)}
-        spec = {"type": self.kind, "low": self.low, "high": self.high}
-        return spec | ({"step": self.step} if self.step is not None else {})
-
-
-def read_space(path: str | Path) -> list[Parameter]:
-    """The space in a YAML file: ``option: {type: ..., low: ..., high: ...}`` (or a list of
-    choices) per searched fit option; every mistake is one line naming the file and key."""
-    path = Path(path)
-    if not path.is_file():
-        raise ImagefitError(f"--space {path}: no such file: give a YAML file of the options "
-                            "to search (docs/TUNE.md)")
-    try:
-        values = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-        raise ImagefitError(f"{path}{where}: not readable as YAML ({problem}): fix the file"
-                            ) from None
-    return parse_space(values, str(path))
-
-
-def parse_space(values: Any, source: str) -> list[Parameter]:
-    if not isinstance(values, dict) or not values:
-        raise ImagefitError(f"{source}: the space is a mapping of fit options to their "
-                            "ranges, e.g. 'lr: {type: log-float, low: 1e-4, high: 1e-2}'")
-    parameters = []
-    for key, spec in values.items():
-        name = str(key).replace("-", "_")
-        where = f"{source}: {key}"
-        if name not in FitConfig.model_fields and name not in AugmentOptions.model_fields:
-            known = [*FitConfig.model_fields, *AugmentOptions.model_fields]
-            close = [ALIASES[name]] if name in ALIASES else difflib.get_close_matches(
-                name, known, n=1)
-            hint = f" (did you mean {close[0]}?)" if close else ""
-            raise ImagefitError(f"{where}: not an option of imagefit fit{hint}; the space's "
-                                "keys are fit options such as lr, wd, dropout")
-        if name in NOT_SEARCHED:
-            raise ImagefitError(f"{where}: says how or where a fit runs, not what it learns: "
-                                "give it as a tune option instead")
-        parameters.append(_parameter(name, spec, where))
-    return parameters
-
-
-def _parameter(name: str, spec: Any, where: str) -> Parameter:
-    if isinstance(spec, list):
-        spec = {"type": "categorical", "choices": spec}
-    if not isinstance(spec, dict):
-        raise ImagefitError(f"{where}: give a mapping with a type ({', '.join(SPACE_KINDS)}) "
-                            "and its range or choices, or a list of choices")
-    unknown = sorted(set(spec) - SPEC_KEYS)
-    if unknown:
-        raise ImagefitError(f"{where}: unknown key '{unknown[0]}'; a range has type, low, high "
-                            "and step, a categorical type and choices")
-    kind = spec.get("type")
-    if kind not in SPACE_KINDS:
-        raise ImagefitError(f"{where}: type {kind!r} is not one of {', '.join(SPACE_KINDS)}")
-    if kind == "categorical":
-        choices = spec.get("choices")
-        if not isinstance(choices, list) or not choices:
-            raise ImagefitError(f"{where}: a categorical needs a non-empty list of choices")
-        for choice in choices:
-            if choice is not None and not isinstance(choice, (bool, int, float, str)):
-                raise ImagefitError(f"{where}: choice {choice!r} is not a number, text, "
-                                    "true/false or null")
-            _check_value(name, choice, where)
-        return Parameter(name, kind, choices=tuple(choices))
-    low, high, step = spec.get("low"), spec.get("high"), spec.get("step")
-    for label, value in (("low", low), ("high", high), ("step", step)):
-        if value is None and label != "step":
-            raise ImagefitError(f"{where}: a {kind} range needs low and high")
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                  or not math.isfinite(value)):
-            raise ImagefitError(f"{where}: {label} {value!r} is not a number")
-        if value is not None and kind.endswith("int") and float(value) != int(value):
-            raise ImagefitError(f"{where}: {label} {value} is not a whole number ({kind})")
-    if not low < high:
-        raise ImagefitError(f"{where}: low {low} is not below high {high}")
-    if kind.startswith("log") and low <= 0:
-        raise ImagefitError(f"{where}: a log range needs low above 0 (got {low})")
-    if step is not None and (step <= 0 or kind.startswith("log")):
-        raise ImagefitError(f"{where}: step must be above 0, and a log range takes none")
-    for value in (low, high):
-        _check_value(name, int(value) if kind.endswith("int") else float(value), where)
-    return Parameter(name, kind, float(low), float(high), None if step is None else float(step))
-
-
-def fit_defaults(table: Table, cfg: FitConfig) -> FitConfig:
-    """The options a fit of ``table`` would use where ``cfg`` leaves them unset: the
-    recipes' and the small-image recipe's (SGD at 0.1 for imagefit's small nets, ...)."""
-    probe = fit_options(cfg)
-    apply_recipe(probe)
-    if table_input(table).reads_images:
-        size = probe.image_size or (max(probe.image_sizes) if probe.image_sizes else None)
-        settings = resolve_settings(table, size, probe.channels, probe.resize, probe.seed)
-        choose_photo_weights(probe, settings.size, say=False)
-        apply_small_image_recipe(probe, settings.size, table.task.single_label)
-        if probe.model == "auto" and not probe.pretrained:
-            probe.model = default_model_name(settings.size, table.task.single_label)
-    return probe
-
-
-def default_space(table: Table, cfg: FitConfig) -> list[Parameter]:
-    """Around the fit's own defaults: the learning rate from a tenth to three times its
-    default, the weight decay a decade either side, label smoothing 0-0.2, MixUp off or on
-    (as the task allows), and the width of imagefit's small net when that is the model."""
-    probe = fit_defaults(table, cfg)
-    lr = probe.lr if isinstance(probe.lr, (int, float)) else 3e-3  # --lr auto: the usual
-    wd = max(float(probe.wd), 1e-6)
-    values = {"lr": {"type": "log-float", "low": lr / 10, "high": lr * 3},
-              "wd": {"type": "log-float", "low": wd / 10, "high": wd * 10},
-              "label_smoothing": {"type": "float", "low": 0.0, "high": 0.2},
-              "mixup": {"type": "categorical", "choices": [0.0, 0.2, 0.4]}}
-    chosen = {k: values[k] for k in table.task.searched}
-    if probe.model in SMALL_CNN_WIDTHS.values():
-        chosen["model"] = {"type": "categorical", "choices": list(SMALL_CNN_WIDTHS.values())}
-    return parse_space(chosen, "the default space")
-
-
-def default_trial(table: Table, cfg: FitConfig, space: list[Parameter]) -> dict:
-    """The fit's defaults for the searched options, where the space holds them: the first
-    trial, so that the search starts from what a plain fit would do."""
-    probe = fit_defaults(table, cfg)
-    augment = probe.augment_options.model_dump() if probe.augment_options else \
-        AugmentOptions().model_dump()
-    chosen = {}
-    for p in space:
-        value = getattr(probe, p.name) if p.name in FitConfig.model_fields else augment.get(
-            p.name)
-        if p.kind == "categorical":
-            if value in p.choices:
-                chosen[p.name] = value
-        elif isinstance(value, (int, float)) and not isinstance(value, bool) and \
-                p.low <= value <= p.high:
-            chosen[p.name] = int(value) if p.kind.endswith("int") else float(value)
-    return chosen
-
-
-def _check_value(name: str, value: Any, where: str) -> None:
-    """A value the fit option accepts, or one line saying why not."""
-    try:
-        if name in AugmentOptions.model_fields:
-            make_options(AugmentOptions, {name: value})
-        else:
-            make_options(FitConfig, {name: value})
-        if name == "model" and value != "auto":  # a name no trial could build: now
-            check_model_name(value)
-    except ImagefitError as error:
-        raise ImagefitError(f"{where}: {value!r} is not a value of imagefit fit's --"
-                            f"{name.replace('_', '-')} ({error})") from None
-
-
 # -- the study ----------------------------------------------------------------------------
 
 
 def storage_url(cfg: TuneConfig, tune_dir: Path) -> str:
     return cfg.storage or f"sqlite:///{(tune_dir / STUDY_FILE).resolve()}"
-
-
-def shown_url(url: str) -> str:
-    """A storage URL without its password."""
-    try:
-        from sqlalchemy.engine import make_url
-
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # not a SQLAlchemy URL: Optuna will say so
-        return url
 
 
 def sampler_seed(cfg: TuneConfig, worker: int) -> int:
@@ -448,11 +260,11 @@ class Search:
         trial.set_user_attr("epochs", result.metrics.get("epochs"))
         value = result.metrics.get(self.metric)
         if pruning.pruned_at is not None:
-            _say(trial.number, f"pruned after epoch {pruning.pruned_at} ({_params(params)})")
+            _say(trial.number, f"pruned after epoch {pruning.pruned_at} ({format_params(params)})")
             raise optuna.TrialPruned(f"pruned after epoch {pruning.pruned_at}")
         if value is None or not math.isfinite(value):
             raise ImagefitError(f"trial {trial.number}: its fit gave no {self.metric}")
-        _say(trial.number, f"{self.metric} {value:.4f} ({_params(params)})")
+        _say(trial.number, f"{self.metric} {value:.4f} ({format_params(params)})")
         return float(value)
 
     def counted(self, study) -> int:
@@ -476,41 +288,11 @@ class Search:
                                     f"{self.failures[-1]}): fix the options or the space")
 
 
-def with_augment_options(cfg: FitConfig, params: dict) -> dict:
-    """Searched values as fit options: single augmentation parameters (mixup, rotate, ...)
-    go into ``augment_options``, over those the command gave."""
-    augment = {k: v for k, v in params.items() if k in AugmentOptions.model_fields
-               and k not in FitConfig.model_fields}
-    if not augment:
-        return dict(params)
-    given = cfg.augment_options.model_dump(exclude_unset=True) if cfg.augment_options else {}
-    rest = {k: v for k, v in params.items() if k not in augment}
-    return {**rest, "augment_options": {**given, **augment}}
-
-
 def _say(number: int, text: str) -> None:
     print(f"trial {number}: {text}", flush=True)
 
 
-def _params(params: dict) -> str:
-    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                     for k, v in params.items())
-
-
 # -- the command --------------------------------------------------------------------------
-
-
-@dataclass
-class TuneResult:
-    """What ``tune`` returns: the tune directory, the trials' rows and the summary."""
-
-    tune_dir: Path
-    rows: list[dict]
-    info: dict = field(default_factory=dict)
-
-    @property
-    def best(self) -> dict | None:
-        return self.info.get("best")
 
 
 class TuneInterrupted(KeyboardInterrupt):
@@ -726,78 +508,6 @@ def _leave_the_queue_to_the_first_worker(optuna, study, seconds: float = 120.0) 
         time.sleep(0.2)
 
 
-# -- results ------------------------------------------------------------------------------
-
-
-def trial_rows(study) -> list[dict]:
-    rows = []
-    for trial in study.get_trials(deepcopy=False):
-        attrs = trial.user_attrs
-        value = trial.value
-        if value is None and trial.intermediate_values:
-            value = trial.intermediate_values[max(trial.intermediate_values)]
-        rows.append({"number": trial.number, "state": trial.state.name.lower(), "value": value,
-                     "epochs": attrs.get("epochs") or len(trial.intermediate_values),
-                     "reports": len(trial.intermediate_values),  # epochs, or tenths
-                     "seconds": attrs.get("seconds"), **{f"param_{k}": v for k, v in
-                                                         trial.params.items()},
-                     "run_dir": attrs.get("run_dir"), "host": attrs.get("host"),
-                     "error": attrs.get("error")})
-    return rows
-
-
-def top_trials(study, count: int) -> list[dict]:
-    """The ``count`` best finished trials, best first."""
-    import optuna
-
-    done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
-    done.sort(key=lambda t: (-t.value if maximize else t.value, t.number))
-    return [{"number": t.number, "value": t.value, "params": t.params} for t in done[:count]]
-
-
-def write_results(search: Search, study, url: str, confirmed: dict | None = None
-                  ) -> TuneResult:
-    """tune.csv, tune.json, best.yaml, the plots and tune.html for the trials so far."""
-    import pandas as pd
-
-    from ..report.tune_page import write_tune_page
-
-    rows = trial_rows(study)
-    done = [r for r in rows if r["state"] == "complete"]
-    pruned = sum(r["state"] == "pruned" for r in rows)
-    info: dict[str, Any] = {
-        "study": study.study_name, "storage": shown_url(url), "metric": search.metric,
-        "direction": study.direction.name.lower(), "n_trials": len(rows),
-        "complete": len(done), "pruned": pruned,
-        "failed": sum(r["state"] == "fail" for r in rows),
-        "pruned_share": round(pruned / max(1, len(done) + pruned), 3),
-        "space": {p.name: p.as_yaml() for p in search.space},
-    }
-    best_yaml = None
-    if done:
-        best = study.best_trial
-        info["best"] = {"number": best.number, "value": best.value, "params": best.params,
-                        "run_dir": best.user_attrs.get("run_dir")}
-        best_yaml = {"data": None if isinstance(search.data, Table) else str(search.data),
-                     **search.cfg.model_dump(exclude_unset=True,
-                                             exclude=set(TuneConfig.model_fields)
-                                             - set(FitConfig.model_fields)),
-                     **with_augment_options(search.cfg, confirmed["chosen_params"]
-                                            if confirmed else best.params)}
-        for where in ("runs_dir", "name", "progress", "report"):  # the refit's own
-            best_yaml.pop(where, None)
-    if confirmed:
-        info["confirm"] = confirmed
-    with runs.interrupts_deferred():
-        runs.write_atomic(search.tune_dir / TUNE_TABLE, pd.DataFrame(rows).to_csv(index=False))
-        runs.save_json(search.tune_dir / TUNE_INFO, {**info, "rows": rows})
-        if best_yaml is not None:
-            runs.save_yaml(search.tune_dir / BEST, best_yaml)
-    write_tune_page(search.tune_dir, study, info, rows)
-    return TuneResult(search.tune_dir, rows, info)
-
-
 def confirm(search: Search, candidates: list[dict], seeds: int) -> dict:
     """The top trials' options (``candidates``: number, value, params) and the defaults,
     fitted again on ``seeds`` fresh seeds each (other validation splits and starts than the
@@ -838,22 +548,6 @@ def confirm(search: Search, candidates: list[dict], seeds: int) -> dict:
     return {"seeds": seed_list, "entries": entries, "chosen": chosen["number"],
             "chosen_params": chosen["params"], "median_chosen": chosen["median"],
             "median_defaults": defaults["median"], "chosen_beats_defaults": bool(better)}
-
-
-def format_tune(result: TuneResult) -> str:
-    info = result.info
-    lines = [f"{info['n_trials']} trials: {info['complete']} finished, {info['pruned']} pruned "
-             f"({info['pruned_share']:.0%}), {info['failed']} failed"]
-    if result.best:
-        best = result.best
-        lines.append(f"best: trial {best['number']}, {info['metric']} {best['value']:.4f} "
-                     f"({_params(best['params'])})")
-    if "confirm" in info:
-        c = info["confirm"]
-        lines.append(f"refitted on seeds {', '.join(map(str, c['seeds']))}: median "
-                     f"{info['metric']} {c['median_chosen']:.4f} with trial {c['chosen']}'s "
-                     f"options (best.yaml), {c['median_defaults']:.4f} with the defaults")
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":  # a worker that tune started: python -m imagefit.workflows.tune
