@@ -396,7 +396,7 @@ MUTATIONS = [
              call("may_take_photo_weights"), "False",
              ("tests/test_photo_default.py::test_no_train_bn_acts_on_the_default_photo_weights",),
              "--no-train-bn accepted before the images tell whether weights come"),
-    Mutation("photo augmentation of long fits", "imagefit.workflows.build",
+    Mutation("photo augmentation of long fits", "imagefit.workflows.recipes",
              "apply_photo_augmentation", value_assigned_to("cfg.augment"), "'none'",
              ("tests/test_photo_default.py::test_long_fits_from_the_photo_weights_augment",),
              "light augmentation for a fit of 10 epochs or more from the photo weights"),

@@ -19,7 +19,7 @@ from imagefit.tasks import Task, task_class
 from imagefit.train import step as train_step
 from imagefit.train.callbacks.base import Callback
 from imagefit.train.step import net_for_budget
-from imagefit.workflows.build import apply_small_image_recipe
+from imagefit.workflows.recipes import apply_small_image_recipe
 
 
 def test_small_images_get_the_recipe_for_what_is_unset():

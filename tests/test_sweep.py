@@ -24,7 +24,7 @@ from imagefit.errors import TrainingDiverged
 from imagefit.models import create_model
 from imagefit.train.callbacks import Callback
 from imagefit.workflows import sweep as sweep_workflow
-from imagefit.workflows.build import apply_small_image_recipe
+from imagefit.workflows.recipes import apply_small_image_recipe
 
 SMALL = ["--image-size", "16", "--no-progress", "--no-report", "--no-tta"]
 

@@ -27,7 +27,6 @@ from .evaluation.inference import evaluate, load_model, predict
 from .surface import API
 from .train.budget import Budget
 from .train.callbacks import Callback
-from .workflows.build import apply_recipe
 from .workflows.check import CheckResult, format_check
 from .workflows.check import check as run_checks
 from .workflows.cv import CVResult, cv, format_cv
@@ -36,6 +35,7 @@ from .workflows.export import export
 from .workflows.fit import resume_options, run_fit
 from .workflows.label_issues import LabelIssuesResult, format_issues
 from .workflows.label_issues import label_issues as run_label_issues
+from .workflows.recipes import apply_recipe
 from .workflows.record import FitResult
 from .workflows.serve import serve
 from .workflows.sweep import SweepInterrupted, SweepResult, format_sweep, sweep

@@ -297,7 +297,7 @@ def _watching(cfg: Any) -> bool:
 def _frozen_first(cfg: Any) -> bool:
     """A phase with the body frozen: --freeze-epochs, or its default with --pretrained or
     --recipe (workflows.build and workflows.fit), or with the weights a photo fit may take
-    by default (told once the images are seen: ``workflows.build.choose_photo_weights``
+    by default (told once the images are seen: ``workflows.recipes.choose_photo_weights``
     asks again)."""
     if cfg.freeze_epochs is not None:
         return cfg.freeze_epochs > 0
@@ -651,7 +651,7 @@ class FitConfig(ImageOptions):
     @classmethod
     def _no_weights(cls, value: Any) -> Any:
         """'none' is no weights, asked for: None among the options given
-        (``workflows.build.choose_photo_weights`` tells it from not given)."""
+        (``workflows.recipes.choose_photo_weights`` tells it from not given)."""
         return None if isinstance(value, str) and value.strip().lower() == "none" else value
 
     @field_validator("lr", mode="before")

@@ -39,8 +39,9 @@ from ..metrics import all_metrics
 from ..report.interpret import interpret
 from ..tasks import HIGHER_IS_BETTER, Task, task_class
 from ..train.budget import Budget
-from .build import apply_recipe, check_data, choose_photo_weights
+from .build import check_data
 from .fit import run_fit
+from .recipes import apply_recipe, choose_photo_weights
 from .record import FitResult
 
 CV_INFO = "cv.json"

@@ -38,10 +38,8 @@ from ..train.callbacks.label_correction import check_label_correction
 from ..train.callbacks.tracking import end_trackers, require_trackers
 from ..train.precompute import supports_precompute
 from .build import (
-    AUGMENT_FROM_EPOCHS,
     LoadedData,
     TrainingParts,
-    apply_pretrained_source,
     build_training,
     load_data,
     make_learner,
@@ -57,6 +55,7 @@ from .phases import (
     own_callbacks,
     train_phases,
 )
+from .recipes import AUGMENT_FROM_EPOCHS, apply_pretrained_source
 from .record import (
     FitResult,
     finish,

@@ -24,7 +24,7 @@ from ..data.prepare import resolve_settings
 from ..data.table import Table
 from ..errors import ImagefitError
 from ..models import SMALL_CNN_WIDTHS, check_model_name, default_model_name
-from .build import apply_recipe, apply_small_image_recipe, choose_photo_weights
+from .recipes import apply_recipe, apply_small_image_recipe, choose_photo_weights
 
 SPACE_KINDS = ("float", "log-float", "int", "log-int", "categorical")
 SPEC_KEYS = {"type", "low", "high", "step", "choices"}
