@@ -1,6 +1,6 @@
 """Memory while imagefit builds its image cache: the peak of anonymous memory (RssAnon in
 /proc/PID/status) and of RSS, summed over the building process and any processes it starts,
-sampled every 50 ms from a thread of this script. Each build runs ``build.load_data`` with
+sampled every 50 ms from a thread of this script. Each build runs ``loading.load_data`` with
 the default options in a fresh Python process whose IMAGEFIT_CACHE is an empty temporary
 folder, so the whole build is measured; its imports are part of the process (their share is
 reported as the RssAnon after imports).
@@ -93,7 +93,7 @@ def build_in_child(data: str) -> None:
     import numpy as np
 
     from imagefit.config import ImageOptions
-    from imagefit.workflows.build import load_data
+    from imagefit.workflows.loading import load_data
 
     anon_after_imports, _ = status_bytes(os.getpid())
     started = time.perf_counter()

@@ -11,7 +11,7 @@ in host memory and streamed (`streamed`) where the default holds a cache that fi
 device (``data.loader.on_device_if_it_fits``).
 
 For every row and switch, one process trains through imagefit's own ``Learner`` (built by
-``build.load_data``, ``build_training`` and ``make_learner`` with the default options: AdamW,
+``loading.load_data``, ``build_training`` and ``make_learner`` with the default options: AdamW,
 batch 128, the precision and memory format imagefit picks) for ``pairs + 1`` epochs without
 validation. The first epoch warms up (and compiles) and is timed apart. Before every later
 epoch the floor runs for ``--seconds``: the learner's own model (compiled or not) and
@@ -57,12 +57,8 @@ from imagefit.devices import resolve_device, resolve_precision
 from imagefit.tasks import Task
 from imagefit.train.callbacks.base import Callback
 from imagefit.train.optim import make_optimizer
-from imagefit.workflows.build import (
-    build_training,
-    load_data,
-    make_learner,
-    make_schedule,
-)
+from imagefit.workflows.build import build_training, make_learner, make_schedule
+from imagefit.workflows.loading import load_data
 
 ROWS = {
     "small_cnn-28": {"data": "builtin:fashion-mnist", "model": "small_cnn", "image_size": None,

@@ -216,7 +216,7 @@ def top_operators(rows: list[dict], count: int = 5) -> str:
 def cache_memory(result: dict) -> list[str]:
     lines = ["## Memory while building the image cache", ""] + header(result)
     lines += [
-        "Each build is `build.load_data` with the default options in a fresh process with an "
+        "Each build is `loading.load_data` with the default options in a fresh process with an "
         "empty cache folder (IMAGEFIT_CACHE). Peaks of RssAnon (anonymous memory) and of RSS, "
         "summed over the process and any it starts, sampled every "
         f"{result['interval_seconds'] * 1000:.0f} ms; the process's own imports (torch) are "

@@ -17,7 +17,8 @@ from imagefit.data.table import Table, from_arrays
 from imagefit.errors import ImagefitError
 from imagefit.tasks import Task
 from imagefit.train.callbacks.base import Callback
-from imagefit.workflows.build import build_training, load_data
+from imagefit.workflows.build import build_training
+from imagefit.workflows.loading import load_data
 
 NAMES = ["healthy", "rust", "multiple_diseases"]
 

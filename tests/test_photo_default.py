@@ -22,7 +22,7 @@ import imagefit.models.pretrained as pretrained
 from imagefit.cli import main
 from imagefit.config import AugmentOptions, FitConfig
 from imagefit.models.pretrained import PHOTO_NET, PHOTO_PACKAGE
-from imagefit.workflows.build import load_data
+from imagefit.workflows.loading import load_data
 
 QUICK = ["--epochs", "1", "--no-report", "--no-progress", "--no-tta"]
 HUB_REPO = "timm/tf_efficientnet_lite0.in1k"

@@ -106,7 +106,8 @@ def test_suggestions_read_a_typical_curve():
 
 def test_lr_finder_restores_the_weights_and_plots(tmp_path):
     from imagefit.config import FitConfig
-    from imagefit.workflows.build import build_training, load_data, make_learner
+    from imagefit.workflows.build import build_training, make_learner
+    from imagefit.workflows.loading import load_data
 
     cfg = FitConfig(progress=False)
     parts = build_training(cfg, load_data("builtin:digits", cfg), torch.device("cpu"))
@@ -157,7 +158,8 @@ def sweep(parts, steps: int, watch: ForwardWatch | None = None, **options):
 @pytest.fixture(scope="module")
 def digits_parts():
     from imagefit.config import FitConfig
-    from imagefit.workflows.build import build_training, load_data
+    from imagefit.workflows.build import build_training
+    from imagefit.workflows.loading import load_data
 
     cfg = FitConfig(progress=False)
     return build_training(cfg, load_data("builtin:digits", cfg), torch.device("cpu"))
@@ -194,7 +196,8 @@ def test_lr_finder_clips_and_accumulates_as_the_fit_does(digits_parts, monkeypat
 
 def test_lr_finder_feeds_batches_in_the_fits_memory_format():
     from imagefit.config import FitConfig
-    from imagefit.workflows.build import build_training, load_data
+    from imagefit.workflows.build import build_training
+    from imagefit.workflows.loading import load_data
 
     colour = np.random.default_rng(0).integers(0, 255, (64, 8, 8, 3), dtype=np.uint8)
     table = imagefit.from_arrays(colour, np.arange(64) % 2)
@@ -449,7 +452,8 @@ def test_plc_on_a_short_fit_warns(tmp_path):
 
 def test_freeze_leaves_the_body_unchanged_after_a_step():
     from imagefit.config import FitConfig
-    from imagefit.workflows.build import build_training, load_data, make_learner
+    from imagefit.workflows.build import build_training, make_learner
+    from imagefit.workflows.loading import load_data
 
     cfg = FitConfig(progress=False)
     parts = build_training(cfg, load_data("builtin:digits", cfg), torch.device("cpu"))
@@ -707,7 +711,8 @@ def test_every_step_records_lr_momentum_and_loss(tmp_path):
 
 def test_frozen_batchnorm_statistics_stay_without_train_bn():
     from imagefit.config import FitConfig
-    from imagefit.workflows.build import build_training, load_data, make_learner
+    from imagefit.workflows.build import build_training, make_learner
+    from imagefit.workflows.loading import load_data
 
     cfg = FitConfig(progress=False)
     parts = build_training(cfg, load_data("builtin:digits", cfg), torch.device("cpu"))

@@ -49,7 +49,8 @@ def default_model_name(image_size: int, single_label: bool = True) -> str:
     classification (small_cnn_16; a --budget long enough for it trains small_cnn_32:
     ``train.step.net_for_budget``), imagefit 0.1's small_cnn for the tasks the recipe was not
     measured on. resnet18 above 32 px: the net photos train from scratch (when pretrained
-    weights can be had they start from those instead: ``workflows.recipes.choose_photo_weights``)."""
+    weights can be had they start from those instead:
+    ``workflows.recipes.choose_photo_weights``)."""
     if image_size > SMALL_IMAGE_MAX:
         return SCRATCH_PHOTO_NET
     return NARROW_NET if single_label else "small_cnn"

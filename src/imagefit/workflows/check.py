@@ -32,13 +32,8 @@ from ..metrics import all_metrics
 from ..tasks import Task
 from ..train.optim import make_optimizer
 from ..train.step import training_step
-from .build import (
-    LoadedData,
-    TrainingParts,
-    build_training,
-    load_data,
-    require_images,
-)
+from .build import TrainingParts, build_training
+from .loading import LoadedData, load_data, require_images
 
 OVERFIT_STEPS = 100
 OVERFIT_BATCH = 32  # images in the batch to overfit

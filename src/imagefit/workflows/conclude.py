@@ -27,7 +27,8 @@ from ..report.interpretation import (
 from ..report.model_summary import save_model_summary
 from ..report.overlays import explain_images
 from ..report.text import save_text_interpretation
-from .build import LoadedData, TrainingParts
+from .build import TrainingParts
+from .loading import LoadedData
 
 
 def conclude(run_dir: Path, cfg: FitConfig, parts: TrainingParts, loaded: LoadedData,

@@ -39,8 +39,8 @@ from ..metrics import all_metrics
 from ..report.interpret import interpret
 from ..tasks import HIGHER_IS_BETTER, Task, task_class
 from ..train.budget import Budget
-from .build import check_data
 from .fit import run_fit
+from .loading import check_data
 from .recipes import apply_recipe, choose_photo_weights
 from .record import FitResult
 

@@ -37,17 +37,9 @@ from ..train.callbacks import RunWriter
 from ..train.callbacks.label_correction import check_label_correction
 from ..train.callbacks.tracking import end_trackers, require_trackers
 from ..train.precompute import supports_precompute
-from .build import (
-    LoadedData,
-    TrainingParts,
-    build_training,
-    load_data,
-    make_learner,
-    make_schedule,
-    monitor_column,
-    require_images,
-)
+from .build import TrainingParts, build_training, make_learner, make_schedule, monitor_column
 from .check import CheckResult, fast_checks, format_check
+from .loading import LoadedData, load_data, require_images
 from .phases import (
     LR_FIND_BUDGET_SHARE,
     Prepared,

@@ -35,7 +35,8 @@ from ..train.learner import Learner
 from ..train.lr_finder import LRFinderResult
 from ..train.precompute import fit_head_on_features
 from ..train.schedules import Schedule
-from .build import LoadedData, TrainingParts, monitor_column
+from .build import TrainingParts, monitor_column
+from .loading import LoadedData
 
 FINAL_SAMPLE = 1024  # images timed to plan a --budget fit's final evaluation, at most
 # seconds of that timing: the 1024 images took 12 s with TTA at 64 px (Lite0, 2 CPU cores),

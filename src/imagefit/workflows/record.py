@@ -25,8 +25,9 @@ from ..report.plots import save_metrics_plot, save_training_plot
 from ..train.budget import BudgetPlanner
 from ..train.callbacks import BestCheckpoint, RunWriter
 from ..train.learner import Learner
-from .build import LoadedData, TrainingParts
+from .build import TrainingParts
 from .conclude import conclude
+from .loading import LoadedData
 from .phases import Prepared, budget_line
 
 

@@ -40,8 +40,8 @@ from ..models import SMALL_CNN_WIDTHS, check_model_name
 from ..report.plots import save_sweep_plot
 from ..tasks import HIGHER_IS_BETTER
 from ..train.budget import Budget
-from .build import check_data
 from .fit import run_fit, run_name
+from .loading import check_data
 from .recipes import apply_recipe
 
 SWEEP_TABLE = "sweep.csv"

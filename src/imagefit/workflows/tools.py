@@ -17,7 +17,8 @@ from ..devices import resolve_device
 from ..report.plots import save_image_grid, save_lr_finder_plot
 from ..tasks import Task
 from ..train.lr_finder import LRFinderResult
-from .build import build_training, load_data, make_learner, require_images
+from .build import build_training, make_learner
+from .loading import load_data, require_images
 from .recipes import apply_pretrained_source
 from .record import run_source
 

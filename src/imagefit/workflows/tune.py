@@ -44,8 +44,8 @@ from ..errors import FitInterrupted, ImagefitError
 from ..tasks import HIGHER_IS_BETTER
 from ..train.budget import Budget, parse_duration
 from ..train.callbacks import Callback
-from .build import check_data
 from .fit import run_fit, run_name
+from .loading import check_data
 from .preflight import check_workers_room
 from .recipes import apply_recipe
 from .sweep import folder_name, one_line, require_validation
