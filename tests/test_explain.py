@@ -22,7 +22,7 @@ from imagefit.augment.pipeline import BatchPipeline
 from imagefit.data.cache import CacheSettings
 from imagefit.evaluation.guided import GuidedBackprop, guided_activations
 from imagefit.evaluation.inference import LoadedModel, load_model
-from imagefit.evaluation.saliency import gradcam_layer, model_outputs, saliency_maps
+from imagefit.evaluation.saliency import gradcam_layer, loaded_outputs, saliency_maps
 from imagefit.models import create_model
 from imagefit.report.overlays import explain_images
 from imagefit.tasks import Task
@@ -170,13 +170,13 @@ def test_model_is_left_as_it_was(shapes_run, test_images):
         assert not (module._forward_hooks or module._forward_pre_hooks
                     or module._backward_hooks or module._backward_pre_hooks)
     model.eval()
-    assert torch.equal(model_outputs(loaded, test_images).argmax(dim=1),
-                       model_outputs(load_model(shapes_run, "cpu"), test_images).argmax(dim=1))
+    assert torch.equal(loaded_outputs(loaded, test_images).argmax(dim=1),
+                       loaded_outputs(load_model(shapes_run, "cpu"), test_images).argmax(dim=1))
 
 
 def test_target_class_is_explained_instead_of_the_prediction(shapes_run, test_images):
     loaded = load_model(shapes_run, "cpu")
-    predicted = model_outputs(loaded, test_images).argmax(dim=1)
+    predicted = loaded_outputs(loaded, test_images).argmax(dim=1)
     other = saliency_maps(loaded, test_images, "gradcam", 1 - predicted)
     own = saliency_maps(loaded, test_images, "gradcam")
     assert not torch.allclose(own, other)

@@ -11,7 +11,7 @@ from imagefit.config import AugmentOptions
 from imagefit.data.cache import CacheSettings
 from imagefit.data.loader import Loader
 from imagefit.evaluation.inference import LoadedModel
-from imagefit.evaluation.saliency import model_outputs as explain_outputs
+from imagefit.evaluation.saliency import loaded_outputs as explain_outputs
 from imagefit.forward import TTA, model_outputs
 from imagefit.models import create_model
 from imagefit.tasks import Task

@@ -62,6 +62,28 @@ def tta_augment(preset: str, trained: AugmentOptions | dict | None) -> AugmentOp
     return resolve_augment("light")
 
 
+class Average:
+    """The average of raw outputs of the same images (test-time augmentation's versions, an
+    ensemble's members) taken as the task averages them (probabilities of classes and
+    labels, values for regression: ``Task.averageable``), given back as raw-like outputs
+    that the loss, the metrics and ``Task.activate`` take (``Task.from_average``). One part
+    is its own average, given back as it came."""
+
+    def __init__(self, task: Task) -> None:
+        self.task, self.first, self.total, self.count = task, None, None, 0
+
+    def add(self, raw: torch.Tensor) -> None:
+        part = self.task.averageable(raw)
+        self.first = raw if self.first is None else self.first
+        self.total = part.clone() if self.total is None else self.total + part
+        self.count += 1
+
+    def outputs(self) -> torch.Tensor:
+        if self.count == 1:
+            return self.first
+        return self.task.from_average(self.total / self.count)
+
+
 def memory_format_of(model: nn.Module) -> torch.memory_format:
     """The memory order of the model's convolution weights: batches go in the same. The
     first weight whose order can be told is asked: one of a single input channel (a grey
@@ -112,12 +134,12 @@ def loader_outputs(model: nn.Module, pipeline: BatchPipeline, task: Task, loader
         if augmenter is None:
             outputs.append(raw.cpu())
             continue
-        total = task.averageable(raw).clone()
+        average = Average(task)
+        average.add(raw)
         for _ in range(tta.n):
             version = augmenter.augment_batch(x.float().div_(255.0), generator, size)
-            total += task.averageable(run_model(call, augmenter.normalize(version), precision,
-                                                memory_format))
-        outputs.append(task.from_average(total / (tta.n + 1)).cpu())
+            average.add(run_model(call, augmenter.normalize(version), precision, memory_format))
+        outputs.append(average.outputs().cpu())
     model.train(was_training)
     empty = torch.zeros(0, task.n_out)
     result = {"outputs": loader.gather(torch.cat(outputs)) if outputs else empty,

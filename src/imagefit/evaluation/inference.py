@@ -39,7 +39,7 @@ from ..data.table import Table
 from ..data.text import check_texts, prepare_texts
 from ..devices import inference_precision, resolve_device
 from ..errors import ImagefitError, ImagefitWarning
-from ..forward import TTA, model_outputs
+from ..forward import TTA, Average, model_outputs
 from ..metrics import all_metrics
 from ..models import (
     create_model,
@@ -192,13 +192,11 @@ def _predict_texts(members: list[tuple[Path, LoadedModel]], inputs: list[str | P
         raise ImagefitError(f"{members[0][0]} holds an image model: give it images, not "
                             "--text")
     texts = _texts_of(inputs, texts, options)
-    total = None
+    average = Average(loaded.task)
     for _, member in members:  # each fold model reads with its own characters
-        raw = _outputs(member, member.input.encode(texts), np.arange(len(texts)), options.bs)
-        part = member.task.averageable(raw) if len(members) > 1 else raw
-        total = part if total is None else total + part
-    outputs = total if len(members) == 1 else loaded.task.from_average(total / len(members))
-    return _text_frame(loaded.task, texts, loaded.task.activate(outputs))
+        average.add(_outputs(member, member.input.encode(texts), np.arange(len(texts)),
+                             options.bs))
+    return _text_frame(loaded.task, texts, loaded.task.activate(average.outputs()))
 
 
 def _text_frame(task: Task, texts: list[str], activated: torch.Tensor) -> pd.DataFrame:
@@ -326,16 +324,11 @@ def ensemble_outputs(members: list[tuple[Path, LoadedModel]], images: torch.Tens
                      rows: np.ndarray, batch_size: int, options: Any) -> torch.Tensor:
     """Raw-like outputs of the average of the members' probabilities (values for
     regression), each with its own TTA when ``options.tta``."""
-    if len(members) == 1:
-        folder, loaded = members[0]
-        tta = TTA.from_options(options, _trained_augment(folder))
-        return _outputs(loaded, images, rows, batch_size, tta)
-    total = None
+    average = Average(members[0][1].task)
     for folder, loaded in members:
         tta = TTA.from_options(options, _trained_augment(folder))
-        part = loaded.task.averageable(_outputs(loaded, images, rows, batch_size, tta))
-        total = part if total is None else total + part
-    return members[0][1].task.from_average(total / len(members))
+        average.add(_outputs(loaded, images, rows, batch_size, tta))
+    return average.outputs()
 
 
 def _align_targets(table: Table, task: Task) -> np.ndarray:

@@ -179,7 +179,9 @@ def describe_outputs(task: Task, outputs: torch.Tensor, targets: torch.Tensor) -
 
 
 @torch.no_grad()
-def model_outputs(loaded: LoadedModel, images: torch.Tensor) -> torch.Tensor:
+def loaded_outputs(loaded: LoadedModel, images: torch.Tensor) -> torch.Tensor:
+    """Raw outputs of one batch of uint8 images (N, C, S, S) held in memory, in the loaded
+    model's pipeline and precision (``forward.model_outputs`` reads rows of a cache)."""
     device = next(loaded.model.parameters()).device
     with evaluating(loaded.model):
         return run_model(loaded.model, loaded.pipeline(images.to(device)),

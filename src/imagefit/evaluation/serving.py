@@ -22,9 +22,10 @@ from .. import runs
 from ..data.cache import CacheSettings, decode_image
 from ..data.inputs import input_class
 from ..errors import ImagefitError
+from ..forward import Average
 from ..tasks import Task
 from .inference import LoadedModel, load_model, load_models
-from .saliency import model_outputs, saliency_maps
+from .saliency import loaded_outputs, saliency_maps
 
 
 class UploadError(Exception):
@@ -135,10 +136,11 @@ class ServedModel:
         directory's folds averaged, as ``predict`` averages them."""
         if self.onnx is not None:
             return self.onnx(images)
+        average = Average(self.task)
         with self.lock:
-            total = sum(member.task.activate(model_outputs(member, images))
-                        for member in self.members)
-        return total / len(self.members)
+            for member in self.members:
+                average.add(loaded_outputs(member, images))
+        return self.task.activate(average.outputs())
 
     def explain(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Grad-CAM maps (N, S, S) in [0, 1] of the ``targets`` (class indices)."""

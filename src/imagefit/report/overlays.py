@@ -18,7 +18,7 @@ from ..evaluation.saliency import (
     METHOD_TITLES,
     default_targets,
     describe_outputs,
-    model_outputs,
+    loaded_outputs,
     saliency_maps,
 )
 from .plots import plt, save_figure
@@ -58,7 +58,7 @@ def explain_images(loaded: LoadedModel, images: torch.Tensor, titles: Sequence[s
     """One PNG with a saliency overlay beside each uint8 image (N, C, H, W); ``titles``
     default to the model's prediction for each image."""
     if titles is None or targets is None:
-        outputs = model_outputs(loaded, images)
+        outputs = loaded_outputs(loaded, images)
         targets = default_targets(loaded.task, outputs) if targets is None else targets
         titles = titles or describe_outputs(loaded.task, outputs, torch.as_tensor(targets))
     maps = saliency_maps(loaded, images, method, targets, layer=layer)

@@ -20,7 +20,7 @@ from ..evaluation.saliency import (
     default_targets,
     describe_outputs,
     gradcam_layer,
-    model_outputs,
+    loaded_outputs,
     saliency_maps,
     target_index,
 )
@@ -65,7 +65,7 @@ def _write_maps(run: str | Path, inputs: list[str | Path], out: Path,
                 loaded, images, [out / name for name in names[start:start + len(chunk)]],
                 layer=layer, titles=[Path(paths[row]).name for row in chunk.tolist()])
             continue
-        outputs = model_outputs(loaded, images)
+        outputs = loaded_outputs(loaded, images)
         targets = (default_targets(loaded.task, outputs) if target is None
                    else torch.full((len(chunk),), target))
         maps = saliency_maps(loaded, images, options.method, targets, layer=layer,
