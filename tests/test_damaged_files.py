@@ -22,7 +22,7 @@ from PIL import Image
 from conftest import isolated
 from imagefit.api import check, explain, export, fit, from_arrays, predict
 from imagefit.cli import main
-from imagefit.data.audit import image_statistics
+from imagefit.data.audit_images import image_statistics
 from imagefit.data.cache import CacheSettings, cache_arrays
 from imagefit.data.prepare import channel_stats, measure_channels, prepare_images
 from imagefit.data.sources import read_source

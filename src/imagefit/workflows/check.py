@@ -19,7 +19,7 @@ from torch import nn
 
 from .. import runs
 from ..config import CheckConfig, FitConfig
-from ..data import audit
+from ..data import audit, audit_images
 from ..data.audit import Finding
 from ..data.duplicates import training_copies
 from ..data.loader import Loader
@@ -81,7 +81,7 @@ def check(data: str | Path | Table, cfg: CheckConfig, write: bool = True) -> Che
                                           cfg.seed))
     say("statistics")
     mean, std = measure_channels(cache.images, loaded.train_rows, cfg.seed)
-    findings += audit.image_statistics(table, cache, loaded.train_rows, mean, std,
+    findings += audit_images.image_statistics(table, cache, loaded.train_rows, mean, std,
                                        cfg.normalize)
     say("one batch")
     precision = resolve_precision(cfg.precision, device)
@@ -106,7 +106,8 @@ def fast_checks(cfg: FitConfig, loaded: LoadedData, parts: TrainingParts,
     findings += [f for f in audit.label_balance(table, loaded.train_rows, 2, False)
                  if f.check != "folds"]
     findings += audit.regression_targets(table, np.concatenate(list(rows.values())))
-    findings += [audit.unreadable_files(table, cache), audit.constant_images(table, cache)]
+    findings += [audit_images.unreadable_files(table, cache),
+                 audit_images.constant_images(table, cache)]
     findings.append(overfit_one_batch(cfg, loaded, parts, precision))
     return findings
 
