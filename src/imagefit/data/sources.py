@@ -10,18 +10,16 @@ import pandas as pd
 
 from ..config import SourceOptions, refuse_unused
 from ..errors import ImagefitError, ImagefitWarning
-from ..tasks import KINDS, Task, task_class
+from ..tasks import Task
 from .builtin import read_builtin
 from .inputs import TextInput, table_input
-from .table import SPLIT_ALIASES, Table, check_float32
+from .table import SPLIT_ALIASES, Table
+from .targets import line_name, read_targets
 from .text import check_texts, looks_like_text
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
                     ".pgm", ".pbm", ".jfif"}
 VALID_FOLDER_NAMES = ("valid", "val", "validation")
-LABEL_DELIMITERS = (";", "|")
-MANY_INTEGER_CLASSES = 50
-MOSTLY_WHOLE = 0.05  # at most this share of decimals in a column of whole numbers is warned of
 
 
 def read_source(spec: str | Path, options: SourceOptions | None = None) -> Table:
@@ -160,48 +158,6 @@ def read_folder(root: Path) -> Table:
 # -- CSV files ----------------------------------------------------------------------------
 
 
-def _line(row: int) -> str:
-    return f"line {row + 2}"  # the header is line 1
-
-
-def _number(cell: str) -> float:
-    """A cell's number (NaN, inf included), or NaN when it is empty or not a number."""
-    try:
-        return float(cell)
-    except ValueError:
-        return float("nan")
-
-
-def _is_number(cell: str) -> bool:
-    try:
-        float(cell)
-    except ValueError:
-        return False
-    return True
-
-
-def _as_numbers(cells: pd.DataFrame, name: str) -> np.ndarray | None:
-    """The cells as floats (empty cells NaN), or None when some non-empty cell is text or all
-    are empty. A 'nan' or 'inf' among numbers is an error naming its line."""
-    filled = (cells != "").to_numpy()
-    if not filled.any() or not cells.map(_is_number).to_numpy()[filled].all():
-        return None
-    numbers = cells.map(_number).to_numpy(np.float64)
-    bad = filled & ~np.isfinite(numbers)
-    if bad.any():
-        row, col = (int(v[0]) for v in np.nonzero(bad))
-        raise ImagefitError(
-            f"{name} {_line(row)}: '{cells.iat[row, col]}' in column '{cells.columns[col]}' is "
-            "not a finite number; fix it or remove the row"
-        )
-    return numbers
-
-
-def _class_sort_key(name: str) -> tuple:
-    value = _number(name)
-    return (0, value, name) if np.isfinite(value) else (1, 0.0, name)
-
-
 def read_csv(path: Path, options: SourceOptions) -> Table:
     """A CSV of image paths and labels: one label column, one-hot columns, delimited labels
     or numeric targets; the task is inferred unless ``options.task`` is given."""
@@ -232,11 +188,11 @@ def read_csv(path: Path, options: SourceOptions) -> Table:
 
     if text:
         texts = check_texts(frame[path_col], name, path_col)
-        task, targets = _read_targets(frame[label_cols], name,
+        task, targets = read_targets(frame[label_cols], name,
                                       options.model_copy(update={"task": None}))
         return Table(task=task, targets=targets, split=_read_split(frame, split_col, name),
                      texts=texts, description=str(path))
-    task, targets = _read_targets(frame[label_cols], name, options)
+    task, targets = read_targets(frame[label_cols], name, options)
     split = _read_split(frame, split_col, name)
     paths = _resolve_paths(frame[path_col].str.strip().tolist(), path, options)
     _check_repeated_files(paths, task, targets, name)
@@ -290,7 +246,7 @@ def _check_repeated_files(paths: list[str], task: Task, targets: np.ndarray, nam
             continue
         labels = [task.label_text(targets[r]) for r in (first, row)]
         message = (f"{name}: {Path(path).name} is listed with different labels on "
-                   f"{_line(first)} ('{labels[0]}') and {_line(row)} ('{labels[1]}')")
+                   f"{line_name(first)} ('{labels[0]}') and {line_name(row)} ('{labels[1]}')")
         if not task.has_classes:
             warnings.warn(message + ": each row trains as given", ImagefitWarning,
                           stacklevel=3)
@@ -339,7 +295,7 @@ def _read_split(frame: pd.DataFrame, split_col: str | None, name: str) -> np.nda
     if bad.any():
         row = int(np.flatnonzero(bad.to_numpy())[0])
         raise ImagefitError(
-            f"{name} {_line(row)}: split '{frame[split_col].iloc[row]}' in column "
+            f"{name} {line_name(row)}: split '{frame[split_col].iloc[row]}' in column "
             f"'{split_col}' should be train, valid or test"
         )
     return values.map(SPLIT_ALIASES).to_numpy(dtype=object)
@@ -356,7 +312,7 @@ def _resolve_paths(cells: list[str], csv_path: Path, options: SourceOptions) -> 
     missing = [(i, p) for i, p in enumerate(paths) if not Path(p).is_file()]
     if missing:
         absolute = all(Path(cells[i]).is_absolute() for i, _ in missing)
-        shown = ", ".join(f"{p if Path(cells[i]).is_absolute() else Path(p).name} ({_line(i)})"
+        shown = ", ".join(f"{p if Path(cells[i]).is_absolute() else Path(p).name} ({line_name(i)})"
                           for i, p in missing[:3])
         where, check = ("", "the CSV's paths") if absolute else (f" under {folder}", "--folder")
         raise ImagefitError(
@@ -364,127 +320,3 @@ def _resolve_paths(cells: list[str], csv_path: Path, options: SourceOptions) -> 
             f"(first: {shown}); check {check} and --suffix"
         )
     return paths
-
-
-def _first_empty(cells: pd.DataFrame, name: str, what: str) -> None:
-    """An error naming the first empty cell, if there is one."""
-    empty = (cells == "").to_numpy()
-    if empty.any():
-        row, col = (int(v[0]) for v in np.nonzero(empty))
-        count = int(empty.sum())
-        advice = (f"is empty ({count} such rows); fill them or remove the rows" if count > 1
-                  else "is empty; fill it or remove the row")
-        raise ImagefitError(f"{name} {_line(row)}: {what} '{cells.columns[col]}' {advice}")
-
-
-def _read_targets(labels: pd.DataFrame, name: str, options: SourceOptions):
-    """Infer (or apply the forced) task and encode the targets."""
-    forced = task_class(options.task) if options.task in KINDS else None
-    cells = labels.apply(lambda column: column.str.strip())
-    numbers = _as_numbers(cells, name)
-    known = numbers[~np.isnan(numbers)] if numbers is not None else np.empty(0)
-    binary = numbers is not None and np.isin(known, (0.0, 1.0)).all()
-    several = labels.shape[1] > 1
-
-    inferred_values = forced is None and numbers is not None and not binary and (
-        several or (known % 1 != 0).any())
-    if (forced is not None and not forced.has_classes) or inferred_values:
-        if forced is None and not several:
-            _warn_if_mostly_whole(numbers[:, 0], cells, name)
-        return _regression_targets(cells, name)
-    if several:
-        if not binary:
-            raise ImagefitError(
-                f"{name}: label columns {', '.join(labels.columns)} must be 0/1 (one-hot) or "
-                "numbers (regression); pick one label column with --label-col"
-            )
-        _first_empty(cells, name, "one-hot column")
-        names = list(labels.columns)
-        counts = numbers.sum(axis=1)
-        if (forced is not None and forced.multi_label) or (forced is None
-                                                           and (counts != 1).any()):
-            return Task("multilabel", names), numbers.astype(np.float32)
-        if (counts != 1).any():
-            row = int(np.flatnonzero(counts != 1)[0])
-            raise ImagefitError(
-                f"{name} {_line(row)}: a single-label row needs exactly one 1 among "
-                f"{', '.join(names)} (found {int(counts[row])}); fix it or use --task multilabel"
-            )
-        return Task("classification", names), numbers.argmax(axis=1).astype(np.int64)
-
-    column = labels.columns[0]
-    cells = cells[column]
-    delim = options.label_delim
-    if delim is None and not (forced is not None and forced.single_label):
-        delim = next((d for d in LABEL_DELIMITERS if cells.str.contains(d, regex=False).any()),
-                     None)
-        if delim is None and _holds_tag_lists(cells):
-            delim = " "
-            warnings.warn(
-                f"{name}: column '{column}' holds space-separated tags (e.g. "
-                f"'{cells[cells.str.contains(' ')].iloc[0]}'), so it is read as multi-label; "
-                "give --task classification to take each cell as one class",
-                ImagefitWarning, stacklevel=3)
-    if (forced is not None and forced.multi_label) or (forced is None and delim is not None):
-        split_cells = [
-            [part.strip() for part in cell.split(delim) if part.strip()] if delim else
-            ([cell] if cell else [])
-            for cell in cells
-        ]
-        names = sorted({n for row in split_cells for n in row}, key=_class_sort_key)
-        index = {n: i for i, n in enumerate(names)}
-        targets = np.zeros((len(cells), len(names)), dtype=np.float32)
-        for row, parts in enumerate(split_cells):
-            targets[row, [index[n] for n in parts]] = 1.0
-        return Task("multilabel", names), targets
-    _first_empty(cells.to_frame(), name, "the label in column")
-    names = sorted(cells.unique(), key=_class_sort_key)
-    if numbers is not None and len(names) > MANY_INTEGER_CLASSES:
-        warnings.warn(
-            f"{name}: the {len(names)} whole numbers in '{column}' are taken as classes; "
-            "pass --task regression if they are quantities", ImagefitWarning, stacklevel=2
-        )
-    index = {n: i for i, n in enumerate(names)}
-    return Task("classification", names), cells.map(index).to_numpy(np.int64)
-
-
-def _holds_tag_lists(cells: pd.Series) -> bool:
-    """Whether cells are lists of space-separated tags (Kaggle's Planet: 'clear primary
-    water'): there are more distinct cells than distinct words, as combinations of a few
-    tags are; class names with spaces each bring words of their own."""
-    whole = {cell for cell in cells.unique() if cell}
-    if not any(" " in cell for cell in whole):
-        return False
-    words = {word for cell in whole for word in cell.split()}
-    return len(whole) > len(words)
-
-
-def _warn_if_mostly_whole(values: np.ndarray, cells: pd.DataFrame, name: str) -> None:
-    """Say so when a column of whole numbers becomes a regression target because of a few
-    values with decimals: they may be typos in a column of classes."""
-    filled = ~np.isnan(values)
-    fractional = np.flatnonzero(filled & (np.mod(values, 1) != 0))
-    if not len(fractional) or len(fractional) > MOSTLY_WHOLE * filled.sum():
-        return
-    row = int(fractional[0])
-    more = f" and {len(fractional) - 1} more" if len(fractional) > 1 else ""
-    warnings.warn(
-        f"{name}: column '{cells.columns[0]}' holds whole numbers except "
-        f"'{cells.iat[row, 0]}' ({_line(row)}){more}, so it is read as a regression target; "
-        "if its values are classes, fix those rows (or give --task classification)",
-        ImagefitWarning, stacklevel=4)
-
-
-def _regression_targets(cells: pd.DataFrame, name: str):
-    _first_empty(cells, name, "regression target")
-    numbers = cells.map(_number).to_numpy(np.float64)
-    bad = ~np.isfinite(numbers)
-    if bad.any():
-        row, col = (int(v[0]) for v in np.nonzero(bad))
-        raise ImagefitError(
-            f"{name} {_line(row)}: regression target '{cells.columns[col]}' is "
-            f"'{cells.iat[row, col]}', not a number; fix it or remove the row"
-        )
-    check_float32(numbers, lambda row, col: f"{name} {_line(row)}: regression target "
-                   f"'{cells.columns[col]}' is {cells.iat[row, col]}")
-    return Task("regression", list(cells.columns)), numbers.astype(np.float32)
