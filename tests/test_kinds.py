@@ -149,3 +149,13 @@ def test_a_kind_defined_in_a_test_module_trains_evaluates_and_reports(tmp_path):
     assert metrics["accuracy"] >= 0.9 and "loss" in metrics
     report = (result.run_dir / "report.html").read_text()
     assert "Confusion matrix" in report and "high" in report
+
+
+def test_a_model_json_naming_an_unknown_input_is_one_line():
+    from imagefit.data.inputs import ImageInput, TextInput, input_class
+    from imagefit.errors import ImagefitError
+
+    assert input_class({}) is ImageInput and input_class({"input": "text"}) is TextInput
+    with pytest.raises(ImagefitError, match="model.json names the input 'audio', which is "
+                                            "none of image, text: restore it from a copy"):
+        input_class({"input": "audio"})

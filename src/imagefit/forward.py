@@ -73,9 +73,12 @@ class Average:
         self.task, self.first, self.total, self.count = task, None, None, 0
 
     def add(self, raw: torch.Tensor) -> None:
-        part = self.task.averageable(raw)
-        self.first = raw if self.first is None else self.first
-        self.total = part.clone() if self.total is None else self.total + part
+        if self.first is None:  # averaged only once a second part comes
+            self.first = raw
+        else:
+            if self.total is None:
+                self.total = self.task.averageable(self.first)
+            self.total = self.total + self.task.averageable(raw)
         self.count += 1
 
     def outputs(self) -> torch.Tensor:

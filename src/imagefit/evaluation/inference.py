@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +60,7 @@ class LoadedModel:
     info: dict
     precision: str = "fp32"  # the autocast its forward passes run in
 
-    @property
+    @cached_property
     def input(self) -> Input:
         """What it reads: its images' settings, or its characters and text length."""
         return ImageInput(self.settings) if self.settings is not None else \
